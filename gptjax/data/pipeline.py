@@ -1,0 +1,131 @@
+"""Tokenized corpus -> packed fixed-length sequences -> shuffled, sharded batches (grain).
+
+Packing: documents are concatenated, each followed by ``</s>``, and the stream is cut into windows of
+``seq_len + 1`` tokens (inputs = window[:-1], targets = window[1:]); attention is not reset at document
+boundaries (GPT-2/3 practice). The train/validation split is by document. The train pipeline is a grain
+``MapDataset``: globally shuffled with a seed, reshuffled every epoch, sharded by process (each process reads
+only its rows of the global batch), batched; its iterator state is saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from gptjax.config import DataConfig
+from gptjax.data.corpus import CorpusError, fingerprint, read_corpus, resolve_corpus, split_documents
+from gptjax.data.tokenizer import Tokenizer, TokenizerError, encode_documents
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizedCorpus:
+    tokenizer: Tokenizer
+    train: np.ndarray
+    val: np.ndarray
+    n_docs: tuple[int, int]
+
+
+def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: str | Path) -> TokenizedCorpus:
+    """Read, split, tokenize (training the tokenizer if needed); cached in ``run_dir/data`` by content hash."""
+    run_dir = Path(run_dir)
+    path, default_pattern = resolve_corpus(cfg.corpus)
+    text = read_corpus(path)
+    pattern = cfg.doc_pattern if cfg.doc_pattern is not None else default_pattern
+    docs = split_documents(text, pattern)
+    if len(docs) < 2:
+        raise CorpusError(f"corpus {path} splits into {len(docs)} document(s); the train/validation split needs "
+                          "at least 2 (set data.doc_pattern, or separate documents with blank lines)")
+    tok_path = run_dir / "tokenizer.model"
+    if cfg.tokenizer is not None:
+        tok = Tokenizer.load(cfg.tokenizer)
+    elif tok_path.exists():
+        tok = Tokenizer.load(tok_path)
+    else:
+        log.info("training a %d-piece BPE tokenizer on %s", vocab_size, path)
+        tok = Tokenizer.train(docs, vocab_size, seed=cfg.seed, sample_chars=cfg.tokenizer_sample_chars)
+    if tok.vocab_size != vocab_size:
+        raise TokenizerError(f"tokenizer has {tok.vocab_size} pieces but model.vocab_size={vocab_size}; "
+                         "make them equal (or remove the run's tokenizer.model to train a new one)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not tok_path.exists():
+        tok.save(tok_path)
+
+    key = fingerprint(text, pattern, cfg.val_fraction, cfg.seed, tok.proto)
+    cache = run_dir / "data"
+    meta_path = cache / "meta.json"
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:
+        meta = json.loads(meta_path.read_text())
+        return TokenizedCorpus(tok, np.load(cache / "train.npy"), np.load(cache / "val.npy"),
+                               tuple(meta["n_docs"]))
+    order = list(range(len(docs)))
+    random.Random(cfg.seed).shuffle(order)
+    n_val = max(1, round(cfg.val_fraction * len(docs)))
+    val_docs = [docs[i] for i in sorted(order[:n_val])]
+    train_docs = [docs[i] for i in sorted(order[n_val:])]
+    train, val = encode_documents(tok, train_docs), encode_documents(tok, val_docs)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(cache / "train.npy", train)
+    np.save(cache / "val.npy", val)
+    meta_path.write_text(json.dumps({"key": key, "n_docs": [len(train_docs), len(val_docs)],
+                                     "tokens": [len(train), len(val)], "corpus": str(path)}))
+    return TokenizedCorpus(tok, train, val, (len(train_docs), len(val_docs)))
+
+
+class PackedWindows:
+    """Random-access source of ``seq_len + 1``-token windows over a token stream (grain data source)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.n = (len(tokens) - 1) // seq_len
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        start = int(i) * self.seq_len
+        return np.asarray(self.tokens[start: start + self.seq_len + 1], dtype=np.int32)
+
+
+def _split(batch: np.ndarray) -> dict[str, np.ndarray]:
+    return {"inputs": batch[:, :-1], "targets": batch[:, 1:]}
+
+
+def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Infinite iterator dataset of this process's share (``global_batch / process_count`` rows) of each batch."""
+    if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+    source = PackedWindows(tokens, seq_len)
+    if len(source) < global_batch:
+        raise CorpusError(f"the training split has {len(tokens)} tokens: {len(source)} sequences of {seq_len + 1}, "
+                          f"fewer than one batch of {global_batch}; use a larger corpus or smaller batch/seq_len")
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    ds = ds[process_index::process_count]
+    ds = ds.batch(global_batch // process_count, drop_remainder=True).map(_split)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+
+
+def eval_batches(tokens: np.ndarray, seq_len: int, batch: int, max_batches: int) -> list[dict[str, np.ndarray]]:
+    """Fixed validation batches: the first ``max_batches * batch`` windows, in order (the same every eval)."""
+    source = PackedWindows(tokens, seq_len)
+    if len(source) < batch:
+        raise CorpusError(f"the validation split has {len(tokens)} tokens, fewer than one batch of {batch} "
+                          f"sequences of {seq_len + 1}; raise data.val_fraction or lower the batch size")
+    n = min(max_batches, len(source) // batch)
+    return [_split(np.stack([source[b * batch + i] for i in range(batch)])) for b in range(n)]
+
+
+def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of the validation tokens under the train split's unigram distribution
+    (add-one smoothed): the loss of the best model that ignores context."""
+    counts = np.bincount(train.astype(np.int64), minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[val.astype(np.int64)].mean())

@@ -1,0 +1,95 @@
+"""SentencePiece BPE tokenizer: trained on the corpus and saved beside the run, or loaded from a file.
+
+Conventions: id 0 is ``<unk>``, id 1 is ``</s>`` (the document separator), ``"\n"`` is a single token, byte
+fallback is on (no text is ever lost to ``<unk>``), and no normalisation is applied, so ``decode(encode(s)) == s``.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+EOS_ID = 1
+
+
+class TokenizerError(ValueError):
+    """The tokenizer cannot be trained or loaded; the message says why."""
+
+
+class Tokenizer:
+    def __init__(self, model_proto: bytes):
+        self.proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.eos_id = self.sp.eos_id()
+        if self.eos_id < 0:
+            raise TokenizerError("the tokenizer has no </s> (eos) piece; gptjax separates documents with it")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts), num_threads=2)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.proto)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer model {path} does not exist")
+        return cls(path.read_bytes())
+
+    @classmethod
+    def train(cls, docs: Sequence[str], vocab_size: int, seed: int = 0,
+              sample_chars: int = 20_000_000) -> "Tokenizer":
+        """Train BPE on the paragraphs of ``docs`` (a seeded sample of at most ``sample_chars`` characters)."""
+        paras = [p for d in docs for p in d.split("\n\n") if p.strip()]
+        random.Random(seed).shuffle(paras)
+        sample, total = [], 0
+        for p in paras:
+            if total >= sample_chars:
+                break
+            sample.append(p)
+            total += len(p)
+        n_chars = len(set("".join(sample)))
+        # BPE needs room for every character plus the special pieces; say so rather than fail deep inside.
+        if vocab_size < 259 + 3:
+            raise TokenizerError(f"vocab_size={vocab_size} is too small for a byte-fallback tokenizer; use >= 262")
+        out = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sample), model_writer=out, vocab_size=vocab_size, model_type="bpe",
+                character_coverage=1.0, byte_fallback=True, unk_id=0, eos_id=EOS_ID, bos_id=-1, pad_id=-1,
+                user_defined_symbols=["\n"], normalization_rule_name="identity", remove_extra_whitespaces=False,
+                split_digits=True, max_sentence_length=1 << 16, num_threads=2, minloglevel=2,
+                hard_vocab_limit=True)
+        except RuntimeError as e:
+            raise TokenizerError(f"sentencepiece could not train a {vocab_size}-piece vocabulary on this corpus "
+                             f"({total} characters, {n_chars} distinct): {e}") from None
+        return cls(out.getvalue())
+
+
+def encode_documents(tok: Tokenizer, docs: Sequence[str]) -> np.ndarray:
+    """One stream of token ids: each document followed by ``</s>``."""
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
+    ids = tok.encode_batch(docs)
+    out = np.empty(sum(len(x) + 1 for x in ids), dtype)
+    pos = 0
+    for x in ids:
+        out[pos: pos + len(x)] = x
+        out[pos + len(x)] = tok.eos_id
+        pos += len(x) + 1
+    return out

@@ -1,0 +1,113 @@
+"""Sampling from a trained model: greedy, temperature, top-k and top-p (nucleus).
+
+The whole generation runs as one jitted ``lax.fori_loop`` over a fixed-size token buffer (no KV cache: each
+step recomputes the forward pass over the buffer, which is simple and fine for short samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def filter_logits(logits_V: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Logits with everything outside top-k / the top-p nucleus set to -inf, scaled by 1/temperature."""
+    logits_V = logits_V.astype(jnp.float32) / max(temperature, 1e-6)
+    neg = jnp.finfo(jnp.float32).min
+    if top_k > 0:
+        kth = jax.lax.top_k(logits_V, min(top_k, logits_V.shape[-1]))[0][..., -1:]
+        logits_V = jnp.where(logits_V < kth, neg, logits_V)
+    if 0.0 < top_p < 1.0:
+        sorted_V = jnp.sort(logits_V, axis=-1)[..., ::-1]
+        cum_V = jnp.cumsum(jax.nn.softmax(sorted_V, axis=-1), axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least the best token)
+        n_keep = jnp.sum(cum_V - jax.nn.softmax(sorted_V, axis=-1) < top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_V, n_keep - 1, axis=-1)
+        logits_V = jnp.where(logits_V < cutoff, neg, logits_V)
+    return logits_V
+
+
+def sample_token(logits_V: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    if temperature <= 0:
+        return jnp.argmax(logits_V, axis=-1)
+    return jax.random.categorical(key, filter_logits(logits_V, temperature, top_k, top_p), axis=-1)
+
+
+@partial(jax.jit, static_argnums=(0, 3, 4, 5, 6, 7))
+def _generate(forward: Callable, params, buffer_L: jax.Array, prompt_len: int, n_new: int,
+              temperature: float, top_k: int, top_p: float, key: jax.Array) -> jax.Array:
+    def step(i, carry):
+        buf, key = carry
+        pos = prompt_len + i
+        logits = forward(params, buf[None])[0, pos - 1]
+        key, sub = jax.random.split(key)
+        tok = sample_token(logits, sub, temperature, top_k, top_p).astype(buf.dtype)
+        return buf.at[pos].set(tok), key
+
+    buf, _ = jax.lax.fori_loop(0, n_new, step, (buffer_L, key))
+    return buf
+
+
+def generate(forward: Callable, params, prompt_ids: list[int], n_new: int, max_seq_len: int,
+             temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[int]:
+    """Continue ``prompt_ids`` by ``n_new`` tokens. ``forward(params, tokens_BxL) -> logits_BxLxV``.
+    The prompt is cut from the left so that prompt + continuation fits ``max_seq_len``."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty; give at least one token")
+    n_new = max(0, min(n_new, max_seq_len - 1))
+    prompt_ids = list(prompt_ids)[-(max_seq_len - n_new):]
+    buf = np.zeros(len(prompt_ids) + n_new, np.int32)
+    buf[: len(prompt_ids)] = prompt_ids
+    out = _generate(forward, params, jnp.asarray(buf), len(prompt_ids), n_new, float(temperature), int(top_k),
+                    float(top_p), jax.random.key(seed))
+    return [int(t) for t in np.asarray(out)[len(prompt_ids):]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``gptjax-sample --run-dir runs/austen --prompt "..."``: sample from a run's latest checkpoint."""
+    from gptjax.config import RunConfig
+    from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound
+    from gptjax.data.tokenizer import Tokenizer
+    from gptjax.sharding.mesh import make_mesh
+    from gptjax.training.program import Program
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--prompt", default="It is a truth universally acknowledged")
+    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    a = p.parse_args(argv)
+    run_dir = Path(a.run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists():
+        print(f"error: {cfg_path} not found: is {run_dir} a gptjax run directory?", file=sys.stderr)
+        return 2
+    cfg = RunConfig.from_dict(json.loads(cfg_path.read_text()))
+    cfg = cfg.replace(mesh={"data": 1, "fsdp": 1, "tensor": 1})
+    tok = Tokenizer.load(run_dir / "tokenizer.model")
+    prog = Program(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    try:
+        state = Checkpointer(run_dir / "checkpoints").restore(prog.abstract_state, step=a.step)
+    except CheckpointNotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ids = generate(prog.forward, state["params"], tok.encode(a.prompt), a.tokens, cfg.model.max_seq_len,
+                   a.temperature, a.top_k, a.top_p, a.seed)
+    print(a.prompt + tok.decode(ids))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The decoder-only transformer: embeddings, a stack of pre-norm blocks, final norm, (un)embedding.
+
+The blocks' parameters are stacked on a leading ``layers`` axis (one set of arrays for the whole stack), so the
+same parameters run either under ``jax.lax.scan`` (one compiled block, fast compiles at depth) or as an unrolled
+loop; ``ModelConfig.scan_layers`` chooses, and ``ModelConfig.remat`` picks the rematerialisation policy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptjax.config import ModelConfig
+from gptjax.model.attention import Attention
+from gptjax.model.layers import MLP, Norm, param, rope_angles
+from gptjax.model.ops import DTYPES, einsum
+from gptjax.sharding.rules import constrain
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+ACT_BxLxD = ("batch", "length", "act_embed")
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg, cfg.d_model)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = Norm(cfg, cfg.d_model)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BxLxD: jax.Array, window: jax.Array, rope: tuple | None) -> jax.Array:
+        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), window, rope)
+        x_BxLxD = constrain(x_BxLxD, ACT_BxLxD)
+        x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+        return constrain(x_BxLxD, ACT_BxLxD)
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs)
+
+    blocks = create(rngs)
+    for _, var in nnx.iter_graph(blocks):
+        if isinstance(var, nnx.Param):
+            var.set_metadata("logical_axes", ("layers",) + tuple(var.get_metadata()["logical_axes"]))
+    return blocks
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = DTYPES[cfg.dtype]
+        self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg, cfg.init_std)
+        self.pos_embedding = (param(rngs, (cfg.max_seq_len, cfg.d_model), ("pos", "embed"), cfg, cfg.init_std / 2)
+                              if cfg.positions == "learned" else None)
+        self.blocks = _stacked_blocks(cfg, rngs)
+        self.final_norm = Norm(cfg, cfg.d_model)
+        self.unembedding = (None if cfg.tie_embeddings else
+                            param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg, cfg.init_std))
+
+    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+        """Next-token logits ``[B, L, vocab]`` in float32."""
+        cfg = self.cfg
+        B, L = tokens_BxL.shape
+        x_BxLxD = jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(self.dtype)
+        rope = None
+        if cfg.positions == "learned":
+            x_BxLxD = x_BxLxD + self.pos_embedding[...][:L].astype(self.dtype)[None]
+        else:
+            rope = rope_angles(jnp.arange(L), cfg.resolved_head_dim, cfg.rope_theta)
+        x_BxLxD = constrain(x_BxLxD, ACT_BxLxD)
+        x_BxLxD = self._run_blocks(x_BxLxD, rope)
+        x_BxLxD = self.final_norm(x_BxLxD)
+        if cfg.tie_embeddings:
+            logits_BxLxV = einsum("bld,vd->blv", x_BxLxD, self.embedding[...], self.dtype, jnp.float32)
+        else:
+            logits_BxLxV = einsum("bld,dv->blv", x_BxLxD, self.unembedding[...], self.dtype, jnp.float32)
+        return constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
+
+    def _run_blocks(self, x_BxLxD: jax.Array, rope: tuple | None) -> jax.Array:
+        cfg = self.cfg
+        graphdef, stacked = nnx.split(self.blocks)
+        windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
+
+        def body(x, layer):
+            layer_state, window = layer
+            return nnx.merge(graphdef, layer_state)(x, window, rope), None
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, (stacked, windows))
+        else:
+            for i in range(cfg.n_layers):
+                x_BxLxD, _ = body(x_BxLxD, (jax.tree.map(lambda a: a[i], stacked), windows[i]))
+        return x_BxLxD

@@ -1,0 +1,33 @@
+"""Build the ``jax.sharding.Mesh`` of a run from its ``MeshConfig``."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from gptjax.config import MeshConfig
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over ``devices`` (default: all devices of all processes).
+
+    Axes are ``AxisType.Auto``: shardings are given at jit boundaries and by ``constrain`` and XLA's SPMD
+    partitioner propagates the rest (``jax.make_mesh`` would default to Explicit axes).
+    """
+    devices = jax.devices() if devices is None else devices
+    sizes = cfg.resolve(len(devices))
+    shape = tuple(sizes[a] for a in MeshConfig.AXES)
+    try:
+        dev_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # simulated or unusual topologies: plain row-major order
+        dev_array = np.asarray(devices).reshape(shape)
+    return Mesh(dev_array, MeshConfig.AXES, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def describe(mesh: Mesh) -> str:
+    return " x ".join(f"{k}={v}" for k, v in mesh.shape.items()) + f" ({mesh.size} devices)"
