@@ -63,7 +63,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; softmax, norms and loss are always float32
     param_dtype: str = "float32"
     init_std: float = 0.02
-    scan_layers: bool = True  # lax.scan over the layer stack (fast compile) or an unrolled loop
+    scan_layers: bool = False  # lax.scan over the layer stack (compile time flat in depth) or unrolled (faster on CPU)
     remat: str = "none"  # none | full | save_dots
 
     def __post_init__(self) -> None:

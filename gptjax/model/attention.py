@@ -56,14 +56,17 @@ class Attention(nnx.Module):
             q_BxLxNxH, k_BxLxKxH = apply_rope(q_BxLxNxH, *rope), apply_rope(k_BxLxKxH, *rope)
         q_BxLxNxH = constrain(q_BxLxNxH, ("batch", "length", "act_heads", None))
         k_BxLxKxH = constrain(k_BxLxKxH, ("batch", "length", "act_kv_heads", None))
-        # Query heads grouped under their shared key/value head: N = K * G.
-        q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, G, self.head_dim) * jnp.asarray(
-            1.0 / math.sqrt(self.head_dim), self.dtype)
-        s_BxKxGxLxL = einsum("blkgh,bmkh->bkglm", q_BxLxKxGxH, k_BxLxKxH, self.dtype, jnp.float32)
-        mask_LxL = causal_mask(L, L, window)
-        s_BxKxGxLxL = jnp.where(mask_LxL, s_BxKxGxLxL, jnp.finfo(jnp.float32).min)
-        p_BxKxGxLxL = jax.nn.softmax(s_BxKxGxLxL, axis=-1).astype(self.dtype)
-        o_BxLxKxGxH = einsum("bkglm,bmkh->blkgh", p_BxKxGxLxL, v_BxLxKxH, self.dtype)
-        o_BxLxNxH = o_BxLxKxGxH.reshape(B, L, self.n_heads, self.head_dim)
+        # Heads-major layout; the G query heads that share a key/value head are stacked along the query axis,
+        # so both attention matmuls are plain batched matmuls over (batch, kv head): N = K * G.
+        q_BxKxGLxH = (q_BxLxNxH.reshape(B, L, K, G, self.head_dim).transpose(0, 2, 3, 1, 4)
+                      .reshape(B, K, G * L, self.head_dim) * jnp.asarray(1.0 / math.sqrt(self.head_dim), self.dtype))
+        k_BxKxLxH, v_BxKxLxH = k_BxLxKxH.transpose(0, 2, 1, 3), v_BxLxKxH.transpose(0, 2, 1, 3)
+        s_BxKxGLxL = einsum("bkqh,bkmh->bkqm", q_BxKxGLxH, k_BxKxLxH, self.dtype, jnp.float32)
+        mask_GLxL = jnp.tile(causal_mask(L, L, window), (G, 1))
+        s_BxKxGLxL = jnp.where(mask_GLxL, s_BxKxGLxL, jnp.finfo(jnp.float32).min)
+        p_BxKxGLxL = jax.nn.softmax(s_BxKxGLxL, axis=-1).astype(self.dtype)
+        o_BxKxGLxH = einsum("bkqm,bkmh->bkqh", p_BxKxGLxL, v_BxKxLxH, self.dtype)
+        o_BxLxNxH = (o_BxKxGLxH.reshape(B, K, G, L, self.head_dim).transpose(0, 3, 1, 2, 4)
+                     .reshape(B, L, self.n_heads, self.head_dim))
         out_BxLxD = einsum("blnh,nhd->bld", o_BxLxNxH, self.w_o[...], self.dtype)
         return out_BxLxD if self.b_o is None else out_BxLxD + self.b_o[...].astype(self.dtype)

@@ -1,0 +1,115 @@
+"""The PyTorch peer of the training benchmark: the same model, written as a careful eager PyTorch loop.
+
+LLaMA-style decoder (RMSNorm, RoPE, GQA through ``F.scaled_dot_product_attention`` with its fused causal CPU
+kernel, SwiGLU, tied embeddings), AdamW (foreach) with gradient clipping, bf16 through ``torch.autocast``.
+Same parameter count and FLOPs as gptjax's model for the same config.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+
+
+def rope_tables(seq: int, head_dim: int, theta: float = 10000.0):
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    ang = torch.arange(seq).float()[:, None] * inv[None]
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):  # x: [B, N, L, H]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, d, n_heads, n_kv, d_ff):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = n_heads, n_kv, d // n_heads
+        self.attn_norm, self.mlp_norm = RMSNorm(d), RMSNorm(d)
+        self.wqkv = nn.Linear(d, (n_heads + 2 * n_kv) * self.hd, bias=False)
+        self.wo = nn.Linear(n_heads * self.hd, d, bias=False)
+        self.w_gate_up = nn.Linear(d, 2 * d_ff, bias=False)
+        self.w_down = nn.Linear(d_ff, d, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, L, _ = x.shape
+        q, k, v = self.wqkv(self.attn_norm(x)).split(
+            [self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = q.view(B, L, self.n_heads, self.hd).transpose(1, 2)
+        k = k.view(B, L, self.n_kv, self.hd).transpose(1, 2)
+        v = v.view(B, L, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        x = x + self.wo(o.transpose(1, 2).reshape(B, L, -1))
+        gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.w_down(F.silu(gate) * up)
+
+
+class TorchGPT(nn.Module):
+    def __init__(self, vocab, d, n_layers, n_heads, n_kv, d_ff, seq):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d, n_heads, n_kv, d_ff) for _ in range(n_layers))
+        self.norm = RMSNorm(d)
+        cos, sin = rope_tables(seq, d // n_heads)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        for p in self.parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for b in self.blocks:
+            x = b(x, self.cos, self.sin)
+        return F.linear(self.norm(x), self.embed.weight)
+
+
+def make_step(cfg: dict, dtype: str):
+    torch.manual_seed(0)
+    model = TorchGPT(cfg["vocab_size"], cfg["d_model"], cfg["n_layers"], cfg["n_heads"], cfg["n_kv_heads"],
+                     cfg["d_ff"], cfg["seq_len"])
+    decay = [p for p in model.parameters() if p.dim() >= 2 and p is not model.embed.weight]
+    no_decay = [p for p in model.parameters() if not any(p is q for q in decay)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=3e-4, betas=(0.9, 0.95), foreach=True)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    def step(inputs, targets):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    return step, n_params
+
+
+def run(cfg: dict, dtype: str, steps: int, warmup: int):
+    import time
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    step, n_params = make_step(cfg, dtype)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, cfg["vocab_size"], (steps + warmup, cfg["batch_size"], cfg["seq_len"] + 1), generator=g)
+    for i in range(warmup):
+        step(data[i, :, :-1], data[i, :, 1:])
+    t = time.perf_counter()
+    losses = [step(data[warmup + i, :, :-1], data[warmup + i, :, 1:]) for i in range(steps)]
+    return (time.perf_counter() - t) / steps, n_params, losses[-1]
