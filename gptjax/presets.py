@@ -63,7 +63,7 @@ RUN_PRESETS: dict[str, dict] = {
         "model": MODEL_PRESETS["tiny"],
         "data": {"corpus": "default"},
         "optim": {"lr": 3e-3, "warmup_steps": 30, "min_lr_ratio": 0.1, "weight_decay": 0.1},
-        "train": {"run_dir": "runs/austen", "steps": 400, "batch_size": 16, "seq_len": 256, "log_every": 10,
+        "train": {"run_dir": "runs/austen", "steps": 300, "batch_size": 16, "seq_len": 256, "log_every": 10,
                   "eval_every": 100, "eval_batches": 8, "checkpoint_every": 200},
     },
 }

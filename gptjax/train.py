@@ -63,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where tokenizer, checkpoints and metrics go")
     p.add_argument("--steps", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--stop-after", type=int, help="checkpoint and stop after this step (schedule unchanged)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--coordinator", help="multi-host: coordinator host:port (or 'auto'); env GPTJAX_COORDINATOR")
     p.add_argument("--num-processes", type=int, help="multi-host: process count; env GPTJAX_NUM_PROCESSES")
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     maybe_initialize(args.coordinator, args.num_processes, args.process_id)
     try:
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, stop_after=args.stop_after)
     except (ConfigError, CorpusError, TokenizerError, CheckpointNotFound, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

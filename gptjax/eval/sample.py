@@ -103,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ids = generate(prog.forward, state["params"], tok.encode(a.prompt), a.tokens, cfg.model.max_seq_len,
-                   a.temperature, a.top_k, a.top_p, a.seed)
-    print(a.prompt + tok.decode(ids))
+    prompt = tok.encode(a.prompt)
+    ids = generate(prog.forward, state["params"], prompt, a.tokens, cfg.model.max_seq_len, a.temperature,
+                   a.top_k, a.top_p, a.seed)
+    print(tok.decode(prompt + ids))
     return 0
 
 

@@ -60,9 +60,11 @@ def _emit(pbar: tqdm, message: str) -> None:
         pbar.write(message)
 
 
-def train(cfg: RunConfig, resume: bool = False, devices: list | None = None) -> TrainResult:
+def train(cfg: RunConfig, resume: bool = False, devices: list | None = None,
+          stop_after: int | None = None) -> TrainResult:
     """Train per ``cfg``. ``resume=True`` continues from the run directory's latest checkpoint; a run directory
-    that already holds checkpoints is never silently overwritten."""
+    that already holds checkpoints is never silently overwritten. ``stop_after=N`` checkpoints and stops once
+    step N is done (a job with a time limit; the schedule still spans ``train.steps``)."""
     t_cfg = cfg.train
     run_dir = Path(t_cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -116,12 +118,13 @@ def train(cfg: RunConfig, resume: bool = False, devices: list | None = None) -> 
                 desc="train")
     _emit(pbar, header)
     window_t, window_steps, last = time.perf_counter(), 0, None
-    for step in range(start, t_cfg.steps):
+    end = t_cfg.steps if stop_after is None else min(stop_after, t_cfg.steps)
+    for step in range(start, end):
         batch = program.global_batch(next(data_iter))
         state, m = program.train_step(state, batch)
         window_steps += 1
         done = step + 1
-        if done % t_cfg.log_every == 0 or done == t_cfg.steps:
+        if done % t_cfg.log_every == 0 or done == end:
             m = jax.device_get(m)
             dt = time.perf_counter() - window_t
             tps = window_steps * tokens_per_step / dt
@@ -132,14 +135,14 @@ def train(cfg: RunConfig, resume: bool = False, devices: list | None = None) -> 
             result.train_loss = row["loss"]
             pbar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{row['mfu']:.1%}")
             window_t, window_steps = time.perf_counter(), 0
-        if done % t_cfg.eval_every == 0 or done == t_cfg.steps:
+        if done % t_cfg.eval_every == 0 or done == end:
             v = evaluate(program, state["params"], val)
             row = metrics.write(done, val_loss=v, val_ppl=float(np.exp(v)), unigram_loss=unigram)
             result.history.append(row)
             result.val_loss = v
             _emit(pbar, format_row(row))
             window_t = time.perf_counter()  # evaluation time is not training throughput
-        if done % t_cfg.checkpoint_every == 0 or done == t_cfg.steps:
+        if done % t_cfg.checkpoint_every == 0 or done == end:
             checkpointer.save(done, state, data_iter)
             window_t = time.perf_counter()
         pbar.update(1)
@@ -151,9 +154,10 @@ def train(cfg: RunConfig, resume: bool = False, devices: list | None = None) -> 
 
     if t_cfg.sample_tokens > 0 and is_main and jax.process_count() == 1:
         tok = corpus.tokenizer
-        ids = generate(program.forward, state["params"], tok.encode(t_cfg.sample_prompt), t_cfg.sample_tokens,
-                       cfg.model.max_seq_len, temperature=0.8, top_k=50, seed=t_cfg.seed)
-        result.sample = t_cfg.sample_prompt + tok.decode(ids)
+        prompt = tok.encode(t_cfg.sample_prompt)
+        ids = generate(program.forward, state["params"], prompt, t_cfg.sample_tokens, cfg.model.max_seq_len,
+                       temperature=0.8, top_k=50, seed=t_cfg.seed)
+        result.sample = tok.decode(prompt + ids)  # decoded together so the joining space survives
         print("\n--- sample (temperature 0.8, top-k 50) ---\n" + result.sample + "\n---", flush=True)
     if is_main:
         summary = {"final_step": result.final_step, "train_loss": result.train_loss, "val_loss": result.val_loss,

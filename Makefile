@@ -1,0 +1,28 @@
+# Two commands do everything on a fresh machine (Python 3.11+):
+#   make train   install into .venv and train the default model on the embedded corpus
+#   make test    install into .venv and run the whole test suite (what CI runs)
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install train test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+
+train: install
+	$(BIN)/python -m gptjax.train $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: install
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python bench/train_bench.py $(ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

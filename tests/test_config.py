@@ -1,0 +1,79 @@
+import json
+
+import pytest
+
+from gptjax.config import ConfigError, MeshConfig, ModelConfig, RunConfig, apply_overrides
+from gptjax.presets import MODEL_PRESETS, model_preset, run_preset
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(n_heads=8, n_kv_heads=3), "must divide n_heads"),
+    (dict(n_heads=8, n_kv_heads=0), "must divide n_heads"),
+    (dict(d_model=100, n_heads=8), "head_dim"),
+    (dict(positions="alibi"), "positions='alibi' is not valid"),
+    (dict(norm="batchnorm"), "norm="),
+    (dict(mlp="relu"), "mlp="),
+    (dict(attention="alternating", window=0), "window"),
+    (dict(dtype="float16"), "dtype="),
+    (dict(d_ff=0), "d_ff must be a positive integer"),
+    (dict(remat="sometimes"), "remat="),
+    (dict(head_dim=15, positions="rope"), "even head_dim"),
+])
+def test_bad_model_configs_name_the_problem(kw, words):
+    with pytest.raises(ConfigError, match=words):
+        ModelConfig(**kw)
+
+
+def test_attention_kind_from_kv_heads():
+    assert ModelConfig(n_heads=8).attention_kind == "MHA"
+    assert ModelConfig(n_heads=8, n_kv_heads=8).attention_kind == "MHA"
+    assert ModelConfig(n_heads=8, n_kv_heads=2).attention_kind == "GQA"
+    assert ModelConfig(n_heads=8, n_kv_heads=1).attention_kind == "MQA"
+
+
+def test_alternating_windows():
+    cfg = ModelConfig(n_layers=4, attention="alternating", window=16, max_seq_len=64)
+    assert cfg.layer_windows() == (64, 16, 64, 16)
+    assert ModelConfig(n_layers=3, max_seq_len=64).layer_windows() == (64, 64, 64)
+
+
+def test_from_dict_rejects_unknown_fields_and_round_trips():
+    with pytest.raises(ConfigError, match="unknown field.*d_modle"):
+        RunConfig.from_dict({"model": {"d_modle": 3}})
+    with pytest.raises(ConfigError, match="unknown field.*trian"):
+        RunConfig.from_dict({"trian": {}})
+    cfg = RunConfig.from_dict(run_preset("austen"))
+    assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_seq_len_cannot_exceed_context():
+    with pytest.raises(ConfigError, match="exceeds model.max_seq_len"):
+        RunConfig.from_dict({"model": {"max_seq_len": 64}, "train": {"seq_len": 128}})
+
+
+def test_overrides_parse_json_values():
+    d = apply_overrides(RunConfig().to_dict(), ["model.d_model=128", "model.dtype=bfloat16", "mesh.rules={}"])
+    cfg = RunConfig.from_dict(d)
+    assert cfg.model.d_model == 128 and cfg.model.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="section.field=value"):
+        apply_overrides({}, ["nonsense"])
+
+
+def test_mesh_resolution():
+    assert MeshConfig(data=-1, fsdp=4).resolve(8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert MeshConfig(data=2, fsdp=2, tensor=2).resolve(8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    with pytest.raises(ConfigError, match="has 4 devices but 8 are available"):
+        MeshConfig(data=2, fsdp=2, tensor=1).resolve(8)
+    with pytest.raises(ConfigError, match="does not divide"):
+        MeshConfig(data=-1, fsdp=3).resolve(8)
+    with pytest.raises(ConfigError, match="at most one mesh axis"):
+        MeshConfig(data=-1, fsdp=-1)
+    with pytest.raises(ConfigError, match="positive integer or -1"):
+        MeshConfig(data=0)
+
+
+def test_every_preset_is_valid_and_unknown_preset_is_clear():
+    for name in MODEL_PRESETS:
+        model_preset(name)
+    with pytest.raises(ConfigError, match="unknown model preset 'gpt5'"):
+        model_preset("gpt5")

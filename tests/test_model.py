@@ -1,0 +1,173 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import nano_model
+from gptjax.model import Decoder, count_params, flops_per_token, param_counts
+from gptjax.model.attention import Attention, causal_mask
+from gptjax.model.layers import apply_rope, rope_angles
+from gptjax.model.ops import einsum
+from gptjax.presets import model_preset
+
+
+def build(cfg, seed=0):
+    return nnx.split(Decoder(cfg, nnx.Rngs(seed)))
+
+
+def logits(graphdef, params, tokens):
+    return nnx.merge(graphdef, params)(tokens)
+
+
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 24)), jnp.int32)
+
+VARIANTS = {
+    "llama": {},
+    "gpt2": dict(positions="learned", norm="layernorm", mlp="gelu", use_bias=True),
+    "gpt3-banded": dict(positions="learned", norm="layernorm", mlp="gelu", attention="alternating", window=5),
+    "mqa-untied-qknorm": dict(n_kv_heads=1, tie_embeddings=False, qk_norm=True, z_loss=1e-4),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_causality_future_tokens_never_change_earlier_logits(variant):
+    g, p = build(nano_model(**VARIANTS[variant]))
+    base = logits(g, p, TOKENS)
+    t = 13
+    changed = TOKENS.at[:, t].set((TOKENS[:, t] + 7) % 512)
+    out = logits(g, p, changed)
+    np.testing.assert_array_equal(np.asarray(out[:, :t]), np.asarray(base[:, :t]))
+    assert not np.allclose(out[:, t:], base[:, t:])  # the change is visible from t on
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_param_count_matches_analytic(variant):
+    cfg = nano_model(**VARIANTS[variant])
+    _, p = build(cfg)
+    assert sum(x.size for x in jax.tree.leaves(p)) == count_params(cfg)
+
+
+def _expand_kv_to_mha(params, groups):
+    """MHA params equivalent to GQA params: each key/value head repeated for its query heads."""
+    params = jax.tree.map(lambda x: x, params)
+    attn = params["blocks"]["attn"]
+    for name in ("w_k", "w_v"):
+        attn[name] = jnp.repeat(attn[name], groups, axis=2)  # [layers, D, K, H] -> [layers, D, K*G, H]
+    return params
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_gqa_and_mqa_equal_mha_with_shared_kv(kv_heads):
+    cfg = nano_model(n_heads=4, n_kv_heads=kv_heads)
+    g, p = build(cfg)
+    g_mha, _ = build(nano_model(n_heads=4, n_kv_heads=4))
+    out = logits(g, p, TOKENS)
+    out_mha = logits(g_mha, _expand_kv_to_mha(p, 4 // kv_heads), TOKENS)
+    np.testing.assert_allclose(out, out_mha, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_heads_equal_heads_is_mha_default():
+    g1, p1 = build(nano_model(n_heads=4, n_kv_heads=None))
+    g2, p2 = build(nano_model(n_heads=4, n_kv_heads=4))
+    np.testing.assert_array_equal(logits(g1, p1, TOKENS), logits(g2, p2, TOKENS))
+
+
+def test_rope_dot_products_depend_only_on_relative_position():
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+
+    def score(m, n):
+        cq, sq = rope_angles(jnp.array([m]), 16, 10000.0)
+        ck, sk = rope_angles(jnp.array([n]), 16, 10000.0)
+        return float(jnp.sum(apply_rope(q, cq, sq) * apply_rope(k, ck, sk)))
+
+    assert score(7, 3) == pytest.approx(score(104, 100), abs=1e-4)
+    assert score(0, 0) == pytest.approx(score(50, 50), abs=1e-4)
+    assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-3)
+    # rotation preserves norms
+    c, s = rope_angles(jnp.array([37]), 16, 10000.0)
+    assert float(jnp.linalg.norm(apply_rope(q, c, s))) == pytest.approx(float(jnp.linalg.norm(q)), rel=1e-5)
+
+
+def test_banded_mask_is_exactly_the_window():
+    m = np.asarray(causal_mask(10, 10, 3))
+    for i in range(10):
+        for j in range(10):
+            assert m[i, j] == (i - 3 < j <= i), (i, j)
+    assert np.array_equal(np.asarray(causal_mask(10, 10, 10)), np.tril(np.ones((10, 10), bool)))
+
+
+def test_banded_attention_ignores_keys_outside_window():
+    cfg = nano_model(attention="alternating", window=4)
+    attn = Attention(cfg, nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (1, 16, cfg.d_model))
+    rope = rope_angles(jnp.arange(16), cfg.resolved_head_dim, cfg.rope_theta)
+    base = attn(x, 4, rope)
+    i = 12
+    far = attn(x.at[:, i - 4].add(1.0), 4, rope)  # outside the window of query i
+    near = attn(x.at[:, i - 3].add(1.0), 4, rope)  # inside it
+    np.testing.assert_array_equal(np.asarray(far[:, i]), np.asarray(base[:, i]))
+    assert not np.allclose(near[:, i], base[:, i])
+    dense = attn(x.at[:, i - 4].add(1.0), 16, rope)
+    assert not np.allclose(dense[:, i], base[:, i])
+
+
+def test_preset_parameter_counts_match_published_totals():
+    assert count_params(model_preset("gpt2-small")) == 124_439_808
+    assert count_params(model_preset("llama2-7b")) == 6_738_415_616
+    assert count_params(model_preset("llama2-13b")) == 13_015_864_320
+    assert count_params(model_preset("llama2-70b")) == 68_976_648_192
+    assert round(count_params(model_preset("gpt3-175b")) / 1e9) == 175
+    assert round(count_params(model_preset("gpt3-1.3b")) / 1e8) == 13
+    assert param_counts(model_preset("gpt2-small"))["unembedding"] == 0
+
+
+def test_flops_per_token_formula():
+    cfg = nano_model()
+    # matmul params: per layer attn 64*16*(4+2*2) + 4*16*64 = 12288, mlp 3*64*128 = 24576; + unembed 512*64
+    n = 2 * (12288 + 24576) + 512 * 64
+    attn = 2 * 12 * 4 * 16 * 64
+    assert flops_per_token(cfg, 64) == 6 * n + attn
+    banded = nano_model(attention="alternating", window=8)
+    assert flops_per_token(banded, 64) == 6 * n + 12 * 4 * 16 * (64 + 8)
+
+
+def test_scan_and_unrolled_layers_agree_and_remat_keeps_gradients():
+    tokens = TOKENS[:, :16]
+    outs, grads = [], []
+    for kw in (dict(scan_layers=False), dict(scan_layers=True), dict(scan_layers=True, remat="full"),
+               dict(scan_layers=False, remat="save_dots")):
+        g, p = build(nano_model(**kw))
+        outs.append(logits(g, p, tokens))
+        grads.append(jax.grad(lambda p: jnp.mean(logits(g, p, tokens) ** 2))(p))
+    for o, gr in zip(outs[1:], grads[1:]):
+        np.testing.assert_allclose(o, outs[0], atol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), gr, grads[0])
+
+
+def test_custom_einsum_vjp_matches_autodiff():
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(2, 6, 3, 4)), jnp.float32)
+    spec = "blkh,bmkh->bklm"
+    f_ours = lambda a, b: jnp.sum(jnp.sin(einsum(spec, a, b, jnp.float32)))
+    f_ref = lambda a, b: jnp.sum(jnp.sin(jnp.einsum(spec, a, b)))
+    for x, y in zip(jax.grad(f_ours, (0, 1))(a, b), jax.grad(f_ref, (0, 1))(a, b)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="summed alone"):
+        einsum("ij,jk->k", a[0, 0], b[0, 0].T, jnp.float32)
+
+
+def test_bfloat16_compute_tracks_float32():
+    g32, p = build(nano_model())
+    g16, _ = build(nano_model(dtype="bfloat16"))
+    out32, out16 = logits(g32, p, TOKENS), logits(g16, p, TOKENS)
+    assert out16.dtype == jnp.float32  # logits (and so softmax/loss) stay float32
+    assert float(jnp.max(jnp.abs(out32 - out16))) < 0.05
+    loss = lambda g: lambda p: jnp.mean(jax.nn.logsumexp(logits(g, p, TOKENS), -1))
+    g_32, g_16 = jax.grad(loss(g32))(p), jax.grad(loss(g16))(p)
+    cos = [float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-12))
+           for a, b in zip(jax.tree.leaves(g_32), jax.tree.leaves(g_16))]
+    assert min(cos) > 0.98
