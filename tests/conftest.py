@@ -1,8 +1,10 @@
 import os
 
-# Tests run on the CPU with the default single device; multi-device tests start subprocesses that set
-# XLA_FLAGS=--xla_force_host_platform_device_count=8 themselves.
+# The test session runs on the CPU with 8 simulated devices (set before JAX starts). Single-device tests pass
+# jax.devices()[:1] explicitly; sharding tests build meshes over all 8. Multi-process tests start their own
+# processes with 2 devices each.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import dataclasses  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -102,17 +102,18 @@ def test_generate_greedy_is_deterministic_and_top_k_1_is_greedy():
 
 
 def test_train_end_to_end_then_resume_matches_uninterrupted(small_corpus, tmp_path):
-    full = train(small_run(tmp_path / "full", small_corpus, steps=12))
+    one = jax.devices()[:1]
+    full = train(small_run(tmp_path / "full", small_corpus, steps=12), devices=one)
     assert (tmp_path / "full" / "metrics.jsonl").exists() and (tmp_path / "full" / "tokenizer.model").exists()
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "tokens_per_sec", "mfu", "step_time"} <= set(rows[0]) and any("val_loss" in r for r in rows)
     assert Checkpointer(tmp_path / "full" / "checkpoints").all_steps() == [6, 12]
 
-    half = train(small_run(tmp_path / "part", small_corpus, steps=12), stop_after=6)  # "pre-empted" at 6
+    half = train(small_run(tmp_path / "part", small_corpus, steps=12), devices=one, stop_after=6)  # pre-empted
     assert half.final_step == 6
     with pytest.raises(FileExistsError, match="pass --resume"):
-        train(small_run(tmp_path / "part", small_corpus, steps=12))
-    resumed = train(small_run(tmp_path / "part", small_corpus, steps=12), resume=True)
+        train(small_run(tmp_path / "part", small_corpus, steps=12), devices=one)
+    resumed = train(small_run(tmp_path / "part", small_corpus, steps=12), devices=one, resume=True)
     assert resumed.final_step == 12
     assert resumed.train_loss == pytest.approx(full.train_loss, rel=1e-5)
     assert resumed.val_loss == pytest.approx(full.val_loss, rel=1e-5)

@@ -68,7 +68,10 @@ class Decoder(nnx.Module):
         """Next-token logits ``[B, L, vocab]`` in float32."""
         cfg = self.cfg
         B, L = tokens_BxL.shape
-        x_BxLxD = jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(self.dtype)
+        # The lookup reads a replicated table: a gather from a vocab/embed-sharded table makes XLA's SPMD
+        # partitioner rematerialise it inefficiently anyway (FSDP all-gathers weights before use regardless).
+        table_VxD = constrain(self.embedding[...], (None, None))
+        x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(self.dtype)
         rope = None
         if cfg.positions == "learned":
             x_BxLxD = x_BxLxD + self.pos_embedding[...][:L].astype(self.dtype)[None]

@@ -27,6 +27,9 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
         if num_processes not in (None, 1):
             raise ValueError("num_processes > 1 needs a coordinator address (--coordinator host:port)")
         return False
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or os.environ.get("GPTJAX_CPU_COLLECTIVES"):
+        # CPU processes need a collectives backend for cross-process all-reduce etc. (gloo works on loopback).
+        jax.config.update("jax_cpu_collectives_implementation", os.environ.get("GPTJAX_CPU_COLLECTIVES", "gloo"))
     if coordinator == "auto":
         jax.distributed.initialize()
     else:
