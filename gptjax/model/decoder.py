@@ -19,7 +19,8 @@ from gptjax.sharding.rules import constrain
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # keep the weight-projection outputs (named in ops.einsum), recompute norms, activations and attention
+    "save_dots": jax.checkpoint_policies.save_only_these_names("matmul"),
 }
 
 ACT_BxLxD = ("batch", "length", "act_embed")
@@ -103,3 +104,8 @@ class Decoder(nnx.Module):
             for i in range(cfg.n_layers):
                 x_BxLxD, _ = body(x_BxLxD, (jax.tree.map(lambda a: a[i], stacked), windows[i]))
         return x_BxLxD
+
+
+def abstract_decoder(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph definition and abstract state (``ShapeDtypeStruct`` values): nothing is allocated."""
+    return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))

@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -54,7 +55,12 @@ def _einsum_bwd(spec, out_dtype, res, g):
 _einsum.defvjp(_einsum_fwd, _einsum_bwd)
 
 
-def einsum(spec: str, a: jax.Array, b: jax.Array, dtype, out_dtype=None) -> jax.Array:
-    """``einsum(spec, a, b)`` computed in ``dtype`` (float32 accumulation), result in ``out_dtype or dtype``."""
+def einsum(spec: str, a: jax.Array, b: jax.Array, dtype, out_dtype=None, name: str = "matmul") -> jax.Array:
+    """``einsum(spec, a, b)`` computed in ``dtype`` (float32 accumulation), result in ``out_dtype or dtype``.
+
+    The result is tagged ``checkpoint_name(name)``: remat policies select by these names ("matmul" for weight
+    projections, "attention" for the score / value contractions), since a custom-VJP call hides its dots from
+    JAX's dot-based policies."""
     _parse(spec)
-    return _einsum(spec, a.astype(dtype), b.astype(dtype), jnp.dtype(out_dtype or dtype))
+    out = _einsum(spec, a.astype(dtype), b.astype(dtype), jnp.dtype(out_dtype or dtype))
+    return checkpoint_name(out, name)

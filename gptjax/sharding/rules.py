@@ -64,9 +64,12 @@ def make_rules(overrides: Mapping[str, Any] | None = None) -> dict[str, MeshAxes
 
 
 def logical_to_pspec(names: Sequence[str | None], rules: Mapping[str, MeshAxes],
-                     mesh: Mesh | None = None, shape: Sequence[int] | None = None, what: str = "") -> P:
-    """PartitionSpec for logical axis ``names``. With ``mesh`` and ``shape``: mesh axes of size 1 are dropped,
-    a mesh axis is used at most once, and a dimension that the mesh axes do not divide is replicated (logged)."""
+                     mesh: Mesh | Mapping[str, int] | None = None, shape: Sequence[int] | None = None,
+                     what: str = "") -> P:
+    """PartitionSpec for logical axis ``names``. With ``mesh`` (a Mesh or just its axis sizes) and ``shape``:
+    mesh axes of size 1 are dropped, a mesh axis is used at most once, and a dimension that the mesh axes do
+    not divide is replicated (logged)."""
+    sizes = mesh.shape if isinstance(mesh, Mesh) else mesh
     used: set[str] = set()
     out = []
     for i, name in enumerate(names):
@@ -74,11 +77,11 @@ def logical_to_pspec(names: Sequence[str | None], rules: Mapping[str, MeshAxes],
         if name is not None and name not in rules:
             raise ValueError(f"logical axis {name!r} of {what or 'an array'} has no rule; add it to the rules table")
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape[a] > 1))
-        if mesh is not None and shape is not None and axes:
+        axes = tuple(a for a in axes if a not in used and (sizes is None or sizes[a] > 1))
+        if sizes is not None and shape is not None and axes:
             size = 1
             for a in axes:
-                size *= mesh.shape[a]
+                size *= sizes[a]
             if shape[i] % size:
                 log.warning("replicating dim %d (%s, size %d) of %s: not divisible by mesh axes %s (size %d)",
                             i, name, shape[i], what or "array", axes, size)
@@ -92,7 +95,21 @@ def logical_to_pspec(names: Sequence[str | None], rules: Mapping[str, MeshAxes],
 
 def logical_sharding(names: Sequence[str | None], mesh: Mesh, rules: Mapping[str, MeshAxes],
                      shape: Sequence[int] | None = None, what: str = "") -> NamedSharding:
-    return NamedSharding(mesh, logical_to_pspec(names, rules, mesh, shape, what))
+    return NamedSharding(mesh, logical_to_pspec(names, rules, mesh.shape, shape, what))
+
+
+def param_logical_axes(abstract_vars: Any) -> dict:
+    """Nested dict (the params' structure) of each parameter's logical axis names, read from the
+    ``logical_axes`` metadata of the (abstract) ``nnx.State`` of a model."""
+    from flax import nnx
+
+    out: dict = {}
+    for path, var in nnx.to_flat_state(abstract_vars):
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = tuple(var.get_metadata()["logical_axes"])
+    return out
 
 
 # ---- activation constraints -------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax.config import RunConfig
-from gptjax.model.decoder import Decoder
-from gptjax.sharding.rules import activation_sharding, logical_sharding, make_rules
+from gptjax.model.decoder import Decoder, abstract_decoder
+from gptjax.sharding.rules import activation_sharding, logical_sharding, make_rules, param_logical_axes
 from gptjax.training.optimizer import make_optimizer
 
 Batch = dict[str, jax.Array]
@@ -31,31 +31,13 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> tuple[jax.
     return jnp.mean(lse_BxL - target_BxL), jnp.mean(jnp.square(lse_BxL))
 
 
-def param_logical_axes(abstract_vars: nnx.State) -> dict:
-    """Pure dict (same structure as the params) of each parameter's logical axis names."""
-    return jax.tree.map(lambda v: tuple(v.get_metadata()["logical_axes"]), _vars_tree(abstract_vars),
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def _vars_tree(state: nnx.State) -> dict:
-    """``state`` as nested dicts with the ``nnx.Variable`` objects (not their values) as leaves."""
-    out: dict = {}
-    for path, var in nnx.to_flat_state(state):
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = var
-    return out
-
-
 class Program:
     """Everything jitted for one run config on one mesh."""
 
     def __init__(self, cfg: RunConfig, mesh: Mesh, total_steps: int | None = None):
         self.cfg, self.mesh = cfg, mesh
         self.rules = make_rules(cfg.mesh.rules)
-        abstract_model = nnx.eval_shape(lambda: Decoder(cfg.model, nnx.Rngs(0)))
-        self.graphdef, abstract_vars = nnx.split(abstract_model)
+        self.graphdef, abstract_vars = abstract_decoder(cfg.model)
         self.logical_axes = param_logical_axes(abstract_vars)
         self.tx, self.schedule = make_optimizer(cfg.optim, total_steps or cfg.train.steps)
         self.replicated = NamedSharding(mesh, P())

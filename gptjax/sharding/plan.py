@@ -1,0 +1,169 @@
+"""Per-device memory planning: analytic, and confirmed by AOT-compiling the real train step.
+
+``analytic_plan`` needs no devices. Parameters, gradients and Adam moments are sharded by the same
+logical-axis rules the trainer uses, so DDP / FSDP / tensor meshes come out exactly. Activations are the
+residuals JAX saves for the backward pass of one block, read off the block's own jaxpr
+(``saved_residuals``) at the per-device shapes (batch / (data x fsdp), heads and MLP / tensor), under the
+configured remat policy, times the number of layers; with remat, one layer's un-checkpointed residuals are
+added for its recomputation. Logits add float32 logits and their gradient. Compute-dtype copies of each
+layer's weights that the backward keeps are counted at their sharded size.
+
+``compiled_memory`` lowers and compiles the real jitted train step against abstract ``ShapeDtypeStruct``
+inputs on the current (possibly simulated) devices and reads XLA's per-device ``memory_analysis``; nothing is
+allocated. XLA's figure also holds temporaries (all-gathered weights, optimizer update buffers), so it is the
+one to trust; the analytic one says where the bytes go.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from gptjax.config import ModelConfig, RunConfig
+from gptjax.model.accounting import count_params
+from gptjax.model.decoder import abstract_decoder
+from gptjax.sharding.rules import logical_to_pspec, make_rules, param_logical_axes
+
+DEVICE_MEMORY_GB = {"h100-80gb": 80.0, "a100-80gb": 80.0, "a100-40gb": 40.0, "tpu-v5p": 95.0, "tpu-v5e": 16.0,
+                    "tpu-v4": 32.0, "tpu-v6e": 32.0}
+_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per device."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    logits: int
+    mesh: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations + self.logits
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [("parameters", self.params), ("gradients", self.grads), ("optimizer (Adam mu, nu)", self.optimizer),
+                ("activations (saved for backward)", self.activations), ("logits + grad", self.logits),
+                ("total", self.total)]
+
+
+def sharded_numel(shape: tuple[int, ...], spec, mesh_sizes: Mapping[str, int]) -> int:
+    """Elements of one device's shard of an array of ``shape`` partitioned by ``spec``."""
+    n = 1
+    for dim, axes in zip(shape, list(spec) + [None] * (len(shape) - len(spec))):
+        factor = 1
+        for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())):
+            factor *= mesh_sizes[a]
+        n *= math.ceil(dim / factor)
+    return n
+
+
+def param_bytes_per_device(cfg: RunConfig, mesh_sizes: Mapping[str, int]) -> int:
+    _, abstract = abstract_decoder(cfg.model)
+    axes = param_logical_axes(abstract)
+    rules = make_rules(cfg.mesh.rules)
+    shapes = abstract.to_pure_dict()
+    nbytes = _BYTES[cfg.model.param_dtype]
+    total = 0
+    for names, s in zip(jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)), jax.tree.leaves(shapes)):
+        spec = logical_to_pspec(names, rules, mesh_sizes, s.shape)
+        total += sharded_numel(s.shape, spec, mesh_sizes) * nbytes
+    return total
+
+
+def _saved_residual_bytes(m: ModelConfig, batch: int, seq: int, remat: str) -> int:
+    try:
+        from jax._src.ad_checkpoint import saved_residuals
+    except ImportError as e:  # pragma: no cover - depends on the JAX version
+        raise RuntimeError("this JAX version has no saved_residuals; use the AOT figures") from e
+    from flax import nnx
+
+    from gptjax.model.decoder import REMAT_POLICIES, Block
+    from gptjax.model.layers import rope_angles
+    from gptjax.model.ops import DTYPES
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Block(m, nnx.Rngs(0))))
+    x = jax.ShapeDtypeStruct((batch, seq, m.d_model), DTYPES[m.dtype])
+
+    def block(state, x):
+        rope = rope_angles(jnp.arange(seq), m.resolved_head_dim, m.rope_theta) if m.positions == "rope" else None
+        return nnx.merge(graphdef, state)(x, seq, rope)
+
+    if remat != "none":
+        block = jax.checkpoint(block, policy=REMAT_POLICIES[remat])
+    total = 0
+    for aval, where in saved_residuals(block, state, x):
+        if "from the argument" in where and aval.shape != x.shape:
+            continue  # the parameters themselves are counted as parameters
+        total += aval.size * aval.dtype.itemsize
+    return total
+
+
+def local_block_config(m: ModelConfig, tensor: int) -> ModelConfig:
+    """The block one device holds under ``tensor``-way Megatron sharding of heads and MLP."""
+    if tensor == 1:
+        return m
+    kw = {}
+    if m.n_heads % tensor == 0 and m.kv_heads % tensor == 0:
+        kw.update(n_heads=m.n_heads // tensor, n_kv_heads=m.kv_heads // tensor,
+                  head_dim=m.resolved_head_dim)
+    if m.d_ff % tensor == 0:
+        kw["d_ff"] = m.d_ff // tensor
+    return dataclasses.replace(m, **kw)
+
+
+def activation_bytes(m: ModelConfig, batch_per_device: int, seq: int, tensor: int) -> dict[str, int]:
+    """Per device: residuals saved by all layers, the recompute working set, and weight copies."""
+    local = local_block_config(m, tensor)
+    b = max(batch_per_device, 1)
+    one, two = (_saved_residual_bytes(local, k, seq, m.remat) for k in (b, 2 * b))
+    per_layer_act = (two - one) * batch_per_device / b  # exactly linear in the batch
+    weights = one - (two - one)  # the part that does not grow with the batch: compute-dtype weight copies
+    working = 0
+    if m.remat != "none":
+        full1, full2 = (_saved_residual_bytes(local, k, seq, "none") for k in (b, 2 * b))
+        working = (full2 - full1) * batch_per_device / b
+    return {"saved": int(per_layer_act * m.n_layers), "working": int(working),
+            "weight_copies": int(max(weights, 0) * m.n_layers)}
+
+
+def analytic_plan(cfg: RunConfig, mesh_sizes: Mapping[str, int]) -> MemoryPlan:
+    m, t = cfg.model, cfg.train
+    params = param_bytes_per_device(cfg, mesh_sizes)
+    batch_shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
+    batch_per_device = t.batch_size // batch_shards
+    tokens = batch_per_device * t.seq_len
+    act = activation_bytes(m, batch_per_device, t.seq_len, mesh_sizes["tensor"])
+    # compute-dtype weight copies are sharded like the parameters (the cast happens on the shard)
+    param_shards = max(1, round(_BYTES[m.param_dtype] * count_params(m) / max(params, 1)))
+    weight_copies = act["weight_copies"] * mesh_sizes["tensor"] // param_shards
+    vocab = m.vocab_size / mesh_sizes["tensor"] if m.vocab_size % mesh_sizes["tensor"] == 0 else m.vocab_size
+    logits = tokens * 2 * 4 * vocab
+    # AdamW keeps mu and nu in the parameters' dtype; gradients have the parameters' dtype too.
+    return MemoryPlan(params=params, grads=params, optimizer=2 * params,
+                      activations=act["saved"] + act["working"] + weight_copies, logits=int(logits),
+                      mesh=dict(mesh_sizes))
+
+
+def compiled_memory(cfg: RunConfig, mesh: Mesh) -> dict[str, int]:
+    """XLA's per-device memory analysis of the compiled train step (abstract inputs; nothing allocated)."""
+    from gptjax.training.program import Program
+
+    prog = Program(cfg, mesh)
+    t = cfg.train
+    tok = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=prog.batch_sharding)
+    compiled = prog.train_step.lower(prog.abstract_state, {"inputs": tok, "targets": tok}).compile()
+    ma = compiled.memory_analysis()
+    out = {"arguments": ma.argument_size_in_bytes, "outputs": ma.output_size_in_bytes,
+           "aliased": ma.alias_size_in_bytes, "temp": ma.temp_size_in_bytes}
+    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temp"]
+    return out

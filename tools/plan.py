@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Per-device memory plan for training a preset on a device mesh — analytic, then confirmed by XLA.
+
+    python tools/plan.py llama2-70b --mesh 1,64,8 --batch 256 --seq 4096 --device h100-80gb
+    python tools/plan.py gpt3-175b --mesh 1,128,8 --batch 512 --seq 2048 --remat full --device tpu-v5p
+    python tools/plan.py gpt2-small --mesh 8,1,1 --batch 64 --seq 1024 --no-compile
+
+The analytic figures shard every parameter by the trainer's own logical-axis rules (so FSDP / tensor / DDP
+meshes come out exactly) and estimate activations from the model shape (see gptjax/sharding/plan.py). The AOT
+check builds reduced-depth copies of the model (default 2 and 4 layers), lowers and compiles the real jitted
+train step on data x fsdp x tensor simulated CPU devices from abstract ShapeDtypeStructs (nothing allocated),
+reads XLA's per-device memory_analysis, and extrapolates linearly in depth to the full model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GB = 1e9
+
+
+def build_config(a: argparse.Namespace, n_layers: int | None = None):
+    from gptjax.config import RunConfig
+    from gptjax.presets import model_preset
+
+    model = model_preset(a.preset, dtype=a.dtype, param_dtype=a.param_dtype, remat=a.remat, scan_layers=True)
+    if n_layers is not None:
+        model = model_preset(a.preset, dtype=a.dtype, param_dtype=a.param_dtype, remat=a.remat, scan_layers=True,
+                             n_layers=n_layers)
+    data, fsdp, tensor = a.mesh
+    return RunConfig.from_dict({
+        "model": model.__dict__, "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor},
+        "train": {"batch_size": a.batch, "seq_len": a.seq or model.max_seq_len, "steps": 1000}})
+
+
+def mesh_sizes(a) -> dict[str, int]:
+    return dict(zip(("data", "fsdp", "tensor"), a.mesh))
+
+
+def aot_child(a: argparse.Namespace) -> None:
+    """Runs with XLA_FLAGS giving data*fsdp*tensor host devices: compile each reduced depth, print JSON."""
+    import jax
+
+    from gptjax.sharding.mesh import make_mesh
+    from gptjax.sharding.plan import compiled_memory
+
+    out = {}
+    for depth in a.compile_layers:
+        cfg = build_config(a, depth)
+        out[depth] = compiled_memory(cfg, make_mesh(cfg.mesh, jax.devices()))
+    print("AOT " + json.dumps(out), flush=True)
+
+
+def run_aot(a: argparse.Namespace) -> dict[int, dict]:
+    n = math.prod(a.mesh)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip())
+    argv = [sys.executable, __file__, *sys.argv[1:], "--aot-child"]
+    r = subprocess.run(argv, env=env, capture_output=True, text=True)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("AOT ")]
+    if r.returncode or not lines:
+        raise SystemExit(f"AOT compile failed:\n{r.stderr[-3000:]}")
+    return {int(k): v for k, v in json.loads(lines[-1][4:]).items()}
+
+
+def main() -> int:
+    from gptjax.presets import MODEL_PRESETS
+    from gptjax.sharding.plan import DEVICE_MEMORY_GB
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("preset", choices=list(MODEL_PRESETS))
+    p.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor (default 1,8,1)")
+    p.add_argument("--batch", type=int, default=None, help="global batch in sequences (default: devices)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's context)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
+    p.add_argument("--device", default="h100-80gb", help=f"{', '.join(DEVICE_MEMORY_GB)} or a size in GB")
+    p.add_argument("--compile-layers", default="2,4", help="reduced depths to AOT-compile (default 2,4)")
+    p.add_argument("--no-compile", action="store_true", help="analytic figures only")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--aot-child", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    try:
+        a.mesh = tuple(int(x) for x in a.mesh.split(","))
+        assert len(a.mesh) == 3 and all(x > 0 for x in a.mesh)
+    except (ValueError, AssertionError):
+        p.error(f"--mesh must be three positive integers data,fsdp,tensor, got {a.mesh!r}")
+    a.compile_layers = sorted({int(x) for x in a.compile_layers.split(",")})
+    n_dev = math.prod(a.mesh)
+    a.batch = a.batch or n_dev
+    if a.aot_child:
+        aot_child(a)
+        return 0
+
+    from gptjax.config import ConfigError
+    from gptjax.model.accounting import count_params
+    from gptjax.sharding.plan import analytic_plan
+
+    try:
+        cfg = build_config(a)
+        if a.batch % (a.mesh[0] * a.mesh[1]):
+            raise ConfigError(f"--batch {a.batch} is not divisible by data x fsdp = {a.mesh[0] * a.mesh[1]}")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    capacity = DEVICE_MEMORY_GB.get(a.device) or float(a.device)
+    plan = analytic_plan(cfg, mesh_sizes(a))
+    result = {"preset": a.preset, "params": count_params(cfg.model), "mesh": mesh_sizes(a), "devices": n_dev,
+              "batch": a.batch, "seq": cfg.train.seq_len, "dtype": a.dtype, "remat": a.remat,
+              "analytic_bytes": dict(plan.rows()), "device_gb": capacity}
+    if not a.no_compile:
+        aot = run_aot(a)
+        depths = sorted(aot)
+        rows = []
+        for d in depths:
+            ana = analytic_plan(build_config(a, d), mesh_sizes(a)).total
+            rows.append({"layers": d, "analytic": ana, **aot[d]})
+        if len(depths) >= 2:
+            d1, d2 = depths[0], depths[-1]
+            slope = (aot[d2]["peak"] - aot[d1]["peak"]) / (d2 - d1)
+            full = aot[d1]["peak"] + slope * (cfg.model.n_layers - d1)
+        else:
+            full = aot[depths[0]]["peak"] * cfg.model.n_layers / depths[0]
+        result["aot"] = rows
+        result["compiled_full_depth_peak"] = int(full)
+    result["fits_analytic"] = plan.total <= capacity * GB
+    if "compiled_full_depth_peak" in result:
+        result["fits_compiled"] = result["compiled_full_depth_peak"] <= capacity * GB
+    if a.json:
+        print(json.dumps(result, indent=2))
+        return 0
+
+    m = cfg.model
+    print(f"\n{a.preset}: {result['params'] / 1e9:.2f}B params, {m.n_layers} layers, d_model {m.d_model}, "
+          f"{m.n_heads} heads / {m.kv_heads} kv heads, vocab {m.vocab_size}")
+    print(f"mesh data={a.mesh[0]} x fsdp={a.mesh[1]} x tensor={a.mesh[2]} = {n_dev} devices | global batch "
+          f"{a.batch} x {cfg.train.seq_len} tokens | compute {a.dtype}, params {a.param_dtype}, remat {a.remat}\n")
+    print(f"{'per device (analytic, full depth)':38s} {'GB':>10s}")
+    print("-" * 50)
+    for name, b in plan.rows():
+        print(f"{name:38s} {b / GB:10.2f}")
+    if "aot" in result:
+        print(f"\nAOT check: XLA memory_analysis of the compiled train step, per device, reduced depth")
+        print(f"{'layers':>6s} {'analytic GB':>12s} {'compiled GB':>12s} {'(args':>8s} {'temp':>8s} "
+              f"{'out-alias)':>10s}")
+        for r in result["aot"]:
+            print(f"{r['layers']:6d} {r['analytic'] / GB:12.3f} {r['peak'] / GB:12.3f} {r['arguments'] / GB:8.3f} "
+                  f"{r['temp'] / GB:8.3f} {(r['outputs'] - r['aliased']) / GB:10.3f}")
+        print(f"compiled, extrapolated to {m.n_layers} layers: {result['compiled_full_depth_peak'] / GB:.2f} GB")
+    def verdict(nbytes: float) -> str:
+        return (f"{'fits' if nbytes <= capacity * GB else 'DOES NOT FIT'} ({nbytes / GB:.2f} GB, "
+                f"{100 * nbytes / (capacity * GB):.0f}% of {capacity:g} GB)")
+
+    print(f"\n{a.device}: analytic {verdict(plan.total)}")
+    if "compiled_full_depth_peak" in result:
+        print(f"{a.device}: XLA-compiled {verdict(result['compiled_full_depth_peak'])}")
+        print("  (XLA:CPU keeps some bf16 activations in float32, so for bf16 runs its figure is an upper bound;\n"
+              "   on TPU/GPU expect the analytic one. Leave headroom for the runtime and fragmentation.)")
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
