@@ -164,6 +164,9 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # Hybrid sharding: FSDP within groups of this many devices, replicated across groups (sets fsdp; data
+    # becomes the number of groups). Equivalent to data=N/k, fsdp=k.
+    sharding_factor: int | None = None
     rules: dict = field(default_factory=dict)  # overrides of the logical-axis rules, e.g. {"embed": None}
 
     AXES = ("data", "fsdp", "tensor")
@@ -174,8 +177,15 @@ class MeshConfig:
             _check(isinstance(v, int) and (v > 0 or v == -1),
                    f"mesh.{name} must be a positive integer or -1, got {v!r}")
         _check(sum(v == -1 for v in sizes) <= 1, f"at most one mesh axis may be -1, got {dict(zip(self.AXES, sizes))}")
+        if self.sharding_factor is not None:
+            _check(isinstance(self.sharding_factor, int) and self.sharding_factor > 0,
+                   f"mesh.sharding_factor must be a positive integer, got {self.sharding_factor!r}")
+            _check(self.fsdp in (1, self.sharding_factor),
+                   f"give either mesh.fsdp={self.fsdp} or mesh.sharding_factor={self.sharding_factor}, not both")
 
     def sizes(self) -> tuple[int, int, int]:
+        if self.sharding_factor is not None:
+            return (self.data, self.sharding_factor, self.tensor)
         return (self.data, self.fsdp, self.tensor)
 
     def resolve(self, n_devices: int) -> dict[str, int]:

@@ -70,6 +70,11 @@ def test_mesh_resolution():
         MeshConfig(data=-1, fsdp=-1)
     with pytest.raises(ConfigError, match="positive integer or -1"):
         MeshConfig(data=0)
+    # hybrid sharding: FSDP inside groups of 4, 2 replicas
+    assert MeshConfig(sharding_factor=4).resolve(8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert MeshConfig(sharding_factor=2, tensor=2).resolve(8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    with pytest.raises(ConfigError, match="not both"):
+        MeshConfig(fsdp=2, sharding_factor=4)
 
 
 def test_every_preset_is_valid_and_unknown_preset_is_clear():
