@@ -31,6 +31,6 @@ if __name__ == "__main__":
     rows = []
     for d in WIDTHS:
         cfg = config(d, a.steps)
-        r = train(cfg, resume=True)
+        r = train(cfg, resume="auto")  # re-running the sweep continues finished/partial runs
         rows.append({"d_model": d, "params": count_params(cfg.model), "val_loss": r.val_loss})
     print(json.dumps(rows, indent=2))

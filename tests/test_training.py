@@ -108,7 +108,11 @@ def test_train_end_to_end_then_resume_matches_uninterrupted(small_corpus, tmp_pa
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "tokens_per_sec", "mfu", "step_time"} <= set(rows[0]) and any("val_loss" in r for r in rows)
     assert Checkpointer(tmp_path / "full" / "checkpoints").all_steps() == [6, 12]
+    png = (tmp_path / "full" / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000  # the loss/throughput picture
 
+    with pytest.raises(CheckpointNotFound, match="--resume: no checkpoint in"):
+        train(small_run(tmp_path / "part", small_corpus, steps=12), devices=one, resume=True)
     half = train(small_run(tmp_path / "part", small_corpus, steps=12), devices=one, stop_after=6)  # pre-empted
     assert half.final_step == 6
     with pytest.raises(FileExistsError, match="pass --resume"):

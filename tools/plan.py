@@ -31,10 +31,10 @@ def build_config(a: argparse.Namespace, n_layers: int | None = None):
     from gptjax.config import RunConfig
     from gptjax.presets import model_preset
 
-    model = model_preset(a.preset, dtype=a.dtype, param_dtype=a.param_dtype, remat=a.remat, scan_layers=True)
+    overrides = dict(dtype=a.dtype, param_dtype=a.param_dtype, remat=a.remat, scan_layers=True)
     if n_layers is not None:
-        model = model_preset(a.preset, dtype=a.dtype, param_dtype=a.param_dtype, remat=a.remat, scan_layers=True,
-                             n_layers=n_layers)
+        overrides["n_layers"] = n_layers
+    model = model_preset(a.preset, **overrides)
     data, fsdp, tensor = a.mesh
     return RunConfig.from_dict({
         "model": model.__dict__, "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor},

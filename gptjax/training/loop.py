@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from gptjax.checkpoint.manager import Checkpointer
+from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound
 from gptjax.config import ConfigError, RunConfig
 from gptjax.data.pipeline import eval_batches, prepare_corpus, train_dataset, unigram_cross_entropy
+from gptjax.eval.plots import plot_runs
 from gptjax.eval.sample import generate
 from gptjax.model.accounting import count_params, flops_per_token
 from gptjax.sharding.mesh import describe, make_mesh
@@ -60,11 +62,14 @@ def _emit(pbar: tqdm, message: str) -> None:
         pbar.write(message)
 
 
-def train(cfg: RunConfig, resume: bool = False, devices: list | None = None,
+def train(cfg: RunConfig, resume: bool | str = False, devices: list | None = None,
           stop_after: int | None = None) -> TrainResult:
-    """Train per ``cfg``. ``resume=True`` continues from the run directory's latest checkpoint; a run directory
-    that already holds checkpoints is never silently overwritten. ``stop_after=N`` checkpoints and stops once
-    step N is done (a job with a time limit; the schedule still spans ``train.steps``)."""
+    """Train per ``cfg``.
+
+    ``resume=True`` continues from the run directory's latest checkpoint (an error if there is none);
+    ``resume="auto"`` continues if there is one and starts fresh otherwise (sweeps). A run directory that
+    already holds checkpoints is never silently overwritten. ``stop_after=N`` checkpoints and stops once step N
+    is done (a job with a time limit; the schedule still spans ``train.steps``)."""
     t_cfg = cfg.train
     run_dir = Path(t_cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -86,8 +91,8 @@ def train(cfg: RunConfig, resume: bool = False, devices: list | None = None,
     if latest is not None and not resume:
         raise FileExistsError(f"{run_dir} already holds checkpoints (latest step {latest}); pass --resume to "
                               "continue that run, or choose another train.run_dir")
-    if resume and latest is None:
-        log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
+    if resume is True and latest is None:
+        raise CheckpointNotFound(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start this run")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.to_json())
@@ -114,8 +119,8 @@ def train(cfg: RunConfig, resume: bool = False, devices: list | None = None,
               f"{unigram:.3f} nats | peak {peak / 1e9:.0f} GFLOP/s/device | steps {start}->{t_cfg.steps}")
 
     result = TrainResult(run_dir=run_dir, final_step=start, unigram_loss=unigram)
-    pbar = tqdm(total=t_cfg.steps, initial=start, disable=not (t_cfg.progress and is_main), dynamic_ncols=True,
-                desc="train")
+    show_bar = t_cfg.progress and is_main and sys.stderr.isatty()
+    pbar = tqdm(total=t_cfg.steps, initial=start, disable=not show_bar, dynamic_ncols=True, desc="train")
     _emit(pbar, header)
     window_t, window_steps, last = time.perf_counter(), 0, None
     end = t_cfg.steps if stop_after is None else min(stop_after, t_cfg.steps)
@@ -134,6 +139,8 @@ def train(cfg: RunConfig, resume: bool = False, devices: list | None = None,
             result.history.append(row)
             result.train_loss = row["loss"]
             pbar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{row['mfu']:.1%}")
+            if pbar.disable:  # no bar (not a terminal, or progress off): the same numbers as lines
+                _emit(pbar, format_row({k: row[k] for k in ("step", "loss", "tokens_per_sec", "mfu", "lr")}))
             window_t, window_steps = time.perf_counter(), 0
         if done % t_cfg.eval_every == 0 or done == end:
             v = evaluate(program, state["params"], val)
@@ -163,6 +170,8 @@ def train(cfg: RunConfig, resume: bool = False, devices: list | None = None,
         summary = {"final_step": result.final_step, "train_loss": result.train_loss, "val_loss": result.val_loss,
                    "unigram_loss": unigram, "params": n_params, "checkpoints": str(ckpt_dir)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if result.history:
+            summary["curves"] = str(plot_runs([run_dir], run_dir / "curves.png"))
         print("summary: " + json.dumps(summary), flush=True)
     checkpointer.close()
     result.state = state
