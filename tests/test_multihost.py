@@ -81,6 +81,17 @@ def test_two_process_training_checkpoint_and_resume(tmp_path, small_corpus):
     assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-5)
     assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-5)
 
+    # Restore onto a different mesh shape: the step-4 checkpoint of the 2x2 (data x fsdp) run continues as
+    # pure FSDP over the 4 devices; same data order, so the same losses up to reduction order.
+    other_dir = tmp_path / "other"
+    other_cfg = write_config(tmp_path, small_corpus, other_dir)
+    run_processes(other_cfg, 2, 2, "--stop-after", "4")
+    run_processes(other_cfg, 2, 2, "--resume", "--set", "mesh.data=1", "--set", "mesh.fsdp=4")
+    moved = summary(other_dir)
+    assert moved["final_step"] == 8
+    assert moved["train_loss"] == pytest.approx(full["train_loss"], rel=1e-4)
+    assert json.loads((other_dir / "config.json").read_text())["mesh"]["fsdp"] == 4
+
     # Each process fed only its rows: together they make the global batch of a one-process run on the same
     # (2 x 2) mesh, up to the order of rows within the batch.
     single_dir = tmp_path / "single"

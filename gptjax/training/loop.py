@@ -142,16 +142,19 @@ def train(cfg: RunConfig, resume: bool | str = False, devices: list | None = Non
             if pbar.disable:  # no bar (not a terminal, or progress off): the same numbers as lines
                 _emit(pbar, format_row({k: row[k] for k in ("step", "loss", "tokens_per_sec", "mfu", "lr")}))
             window_t, window_steps = time.perf_counter(), 0
-        if done % t_cfg.eval_every == 0 or done == end:
+        evaluating, saving = done % t_cfg.eval_every == 0 or done == end, done % t_cfg.checkpoint_every == 0 or done == end
+        if evaluating or saving:  # their time is not training throughput: finish the step first, then pause
+            jax.block_until_ready(state["step"])
+        pause = time.perf_counter()
+        if evaluating:
             v = evaluate(program, state["params"], val)
             row = metrics.write(done, val_loss=v, val_ppl=float(np.exp(v)), unigram_loss=unigram)
             result.history.append(row)
             result.val_loss = v
             _emit(pbar, format_row(row))
-            window_t = time.perf_counter()  # evaluation time is not training throughput
-        if done % t_cfg.checkpoint_every == 0 or done == end:
+        if saving:
             checkpointer.save(done, state, data_iter)
-            window_t = time.perf_counter()
+        window_t += time.perf_counter() - pause
         pbar.update(1)
         last = done
     pbar.close()
