@@ -6,6 +6,7 @@ from flax import nnx
 
 from conftest import nano_model
 from gptjax.model import Decoder, count_params, flops_per_token, param_counts
+from gptjax.model.decoder import stack_layers, unstack_layers
 from gptjax.model.attention import Attention, causal_mask
 from gptjax.model.layers import apply_rope, rope_angles
 from gptjax.model.ops import einsum
@@ -13,7 +14,8 @@ from gptjax.presets import model_preset
 
 
 def build(cfg, seed=0):
-    return nnx.split(Decoder(cfg, nnx.Rngs(seed)))
+    graphdef, state = nnx.split(Decoder(cfg, nnx.Rngs(seed)))
+    return graphdef, state.to_pure_dict()
 
 
 def logits(graphdef, params, tokens):
@@ -51,9 +53,9 @@ def test_param_count_matches_analytic(variant):
 def _expand_kv_to_mha(params, groups):
     """MHA params equivalent to GQA params: each key/value head repeated for its query heads."""
     params = jax.tree.map(lambda x: x, params)
-    attn = params["blocks"]["attn"]
-    for name in ("w_k", "w_v"):
-        attn[name] = jnp.repeat(attn[name], groups, axis=2)  # [layers, D, K, H] -> [layers, D, K*G, H]
+    for layer in params["blocks"].values():  # unrolled layout: blocks/<i>/attn/w_k is [D, K, H]
+        for name in ("w_k", "w_v"):
+            layer["attn"][name] = jnp.repeat(layer["attn"][name], groups, axis=1)
     return params
 
 
@@ -136,15 +138,21 @@ def test_flops_per_token_formula():
 
 def test_scan_and_unrolled_layers_agree_and_remat_keeps_gradients():
     tokens = TOKENS[:, :16]
-    outs, grads = [], []
-    for kw in (dict(scan_layers=False), dict(scan_layers=True), dict(scan_layers=True, remat="full"),
-               dict(scan_layers=False, remat="save_dots")):
-        g, p = build(nano_model(**kw))
-        outs.append(logits(g, p, tokens))
-        grads.append(jax.grad(lambda p: jnp.mean(logits(g, p, tokens) ** 2))(p))
-    for o, gr in zip(outs[1:], grads[1:]):
-        np.testing.assert_allclose(o, outs[0], atol=1e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), gr, grads[0])
+    g_scan, p_scan = build(nano_model(scan_layers=True))
+    assert p_scan["blocks"]["attn"]["w_q"].shape[0] == 2  # stacked on a leading layer axis
+    p_unrolled = unstack_layers(p_scan, 2)
+    assert p_unrolled["blocks"][1]["attn"]["w_q"].shape == (64, 4, 16)
+    jax.tree.map(np.testing.assert_array_equal, stack_layers(p_unrolled), p_scan)
+    ref = logits(g_scan, p_scan, tokens)
+    ref_grad = unstack_layers(jax.grad(lambda p: jnp.mean(logits(g_scan, p, tokens) ** 2))(p_scan), 2)
+    for kw in (dict(scan_layers=False), dict(scan_layers=True, remat="full"),
+               dict(scan_layers=False, remat="save_dots"), dict(scan_layers=True, remat="save_dots")):
+        g, _ = build(nano_model(**kw))
+        p = p_scan if kw["scan_layers"] else p_unrolled
+        np.testing.assert_allclose(logits(g, p, tokens), ref, atol=1e-5)
+        grad = jax.grad(lambda p: jnp.mean(logits(g, p, tokens) ** 2))(p)
+        grad = unstack_layers(grad, 2) if kw["scan_layers"] else grad
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), grad, ref_grad)
 
 
 def test_custom_einsum_vjp_matches_autodiff():

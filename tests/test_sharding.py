@@ -8,6 +8,7 @@ import pytest
 
 from conftest import nano_model
 from gptjax.checkpoint.manager import Checkpointer
+from gptjax.model.decoder import unstack_layers
 from gptjax.config import ConfigError, MeshConfig, OptimConfig, RunConfig, TrainConfig
 from gptjax.sharding import logical_to_pspec, make_mesh, make_rules
 from gptjax.training.program import Program
@@ -20,6 +21,7 @@ PARAM_ATOL = 2e-5
 
 
 def program(mesh_kw, devices=None, **model_kw):
+    model_kw.setdefault("scan_layers", True)  # the stacked layout of large runs; unrolled is tested below
     cfg = RunConfig(model=nano_model(**model_kw), optim=OptimConfig(lr=3e-3, warmup_steps=0),
                     mesh=MeshConfig(**mesh_kw), train=TrainConfig(batch_size=8, seq_len=32, steps=10))
     return Program(cfg, make_mesh(cfg.mesh, devices))
@@ -136,6 +138,21 @@ def test_scan_and_remat_under_fsdp(batch, reference):
         assert float(m["loss"]) == pytest.approx(loss_ref, rel=1e-6)
 
 
+def test_unrolled_layout_is_sharded_and_equivalent(batch, reference):
+    init_ref, after_ref, loss_ref = reference
+    prog = program(MESHES["fsdp+tp 1x4x2"], scan_layers=False)
+    w_up = prog.init(jax.random.key(0))["params"]["blocks"][1]["mlp"]["w_up"]
+    assert tuple(w_up.sharding.spec) == ("fsdp", "tensor") and w_up.addressable_shards[0].data.shape == (16, 64)
+    # the same math as the stacked layout, from the same (converted) initial parameters
+    params = unstack_layers(init_ref["params"], 2)
+    state = jax.device_put({"step": init_ref["step"], "params": params, "opt_state": prog.tx.init(params)},
+                           prog.state_shardings)
+    new_state, metrics = prog.train_step(state, prog.global_batch(batch))
+    assert float(metrics["loss"]) == pytest.approx(loss_ref, rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=PARAM_ATOL, rtol=0),
+                 new_state["params"], unstack_layers(after_ref["params"], 2))
+
+
 def test_bad_mesh_and_rules_are_clear_errors():
     with pytest.raises(ConfigError, match="has 6 devices but 8 are available"):
         make_mesh(MeshConfig(data=3, fsdp=2))
@@ -147,5 +164,5 @@ def test_rules_override_turns_fsdp_axis_into_data_parallel():
     cfg = RunConfig(model=nano_model(), mesh=MeshConfig(data=1, fsdp=8, rules={"embed": None}),
                     train=TrainConfig(batch_size=8, seq_len=32))
     prog = Program(cfg, make_mesh(cfg.mesh))
-    assert tuple(prog.param_shardings["blocks"]["mlp"]["w_up"].spec) == ()
+    assert tuple(prog.param_shardings["blocks"][0]["mlp"]["w_up"].spec) == ()
     assert tuple(prog.batch_sharding.spec) == ("fsdp",)

@@ -43,12 +43,13 @@ def test_weight_decay_mask_convention():
     prog = tiny_program()
     shapes = prog.abstract_state["params"]
     mask = decay_mask(shapes)
-    assert mask["blocks"]["attn"]["w_q"] and mask["blocks"]["mlp"]["w_down"]
+    assert mask["blocks"][0]["attn"]["w_q"] and mask["blocks"][1]["mlp"]["w_down"]
     assert not mask["embedding"]
-    assert not mask["blocks"]["attn_norm"]["scale"] and not mask["final_norm"]["scale"]
-    untied = tiny_program(tie_embeddings=False, use_bias=True, positions="learned")
-    m2 = decay_mask(untied.abstract_state["params"])
+    assert not mask["blocks"][0]["attn_norm"]["scale"] and not mask["final_norm"]["scale"]
+    untied = tiny_program(tie_embeddings=False, use_bias=True, positions="learned", scan_layers=True)
+    m2 = decay_mask(untied.abstract_state["params"])  # stacked layout: rank counts without the layer axis
     assert m2["unembedding"] and not m2["pos_embedding"] and not m2["blocks"]["mlp"]["b_up"]
+    assert m2["blocks"]["mlp"]["w_up"] and not m2["blocks"]["attn_norm"]["scale"]
 
 
 def test_schedules():

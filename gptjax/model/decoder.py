@@ -1,8 +1,14 @@
 """The decoder-only transformer: embeddings, a stack of pre-norm blocks, final norm, (un)embedding.
 
-The blocks' parameters are stacked on a leading ``layers`` axis (one set of arrays for the whole stack), so the
-same parameters run either under ``jax.lax.scan`` (one compiled block, fast compiles at depth) or as an unrolled
-loop; ``ModelConfig.scan_layers`` chooses, and ``ModelConfig.remat`` picks the rematerialisation policy.
+``ModelConfig.scan_layers`` picks the layer layout and execution:
+
+* ``True``: the blocks' parameters are stacked on a leading ``layers`` axis and run under ``jax.lax.scan``
+  (one compiled block: compile time flat in depth; what large models use).
+* ``False``: one set of parameters per layer (``blocks/0``, ``blocks/1``, ...), run as an unrolled loop
+  (faster on CPU: no per-layer slicing of stacked weights, no stacked-gradient updates).
+
+``stack_layers`` / ``unstack_layers`` convert parameters between the two layouts. ``ModelConfig.remat`` picks
+the rematerialisation policy for either.
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ class Decoder(nnx.Module):
         self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg, cfg.init_std)
         self.pos_embedding = (param(rngs, (cfg.max_seq_len, cfg.d_model), ("pos", "embed"), cfg, cfg.init_std / 2)
                               if cfg.positions == "learned" else None)
-        self.blocks = _stacked_blocks(cfg, rngs)
+        self.blocks = (_stacked_blocks(cfg, rngs) if cfg.scan_layers
+                       else nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)]))
         self.final_norm = Norm(cfg, cfg.d_model)
         self.unembedding = (None if cfg.tie_embeddings else
                             param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg, cfg.init_std))
@@ -89,21 +96,40 @@ class Decoder(nnx.Module):
 
     def _run_blocks(self, x_BxLxD: jax.Array, rope: tuple | None) -> jax.Array:
         cfg = self.cfg
-        graphdef, stacked = nnx.split(self.blocks)
-        windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
-
-        def body(x, layer):
-            layer_state, window = layer
-            return nnx.merge(graphdef, layer_state)(x, window, rope), None
-
-        if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        windows = cfg.layer_windows()
         if cfg.scan_layers:
-            x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, (stacked, windows))
+            graphdef, stacked = nnx.split(self.blocks)
+            block = _block_fn(cfg, graphdef, rope)
+            x_BxLxD, _ = jax.lax.scan(lambda x, layer: (block(x, *layer), None), x_BxLxD,
+                                      (stacked, jnp.asarray(windows, jnp.int32)))
         else:
-            for i in range(cfg.n_layers):
-                x_BxLxD, _ = body(x_BxLxD, (jax.tree.map(lambda a: a[i], stacked), windows[i]))
+            for layer, window in zip(self.blocks, windows):
+                graphdef, state = nnx.split(layer)
+                x_BxLxD = _block_fn(cfg, graphdef, rope)(x_BxLxD, state, window)
         return x_BxLxD
+
+
+def _block_fn(cfg: ModelConfig, graphdef: nnx.GraphDef, rope: tuple | None):
+    """``f(x, block_state, window) -> x`` for one block, rematerialised per ``cfg.remat``."""
+
+    def f(x_BxLxD, state, window):
+        return nnx.merge(graphdef, state)(x_BxLxD, window, rope)
+
+    if cfg.remat == "none":
+        return f
+    return jax.checkpoint(f, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+def stack_layers(params: dict) -> dict:
+    """Per-layer parameters (``blocks/0``, ``blocks/1``, ...) -> stacked (``blocks`` with a leading layer axis)."""
+    blocks = params["blocks"]
+    layers = [blocks[i] for i in sorted(blocks)]
+    return {**params, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def unstack_layers(params: dict, n_layers: int) -> dict:
+    """Stacked block parameters -> one dict per layer (the unrolled layout)."""
+    return {**params, "blocks": {i: jax.tree.map(lambda a: a[i], params["blocks"]) for i in range(n_layers)}}
 
 
 def abstract_decoder(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:

@@ -32,13 +32,13 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 def decay_mask(params: Any) -> Any:
     """True for parameters that get weight decay: rank >= 2 and not an (input/position) embedding table.
-    Stacked block weights carry a leading layer axis, so their rank is one more than the matrix's."""
+    Stacked block weights (``blocks/<name>``, scan layout) carry a leading layer axis, so their rank is one
+    more than the matrix's; per-layer weights (``blocks/<i>/<name>``) do not."""
 
     def keep(path, leaf) -> bool:
-        name = str(getattr(path[-1], "key", path[-1]))
-        in_blocks = any(str(getattr(p, "key", p)) == "blocks" for p in path)
-        rank = leaf.ndim - (1 if in_blocks else 0)
-        return rank >= 2 and name not in NO_DECAY_NAMES
+        keys = [getattr(p, "key", getattr(p, "idx", p)) for p in path]
+        stacked = "blocks" in keys and not isinstance(keys[keys.index("blocks") + 1], int)
+        return leaf.ndim - stacked >= 2 and keys[-1] not in NO_DECAY_NAMES
 
     return jax.tree_util.tree_map_with_path(keep, params)
 
