@@ -179,3 +179,18 @@ def test_bfloat16_compute_tracks_float32():
     cos = [float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-12))
            for a, b in zip(jax.tree.leaves(g_32), jax.tree.leaves(g_16))]
     assert min(cos) > 0.98
+
+
+def test_custom_softmax_matches_jax():
+    from gptjax.model.ops import softmax
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 5, 7)) * 3, jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 5, 7)), jnp.float32)
+    np.testing.assert_allclose(softmax(x), jax.nn.softmax(x), rtol=1e-6, atol=1e-7)
+    g1 = jax.grad(lambda x: jnp.sum(softmax(x) * w))(x)
+    g2 = jax.grad(lambda x: jnp.sum(jax.nn.softmax(x) * w))(x)
+    np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)
+    # a fully masked entry (additive -max-float mask) gets probability 0 and no gradient
+    masked = x.at[..., 0].add(jnp.finfo(jnp.float32).min)
+    assert float(jnp.max(softmax(masked)[..., 0])) == 0.0
