@@ -149,7 +149,7 @@ def main() -> int:
     for name, b in plan.rows():
         print(f"{name:38s} {b / GB:10.2f}")
     if "aot" in result:
-        print(f"\nAOT check: XLA memory_analysis of the compiled train step, per device, reduced depth")
+        print("\nAOT check: XLA memory_analysis of the compiled train step, per device, reduced depth")
         print(f"{'layers':>6s} {'analytic GB':>12s} {'compiled GB':>12s} {'(args':>8s} {'temp':>8s} "
               f"{'out-alias)':>10s}")
         for r in result["aot"]:
