@@ -42,6 +42,7 @@ def run_jax(c: dict, dtype: str, steps: int, warmup: int) -> dict:
 
     from gptjax.config import RunConfig
     from gptjax.sharding.mesh import make_mesh
+    from gptjax.sharding.plan import memory_of
     from gptjax.training.program import Program
 
     cfg = RunConfig().replace(model=model_config(c, dtype).__dict__,
@@ -51,10 +52,7 @@ def run_jax(c: dict, dtype: str, steps: int, warmup: int) -> dict:
     rng = np.random.default_rng(0)
     data = rng.integers(0, c["vocab_size"], (steps + warmup, c["batch_size"], c["seq_len"] + 1)).astype(np.int32)
     batches = [prog.global_batch({"inputs": d[:, :-1], "targets": d[:, 1:]}) for d in data]
-    compiled = prog.train_step.lower(state, batches[0]).compile()
-    ma = compiled.memory_analysis()
-    xla_bytes = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-                 - ma.alias_size_in_bytes)
+    xla_bytes = memory_of(prog.train_step.lower(state, batches[0]).compile())["peak"]
     for b in batches[:warmup]:
         state, m = prog.train_step(state, b)
     jax.block_until_ready(m)

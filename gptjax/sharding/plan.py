@@ -143,9 +143,10 @@ def analytic_plan(cfg: RunConfig, mesh_sizes: Mapping[str, int]) -> MemoryPlan:
     batch_per_device = t.batch_size // batch_shards
     tokens = batch_per_device * t.seq_len
     act = activation_bytes(m, batch_per_device, t.seq_len, mesh_sizes["tensor"])
-    # compute-dtype weight copies are sharded like the parameters (the cast happens on the shard)
-    param_shards = max(1, round(_BYTES[m.param_dtype] * count_params(m) / max(params, 1)))
-    weight_copies = act["weight_copies"] * mesh_sizes["tensor"] // param_shards
+    # compute-dtype weight copies are sharded like the parameters (the cast happens on the shard): the full
+    # copies (the local block's times tensor) scaled by this device's share of the parameter bytes
+    share = params / (_BYTES[m.param_dtype] * count_params(m))
+    weight_copies = int(act["weight_copies"] * mesh_sizes["tensor"] * share)
     vocab = m.vocab_size / mesh_sizes["tensor"] if m.vocab_size % mesh_sizes["tensor"] == 0 else m.vocab_size
     logits = tokens * 2 * 4 * vocab
     # AdamW keeps mu and nu in the parameters' dtype; gradients have the parameters' dtype too.
@@ -161,7 +162,12 @@ def compiled_memory(cfg: RunConfig, mesh: Mesh) -> dict[str, int]:
     prog = Program(cfg, mesh)
     t = cfg.train
     tok = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=prog.batch_sharding)
-    compiled = prog.train_step.lower(prog.abstract_state, {"inputs": tok, "targets": tok}).compile()
+    return memory_of(prog.train_step.lower(prog.abstract_state, {"inputs": tok, "targets": tok}).compile())
+
+
+def memory_of(compiled) -> dict[str, int]:
+    """Per-device bytes of a compiled executable: arguments, outputs, aliased (donated), temp, and the peak
+    they imply (arguments + outputs - aliased + temp)."""
     ma = compiled.memory_analysis()
     out = {"arguments": ma.argument_size_in_bytes, "outputs": ma.output_size_in_bytes,
            "aliased": ma.alias_size_in_bytes, "temp": ma.temp_size_in_bytes}

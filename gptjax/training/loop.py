@@ -142,7 +142,8 @@ def train(cfg: RunConfig, resume: bool | str = False, devices: list | None = Non
             if pbar.disable:  # no bar (not a terminal, or progress off): the same numbers as lines
                 _emit(pbar, format_row({k: row[k] for k in ("step", "loss", "tokens_per_sec", "mfu", "lr")}))
             window_t, window_steps = time.perf_counter(), 0
-        evaluating, saving = done % t_cfg.eval_every == 0 or done == end, done % t_cfg.checkpoint_every == 0 or done == end
+        evaluating = done % t_cfg.eval_every == 0 or done == end
+        saving = done % t_cfg.checkpoint_every == 0 or done == end
         if evaluating or saving:  # their time is not training throughput: finish the step first, then pause
             jax.block_until_ready(state["step"])
         pause = time.perf_counter()
