@@ -15,7 +15,7 @@ install: $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
 
 train: install
-	$(BIN)/python -m gptjax.train $(ARGS)
+	$(BIN)/python -m gptjax.cli.train $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)

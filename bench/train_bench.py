@@ -28,30 +28,31 @@ CONFIGS = {
 }
 
 
-def model_config(c: dict, dtype: str):
-    from gptjax.config import ModelConfig
+def run_config(c: dict, dtype: str, steps: int = 10):
+    """The benchmark's run config, built the way every gptjax entry point builds one."""
+    from gptjax.config import build_run_config
 
-    return ModelConfig(vocab_size=c["vocab_size"], d_model=c["d_model"], n_layers=c["n_layers"],
-                       n_heads=c["n_heads"], n_kv_heads=c["n_kv_heads"], d_ff=c["d_ff"], max_seq_len=c["seq_len"],
-                       dtype=dtype)
+    return build_run_config(
+        model_preset_name="tiny", vocab_size=c["vocab_size"], d_model=c["d_model"], n_layers=c["n_layers"],
+        n_heads=c["n_heads"], n_kv_heads=c["n_kv_heads"], d_ff=c["d_ff"], max_seq_len=c["seq_len"], dtype=dtype,
+        overrides=[f"train.batch_size={c['batch_size']}", f"train.seq_len={c['seq_len']}", f"train.steps={steps}"])
 
 
 def run_jax(c: dict, dtype: str, steps: int, warmup: int) -> dict:
     import jax
     import numpy as np
 
-    from gptjax.config import RunConfig
+    from gptjax.planning.memory import memory_of
     from gptjax.sharding.mesh import make_mesh
-    from gptjax.sharding.plan import memory_of
     from gptjax.training.program import Program
 
-    cfg = RunConfig().replace(model=model_config(c, dtype).__dict__,
-                              train={"batch_size": c["batch_size"], "seq_len": c["seq_len"], "steps": steps})
+    cfg = run_config(c, dtype, steps)
     prog = Program(cfg, make_mesh(cfg.mesh))
     state = prog.init(jax.random.key(0))
     rng = np.random.default_rng(0)
     data = rng.integers(0, c["vocab_size"], (steps + warmup, c["batch_size"], c["seq_len"] + 1)).astype(np.int32)
-    batches = [prog.global_batch({"inputs": d[:, :-1], "targets": d[:, 1:]}) for d in data]
+    ones = np.ones((c["batch_size"], c["seq_len"]), np.float32)
+    batches = [prog.global_batch({"inputs": d[:, :-1], "targets": d[:, 1:], "loss_mask": ones}) for d in data]
     xla_bytes = memory_of(prog.train_step.lower(state, batches[0]).compile())["peak"]
     for b in batches[:warmup]:
         state, m = prog.train_step(state, b)
@@ -76,7 +77,7 @@ def child(args: argparse.Namespace) -> None:
     from gptjax.training.perf import measure_peak_flops
 
     c = CONFIGS[args.config]
-    mcfg = model_config(c, args.dtype)
+    mcfg = run_config(c, args.dtype).model
     peak = measure_peak_flops(args.dtype)
     out = (run_jax if args.impl == "jax" else run_torch)(c, args.dtype, args.steps, args.warmup)
     tokens = c["batch_size"] * c["seq_len"]

@@ -23,7 +23,7 @@ def config(d_model: int, steps: int) -> RunConfig:
 
 
 if __name__ == "__main__":
-    from gptjax.training.loop import train
+    from gptjax.training import train
 
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=200)

@@ -1,9 +1,13 @@
-"""gptjax: pretraining GPT-family decoder-only language models with JAX and Flax NNX."""
+"""gptjax: pretraining GPT-family decoder-only language models with JAX and Flax NNX.
 
-from gptjax.config import (ConfigError, DataConfig, MeshConfig, ModelConfig, OptimConfig, RunConfig,
-                           TrainConfig)
-from gptjax.presets import MODEL_PRESETS, model_preset
+Layers (each imports only those before it; ``tests/test_layering.py`` enforces it):
+``config`` -> ``sharding`` -> ``model`` -> {``checkpoint``, ``inference``, ``evals``} -> ``training`` -> ``cli``;
+``data`` and ``reporting`` need only ``config``; ``planning`` consumes the others and nothing imports it.
+"""
+
+from gptjax.config import (MODEL_PRESETS, ConfigError, DataConfig, MeshConfig, ModelConfig, OptimConfig,
+                           RunConfig, TrainConfig, build_run_config, model_preset)
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "DataConfig", "MeshConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
-           "MODEL_PRESETS", "model_preset"]
+           "MODEL_PRESETS", "build_run_config", "model_preset"]

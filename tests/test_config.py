@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from gptjax.config import ConfigError, MeshConfig, ModelConfig, RunConfig, apply_overrides
-from gptjax.presets import MODEL_PRESETS, model_preset, run_preset
+from gptjax.config import (MODEL_PRESETS, ConfigError, MeshConfig, ModelConfig, RunConfig, apply_overrides,
+                           build_run_config, model_preset, run_preset)
 
 
 @pytest.mark.parametrize("kw, words", [

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import nano_model
+from helpers import nano_model
 from gptjax.model import Decoder, count_params, flops_per_token, param_counts
 from gptjax.model.decoder import stack_layers, unstack_layers
-from gptjax.model.attention import Attention, causal_mask
+from gptjax.model.attention import Attention, MaskSpec, causal_mask
 from gptjax.model.layers import apply_rope, rope_angles
 from gptjax.model.ops import einsum
-from gptjax.presets import model_preset
+from gptjax.config import model_preset
 
 
 def build(cfg, seed=0):
@@ -106,13 +106,14 @@ def test_banded_attention_ignores_keys_outside_window():
     attn = Attention(cfg, nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (1, 16, cfg.d_model))
     rope = rope_angles(jnp.arange(16), cfg.resolved_head_dim, cfg.rope_theta)
-    base = attn(x, 4, rope)
+    run = lambda x, window: attn(x, window, rope, MaskSpec())[0]
+    base = run(x, 4)
     i = 12
-    far = attn(x.at[:, i - 4].add(1.0), 4, rope)  # outside the window of query i
-    near = attn(x.at[:, i - 3].add(1.0), 4, rope)  # inside it
+    far = run(x.at[:, i - 4].add(1.0), 4)  # outside the window of query i
+    near = run(x.at[:, i - 3].add(1.0), 4)  # inside it
     np.testing.assert_array_equal(np.asarray(far[:, i]), np.asarray(base[:, i]))
     assert not np.allclose(near[:, i], base[:, i])
-    dense = attn(x.at[:, i - 4].add(1.0), 16, rope)
+    dense = run(x.at[:, i - 4].add(1.0), 16)
     assert not np.allclose(dense[:, i], base[:, i])
 
 
@@ -194,3 +195,106 @@ def test_custom_softmax_matches_jax():
     # a fully masked entry (additive -max-float mask) gets probability 0 and no gradient
     masked = x.at[..., 0].add(jnp.finfo(jnp.float32).min)
     assert float(jnp.max(softmax(masked)[..., 0])) == 0.0
+
+
+# ---- the model API: positions, segment ids, KV cache -----------------------------------------------------------
+API_VARIANTS = {
+    "llama-gqa": {},
+    "gpt2-learned": dict(positions="learned", norm="layernorm", mlp="gelu", use_bias=True),
+    "gpt3-banded-scan": dict(positions="learned", norm="layernorm", mlp="gelu", attention="alternating", window=5,
+                             scan_layers=True),
+    "mqa-qknorm-untied-scan": dict(n_kv_heads=1, qk_norm=True, tie_embeddings=False, scan_layers=True),
+}
+
+
+def test_default_positions_are_explicit_arange():
+    for kw in (dict(), dict(positions="learned")):
+        model = Decoder(nano_model(**kw), nnx.Rngs(0))
+        positions = jnp.broadcast_to(jnp.arange(24), (2, 24))
+        np.testing.assert_array_equal(model(TOKENS), model(TOKENS, positions))
+        stretched = model(TOKENS, positions * 2)  # relative distances change, for RoPE and learned positions alike
+        assert not np.allclose(stretched, model(TOKENS), atol=1e-4)
+
+
+def test_rope_positions_shift_invariance():
+    """RoPE attends by relative position: the same tokens at positions shifted by a constant give the same logits."""
+    model = Decoder(nano_model(), nnx.Rngs(0))
+    positions = jnp.broadcast_to(jnp.arange(24), (2, 24))
+    np.testing.assert_allclose(model(TOKENS, positions + 17), model(TOKENS, positions), atol=2e-5)
+
+
+@pytest.mark.parametrize("variant", list(API_VARIANTS))
+def test_packed_documents_give_each_documents_own_logits(variant):
+    cfg = nano_model(**API_VARIANTS[variant])
+    model = Decoder(cfg, nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+    lengths = [(7, 10, 7), (12, 12, 0)]  # two rows, each packing up to three documents into 24 tokens
+    docs = [[rng.integers(0, 512, n) for n in row if n] for row in lengths]
+    tokens = np.stack([np.concatenate(row) for row in docs]).astype(np.int32)
+    segments = np.stack([np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(row)]) for row in docs])
+    positions = np.stack([np.concatenate([np.arange(len(d)) for d in row]) for row in docs])
+    packed = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
+    for r, row in enumerate(docs):
+        start = 0
+        for doc in row:
+            alone = model(jnp.asarray(doc[None], jnp.int32))[0]
+            np.testing.assert_allclose(packed[r, start:start + len(doc)], alone, atol=2e-5, rtol=1e-5)
+            start += len(doc)
+    unmasked = model(jnp.asarray(tokens), jnp.asarray(positions))
+    assert not np.allclose(unmasked[0, 7:17], packed[0, 7:17], atol=1e-3)  # without segments they would mix
+
+
+@pytest.mark.parametrize("variant", list(API_VARIANTS))
+def test_kv_cache_decoding_equals_the_full_forward_pass(variant):
+    cfg = nano_model(**API_VARIANTS[variant])
+    model = Decoder(cfg, nnx.Rngs(0))
+    full = model(TOKENS)
+    cache = model.init_cache(batch=2, slots=32)
+    # prefill 9 tokens, a chunk of 3, then one token at a time
+    logits, cache = model.decode(TOKENS[:, :9], cache)
+    np.testing.assert_allclose(logits, full[:, :9], atol=2e-5, rtol=1e-5)
+    logits, cache = model.decode(TOKENS[:, 9:12], cache)
+    np.testing.assert_allclose(logits, full[:, 9:12], atol=2e-5, rtol=1e-5)
+    step = jax.jit(lambda t, c: nnx.merge(*nnx.split(model)).decode(t, c))
+    for t in range(12, 24):
+        logits, cache = step(TOKENS[:, t:t + 1], cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=2e-5, rtol=1e-5)
+    assert int(cache.index) == 24 and cache.k_LxBxSxKxH.shape == (2, 2, 32, cfg.kv_heads, cfg.resolved_head_dim)
+
+
+def test_kv_cache_with_segments_and_left_padding():
+    """Rows of different prompt lengths, left-padded (segment 0, never attended by the real tokens), with
+    positions starting at 0 at each row's first real token: each row decodes as if it were alone."""
+    cfg = nano_model()
+    model = Decoder(cfg, nnx.Rngs(0))
+    prompts = [np.arange(5, 11), np.arange(20, 24)]  # 6 and 4 tokens
+    pad = 6
+    tokens = np.zeros((2, pad), np.int32)
+    segments = np.zeros((2, pad), np.int32)
+    positions = np.zeros((2, pad), np.int32)
+    for r, p in enumerate(prompts):
+        tokens[r, pad - len(p):], segments[r, pad - len(p):], positions[r, pad - len(p):] = p, 1, np.arange(len(p))
+    cache = model.init_cache(2, 16)
+    logits, cache = model.decode(jnp.asarray(tokens), cache, jnp.asarray(positions), jnp.asarray(segments))
+    nxt = jnp.asarray([[7], [9]], jnp.int32)
+    step_logits, _ = model.decode(nxt, cache, jnp.asarray([[6], [4]]), jnp.ones((2, 1), jnp.int32))
+    for r, p in enumerate(prompts):
+        alone = model(jnp.asarray(np.concatenate([p, np.asarray(nxt[r])])[None], jnp.int32))[0]
+        np.testing.assert_allclose(logits[r, pad - len(p):], alone[:-1], atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(step_logits[r, 0], alone[-1], atol=2e-5, rtol=1e-5)
+
+
+def test_weight_decay_is_parameter_metadata():
+    """Decided where each parameter is made: matrices decay; norms, biases, token / position embeddings do not;
+    an untied output matrix does. The stacked (scan) layout keeps the decision despite its extra layer axis."""
+    from gptjax.model.layers import param_metadata
+
+    for kw in (dict(), dict(tie_embeddings=False, use_bias=True, positions="learned", norm="layernorm",
+                             scan_layers=True)):
+        decay = param_metadata(nnx.state(Decoder(nano_model(**kw), nnx.Rngs(0))), "weight_decay")
+        blocks = decay["blocks"] if kw.get("scan_layers") else decay["blocks"][0]
+        assert blocks["attn"]["w_q"] and blocks["attn"]["w_o"] and blocks["mlp"]["w_up"] and blocks["mlp"]["w_down"]
+        assert not decay["embedding"] and not decay["final_norm"]["scale"] and not blocks["attn_norm"]["scale"]
+        if kw:
+            assert decay["unembedding"] and not decay["pos_embedding"]
+            assert not blocks["mlp"]["b_up"] and not blocks["attn"]["b_q"] and not blocks["mlp_norm"]["bias"]

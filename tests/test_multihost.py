@@ -38,7 +38,7 @@ def run_processes(config: str, n_processes: int, devices_per_process: int, *extr
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
     port = free_port()
-    cmd = [sys.executable, "-m", "gptjax.train", "--config", config, *extra]
+    cmd = [sys.executable, "-m", "gptjax.cli.train", "--config", config, *extra]
     if n_processes > 1:
         cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n_processes)]
     procs = [subprocess.Popen(cmd + (["--process-id", str(i)] if n_processes > 1 else []), env=env,

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import nano_model
+from helpers import nano_model, random_batch
 from gptjax.checkpoint.manager import Checkpointer
 from gptjax.model.decoder import unstack_layers
 from gptjax.config import ConfigError, MeshConfig, OptimConfig, RunConfig, TrainConfig
@@ -29,8 +29,7 @@ def program(mesh_kw, devices=None, **model_kw):
 
 @pytest.fixture(scope="module")
 def batch():
-    data = np.random.default_rng(0).integers(0, 512, (8, 33)).astype(np.int32)
-    return {"inputs": data[:, :-1], "targets": data[:, 1:]}
+    return random_batch(batch=8, seq=32)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +123,7 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path, batch):
     for target in (program(MESHES["hybrid 2x2x2"]), program(dict(data=1), jax.devices()[:1])):
         restored = Checkpointer(tmp_path).restore(target.abstract_state)
         w = restored["params"]["blocks"]["mlp"]["w_up"]
-        assert w.sharding == target.param_shardings["blocks"]["mlp"]["w_up"]
+        assert w.sharding == target.model.param_shardings["blocks"]["mlp"]["w_up"]
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), restored, host)
         _, m1 = target.train_step(restored, target.global_batch(batch))
         assert float(m1["loss"]) == pytest.approx(float(m0["loss"]), rel=1e-6)
@@ -164,5 +163,5 @@ def test_rules_override_turns_fsdp_axis_into_data_parallel():
     cfg = RunConfig(model=nano_model(), mesh=MeshConfig(data=1, fsdp=8, rules={"embed": None}),
                     train=TrainConfig(batch_size=8, seq_len=32))
     prog = Program(cfg, make_mesh(cfg.mesh))
-    assert tuple(prog.param_shardings["blocks"][0]["mlp"]["w_up"].spec) == ()
-    assert tuple(prog.batch_sharding.spec) == ("fsdp",)
+    assert tuple(prog.model.param_shardings["blocks"][0]["mlp"]["w_up"].spec) == ()
+    assert tuple(prog.model.batch_sharding.spec) == ("fsdp",)

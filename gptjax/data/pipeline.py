@@ -2,7 +2,8 @@
 
 Packing: documents are concatenated, each followed by ``</s>``, and the stream is cut into windows of
 ``seq_len + 1`` tokens (inputs = window[:-1], targets = window[1:]); attention is not reset at document
-boundaries (GPT-2/3 practice). The train/validation split is by document. The train pipeline is a grain
+boundaries (GPT-2/3 practice). Batches are ``{inputs, targets, loss_mask}``, each ``[batch, seq_len]``.
+The train/validation split is by document. The train pipeline is a grain
 ``MapDataset``: globally shuffled with a seed, reshuffled every epoch, sharded by process (each process reads
 only its rows of the global batch), batched; its iterator state is saved in checkpoints.
 """
@@ -95,7 +96,9 @@ class PackedWindows:
 
 
 def _split(batch: np.ndarray) -> dict[str, np.ndarray]:
-    return {"inputs": batch[:, :-1], "targets": batch[:, 1:]}
+    """A batch as the model API takes it: inputs, next-token targets, and the loss mask (every target counts in
+    pretraining; fine-tuning masks prompts and padding)."""
+    return {"inputs": batch[:, :-1], "targets": batch[:, 1:], "loss_mask": np.ones(batch[:, 1:].shape, np.float32)}
 
 
 def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int,

@@ -18,9 +18,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.config import ModelConfig
-from gptjax.model.attention import Attention
+from gptjax.config import axes as ax
+from gptjax.config.dtypes import DTYPES
+from gptjax.model.attention import Attention, MaskSpec
+from gptjax.model.cache import KVCache
 from gptjax.model.layers import MLP, Norm, param, rope_angles
-from gptjax.model.ops import DTYPES, einsum
+from gptjax.model.ops import einsum
 from gptjax.sharding.rules import constrain
 
 REMAT_POLICIES = {
@@ -28,8 +31,6 @@ REMAT_POLICIES = {
     # keep the weight-projection outputs (named in ops.einsum), recompute norms, activations and attention
     "save_dots": jax.checkpoint_policies.save_only_these_names("matmul"),
 }
-
-ACT_BxLxD = ("batch", "length", "act_embed")
 
 
 class Block(nnx.Module):
@@ -39,11 +40,12 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BxLxD: jax.Array, window: jax.Array, rope: tuple | None) -> jax.Array:
-        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), window, rope)
-        x_BxLxD = constrain(x_BxLxD, ACT_BxLxD)
+    def __call__(self, x_BxLxD: jax.Array, window: jax.Array, rope: tuple | None, mask: MaskSpec,
+                 kv: tuple | None = None) -> tuple[jax.Array, tuple | None]:
+        attn_BxLxD, kv = self.attn(self.attn_norm(x_BxLxD), window, rope, mask, kv)
+        x_BxLxD = constrain(x_BxLxD + attn_BxLxD, ax.ACT_BxLxD)
         x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
-        return constrain(x_BxLxD, ACT_BxLxD)
+        return constrain(x_BxLxD, ax.ACT_BxLxD), kv
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -55,69 +57,118 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     blocks = create(rngs)
     for _, var in nnx.iter_graph(blocks):
         if isinstance(var, nnx.Param):
-            var.set_metadata("logical_axes", ("layers",) + tuple(var.get_metadata()["logical_axes"]))
+            var.set_metadata("logical_axes", (ax.LAYERS,) + tuple(var.get_metadata()["logical_axes"]))
     return blocks
 
 
 class Decoder(nnx.Module):
+    """Decoder-only transformer.
+
+    * ``model(tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> logits_BxLxV`` (float32). Positions
+      default to ``0..L-1``; with segment ids a token attends only to earlier tokens of its own segment (packed
+      documents), so each document's logits are those it would get alone (given positions restarting at 0).
+    * ``model.decode(tokens_BxL, cache, positions_BxL=None, segment_ids_BxL=None) -> (logits_BxLxV, cache)``:
+      the same computation reading and extending a :class:`KVCache` (prefill with the prompt, then one token
+      at a time); positions default to the cache's slot numbers.
+    """
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = DTYPES[cfg.dtype]
-        self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg, cfg.init_std)
-        self.pos_embedding = (param(rngs, (cfg.max_seq_len, cfg.d_model), ("pos", "embed"), cfg, cfg.init_std / 2)
+        self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), (ax.VOCAB, ax.EMBED), cfg, cfg.init_std,
+                               decay=False)
+        self.pos_embedding = (param(rngs, (cfg.max_seq_len, cfg.d_model), (ax.POS, ax.EMBED), cfg,
+                                    cfg.init_std / 2, decay=False)
                               if cfg.positions == "learned" else None)
         self.blocks = (_stacked_blocks(cfg, rngs) if cfg.scan_layers
                        else nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)]))
         self.final_norm = Norm(cfg, cfg.d_model)
         self.unembedding = (None if cfg.tie_embeddings else
-                            param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg, cfg.init_std))
+                            param(rngs, (cfg.d_model, cfg.vocab_size), (ax.EMBED, ax.VOCAB), cfg, cfg.init_std))
 
-    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+                 segment_ids_BxL: jax.Array | None = None) -> jax.Array:
         """Next-token logits ``[B, L, vocab]`` in float32."""
+        return self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, None)[0]
+
+    def decode(self, tokens_BxL: jax.Array, cache: KVCache, positions_BxL: jax.Array | None = None,
+               segment_ids_BxL: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """Logits of ``tokens_BxL`` fed after what ``cache`` holds, and the extended cache."""
+        return self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, cache)
+
+    def init_cache(self, batch: int, slots: int | None = None) -> KVCache:
+        return KVCache.init(self.cfg, batch, slots)
+
+    def _forward(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache):
         cfg = self.cfg
         B, L = tokens_BxL.shape
+        if positions_BxL is None and cache is not None:
+            positions_BxL = jnp.broadcast_to(cache.index + jnp.arange(L, dtype=jnp.int32), (B, L))
         # The lookup reads a replicated table: a gather from a vocab/embed-sharded table makes XLA's SPMD
         # partitioner rematerialise it inefficiently anyway (FSDP all-gathers weights before use regardless).
         table_VxD = constrain(self.embedding[...], (None, None))
         x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(self.dtype)
         rope = None
         if cfg.positions == "learned":
-            x_BxLxD = x_BxLxD + self.pos_embedding[...][:L].astype(self.dtype)[None]
+            pos_BxLxD = (self.pos_embedding[...][:L][None] if positions_BxL is None
+                         else jnp.take(self.pos_embedding[...], positions_BxL, axis=0))
+            x_BxLxD = x_BxLxD + pos_BxLxD.astype(self.dtype)
         else:
-            rope = rope_angles(jnp.arange(L), cfg.resolved_head_dim, cfg.rope_theta)
-        x_BxLxD = constrain(x_BxLxD, ACT_BxLxD)
-        x_BxLxD = self._run_blocks(x_BxLxD, rope)
+            rope = rope_angles(jnp.arange(L) if positions_BxL is None else positions_BxL, cfg.resolved_head_dim,
+                               cfg.rope_theta)
+        if cache is None:
+            mask = MaskSpec(0, segment_ids_BxL, segment_ids_BxL)
+        else:  # the cache remembers every slot's segment (1 when none is given), so later calls mask by it
+            q_seg_BxL = (jnp.ones((B, L), jnp.int32) if segment_ids_BxL is None
+                         else segment_ids_BxL.astype(jnp.int32))
+            k_seg_BxS = jax.lax.dynamic_update_slice(cache.segment_ids_BxS, q_seg_BxL, (0, cache.index))
+            mask = MaskSpec(cache.index, q_seg_BxL, k_seg_BxS)
+        x_BxLxD = constrain(x_BxLxD, ax.ACT_BxLxD)
+        x_BxLxD, kv = self._run_blocks(x_BxLxD, rope, mask, cache)
         x_BxLxD = self.final_norm(x_BxLxD)
         if cfg.tie_embeddings:
             logits_BxLxV = einsum("bld,vd->blv", x_BxLxD, self.embedding[...], self.dtype, jnp.float32)
         else:
             logits_BxLxV = einsum("bld,dv->blv", x_BxLxD, self.unembedding[...], self.dtype, jnp.float32)
-        return constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
+        logits_BxLxV = constrain(logits_BxLxV, (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
+        if cache is not None:
+            cache = KVCache(kv[0], kv[1], mask.k_segment_ids_BxS, cache.index + L)
+        return logits_BxLxV, cache
 
-    def _run_blocks(self, x_BxLxD: jax.Array, rope: tuple | None) -> jax.Array:
+    def _run_blocks(self, x_BxLxD: jax.Array, rope: tuple | None, mask: MaskSpec, cache: KVCache | None):
         cfg = self.cfg
         windows = cfg.layer_windows()
+        remat = cfg.remat if cache is None else "none"  # decoding takes no gradients
         if cfg.scan_layers:
             graphdef, stacked = nnx.split(self.blocks)
-            block = _block_fn(cfg, graphdef, rope)
-            x_BxLxD, _ = jax.lax.scan(lambda x, layer: (block(x, *layer), None), x_BxLxD,
-                                      (stacked, jnp.asarray(windows, jnp.int32)))
-        else:
-            for layer, window in zip(self.blocks, windows):
-                graphdef, state = nnx.split(layer)
-                x_BxLxD = _block_fn(cfg, graphdef, rope)(x_BxLxD, state, window)
-        return x_BxLxD
+            block = _block_fn(cfg, graphdef, rope, mask, remat)
+            windows = jnp.asarray(windows, jnp.int32)
+            if cache is None:
+                x_BxLxD, _ = jax.lax.scan(lambda x, layer: (block(x, *layer)[0], None), x_BxLxD, (stacked, windows))
+                return x_BxLxD, None
+            x_BxLxD, kv = jax.lax.scan(lambda x, layer: block(x, *layer[:2], layer[2:]), x_BxLxD,
+                                       (stacked, windows, cache.k_LxBxSxKxH, cache.v_LxBxSxKxH))
+            return x_BxLxD, kv
+        ks, vs = [], []
+        for i, (layer, window) in enumerate(zip(self.blocks, windows)):
+            graphdef, state = nnx.split(layer)
+            kv = None if cache is None else (cache.k_LxBxSxKxH[i], cache.v_LxBxSxKxH[i])
+            x_BxLxD, kv = _block_fn(cfg, graphdef, rope, mask, remat)(x_BxLxD, state, window, kv)
+            if kv is not None:
+                ks.append(kv[0])
+                vs.append(kv[1])
+        return x_BxLxD, (None if cache is None else (jnp.stack(ks), jnp.stack(vs)))
 
 
-def _block_fn(cfg: ModelConfig, graphdef: nnx.GraphDef, rope: tuple | None):
-    """``f(x, block_state, window) -> x`` for one block, rematerialised per ``cfg.remat``."""
+def _block_fn(cfg: ModelConfig, graphdef: nnx.GraphDef, rope: tuple | None, mask: MaskSpec, remat: str):
+    """``f(x, block_state, window, kv=None) -> (x, kv)`` for one block, rematerialised per ``remat``."""
 
-    def f(x_BxLxD, state, window):
-        return nnx.merge(graphdef, state)(x_BxLxD, window, rope)
+    def f(x_BxLxD, state, window, kv=None):
+        return nnx.merge(graphdef, state)(x_BxLxD, window, rope, mask, kv)
 
-    if cfg.remat == "none":
+    if remat == "none":
         return f
-    return jax.checkpoint(f, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    return jax.checkpoint(f, policy=REMAT_POLICIES[remat], prevent_cse=not cfg.scan_layers)
 
 
 def stack_layers(params: dict) -> dict:

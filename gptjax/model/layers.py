@@ -1,35 +1,54 @@
-"""Building blocks: parameters with logical axes, norms, MLPs, rotary embeddings."""
+"""Building blocks: parameters with logical axes and weight-decay metadata, norms, MLPs, rotary embeddings."""
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.config import ModelConfig
-from gptjax.model.ops import DTYPES, einsum
+from gptjax.config import axes as ax
+from gptjax.config.dtypes import DTYPES
+from gptjax.model.ops import einsum
 from gptjax.sharding.rules import constrain
 
 
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], cfg: ModelConfig,
-          std: float | None = None, value: float | None = None) -> nnx.Param:
-    """A parameter of ``shape`` named by logical ``axes``: normal(std) initialised, or filled with ``value``."""
+          std: float | None = None, value: float | None = None, decay: bool | None = None) -> nnx.Param:
+    """A parameter of ``shape`` named by logical ``axes``: normal(std) initialised, or filled with ``value``.
+
+    ``decay`` (metadata ``weight_decay``, read by the optimizer) says whether AdamW decays it; by default
+    matrices are decayed and vectors (norm scales, biases) are not. It is decided here, where the parameter is
+    made, so a stacked (scan) layout with its extra leading axis keeps the decision."""
     assert len(shape) == len(axes), (shape, axes)
     dtype = DTYPES[cfg.param_dtype]
     if value is not None:
         data = jnp.full(shape, value, dtype)
     else:
         data = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(data, logical_axes=tuple(axes))
+    return nnx.Param(data, logical_axes=tuple(axes), weight_decay=len(shape) >= 2 if decay is None else decay)
+
+
+def param_metadata(abstract_vars: Any, key: str) -> dict:
+    """Nested dict (the params' pure-dict structure) of each parameter's metadata ``key`` (e.g.
+    ``"logical_axes"``, ``"weight_decay"``), read from an (abstract) ``nnx.State`` of a model."""
+    out: dict = {}
+    for path, var in nnx.to_flat_state(abstract_vars):
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        value = var.get_metadata()[key]
+        node[path[-1]] = tuple(value) if isinstance(value, list) else value
+    return out
 
 
 class Norm(nnx.Module):
     """RMSNorm or LayerNorm over the last axis, computed in float32, returned in the compute dtype."""
 
-    def __init__(self, cfg: ModelConfig, dim: int, axis_name: str = "norm"):
+    def __init__(self, cfg: ModelConfig, dim: int, axis_name: str = ax.NORM):
         self.kind, self.eps, self.dtype = cfg.norm, cfg.norm_eps, DTYPES[cfg.dtype]
         self.scale = param(None, (dim,), (axis_name,), cfg, value=1.0)
         self.bias = param(None, (dim,), (axis_name,), cfg, value=0.0) if cfg.norm == "layernorm" else None
@@ -51,11 +70,11 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f, std = cfg.d_model, cfg.d_ff, cfg.init_std
         self.kind, self.dtype = cfg.mlp, DTYPES[cfg.dtype]
-        self.w_up = param(rngs, (d, f), ("embed", "mlp"), cfg, std)
-        self.w_gate = param(rngs, (d, f), ("embed", "mlp"), cfg, std) if cfg.mlp == "swiglu" else None
-        self.w_down = param(rngs, (f, d), ("mlp", "embed"), cfg, std / math.sqrt(2 * cfg.n_layers))
-        self.b_up = param(None, (f,), ("mlp",), cfg, value=0.0) if cfg.use_bias else None
-        self.b_down = param(None, (d,), ("embed",), cfg, value=0.0) if cfg.use_bias else None
+        self.w_up = param(rngs, (d, f), (ax.EMBED, ax.MLP), cfg, std)
+        self.w_gate = param(rngs, (d, f), (ax.EMBED, ax.MLP), cfg, std) if cfg.mlp == "swiglu" else None
+        self.w_down = param(rngs, (f, d), (ax.MLP, ax.EMBED), cfg, std / math.sqrt(2 * cfg.n_layers))
+        self.b_up = param(None, (f,), (ax.MLP,), cfg, value=0.0) if cfg.use_bias else None
+        self.b_down = param(None, (d,), (ax.EMBED,), cfg, value=0.0) if cfg.use_bias else None
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         h_BxLxF = einsum("bld,df->blf", x_BxLxD, self.w_up[...], self.dtype)
@@ -66,24 +85,25 @@ class MLP(nnx.Module):
             h_BxLxF = jax.nn.silu(g_BxLxF.astype(jnp.float32)).astype(self.dtype) * h_BxLxF
         else:
             h_BxLxF = jax.nn.gelu(h_BxLxF.astype(jnp.float32), approximate=True).astype(self.dtype)
-        h_BxLxF = constrain(h_BxLxF, ("batch", "length", "act_mlp"))
+        h_BxLxF = constrain(h_BxLxF, (ax.BATCH, ax.LENGTH, ax.ACT_MLP))
         out_BxLxD = einsum("blf,fd->bld", h_BxLxF, self.w_down[...], self.dtype)
         if self.b_down is not None:
             out_BxLxD = out_BxLxD + self.b_down[...].astype(self.dtype)
         return out_BxLxD
 
 
-def rope_angles(positions_L: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables, each ``[L, head_dim/2]``, for rotary embeddings of the given positions."""
+def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables for rotary embeddings at ``positions`` (``[L]`` or ``[B, L]``): ``[..., head_dim/2]``."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles_LxH = positions_L.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    return jnp.cos(angles_LxH), jnp.sin(angles_LxH)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x_BxLxNxH: jax.Array, cos_LxH2: jax.Array, sin_LxH2: jax.Array) -> jax.Array:
-    """Rotate pairs (i, i + head_dim/2) by position-dependent angles ("rotate-half", as in HF LLaMA)."""
+def apply_rope(x_BxLxNxH: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate pairs (i, i + head_dim/2) by position-dependent angles ("rotate-half", as in HF LLaMA). ``cos`` and
+    ``sin`` are ``[L, head_dim/2]`` (the same positions for every row) or ``[B, L, head_dim/2]``."""
     x = x_BxLxNxH.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
-    cos, sin = cos_LxH2[None, :, None, :], sin_LxH2[None, :, None, :]
+    cos, sin = (cos[None, :, None, :], sin[None, :, None, :]) if cos.ndim == 2 else (cos[:, :, None], sin[:, :, None])
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BxLxNxH.dtype)

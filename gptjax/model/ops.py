@@ -20,8 +20,6 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 @functools.lru_cache(maxsize=None)
 def _parse(spec: str) -> tuple[str, str, str]:

@@ -7,6 +7,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax.config import MeshConfig
+from gptjax.config.axes import MESH_AXES
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
@@ -17,12 +18,17 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     """
     devices = jax.devices() if devices is None else devices
     sizes = cfg.resolve(len(devices))
-    shape = tuple(sizes[a] for a in MeshConfig.AXES)
+    shape = tuple(sizes[a] for a in MESH_AXES)
     try:
         dev_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # simulated or unusual topologies: plain row-major order
         dev_array = np.asarray(devices).reshape(shape)
-    return Mesh(dev_array, MeshConfig.AXES, axis_types=(AxisType.Auto,) * len(shape))
+    return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def single_device_mesh() -> Mesh:
+    """A 1x1x1 mesh over this process's first device (sampling, evaluation, export of small models)."""
+    return make_mesh(MeshConfig(data=1), jax.local_devices()[:1])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

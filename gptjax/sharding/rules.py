@@ -28,29 +28,33 @@ from typing import Any, Iterator, Mapping, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gptjax.config import axes as ax
+
 log = logging.getLogger(__name__)
 
 MeshAxes = str | tuple[str, ...] | None
 
 DEFAULT_RULES: dict[str, MeshAxes] = {
     # activations
-    "batch": ("data", "fsdp"),
-    "length": None,
-    "act_embed": None,
-    "act_heads": "tensor",
-    "act_kv_heads": "tensor",
-    "act_mlp": "tensor",
-    "act_vocab": "tensor",
+    ax.BATCH: (ax.DATA, ax.FSDP),
+    ax.LENGTH: None,
+    ax.ACT_EMBED: None,
+    ax.ACT_HEADS: ax.TENSOR,
+    ax.ACT_KV_HEADS: ax.TENSOR,
+    ax.ACT_MLP: ax.TENSOR,
+    ax.ACT_VOCAB: ax.TENSOR,
     # parameters
-    "embed": "fsdp",
-    "vocab": "tensor",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "mlp": "tensor",
-    "head_dim": None,
-    "layers": None,
-    "pos": None,
-    "norm": None,
+    ax.EMBED: ax.FSDP,
+    ax.VOCAB: ax.TENSOR,
+    ax.HEADS: ax.TENSOR,
+    ax.KV_HEADS: ax.TENSOR,
+    ax.MLP: ax.TENSOR,
+    ax.HEAD_DIM: None,
+    ax.LAYERS: None,
+    ax.POS: None,
+    ax.NORM: None,
+    # the KV cache (its batch / kv-head / head_dim axes are the activations')
+    ax.CACHE_LENGTH: None,
 }
 
 
@@ -98,18 +102,11 @@ def logical_sharding(names: Sequence[str | None], mesh: Mesh, rules: Mapping[str
     return NamedSharding(mesh, logical_to_pspec(names, rules, mesh.shape, shape, what))
 
 
-def param_logical_axes(abstract_vars: Any) -> dict:
-    """Nested dict (the params' structure) of each parameter's logical axis names, read from the
-    ``logical_axes`` metadata of the (abstract) ``nnx.State`` of a model."""
-    from flax import nnx
-
-    out: dict = {}
-    for path, var in nnx.to_flat_state(abstract_vars):
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = tuple(var.get_metadata()["logical_axes"])
-    return out
+def tree_shardings(names_tree: Any, shapes_tree: Any, mesh: Mesh, rules: Mapping[str, MeshAxes]) -> Any:
+    """``NamedSharding`` for every leaf of ``shapes_tree`` (anything with ``.shape``) from the matching tuple of
+    logical names in ``names_tree`` (the same structure, tuples as leaves)."""
+    return jax.tree.map(lambda names, s: logical_sharding(names, mesh, rules, s.shape, "/".join(map(str, names))),
+                        names_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
 
 
 # ---- activation constraints -------------------------------------------------------------------------------

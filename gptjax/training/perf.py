@@ -7,7 +7,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from gptjax.model.ops import DTYPES, einsum
+from gptjax.config.dtypes import DTYPES
+from gptjax.model.ops import einsum
 
 
 def measure_peak_flops(dtype: str = "float32", n: int = 1024, seconds: float = 1.0) -> float:

@@ -22,6 +22,7 @@ class MetricsLog:
 
     def __init__(self, path: str | Path | None):
         self.path = Path(path) if path else None
+        self.rows: list[dict] = []  # this session's rows
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -30,6 +31,7 @@ class MetricsLog:
         if self.path:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+        self.rows.append(row)
         return row
 
 

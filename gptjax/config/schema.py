@@ -14,7 +14,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-DTYPES = ("float32", "bfloat16")
+from gptjax.config.axes import MESH_AXES
+from gptjax.config.dtypes import DTYPE_NAMES
+
 
 
 class ConfigError(ValueError):
@@ -88,8 +90,8 @@ class ModelConfig:
             _check(isinstance(self.window, int) and self.window >= 1,
                    f"window must be a positive integer for banded attention, got {self.window!r}")
         _check(self.z_loss >= 0, f"z_loss must be >= 0, got {self.z_loss}")
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("param_dtype", self.param_dtype, DTYPES)
+        _choice("dtype", self.dtype, DTYPE_NAMES)
+        _choice("param_dtype", self.param_dtype, DTYPE_NAMES)
         _check(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
         _choice("remat", self.remat, ("none", "full", "save_dots"))
 
@@ -169,14 +171,12 @@ class MeshConfig:
     sharding_factor: int | None = None
     rules: dict = field(default_factory=dict)  # overrides of the logical-axis rules, e.g. {"embed": None}
 
-    AXES = ("data", "fsdp", "tensor")
-
     def __post_init__(self) -> None:
         sizes = self.sizes()
-        for name, v in zip(self.AXES, sizes):
+        for name, v in zip(MESH_AXES, sizes):
             _check(isinstance(v, int) and (v > 0 or v == -1),
                    f"mesh.{name} must be a positive integer or -1, got {v!r}")
-        _check(sum(v == -1 for v in sizes) <= 1, f"at most one mesh axis may be -1, got {dict(zip(self.AXES, sizes))}")
+        _check(sum(v == -1 for v in sizes) <= 1, f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
         if self.sharding_factor is not None:
             _check(isinstance(self.sharding_factor, int) and self.sharding_factor > 0,
                    f"mesh.sharding_factor must be a positive integer, got {self.sharding_factor!r}")
@@ -190,7 +190,7 @@ class MeshConfig:
 
     def resolve(self, n_devices: int) -> dict[str, int]:
         """Concrete axis sizes for ``n_devices``; a clear error when they cannot multiply to it."""
-        sizes = dict(zip(self.AXES, self.sizes()))
+        sizes = dict(zip(MESH_AXES, self.sizes()))
         fixed = math.prod(v for v in sizes.values() if v != -1)
         free = [k for k, v in sizes.items() if v == -1]
         if free:
@@ -220,6 +220,9 @@ class TrainConfig:
     sample_tokens: int = 120
     sample_prompt: str = "It is a truth universally acknowledged"
     progress: bool = True
+    # Start from the parameters of another run directory (its latest checkpoint) with a fresh optimizer and
+    # schedule; the model configs must agree (the scan / unrolled layout may differ).
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
@@ -274,21 +277,3 @@ def _from_dict(cls: type, d: Mapping[str, Any], where: str) -> Any:
         kwargs[name] = value
     return cls(**kwargs)
 
-
-def apply_overrides(d: dict, overrides: list[str]) -> dict:
-    """Apply ``section.field=value`` strings (values parsed as JSON, else kept as strings) to a config dict."""
-    d = json.loads(json.dumps(d))
-    for item in overrides:
-        _check("=" in item, f"override {item!r} must look like section.field=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        *path, last = key.split(".")
-        node = d
-        for p in path:
-            _check(isinstance(node, dict) and p in node, f"override {item!r}: unknown section {p!r}")
-            node = node[p]
-        node[last] = value
-    return d

@@ -6,11 +6,7 @@ step recomputes the forward pass over the buffer, which is simple and fine for s
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from functools import partial
-from pathlib import Path
 from typing import Callable
 
 import jax
@@ -70,45 +66,3 @@ def generate(forward: Callable, params, prompt_ids: list[int], n_new: int, max_s
                     float(top_p), jax.random.key(seed))
     return [int(t) for t in np.asarray(out)[len(prompt_ids):]]
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``gptjax-sample --run-dir runs/austen --prompt "..."``: sample from a run's latest checkpoint."""
-    from gptjax.config import RunConfig
-    from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound
-    from gptjax.data.tokenizer import Tokenizer
-    from gptjax.sharding.mesh import make_mesh
-    from gptjax.training.program import Program
-
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--prompt", default="It is a truth universally acknowledged")
-    p.add_argument("--tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    a = p.parse_args(argv)
-    run_dir = Path(a.run_dir)
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.exists():
-        print(f"error: {cfg_path} not found: is {run_dir} a gptjax run directory?", file=sys.stderr)
-        return 2
-    cfg = RunConfig.from_dict(json.loads(cfg_path.read_text()))
-    cfg = cfg.replace(mesh={"data": 1, "fsdp": 1, "tensor": 1})
-    tok = Tokenizer.load(run_dir / "tokenizer.model")
-    prog = Program(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
-    try:
-        state = Checkpointer(run_dir / "checkpoints").restore(prog.abstract_state, step=a.step)
-    except CheckpointNotFound as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    prompt = tok.encode(a.prompt)
-    ids = generate(prog.forward, state["params"], prompt, a.tokens, cfg.model.max_seq_len, a.temperature,
-                   a.top_k, a.top_p, a.seed)
-    print(tok.decode(prompt + ids))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

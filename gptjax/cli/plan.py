@@ -1,12 +1,12 @@
-#!/usr/bin/env python
-"""Per-device memory plan for training a preset on a device mesh — analytic, then confirmed by XLA.
+"""``gptjax-plan``: per-device memory plan for training a model on a device mesh — analytic, then confirmed by XLA.
 
-    python tools/plan.py llama2-70b --mesh 1,64,8 --batch 256 --seq 4096 --device h100-80gb
-    python tools/plan.py gpt3-175b --mesh 1,128,8 --batch 512 --seq 2048 --remat full --device tpu-v5p
-    python tools/plan.py gpt2-small --mesh 8,1,1 --batch 64 --seq 1024 --no-compile
+    gptjax-plan llama2-70b --mesh 1,64,8 --batch 256 --seq 4096 --device h100-80gb
+    gptjax-plan gpt3-175b --mesh 1,128,8 --batch 512 --seq 2048 --remat full --device tpu-v5p
+    gptjax-plan gpt2-small --mesh 8,1,1 --batch 64 --seq 1024 --no-compile
+    gptjax-plan --config experiments/austen.py --set model.d_model=512 --mesh 1,8,1
 
 The analytic figures shard every parameter by the trainer's own logical-axis rules (so FSDP / tensor / DDP
-meshes come out exactly) and estimate activations from the model shape (see gptjax/sharding/plan.py). The AOT
+meshes come out exactly) and estimate activations from the model shape (see gptjax/planning/memory.py). The AOT
 check builds reduced-depth copies of the model (default 2 and 4 layers), lowers and compiles the real jitted
 train step on data x fsdp x tensor simulated CPU devices from abstract ShapeDtypeStructs (nothing allocated),
 reads XLA's per-device memory_analysis, and extrapolates linearly in depth to the full model.
@@ -20,25 +20,24 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gptjax.cli.common import add_config_args, config_args, user_errors
+from gptjax.config import RunConfig, build_config_dict
 
 GB = 1e9
 
 
-def build_config(a: argparse.Namespace, n_layers: int | None = None):
-    from gptjax.config import RunConfig
-    from gptjax.presets import model_preset
-
-    overrides = dict(dtype=a.dtype, param_dtype=a.param_dtype, remat=a.remat, scan_layers=True)
+def build_config(a: argparse.Namespace, n_layers: int | None = None) -> RunConfig:
+    """The shared config arguments, with the planner's flags (mesh, batch, sequence, precision, remat) applied;
+    the sequence length defaults to the model's context."""
+    model_fields = dict(dtype=a.dtype, param_dtype=a.param_dtype, remat=a.remat, scan_layers=True)
     if n_layers is not None:
-        overrides["n_layers"] = n_layers
-    model = model_preset(a.preset, **overrides)
+        model_fields["n_layers"] = n_layers
     data, fsdp, tensor = a.mesh
-    return RunConfig.from_dict({
-        "model": model.__dict__, "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor},
-        "train": {"batch_size": a.batch, "seq_len": a.seq or model.max_seq_len, "steps": 1000}})
+    d = build_config_dict(**config_args(a), **model_fields)
+    d["mesh"].update(data=data, fsdp=fsdp, tensor=tensor, sharding_factor=None)
+    d["train"].update(batch_size=a.batch, seq_len=a.seq or d["model"]["max_seq_len"], steps=1000)
+    return RunConfig.from_dict(d)
 
 
 def mesh_sizes(a) -> dict[str, int]:
@@ -50,7 +49,7 @@ def aot_child(a: argparse.Namespace) -> None:
     import jax
 
     from gptjax.sharding.mesh import make_mesh
-    from gptjax.sharding.plan import compiled_memory
+    from gptjax.planning.memory import compiled_memory
 
     out = {}
     for depth in a.compile_layers:
@@ -63,7 +62,7 @@ def run_aot(a: argparse.Namespace) -> dict[int, dict]:
     n = math.prod(a.mesh)
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip())
-    argv = [sys.executable, __file__, *sys.argv[1:], "--aot-child"]
+    argv = [sys.executable, "-m", "gptjax.cli.plan", *a.argv, "--aot-child"]
     r = subprocess.run(argv, env=env, capture_output=True, text=True)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("AOT ")]
     if r.returncode or not lines:
@@ -71,12 +70,15 @@ def run_aot(a: argparse.Namespace) -> dict[int, dict]:
     return {int(k): v for k, v in json.loads(lines[-1][4:]).items()}
 
 
-def main() -> int:
-    from gptjax.presets import MODEL_PRESETS
-    from gptjax.sharding.plan import DEVICE_MEMORY_GB
+def main(argv: list[str] | None = None) -> int:
+    from gptjax.config import MODEL_PRESETS
+    from gptjax.planning.memory import DEVICE_MEMORY_GB
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("preset", choices=list(MODEL_PRESETS))
+    p = argparse.ArgumentParser(prog="gptjax-plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", choices=list(MODEL_PRESETS), metavar="MODEL_PRESET",
+                   help="model preset (same as --model-preset)")
+    add_config_args(p, default_preset=None)
     p.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor (default 1,8,1)")
     p.add_argument("--batch", type=int, default=None, help="global batch in sequences (default: devices)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's context)")
@@ -88,7 +90,11 @@ def main() -> int:
     p.add_argument("--no-compile", action="store_true", help="analytic figures only")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--aot-child", action="store_true", help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
+    a.model_preset = a.model_preset or a.model
+    if not (a.model_preset or a.config or a.preset):
+        p.error("give a model preset (e.g. gptjax-plan gpt2-small) or --config / --preset")
     try:
         a.mesh = tuple(int(x) for x in a.mesh.split(","))
         assert len(a.mesh) == 3 and all(x > 0 for x in a.mesh)
@@ -103,18 +109,16 @@ def main() -> int:
 
     from gptjax.config import ConfigError
     from gptjax.model.accounting import count_params
-    from gptjax.sharding.plan import analytic_plan
+    from gptjax.planning.memory import analytic_plan
 
-    try:
+    with user_errors():
         cfg = build_config(a)
         if a.batch % (a.mesh[0] * a.mesh[1]):
             raise ConfigError(f"--batch {a.batch} is not divisible by data x fsdp = {a.mesh[0] * a.mesh[1]}")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     capacity = DEVICE_MEMORY_GB.get(a.device) or float(a.device)
     plan = analytic_plan(cfg, mesh_sizes(a))
-    result = {"preset": a.preset, "params": count_params(cfg.model), "mesh": mesh_sizes(a), "devices": n_dev,
+    result = {"preset": a.model_preset or a.config or a.preset, "params": count_params(cfg.model),
+              "mesh": mesh_sizes(a), "devices": n_dev,
               "batch": a.batch, "seq": cfg.train.seq_len, "dtype": a.dtype, "remat": a.remat,
               "analytic_bytes": dict(plan.rows()), "device_gb": capacity}
     if not a.no_compile:
@@ -140,7 +144,7 @@ def main() -> int:
         return 0
 
     m = cfg.model
-    print(f"\n{a.preset}: {result['params'] / 1e9:.2f}B params, {m.n_layers} layers, d_model {m.d_model}, "
+    print(f"\n{result['preset']}: {result['params'] / 1e9:.2f}B params, {m.n_layers} layers, d_model {m.d_model}, "
           f"{m.n_heads} heads / {m.kv_heads} kv heads, vocab {m.vocab_size}")
     print(f"mesh data={a.mesh[0]} x fsdp={a.mesh[1]} x tensor={a.mesh[2]} = {n_dev} devices | global batch "
           f"{a.batch} x {cfg.train.seq_len} tokens | compute {a.dtype}, params {a.param_dtype}, remat {a.remat}\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from gptjax.training.metrics import read_metrics
+from gptjax.reporting.metrics import read_metrics
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:

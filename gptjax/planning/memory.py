@@ -26,13 +26,14 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from gptjax.config import ModelConfig, RunConfig
+from gptjax.config.dtypes import dtype_bytes
 from gptjax.model.accounting import count_params
 from gptjax.model.decoder import abstract_decoder
-from gptjax.sharding.rules import logical_to_pspec, make_rules, param_logical_axes
+from gptjax.model.layers import param_metadata
+from gptjax.sharding.rules import logical_to_pspec, make_rules
 
 DEVICE_MEMORY_GB = {"h100-80gb": 80.0, "a100-80gb": 80.0, "a100-40gb": 40.0, "tpu-v5p": 95.0, "tpu-v5e": 16.0,
                     "tpu-v4": 32.0, "tpu-v6e": 32.0}
-_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 @dataclass
@@ -69,10 +70,10 @@ def sharded_numel(shape: tuple[int, ...], spec, mesh_sizes: Mapping[str, int]) -
 
 def param_bytes_per_device(cfg: RunConfig, mesh_sizes: Mapping[str, int]) -> int:
     _, abstract = abstract_decoder(cfg.model)
-    axes = param_logical_axes(abstract)
+    axes = param_metadata(abstract, "logical_axes")
     rules = make_rules(cfg.mesh.rules)
     shapes = abstract.to_pure_dict()
-    nbytes = _BYTES[cfg.model.param_dtype]
+    nbytes = dtype_bytes(cfg.model.param_dtype)
     total = 0
     for names, s in zip(jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)), jax.tree.leaves(shapes)):
         spec = logical_to_pspec(names, rules, mesh_sizes, s.shape)
@@ -87,16 +88,17 @@ def _saved_residual_bytes(m: ModelConfig, batch: int, seq: int, remat: str) -> i
         raise RuntimeError("this JAX version has no saved_residuals; use the AOT figures") from e
     from flax import nnx
 
+    from gptjax.config.dtypes import DTYPES
+    from gptjax.model.attention import MaskSpec
     from gptjax.model.decoder import REMAT_POLICIES, Block
     from gptjax.model.layers import rope_angles
-    from gptjax.model.ops import DTYPES
 
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Block(m, nnx.Rngs(0))))
     x = jax.ShapeDtypeStruct((batch, seq, m.d_model), DTYPES[m.dtype])
 
     def block(state, x):
         rope = rope_angles(jnp.arange(seq), m.resolved_head_dim, m.rope_theta) if m.positions == "rope" else None
-        return nnx.merge(graphdef, state)(x, seq, rope)
+        return nnx.merge(graphdef, state)(x, seq, rope, MaskSpec())[0]
 
     if remat != "none":
         block = jax.checkpoint(block, policy=REMAT_POLICIES[remat])
@@ -145,7 +147,7 @@ def analytic_plan(cfg: RunConfig, mesh_sizes: Mapping[str, int]) -> MemoryPlan:
     act = activation_bytes(m, batch_per_device, t.seq_len, mesh_sizes["tensor"])
     # compute-dtype weight copies are sharded like the parameters (the cast happens on the shard): the full
     # copies (the local block's times tensor) scaled by this device's share of the parameter bytes
-    share = params / (_BYTES[m.param_dtype] * count_params(m))
+    share = params / (dtype_bytes(m.param_dtype) * count_params(m))
     weight_copies = int(act["weight_copies"] * mesh_sizes["tensor"] * share)
     vocab = m.vocab_size / mesh_sizes["tensor"] if m.vocab_size % mesh_sizes["tensor"] == 0 else m.vocab_size
     logits = tokens * 2 * 4 * vocab
@@ -161,8 +163,10 @@ def compiled_memory(cfg: RunConfig, mesh: Mesh) -> dict[str, int]:
 
     prog = Program(cfg, mesh)
     t = cfg.train
-    tok = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=prog.batch_sharding)
-    return memory_of(prog.train_step.lower(prog.abstract_state, {"inputs": tok, "targets": tok}).compile())
+    tok = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=prog.model.batch_sharding)
+    mask = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.float32, sharding=prog.model.batch_sharding)
+    batch = {"inputs": tok, "targets": tok, "loss_mask": mask}
+    return memory_of(prog.train_step.lower(prog.abstract_state, batch).compile())
 
 
 def memory_of(compiled) -> dict[str, int]:

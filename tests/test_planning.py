@@ -2,20 +2,16 @@
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import pytest
 
-from conftest import nano_model
+from helpers import nano_model, run_cli
 from gptjax.config import MeshConfig, RunConfig, TrainConfig
 from gptjax.model.accounting import count_params
-from gptjax.presets import model_preset
+from gptjax.config import model_preset
 from gptjax.sharding.mesh import make_mesh
-from gptjax.sharding.plan import analytic_plan, compiled_memory, param_bytes_per_device
-
-ROOT = Path(__file__).resolve().parents[1]
+from gptjax.planning.memory import analytic_plan, compiled_memory, param_bytes_per_device
 
 
 def run_cfg(model, mesh, batch=8, seq=64):
@@ -66,9 +62,8 @@ def test_remat_reduces_planned_activations():
     assert acts["full"] < acts["save_dots"] < acts["none"]
 
 
-def plan_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), *args], capture_output=True, text=True,
-                          timeout=timeout)
+def plan_cli(*args: str) -> subprocess.CompletedProcess:
+    return run_cli("plan", *args)
 
 
 def test_plan_tool_big_presets_analytic():

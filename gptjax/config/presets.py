@@ -8,7 +8,9 @@ locally banded layers is not given in the paper, 256 is assumed; dropout is not 
 
 from __future__ import annotations
 
-from gptjax.config import ConfigError, ModelConfig
+import copy
+
+from gptjax.config.schema import ConfigError, ModelConfig
 
 _GPT2_BASE = dict(vocab_size=50257, max_seq_len=1024, positions="learned", norm="layernorm", mlp="gelu",
                   use_bias=True, tie_embeddings=True, norm_eps=1e-5)
@@ -70,7 +72,7 @@ RUN_PRESETS: dict[str, dict] = {
 
 
 def run_preset(name: str) -> dict:
+    """A copy of run preset ``name`` as a dict (sections not given keep their defaults)."""
     if name not in RUN_PRESETS:
         raise ConfigError(f"unknown run preset {name!r}; presets: {', '.join(RUN_PRESETS)}")
-    import copy
     return copy.deepcopy(RUN_PRESETS[name])

@@ -1,0 +1,41 @@
+"""Axis names, in one place: the mesh axes and the logical axes that parameters, activations and the KV cache
+are named by (``gptjax/sharding/rules.py`` maps the logical names to mesh axes).
+
+Shapes are written with these names in mind: ``x_BxLxD`` is (``BATCH``, ``LENGTH``, ``ACT_EMBED``).
+"""
+
+from __future__ import annotations
+
+# ---- mesh axes ---------------------------------------------------------------------------------------------
+DATA = "data"  # data parallelism: the batch is split, parameters replicated
+FSDP = "fsdp"  # fully sharded data parallelism: the batch and the parameters' embed dimension are split
+TENSOR = "tensor"  # Megatron tensor parallelism: heads, MLP and vocabulary are split
+MESH_AXES = (DATA, FSDP, TENSOR)
+
+# ---- logical axes of activations ---------------------------------------------------------------------------
+BATCH = "batch"
+LENGTH = "length"
+ACT_EMBED = "act_embed"
+ACT_HEADS = "act_heads"
+ACT_KV_HEADS = "act_kv_heads"
+ACT_MLP = "act_mlp"
+ACT_VOCAB = "act_vocab"
+
+# ---- logical axes of parameters ----------------------------------------------------------------------------
+EMBED = "embed"
+VOCAB = "vocab"
+HEADS = "heads"
+KV_HEADS = "kv_heads"
+MLP = "mlp"
+HEAD_DIM = "head_dim"
+LAYERS = "layers"
+POS = "pos"
+NORM = "norm"
+
+# ---- logical axes of the KV cache (batch, kv heads and head_dim are shared with the activations) -----------
+CACHE_LENGTH = "cache_length"
+
+# ---- named shapes used in more than one module -------------------------------------------------------------
+TOKENS_BxL = (BATCH, LENGTH)
+ACT_BxLxD = (BATCH, LENGTH, ACT_EMBED)
+KV_CACHE_LxBxSxKxH = (LAYERS, BATCH, CACHE_LENGTH, ACT_KV_HEADS, HEAD_DIM)

@@ -1,0 +1,24 @@
+"""Held-out loss: the token-weighted mean next-token loss of a model over fixed batches."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from gptjax.model.sharded import ShardedModel
+
+
+def local_rows(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's rows of a global host batch (every process holds the same evaluation batches)."""
+    n, i = jax.process_count(), jax.process_index()
+    rows = next(iter(batch.values())).shape[0] // n
+    return {k: v[i * rows: (i + 1) * rows] for k, v in batch.items()}
+
+
+def evaluate(model: ShardedModel, params: Any, batches: Sequence[Mapping[str, np.ndarray]]) -> float:
+    """Mean next-token loss (nats per target token where ``loss_mask`` is set) over ``batches``."""
+    out = jax.device_get([model.eval_step(params, model.global_batch(local_rows(b))) for b in batches])
+    tokens = sum(float(o["tokens"]) for o in out)
+    return sum(float(o["nll_sum"]) for o in out) / max(tokens, 1.0)

@@ -1,0 +1,81 @@
+"""A model on a mesh: its graph, abstract parameters, their shardings, and jitted pure functions of params.
+
+``ShardedModel`` is what every consumer of parameters shares (training adds the optimizer on top;
+checkpoint restore, sampling, evaluation and export use it as is), so the logical-axis rules are applied in
+exactly one way wherever params live.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gptjax.config import ModelConfig
+from gptjax.config import axes as ax
+from gptjax.model.cache import KVCache
+from gptjax.model.decoder import Decoder, abstract_decoder
+from gptjax.model.layers import param_metadata
+from gptjax.model.loss import next_token_loss
+from gptjax.sharding.rules import MeshAxes, activation_sharding, logical_sharding, make_rules, tree_shardings
+
+Batch = dict[str, jax.Array]  # inputs, targets, loss_mask [, positions, segment_ids]: each [B, L]
+
+
+class ShardedModel:
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None):
+        self.cfg, self.mesh = cfg, mesh
+        self.rules = make_rules(rules)
+        self.graphdef, abstract_vars = abstract_decoder(cfg)
+        self.logical_axes = param_metadata(abstract_vars, "logical_axes")
+        self.weight_decay = param_metadata(abstract_vars, "weight_decay")
+        shapes = abstract_vars.to_pure_dict()
+        self.param_shardings = tree_shardings(self.logical_axes, shapes, mesh, self.rules)
+        self.abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                            shapes, self.param_shardings)
+        self.replicated = NamedSharding(mesh, P())
+        self.batch_sharding = logical_sharding(ax.TOKENS_BxL, mesh, self.rules)
+        self.init_params = jax.jit(self._init_params, out_shardings=self.param_shardings)
+        self.forward = jax.jit(self.apply, in_shardings=(self.param_shardings, None))
+        self.eval_step = jax.jit(self._eval_step, in_shardings=(self.param_shardings, self.batch_sharding),
+                                 out_shardings=self.replicated)
+
+    # ---- pure functions (trace them inside jit) -------------------------------------------------------------
+    def _init_params(self, key: jax.Array) -> dict:
+        return nnx.split(Decoder(self.cfg, nnx.Rngs(params=key)))[1].to_pure_dict()
+
+    def apply(self, params: Any, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+              segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+        """Logits ``[B, L, V]`` (float32), activations constrained by the rules on this mesh."""
+        with activation_sharding(self.mesh, self.rules):
+            return nnx.merge(self.graphdef, params)(tokens_BxL, positions_BxL, segment_ids_BxL)
+
+    def decode(self, params: Any, tokens_BxL: jax.Array, cache: KVCache, positions_BxL: jax.Array | None = None,
+               segment_ids_BxL: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        with activation_sharding(self.mesh, self.rules):
+            return nnx.merge(self.graphdef, params).decode(tokens_BxL, cache, positions_BxL, segment_ids_BxL)
+
+    def loss(self, params: Any, batch: Batch) -> tuple[jax.Array, dict]:
+        """``(nll + z_loss coefficient * z, aux)`` on a batch; ``aux["loss"]`` is the masked mean nll."""
+        logits = self.apply(params, batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+        nll, aux = next_token_loss(logits, batch["targets"], batch.get("loss_mask"))
+        return nll + self.cfg.z_loss * aux["z_loss"], {**aux, "loss": nll}
+
+    def _eval_step(self, params: Any, batch: Batch) -> dict:
+        return self.loss(params, batch)[1]
+
+    # ---- host helpers -------------------------------------------------------------------------------------
+    def init_cache(self, batch: int, slots: int | None = None) -> KVCache:
+        cache = KVCache.init(self.cfg, batch, slots)
+        return jax.device_put(cache, cache.shardings(self.mesh, self.rules))
+
+    def global_batch(self, local: Mapping[str, Any]) -> Batch:
+        """Assemble the global batch from this process's rows (``make_array_from_process_local_data``)."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
+
+    def put_params(self, params: Any) -> Any:
+        """Host (or differently placed) params onto this mesh's shardings."""
+        return jax.device_put(jax.tree.map(jnp.asarray, params), self.param_shardings)

@@ -1,0 +1,1 @@
+"""Memory planning (consumes config, sharding, model, training; nothing imports it but the CLI)."""

@@ -1,0 +1,21 @@
+"""TensorBoard event files (tensorboardX), so a run opens in ``tensorboard --logdir runs/``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+class TensorBoardWriter:
+    def __init__(self, logdir: str | Path):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(logdir=str(logdir), flush_secs=30)
+
+    def scalars(self, step: int, prefix: str, values: dict) -> None:
+        for name, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                self.writer.add_scalar(f"{prefix}/{name}", v, step)
+
+    def close(self) -> None:
+        self.writer.close()

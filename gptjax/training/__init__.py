@@ -1,0 +1,7 @@
+"""Training (imports the layers below it): the optimizer, the jitted program, the checkpoint policy, the hooks
+between steps, the step loop, and ``train`` which wires them."""
+
+from gptjax.training.program import Program
+from gptjax.training.trainer import TrainResult, train
+
+__all__ = ["Program", "TrainResult", "train"]

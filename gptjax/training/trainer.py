@@ -1,0 +1,115 @@
+"""``train(cfg)``: wires a run together — mesh, data, program, starting state, hooks, the step loop — then
+finishes it (summary, a sample, curves). Each part lives in its own module; this one only connects them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+
+from gptjax.config import ConfigError, RunConfig
+from gptjax.data.pipeline import TokenizedCorpus, eval_batches, prepare_corpus, train_dataset, unigram_cross_entropy
+from gptjax.inference.sample import generate
+from gptjax.model.accounting import count_params, flops_per_token
+from gptjax.reporting.plots import plot_runs
+from gptjax.reporting.reporter import Reporter
+from gptjax.sharding.mesh import describe, make_mesh
+from gptjax.training.checkpointing import CheckpointPolicy
+from gptjax.training.hooks import CheckpointHook, Clock, EvalHook, LogHook
+from gptjax.training.loop import run_steps
+from gptjax.training.perf import measure_peak_flops
+from gptjax.training.program import Program
+
+log = logging.getLogger("gptjax")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_step: int
+    train_loss: float | None = None
+    val_loss: float | None = None
+    unigram_loss: float | None = None
+    sample: str | None = None
+    history: list[dict] = field(default_factory=list)
+    state: Any = None
+
+
+def prepare_data(cfg: RunConfig, run_dir: Path) -> TokenizedCorpus:
+    """Process 0 tokenizes (training the tokenizer if needed); the others then load its cache."""
+    is_main = jax.process_index() == 0
+    corpus = prepare_corpus(cfg.data, cfg.model.vocab_size, run_dir) if is_main else None
+    multihost_utils.sync_global_devices("gptjax:data")
+    return corpus if is_main else prepare_corpus(cfg.data, cfg.model.vocab_size, run_dir)
+
+
+def train(cfg: RunConfig, resume: bool | str = False, devices: list | None = None,
+          stop_after: int | None = None) -> TrainResult:
+    """Train per ``cfg``.
+
+    ``resume=True`` continues from the run directory's latest checkpoint (an error if there is none);
+    ``resume="auto"`` continues if there is one and starts fresh otherwise (sweeps). A run directory that
+    already holds checkpoints is never silently overwritten. ``stop_after=N`` checkpoints and stops once step N
+    is done (a job with a time limit; the schedule still spans ``train.steps``)."""
+    t = cfg.train
+    run_dir = Path(t.run_dir)
+    is_main = jax.process_index() == 0
+    mesh = make_mesh(cfg.mesh, devices)
+    if t.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the batch-parallel devices "
+                          f"(data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']})")
+    corpus = prepare_data(cfg, run_dir)
+    policy = CheckpointPolicy(run_dir, t, resume)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(cfg.to_json())
+
+    program = Program(cfg, mesh)
+    data_iter = iter(train_dataset(corpus.train, t.seq_len, t.batch_size, t.seed, jax.process_index(),
+                                   jax.process_count()))
+    state = policy.initial_state(program, data_iter)
+    start = int(jax.device_get(state["step"]))
+    end = t.steps if stop_after is None else min(stop_after, t.steps)
+
+    n_params = count_params(cfg.model)
+    fpt = flops_per_token(cfg.model, t.seq_len)
+    peak = t.peak_flops or measure_peak_flops(cfg.model.dtype)
+    unigram = unigram_cross_entropy(corpus.train, corpus.val, cfg.model.vocab_size)
+    reporter = Reporter(run_dir, enabled=is_main, progress=t.progress, total_steps=t.steps, initial_step=start)
+    reporter.message(f"gptjax: {n_params / 1e6:.2f}M params ({cfg.model.attention_kind}, {cfg.model.positions}, "
+                     f"{cfg.model.norm}, {cfg.model.mlp}, {cfg.model.dtype}) | mesh {describe(mesh)} | "
+                     f"train {len(corpus.train):,} / val {len(corpus.val):,} tokens | unigram baseline "
+                     f"{unigram:.3f} nats | peak {peak / 1e9:.0f} GFLOP/s/device | steps {start}->{t.steps}")
+
+    clock = Clock()
+    log_hook = LogHook(t.log_every, reporter, clock, t.batch_size * t.seq_len, fpt, peak, mesh.size)
+    eval_hook = EvalHook(t.eval_every, program.model, eval_batches(corpus.val, t.seq_len, t.batch_size,
+                                                                   t.eval_batches), reporter, clock, unigram)
+    hooks = [log_hook, eval_hook, CheckpointHook(policy, data_iter, clock)]
+    state, final_step = run_steps(program, data_iter, state, start, end, hooks, reporter)
+    reporter.close()
+
+    result = TrainResult(run_dir=run_dir, final_step=final_step, train_loss=log_hook.last_loss,
+                         val_loss=eval_hook.last if eval_hook.last is not None else eval_hook(state["params"]),
+                         unigram_loss=unigram, history=reporter.metrics.rows, state=state)
+    if t.sample_tokens > 0 and is_main and jax.process_count() == 1:
+        tok = corpus.tokenizer
+        prompt = tok.encode(t.sample_prompt)
+        ids = generate(program.model.forward, state["params"], prompt, t.sample_tokens, cfg.model.max_seq_len,
+                       temperature=0.8, top_k=50, seed=t.seed)
+        result.sample = tok.decode(prompt + ids)  # decoded together so the joining space survives
+        print("\n--- sample (temperature 0.8, top-k 50) ---\n" + result.sample + "\n---", flush=True)
+    if is_main:
+        summary = {"final_step": result.final_step, "train_loss": result.train_loss, "val_loss": result.val_loss,
+                   "unigram_loss": unigram, "params": n_params, "checkpoints": str(run_dir / "checkpoints")}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if result.history:
+            summary["curves"] = str(plot_runs([run_dir], run_dir / "curves.png"))
+        print("summary: " + json.dumps(summary), flush=True)
+    policy.close()
+    return result

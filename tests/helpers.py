@@ -1,0 +1,55 @@
+"""Shared test helpers (imported by the test modules; ``conftest.py`` holds only session set-up and fixtures)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from gptjax.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from gptjax.sharding.mesh import single_device_mesh
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def nano_model(**kw) -> ModelConfig:
+    base = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64)
+    return ModelConfig(**{**base, **kw})
+
+
+def small_run(run_dir: Path, corpus: Path, **train_kw) -> RunConfig:
+    train = dict(run_dir=str(run_dir), steps=12, batch_size=8, seq_len=64, log_every=4, eval_every=6,
+                 eval_batches=2, checkpoint_every=6, sample_tokens=0, progress=False, peak_flops=1e11)
+    train.update(train_kw)
+    return RunConfig(model=nano_model(), data=DataConfig(corpus=str(corpus)),
+                     optim=OptimConfig(lr=3e-3, warmup_steps=2), train=TrainConfig(**train))
+
+
+def tiny_program(steps: int = 40, **model_kw):
+    from gptjax.training.program import Program
+
+    cfg = RunConfig(model=nano_model(**model_kw), optim=OptimConfig(lr=1e-2, warmup_steps=0),
+                    train=TrainConfig(steps=steps, batch_size=4, seq_len=32))
+    return Program(cfg, single_device_mesh())
+
+
+def random_batch(batch: int = 4, seq: int = 32, vocab: int = 512, seed: int = 0) -> dict[str, np.ndarray]:
+    data = np.random.default_rng(seed).integers(0, vocab, (batch, seq + 1)).astype(np.int32)
+    return {"inputs": data[:, :-1], "targets": data[:, 1:], "loss_mask": np.ones((batch, seq), np.float32)}
+
+
+def batch_for(prog, seed: int = 0):
+    return prog.global_batch(random_batch(seed=seed))
+
+
+def assert_trees_equal(a, b) -> None:
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def run_cli(module: str, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m gptjax.cli.<module> args...`` in a subprocess (one CPU device)."""
+    return subprocess.run([sys.executable, "-m", f"gptjax.cli.{module}", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)

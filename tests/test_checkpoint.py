@@ -1,0 +1,81 @@
+import jax
+import pytest
+
+from helpers import assert_trees_equal, batch_for, tiny_program
+from gptjax.checkpoint import Checkpointer, CheckpointNotFound, init_params_from, restore_params
+from gptjax.config import ConfigError, MeshConfig
+from gptjax.model import stack_layers, unstack_layers
+from gptjax.sharding.mesh import make_mesh
+
+
+def test_checkpoint_round_trip_gives_identical_params_and_next_loss(tmp_path):
+    prog = tiny_program()
+    state = prog.init(jax.random.key(0))
+    for s in range(3):
+        state, _ = prog.train_step(state, batch_for(prog, s))
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(3, state)
+    restored = ckpt.restore(prog.abstract_state)
+    assert_trees_equal(restored, state)
+    _, m1 = prog.train_step(state, batch_for(prog, 9))
+    _, m2 = prog.train_step(restored, batch_for(prog, 9))
+    assert float(m1["loss"]) == float(m2["loss"])
+    with pytest.raises(CheckpointNotFound, match="no checkpoint for step 7"):
+        ckpt.restore(prog.abstract_state, step=7)
+    with pytest.raises(CheckpointNotFound, match="no checkpoint in"):
+        Checkpointer(tmp_path / "empty").restore(prog.abstract_state)
+
+
+def saved_run(run_dir, steps=3, **model_kw):
+    """A run directory as training leaves it: config.json and a checkpoint of the train state at ``steps``."""
+    prog = tiny_program(**model_kw)
+    state = prog.init(jax.random.key(0))
+    for s in range(steps):
+        state, _ = prog.train_step(state, batch_for(prog, s))
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(prog.cfg.to_json())
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    ckpt.save(steps, state)
+    ckpt.close()
+    return prog, jax.device_get(state)
+
+
+def test_restore_params_reads_only_the_parameters(tmp_path):
+    prog, state = saved_run(tmp_path / "run")
+    cfg, params = restore_params(tmp_path / "run")
+    assert cfg == prog.cfg
+    assert set(params) == set(state["params"])  # parameters only: no step, no Adam moments
+    assert_trees_equal(params, state["params"])
+    # onto another mesh: FSDP over 4 devices, sharded by the run's rules
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4), jax.devices()[:4])
+    _, sharded = restore_params(tmp_path / "run", step=3, mesh=mesh)
+    assert sharded["blocks"][0]["mlp"]["w_up"].sharding.spec[0] == "fsdp"
+    assert_trees_equal(sharded, state["params"])
+    with pytest.raises(CheckpointNotFound, match="no checkpoint for step 5"):
+        restore_params(tmp_path / "run", step=5)
+    with pytest.raises(CheckpointNotFound, match="is .* a gptjax run directory"):
+        restore_params(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("src_scan, dst_scan", [(False, True), (True, False), (False, False)])
+def test_init_from_starts_a_new_run_from_another_runs_params(tmp_path, src_scan, dst_scan):
+    _, src_state = saved_run(tmp_path / "src", scan_layers=src_scan)
+    dst = tiny_program(scan_layers=dst_scan)
+    params = init_params_from(tmp_path / "src", dst.model)
+    expected = src_state["params"]
+    if src_scan != dst_scan:
+        expected = stack_layers(expected) if dst_scan else unstack_layers(expected, 2)
+    assert_trees_equal(params, expected)
+    state = dst.init_from_params(params)
+    assert int(state["step"]) == 0
+    adam = state["opt_state"][1][0]
+    assert all(float(abs(x).max()) == 0.0 for x in jax.tree.leaves(adam.mu))  # a fresh optimizer
+    _, m = dst.train_step(state, batch_for(dst, 0))
+    assert float(m["loss"]) < 6.0  # starts from the trained params, not from scratch (~log 512 = 6.24)
+
+
+def test_init_from_a_different_architecture_is_a_clear_error(tmp_path):
+    saved_run(tmp_path / "src")
+    other = tiny_program(d_ff=96, use_bias=True)
+    with pytest.raises(ConfigError, match=r"model.d_ff: 128 there, 96 here.*model.use_bias: False there, True here"):
+        init_params_from(tmp_path / "src", other.model)

@@ -1,0 +1,57 @@
+"""Console scripts, as a user runs them (subprocesses on one CPU device)."""
+
+import json
+import os
+
+from helpers import ROOT, run_cli
+from gptjax.data.corpus import default_corpus_path
+
+ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
+
+
+def test_console_scripts_are_registered():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {f"gptjax-{name}": f"gptjax.cli.{name}:main" for name in ("train", "sample", "plan", "plot")}
+    for name in ("train", "sample", "plan", "plot"):
+        assert (ROOT / "gptjax" / "cli" / f"{name}.py").exists()
+
+
+def test_train_print_config_through_the_shared_builder(tmp_path):
+    r = run_cli("train", "--model-preset", "tiny-gpt2", "--set", "train.steps=7", "--run-dir", str(tmp_path),
+                "--print-config", env=ENV)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)
+    assert cfg["model"]["positions"] == "learned" and cfg["train"]["steps"] == 7
+    assert cfg["train"]["run_dir"] == str(tmp_path)
+    r = run_cli("train", "--config", str(ROOT / "experiments" / "austen.py"), "--print-config", env=ENV)
+    assert json.loads(r.stdout)["train"]["run_dir"] == "runs/austen-experiment"
+    r = run_cli("train", "--set", "model.d_modle=3", env=ENV)
+    assert r.returncode == 2 and "unknown field(s) ['d_modle']" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sample_and_plot_errors_are_one_line(tmp_path):
+    r = run_cli("sample", "--run-dir", str(tmp_path), env=ENV)
+    assert r.returncode == 2 and "is" in r.stderr and "gptjax run directory" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_cli("plot", str(tmp_path), env=ENV)
+    assert r.returncode == 2 and "no metrics.jsonl" in r.stderr
+
+
+def test_sample_restores_params_only(tmp_path):
+    """A run trained for a few steps: gptjax-sample loads its parameters and prints a continuation."""
+    run = tmp_path / "run"
+    corpus = tmp_path / "c.txt"
+    text = default_corpus_path().read_text()
+    corpus.write_text(text[: text.index("CHAPTER", 200_000)])
+    r = run_cli("train", "--model-preset", "nano", "--set", "model.vocab_size=512", "--set", "train.seq_len=64",
+                "--set", f"data.corpus={corpus}", "--steps", "4", "--run-dir", str(run), "--set",
+                "train.batch_size=4", "--set", "train.eval_every=4", "--set", "train.sample_tokens=0",
+                "--set", "train.peak_flops=1e11", env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "tensorboard").is_dir() and (run / "curves.png").exists()
+    r = run_cli("sample", "--run-dir", str(run), "--prompt", "Emma", "--tokens", "12", "--temperature", "0",
+                env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("Emma") and len(r.stdout.strip()) > len("Emma")
