@@ -28,7 +28,23 @@ def test_train_print_config_through_the_shared_builder(tmp_path):
     r = run_cli("train", "--config", str(ROOT / "experiments" / "austen.py"), "--print-config", env=ENV)
     assert json.loads(r.stdout)["train"]["run_dir"] == "runs/austen-experiment"
     r = run_cli("train", "--set", "model.d_modle=3", env=ENV)
-    assert r.returncode == 2 and "unknown field(s) ['d_modle']" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "unknown field 'd_modle' in model" in r.stderr and "Traceback" not in r.stderr
+    # values are parsed by the field's type: the probes of the reliability issue
+    r = run_cli("train", "--set", "model.use_bias=False", "--set", "model.n_kv_heads=null", "--print-config", env=ENV)
+    cfg = json.loads(r.stdout)
+    assert cfg["model"]["use_bias"] is False and cfg["model"]["n_kv_heads"] is None
+    for bad, words in (("model.tie_embeddings=no", "model.tie_embeddings takes true/false/1/0"),
+                       ("optim.lr=abc", "optim.lr takes a number"), ("train.steps=1.5", "train.steps takes an integer")):
+        r = run_cli("train", "--set", bad, "--print-config", env=ENV)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_sampling_arguments_are_checked(tmp_path):
+    for args, words in ((["--temperature", "-1"], "temperature must be >= 0"), (["--top-p", "1.5"], "top_p must be in"),
+                        (["--top-p", "0"], "top_p must be in"), (["--top-k", "-2"], "top_k must be an integer >= 0"),
+                        (["--prompt", ""], "the prompt is empty")):
+        r = run_cli("sample", "--run-dir", str(tmp_path), *args, env=ENV)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 
 def test_sample_and_plot_errors_are_one_line(tmp_path):

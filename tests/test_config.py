@@ -82,3 +82,23 @@ def test_every_preset_is_valid_and_unknown_preset_is_clear():
         model_preset(name)
     with pytest.raises(ConfigError, match="unknown model preset 'gpt5'"):
         model_preset("gpt5")
+
+
+def test_config_files_are_type_checked_and_overrides_parsed_by_type():
+    with pytest.raises(ConfigError, match="model.use_bias must be true or false, got 'false'"):
+        RunConfig.from_dict({"model": {"use_bias": "false"}})
+    with pytest.raises(ConfigError, match="train.steps must be an integer, got 2.5"):
+        RunConfig.from_dict({"train": {"steps": 2.5}})
+    cfg = build_run_config(overrides=["model.use_bias=FALSE", "model.qk_norm=1", "train.peak_flops=null",
+                                      "optim.lr=1e-3", "mesh.rules={\"embed\": null}"])
+    assert cfg.model.use_bias is False and cfg.model.qk_norm is True and cfg.train.peak_flops is None
+    assert cfg.optim.lr == 1e-3 and cfg.mesh.rules == {"embed": None}
+    with pytest.raises(ConfigError, match="model.tie_embeddings takes true/false/1/0"):
+        build_run_config(overrides=["model.tie_embeddings=no"])
+    with pytest.raises(ConfigError, match="unknown field 'd_modle' in model"):
+        build_run_config(overrides=["model.d_modle=3"])
+
+
+def test_the_nano_preset_works_with_the_default_run():
+    cfg = build_run_config(model_preset_name="nano")  # the default run's seq_len and data with the nano model
+    assert cfg.model.max_seq_len >= cfg.train.seq_len and cfg.model.vocab_size >= 262

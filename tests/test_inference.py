@@ -28,3 +28,7 @@ def test_generate_greedy_is_deterministic_and_top_k_1_is_greedy():
     assert a[0] == int(jnp.argmax(logits[0, -1]))
     with pytest.raises(ValueError, match="prompt is empty"):
         generate(prog.model.forward, params, [], 5, 64)
+    for kw, words in ((dict(temperature=-0.5), "temperature must be >= 0"), (dict(top_p=0.0), "top_p must be in"),
+                      (dict(top_p=1.2), "top_p must be in"), (dict(top_k=-1), "top_k must be")):
+        with pytest.raises(ValueError, match=words):
+            generate(prog.model.forward, params, [5], 5, 64, **kw)

@@ -97,3 +97,40 @@ def test_two_process_training_checkpoint_and_resume(tmp_path, small_corpus):
     single_dir = tmp_path / "single"
     run_processes(write_config(tmp_path, small_corpus, single_dir), 1, 4)
     assert summary(single_dir)["train_loss"] == pytest.approx(full["train_loss"], rel=1e-4)
+
+
+def test_two_process_sigterm_agrees_on_a_step_saves_and_resumes(tmp_path, small_corpus):
+    """A scheduler's SIGTERM reaching only process 1: JAX's pre-emption sync point tells process 0 too, both stop
+    at the same step after saving it collectively (exit 75), and --resume finishes the run."""
+    import signal
+    import time
+
+    run = tmp_path / "pre"
+    path = write_config(tmp_path, small_corpus, run)
+    cfg = json.loads(open(path).read())
+    cfg["train"].update(steps=400, log_every=1, eval_every=1000, checkpoint_every=1000)
+    open(path, "w").write(json.dumps(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    port = free_port()
+    cmd = [sys.executable, "-m", "gptjax.cli.train", "--config", path, "--coordinator", f"127.0.0.1:{port}",
+           "--num-processes", "2"]
+    procs = [subprocess.Popen(cmd + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [75, 75], outs[0][-2000:] + outs[1][-2000:]
+    steps = {int(o.split("pre-empted (SIGTERM) at step ")[1].split(":")[0]) for o in outs}
+    assert len(steps) == 1  # the same step on both processes
+    (step,) = steps
+    step_dir = run / "checkpoints" / str(step)
+    assert {p.name for p in (step_dir / "data").glob("process_*.json")} == {"process_0-of-2.json",
+                                                                           "process_1-of-2.json"}
+    outs = run_processes(path, 2, 2, "--resume", "--steps", str(step + 4), "--set", f"optim.schedule_steps=400")
+    assert f"steps {step}->{step + 4}" in outs[0]
+    assert summary(run)["final_step"] == step + 4

@@ -70,7 +70,9 @@ def test_plan_tool_big_presets_analytic():
     r = plan_cli("llama2-70b", "--mesh", "1,64,8", "--batch", "512", "--seq", "4096", "--no-compile")
     assert r.returncode == 0, r.stderr
     assert "llama2-70b: 68.98B params" in r.stdout and "optimizer (Adam mu, nu)" in r.stdout
-    assert "h100-80gb: analytic fits" in r.stdout
+    verdicts = [ln for ln in r.stdout.splitlines() if "fits" in ln or "DOES NOT FIT" in ln]
+    assert verdicts == [ln for ln in verdicts if ln.startswith("h100-80gb: fits (")] and len(verdicts) == 1
+    assert "from the analytic figure" in verdicts[0]
     r = plan_cli("gpt3-175b", "--mesh", "1,8,1", "--batch", "8", "--no-compile", "--json")
     plan = json.loads(r.stdout)
     assert plan["fits_analytic"] is False  # 175B on 8 devices: 16 bytes/param alone is 350 GB per device
@@ -86,6 +88,7 @@ def test_plan_tool_aot_check_on_simulated_devices():
     for row in plan["aot"]:
         assert row["peak"] > 0 and 0.6 < row["analytic"] / row["peak"] < 1.4
     assert plan["compiled_full_depth_peak"] > plan["aot"][-1]["peak"]
+    assert plan["verdict_from"] == "compiled" and plan["fits"] == plan["fits_compiled"]
 
 
 def test_plan_tool_bad_mesh_is_a_clear_error():

@@ -1,8 +1,8 @@
 """Checkpoints (imports ``config``, ``sharding``, ``model``): orbax train-state checkpoints with the grain iterator,
 and params-only restore for sampling, evaluation, export and ``init_from``."""
 
-from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound
+from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound, CheckpointWriteError
 from gptjax.checkpoint.restore import init_params_from, load_run_config, params_for, restore_params
 
-__all__ = ["CheckpointNotFound", "Checkpointer", "init_params_from", "load_run_config", "params_for",
-           "restore_params"]
+__all__ = ["CheckpointNotFound", "CheckpointWriteError", "Checkpointer", "init_params_from", "load_run_config",
+           "params_for", "restore_params"]

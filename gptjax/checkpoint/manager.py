@@ -4,11 +4,18 @@ Each checkpoint step holds two items: ``state`` (params, optimizer state, step; 
 process, each writing its own shards) and ``data`` (one JSON file per process with its grain iterator state).
 Restoring takes an abstract target (``ShapeDtypeStruct`` with shardings), so a checkpoint written on one mesh
 restores onto another mesh shape.
+
+Saving may be asynchronous (orbax writes in a background thread after the device-to-host copy; training goes
+on). Orbax writes a step into a temporary directory and renames it when complete, so a killed save leaves no
+step behind. A step that is present but damaged (a missing item, a missing commit marker, a file that fails to
+read) is reported by :meth:`Checkpointer.problem` / on restore, and can be moved aside.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +24,49 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
+ITEMS = ("state", "data")
+COMMIT_MARKER = "commit_success.txt"
+
 
 class CheckpointNotFound(FileNotFoundError):
     pass
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; earlier checkpoints are untouched."""
+
+
+class _IteratorSnapshot:
+    """The iterator's state taken now, for a save that may be written later in a background thread (orbax runs
+    grain's handler off the main thread while training goes on and advances the live iterator)."""
+
+    def __init__(self, iterator: Any):
+        state = iterator.get_state()  # a dict (dataset iterators) or JSON bytes (DataLoader iterators)
+        self._state = state if isinstance(state, bytes) else json.dumps(state, indent=4).encode()
+
+    def get_state(self) -> bytes:  # grain's handler writes these bytes, as it would the live iterator's state
+        return self._state
+
+
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep: int = 3, create: bool = True):
+    def __init__(self, directory: str | Path, keep: int = 3, create: bool = True, async_save: bool = False):
         self.directory = Path(directory).absolute()
         if not create and not self.directory.is_dir():
             raise CheckpointNotFound(f"no checkpoint in {self.directory}")
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False),
-            item_names=("state", "data"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                                 enable_async_checkpointing=async_save),
+            item_names=ITEMS,
         )
+        self.async_save = async_save
+        self.pending: int | None = None  # the step an async save is still writing
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        return sorted(self.manager.all_steps())
 
     def _existing_step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
@@ -48,12 +77,61 @@ class Checkpointer:
                                      f"available: {self.all_steps()}")
         return step
 
-    def save(self, step: int, state: Any, data_iterator: Any | None = None) -> None:
+    def save(self, step: int, state: Any, data_iterator: Any | None = None) -> float:
+        """Save ``step`` (in the background when async: the next save or ``wait`` completes it). Returns the
+        seconds training was paused for it."""
+        t = time.perf_counter()
+        self.wait()
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-        self.manager.wait_until_finished()
+            items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:
+            raise self._write_error(step, e) from e
+        self.pending = step
+        if not self.async_save:
+            self.wait()
+        return time.perf_counter() - t
+
+    def wait(self) -> None:
+        """Block until a background save is complete; a failed one raises ``CheckpointWriteError``."""
+        step, self.pending = self.pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._write_error(step, e) from e
+
+    def _write_error(self, step: int | None, e: Exception) -> CheckpointWriteError:
+        self.manager.reload()
+        return CheckpointWriteError(f"could not write checkpoint step {step} in {self.directory}: "
+                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; the earlier "
+                                    f"checkpoints {self.all_steps()} are untouched")
+
+    def problem(self, step: int) -> str | None:
+        """Why step ``step`` cannot be restored, as far as its files tell (None: it looks intact)."""
+        path = self.directory / str(step)
+        if not path.is_dir():
+            return "its directory is missing"
+        missing = [n for n in ITEMS if not (path / n).is_dir()]
+        if missing:
+            return f"item(s) {missing} missing"
+        if not any(path.iterdir()) or not (path / "_CHECKPOINT_METADATA").exists():
+            return "no checkpoint metadata (an incomplete or emptied step directory)"
+        unmarked = [n for n in ("", *ITEMS) if not (path / n / COMMIT_MARKER).exists()]
+        if unmarked:
+            return f"no commit marker in {[n or '.' for n in unmarked]} (the save did not finish)"
+        if not (path / "state" / "_METADATA").exists():
+            return "the state item has no metadata"
+        return None
+
+    def move_aside(self, step: int, why: str) -> Path:
+        """Rename a damaged step out of orbax's sight (kept for inspection), so the step can be written again."""
+        dest = self.directory / f"{step}.damaged-{int(time.time())}"
+        (self.directory / str(step)).rename(dest)
+        (dest / "DAMAGED.txt").write_text(why + "\n")
+        self.manager.reload()
+        return dest
 
     def restore(self, abstract_state: Any, data_iterator: Any | None = None, step: int | None = None) -> Any:
         """Restore the train state onto ``abstract_state``'s shardings (and the iterator in place).
@@ -78,4 +156,7 @@ class Checkpointer:
         return restored["state"]["params"]
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()

@@ -24,11 +24,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from gptjax.checkpoint import CheckpointNotFound, restore_params
     from gptjax.data.tokenizer import Tokenizer, TokenizerError
-    from gptjax.inference.sample import generate
+    from gptjax.inference.sample import check_sampling, generate
     from gptjax.model.sharded import ShardedModel
     from gptjax.sharding.mesh import single_device_mesh
 
-    with user_errors(CheckpointNotFound, TokenizerError):
+    with user_errors(CheckpointNotFound, TokenizerError, ValueError):
+        check_sampling(a.temperature, a.top_k, a.top_p, a.tokens)
+        if not a.prompt:
+            raise ValueError("the prompt is empty; give --prompt some text")
         mesh = single_device_mesh()
         cfg, params = restore_params(a.run_dir, a.step, mesh)
         tok = Tokenizer.load(Path(a.run_dir) / "tokenizer.model")

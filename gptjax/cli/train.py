@@ -6,8 +6,13 @@ Examples::
     gptjax-train --set train.steps=1000 --set model.dtype=bfloat16
     gptjax-train --model-preset tiny-gpt2 --run-dir runs/gpt2ish
     gptjax-train --config experiments/austen.py   # a Python file defining config() -> RunConfig, or a JSON file
-    gptjax-train --run-dir runs/austen --resume   # continue from the latest checkpoint
+    gptjax-train --run-dir runs/austen --resume   # continue from the latest intact checkpoint, its own config
+    gptjax-train --run-dir runs/austen --resume --extend-steps 600   # train longer; the lr schedule is kept
     gptjax-train --run-dir runs/ft --set train.init_from=runs/austen   # new run from another run's params
+
+Running the same command again on a finished run prints its summary and exits 0. Exit codes: 0 done, 2 bad
+input (one line on stderr, nothing written), 3 stopped because the loss diverged (non-finite), 75 pre-empted by
+SIGTERM / SIGINT after saving a checkpoint (resume with --resume).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptjax.cli.common import add_config_args, config_from_args, setup_logging, user_errors
+from gptjax.cli.common import UserError, add_config_args, config_from_args, setup_logging, user_errors
+from gptjax.config import build_run_config
 
 
 def parser() -> argparse.ArgumentParser:
@@ -24,7 +30,12 @@ def parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--run-dir", help="where tokenizer, checkpoints and metrics go")
     p.add_argument("--steps", type=int)
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its latest intact checkpoint, with its config.json")
+    p.add_argument("--resume-step", type=int, help="with --resume: continue from this checkpoint step")
+    p.add_argument("--extend-steps", type=int, metavar="N",
+                   help="with --resume: train to N steps in all; the lr schedule is not re-stretched (past its end "
+                        "the lr stays at its final value)")
     p.add_argument("--stop-after", type=int, help="checkpoint and stop after this step (schedule unchanged)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--coordinator", help="multi-host: coordinator host:port (or 'auto'); env GPTJAX_COORDINATOR")
@@ -37,20 +48,37 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     setup_logging()
     flags = [f"train.run_dir={a.run_dir}"] * bool(a.run_dir) + [f"train.steps={a.steps}"] * bool(a.steps)
-    with user_errors():
+    from gptjax.checkpoint.manager import CheckpointNotFound, CheckpointWriteError
+
+    with user_errors(CheckpointNotFound):
+        if (a.resume_step is not None or a.extend_steps) and not a.resume:
+            raise UserError("--resume-step and --extend-steps go with --resume")
         cfg = config_from_args(a, *flags)
+        if a.resume:  # the run's own config.json is the base; only what is given on the command line changes
+            from gptjax.checkpoint.restore import load_run_config
+            from gptjax.training.checkpointing import extend_run
+
+            stored = load_run_config(cfg.train.run_dir)
+            extend = extend_run(stored, a.extend_steps) if a.extend_steps else []
+            explicit = a.config or a.model_preset
+            cfg = config_from_args(a, *flags, *extend) if explicit else build_run_config(
+                stored, overrides=[*flags, *extend, *a.set])
     if a.print_config:
         print(cfg.to_json())
         return 0
-    from gptjax.checkpoint.manager import CheckpointNotFound
     from gptjax.data.corpus import CorpusError
     from gptjax.data.tokenizer import TokenizerError
     from gptjax.sharding.distributed import maybe_initialize
+    from gptjax.training.hooks import StopTraining
     from gptjax.training.trainer import train
 
     maybe_initialize(a.coordinator, a.num_processes, a.process_id)
-    with user_errors(CorpusError, TokenizerError, CheckpointNotFound, FileExistsError):
-        train(cfg, resume=a.resume, stop_after=a.stop_after)
+    try:
+        with user_errors(CorpusError, TokenizerError, CheckpointNotFound, CheckpointWriteError, FileExistsError):
+            train(cfg, resume=a.resume, stop_after=a.stop_after, resume_step=a.resume_step)
+    except StopTraining as stop:
+        print(f"gptjax-train: {stop}", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from gptjax.config.presets import RUN_PRESETS, model_preset, run_preset
-from gptjax.config.schema import ConfigError, RunConfig
+from gptjax.config.schema import ConfigError, RunConfig, field_type
 
 DEFAULT_RUN = "austen"
 
@@ -43,24 +44,50 @@ def load_config_file(path: str | Path) -> dict:
     raise ConfigError(f"config file {p}: expected .json or .py")
 
 
+def parse_override_value(raw: str, hint: Any, key: str) -> Any:
+    """A ``--set`` value parsed by the field's type: bools take true/false/1/0, numbers must parse, optional
+    fields take null/none, mappings take JSON."""
+    kind, optional = field_type(hint)
+    text = raw.strip()
+    if optional and text.lower() in ("null", "none"):
+        return None
+    try:
+        if kind is bool:
+            return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is dict:
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+    except (KeyError, ValueError):
+        takes = {bool: "true/false/1/0", int: "an integer", float: "a number", dict: "a JSON object"}[kind]
+        raise ConfigError(f"--set {key}={raw}: {key} takes {takes}{' or null' if optional else ''}") from None
+    return raw
+
+
 def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
-    """Apply ``section.field=value`` strings (values parsed as JSON, else kept as strings) to a config dict."""
+    """Apply ``section.field=value`` strings to a config dict, each value parsed by the field's declared type."""
     d = json.loads(json.dumps(d))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        *path, last = key.split(".")
-        node = d
-        for p in path:
-            if not (isinstance(node, dict) and p in node):
-                raise ConfigError(f"override {item!r}: unknown section {p!r}")
-            node = node[p]
-        node[last] = value
+        parts = key.split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override {item!r}: the key must be section.field, e.g. model.d_model")
+        section, name = parts
+        sections = typing.get_type_hints(RunConfig)
+        if section not in sections:
+            raise ConfigError(f"override {item!r}: unknown section {section!r}; sections: {', '.join(sections)}")
+        hints = typing.get_type_hints(sections[section])
+        fields = [f.name for f in dataclasses.fields(sections[section])]
+        if name not in fields:
+            raise ConfigError(f"override {item!r}: unknown field {name!r} in {section}; valid: {', '.join(fields)}")
+        d.setdefault(section, {})[name] = parse_override_value(raw, hints[name], key)
     return d
 
 

@@ -47,7 +47,9 @@ MODEL_PRESETS: dict[str, dict] = {
     # Tiny CPU presets: LLaMA-style (GQA, RoPE, RMSNorm, SwiGLU) and GPT-2-style.
     "tiny": dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=688, max_seq_len=256),
     "tiny-gpt2": dict(_GPT2_BASE, vocab_size=4096, max_seq_len=256, n_layers=4, d_model=256, n_heads=8, d_ff=1024),
-    "nano": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64),
+    # nano: the smallest model that trains with the default data and run settings (a byte-fallback tokenizer
+    # needs >= 262 pieces; the default train.seq_len is 256)
+    "nano": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256),
 }
 
 

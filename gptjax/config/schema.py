@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -142,6 +143,9 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # global-norm clip; 0 disables
+    # Steps the lr schedule spans; None: train.steps. Extending a finished run pins it to the original length, so
+    # the schedule is not re-stretched: past its end the lr stays at its final value (lr * min_lr_ratio).
+    schedule_steps: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -151,6 +155,8 @@ class OptimConfig:
         _check(0 < self.decay_fraction <= 1, f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"b1, b2 must be in [0, 1), got {self.b1}, {self.b2}")
         _check(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
+        _check(self.schedule_steps is None or self.schedule_steps > 0,
+               f"schedule_steps must be a positive integer or null, got {self.schedule_steps}")
 
 
 @dataclass(frozen=True)
@@ -223,11 +229,16 @@ class TrainConfig:
     # Start from the parameters of another run directory (its latest checkpoint) with a fresh optimizer and
     # schedule; the model configs must agree (the scan / unrolled layout may differ).
     init_from: str | None = None
+    # Non-finite guard: a step whose loss or gradient norm is not finite does not update the state; after this
+    # many such steps in a row the run stops (0: stop at the first). A non-finite state is never saved.
+    max_nonfinite_skips: int = 3
+    async_checkpoint: bool = True  # write checkpoints in the background (orbax async) instead of pausing training
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
                   "checkpoint_every", "keep_checkpoints")
         _check(self.sample_tokens >= 0, f"sample_tokens must be >= 0, got {self.sample_tokens}")
+        _check(self.max_nonfinite_skips >= 0, f"max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
 
 
 @dataclass(frozen=True)
@@ -261,6 +272,31 @@ class RunConfig:
         return RunConfig.from_dict(d)
 
 
+def field_type(hint: Any) -> tuple[type, bool]:
+    """``(type, optional)`` of a field annotation: ``int | None`` -> ``(int, True)``, ``dict`` -> ``(dict, False)``."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = [a for a in args if a is not type(None)]
+    kind = typing.get_origin(kinds[0]) or kinds[0]
+    return kind, len(kinds) < len(args)
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+
+
+def check_value(value: Any, hint: Any, name: str) -> Any:
+    """``value`` if it has the field's type (an int is taken as a float), else a ``ConfigError`` naming both."""
+    kind, optional = field_type(hint)
+    if value is None and optional:
+        return None
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str),
+          dict: lambda v: isinstance(v, Mapping)}[kind](value)
+    _check(ok, f"{name} must be {_KIND_NAMES[kind]}{' or null' if optional else ''}, got {value!r}")
+    return float(value) if kind is float else value
+
+
 def _from_dict(cls: type, d: Mapping[str, Any], where: str) -> Any:
     if isinstance(d, cls):
         return d
@@ -274,6 +310,8 @@ def _from_dict(cls: type, d: Mapping[str, Any], where: str) -> Any:
         hint = hints[name]
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             value = _from_dict(hint, value, f"{where}{name}.")
+        else:
+            value = check_value(value, hint, f"{where}{name}")
         kwargs[name] = value
     return cls(**kwargs)
 

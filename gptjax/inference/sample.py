@@ -52,10 +52,23 @@ def _generate(forward: Callable, params, buffer_L: jax.Array, prompt_len: int, n
     return buf
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float, n_new: int = 1) -> None:
+    """A ``ValueError`` naming the argument when a sampling setting would silently mean something else."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not (isinstance(top_k, int) and top_k >= 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 keeps every token), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}")
+    if not (isinstance(n_new, int) and n_new >= 0):
+        raise ValueError(f"the number of tokens to generate must be >= 0, got {n_new}")
+
+
 def generate(forward: Callable, params, prompt_ids: list[int], n_new: int, max_seq_len: int,
              temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[int]:
     """Continue ``prompt_ids`` by ``n_new`` tokens. ``forward(params, tokens_BxL) -> logits_BxLxV``.
     The prompt is cut from the left so that prompt + continuation fits ``max_seq_len``."""
+    check_sampling(temperature, top_k, top_p, n_new)
     if not prompt_ids:
         raise ValueError("the prompt is empty; give at least one token")
     n_new = max(0, min(n_new, max_seq_len - 1))

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gptjax.reporting.files import write_atomic
+
 
 def _clean(v: Any) -> Any:
     if hasattr(v, "item"):
@@ -33,6 +35,25 @@ class MetricsLog:
                 f.write(json.dumps(row) + "\n")
         self.rows.append(row)
         return row
+
+
+    def truncate_after(self, step: int) -> int:
+        """Keep the rows up to ``step`` (a resumed run writes the later ones again); the dropped rows are
+        appended to ``metrics.dropped.jsonl`` beside it. Returns how many were dropped."""
+        if not (self.path and self.path.exists()):
+            return 0
+        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        keep, drop = [], []
+        for ln in lines:
+            try:
+                (keep if json.loads(ln)["step"] <= step else drop).append(ln)
+            except (ValueError, KeyError, TypeError):
+                drop.append(ln)  # a line cut short by a crash
+        if drop:
+            with self.path.with_name(self.path.stem + ".dropped.jsonl").open("a") as f:
+                f.write("\n".join(drop) + "\n")
+            write_atomic(self.path, "".join(ln + "\n" for ln in keep))
+        return len(drop)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

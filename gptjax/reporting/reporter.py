@@ -20,10 +20,15 @@ CONSOLE_TRAIN_KEYS = ("step", "loss", "tokens_per_sec", "mfu", "lr")
 class Reporter:
     def __init__(self, run_dir: str | Path | None, *, enabled: bool = True, progress: bool = True,
                  total_steps: int = 0, initial_step: int = 0, tensorboard: bool = True):
+        """``initial_step``: the step the run starts (or resumes) from; what an earlier attempt recorded after it
+        is dropped from metrics.jsonl (kept in metrics.dropped.jsonl) and hidden in TensorBoard, so every step
+        appears once."""
         self.enabled = enabled
         run_dir = Path(run_dir) if run_dir is not None else None
         self.metrics = MetricsLog(run_dir / "metrics.jsonl" if enabled and run_dir else None)
-        self.tb = TensorBoardWriter(run_dir / "tensorboard") if enabled and run_dir and tensorboard else None
+        self.metrics.truncate_after(initial_step)
+        self.tb = (TensorBoardWriter(run_dir / "tensorboard", purge_step=initial_step + 1 if initial_step else None)
+                   if enabled and run_dir and tensorboard else None)
         show_bar = progress and enabled and sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=initial_step, disable=not show_bar, dynamic_ncols=True,
                         desc="train")
@@ -45,8 +50,8 @@ class Reporter:
             if self.bar.disable:
                 self.message(format_row({k: row[k] for k in CONSOLE_TRAIN_KEYS if k in row}))
             else:
-                self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:,.0f}",
-                                     mfu=f"{row['mfu']:.1%}")
+                self.bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:,.0f}",
+                                     mfu=f"{values['mfu']:.1%}")  # the floats: a NaN loss prints as nan
         return row
 
     def eval(self, step: int, **values: float) -> dict:

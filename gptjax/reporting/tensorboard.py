@@ -7,10 +7,11 @@ from pathlib import Path
 
 
 class TensorBoardWriter:
-    def __init__(self, logdir: str | Path):
+    def __init__(self, logdir: str | Path, purge_step: int | None = None):
+        """``purge_step``: hide events at or after this step written by an earlier attempt (a resumed run)."""
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(logdir=str(logdir), flush_secs=30)
+        self.writer = SummaryWriter(logdir=str(logdir), flush_secs=30, purge_step=purge_step)
 
     def scalars(self, step: int, prefix: str, values: dict) -> None:
         for name, v in values.items():

@@ -1,50 +1,162 @@
-"""The checkpoint policy of a run: where it starts (fresh, its own latest checkpoint, or another run's
-parameters via ``train.init_from``) and when it saves."""
+"""The checkpoint policy of a run: where it starts (fresh, its own checkpoint, or another run's parameters via
+``train.init_from``), what may change on resume, and when it saves.
+
+On resume the run directory's ``config.json`` is the source of truth: a config that differs from it in anything
+but the fields in ``RESUMABLE`` is refused with the list of differences, before any file is written. Training
+longer is the one documented way to change the length: ``extend_run`` keeps the lr schedule as it was (past its
+end the lr stays at its final value) instead of re-stretching it.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 
 from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound
-from gptjax.checkpoint.restore import init_params_from
-from gptjax.config import TrainConfig
+from gptjax.checkpoint.restore import init_params_from, load_run_config
+from gptjax.config import ConfigError, RunConfig
 from gptjax.training.program import Program
 
 log = logging.getLogger("gptjax")
 
+# Fields that change neither the model nor the optimizer trajectory: they may differ on resume.
+RESUMABLE = {"train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+             "train.keep_checkpoints", "train.progress", "train.peak_flops", "train.sample_tokens",
+             "train.sample_prompt", "train.max_nonfinite_skips", "train.async_checkpoint", "train.init_from",
+             "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.sharding_factor", "mesh.rules"}
+
+
+def _flat(cfg: RunConfig) -> dict[str, Any]:
+    return {f"{section}.{k}": v for section, fields in cfg.to_dict().items() for k, v in fields.items()}
+
+
+def config_differences(stored: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    a, b = _flat(stored), _flat(new)
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def check_resume_config(stored: RunConfig, new: RunConfig, run_dir: Path) -> None:
+    """A ``ConfigError`` listing every difference that would change the model or the optimizer trajectory."""
+    diff = config_differences(stored, new)
+    schedule = lambda c: c.optim.schedule_steps or c.train.steps  # noqa: E731
+    if schedule(stored) == schedule(new):  # a longer / shorter run on the same schedule is an extension
+        diff.pop("train.steps", None)
+        diff.pop("optim.schedule_steps", None)
+    bad = {k: v for k, v in diff.items() if k not in RESUMABLE and k != "train.run_dir"}
+    if bad:
+        lines = "\n".join(f"  {k}: {a!r} in config.json, {b!r} now" for k, (a, b) in sorted(bad.items()))
+        raise ConfigError(f"--resume: the config differs from {run_dir / 'config.json'} (which is unchanged):\n"
+                          f"{lines}\nResume with the run's own config (no --set for these fields); to train longer "
+                          "use --extend-steps N; for a different config choose another run directory "
+                          "(train.init_from=<this run> starts a new run from its parameters).")
+
+
+def extend_run(stored: RunConfig, steps: int) -> list[str]:
+    """Overrides that extend (or shorten) a run to ``steps`` while keeping its lr schedule."""
+    return [f"train.steps={steps}", f"optim.schedule_steps={stored.optim.schedule_steps or stored.train.steps}"]
+
+
+class RunComplete(Exception):
+    """The run directory already holds the finished run; ``summary`` is what it reported."""
+
+    def __init__(self, run_dir: Path, step: int, summary: dict):
+        self.run_dir, self.step, self.summary = run_dir, step, summary
+        super().__init__(f"{run_dir} is complete (step {step}); nothing to do")
+
 
 class CheckpointPolicy:
-    def __init__(self, run_dir: Path, cfg: TrainConfig, resume: bool | str):
-        """``resume=True``: continue from the latest checkpoint (an error if there is none); ``"auto"``: continue
-        if there is one, else start; ``False``: start, and refuse a directory that already holds checkpoints."""
-        self.cfg = cfg
-        self.checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
+    def __init__(self, cfg: RunConfig, resume: bool | str, resume_step: int | None = None):
+        """``resume=True``: continue from the latest intact checkpoint (or ``resume_step``); an error if there is
+        none. ``"auto"``: continue if there is one, else start. ``False``: start; a directory that already holds
+        checkpoints is refused, unless it holds this very run, finished (then ``RunComplete``)."""
+        self.cfg, t = cfg, cfg.train
+        self.run_dir = Path(t.run_dir)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=t.keep_checkpoints,
+                                         async_save=t.async_checkpoint)
         latest = self.checkpointer.latest_step()
+        stored = load_run_config(self.run_dir) if latest is not None else None
+        if latest is not None and latest >= t.steps and stored is not None and (
+                resume or not config_differences(stored, cfg)):
+            if resume:
+                check_resume_config(stored, cfg, self.run_dir)
+            summary_path = self.run_dir / "summary.json"
+            raise RunComplete(self.run_dir, latest, json.loads(summary_path.read_text()) if summary_path.exists()
+                              else {"final_step": latest})
         if latest is not None and not resume:
-            raise FileExistsError(f"{run_dir} already holds checkpoints (latest step {latest}); pass --resume to "
-                                  "continue that run, or choose another train.run_dir")
+            same = stored is not None and not config_differences(stored, cfg)
+            raise FileExistsError(f"{self.run_dir} already holds checkpoints (latest step {latest} of "
+                                  f"{stored.train.steps if stored else '?'}); pass --resume to continue that run"
+                                  + ("" if same else " (with its own config.json)") +
+                                  ", or choose another train.run_dir")
         if resume is True and latest is None:
             raise CheckpointNotFound(f"--resume: no checkpoint in {self.checkpointer.directory}; run without "
                                      "--resume to start this run")
-        self.resume_step = latest if resume else None
+        if resume_step is not None and resume_step not in self.checkpointer.all_steps():
+            raise CheckpointNotFound(f"--resume-step {resume_step}: no such checkpoint in "
+                                     f"{self.checkpointer.directory}; available: {self.checkpointer.all_steps()}")
+        if latest is not None and resume:
+            check_resume_config(stored, cfg, self.run_dir)
+        self.resuming = latest is not None and bool(resume)
+        self.resume_step = resume_step
+        self.last_saved: int | None = None
+        self.stalls: list[float] = []
 
     def initial_state(self, program: Program, data_iterator: Any) -> dict:
-        if self.resume_step is not None:
-            return self.checkpointer.restore(program.abstract_state, data_iterator)
-        if self.cfg.init_from:
-            log.info("initialising the parameters from %s (fresh optimizer state)", self.cfg.init_from)
-            return program.init_from_params(init_params_from(self.cfg.init_from, program.model))
-        return program.init(jax.random.key(self.cfg.seed))
+        if self.resuming:
+            return self._restore_intact(program, data_iterator)
+        if self.cfg.train.init_from:
+            log.info("initialising the parameters from %s (fresh optimizer state)", self.cfg.train.init_from)
+            return program.init_from_params(init_params_from(self.cfg.train.init_from, program.model))
+        return program.init(jax.random.key(self.cfg.train.seed))
+
+    def _restore_intact(self, program: Program, data_iterator: Any) -> dict:
+        """The newest checkpoint that restores (or exactly ``resume_step``); damaged newer ones are reported
+        and moved aside (``<step>.damaged-<time>``), so that training can write those steps again."""
+        ck = self.checkpointer
+        candidates = [self.resume_step] if self.resume_step is not None else sorted(ck.all_steps(), reverse=True)
+        problems = []
+        for step in candidates:
+            why = ck.problem(step)
+            if why is None:
+                try:
+                    state = ck.restore(program.abstract_state, data_iterator, step)
+                except Exception as e:  # a truncated or unreadable file: orbax / tensorstore errors vary
+                    why = f"restore failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+                else:
+                    if problems:
+                        log.warning("resuming from step %d instead (%s)", step, "; ".join(problems))
+                    for newer in (s for s in ck.all_steps() if s > step):
+                        self._move_aside(newer, f"newer than step {step}, which the run resumed from")
+                    return state
+            problems.append(f"checkpoint step {step} is damaged: {why}")
+            log.warning("%s", problems[-1])
+            if self.resume_step is not None:
+                raise CheckpointNotFound(f"--resume-step {step}: {problems[-1]}")
+            self._move_aside(step, why)
+        raise CheckpointNotFound(f"no intact checkpoint in {ck.directory}: " + "; ".join(problems))
+
+    def _move_aside(self, step: int, why: str) -> None:
+        if jax.process_index() == 0:
+            log.warning("moved checkpoint step %d aside to %s", step, self.checkpointer.move_aside(step, why).name)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"gptjax:move_aside:{step}")
+            self.checkpointer.manager.reload()
 
     def due(self, step: int, end: int) -> bool:
-        return step % self.cfg.checkpoint_every == 0 or step == end
+        return step % self.cfg.train.checkpoint_every == 0 or step == end
 
-    def save(self, step: int, state: dict, data_iterator: Any) -> None:
-        self.checkpointer.save(step, state, data_iterator)
+    def save(self, step: int, state: dict, data_iterator: Any) -> float:
+        if self.last_saved == step:
+            return 0.0
+        stall = self.checkpointer.save(step, state, data_iterator)
+        self.last_saved = step
+        self.stalls.append(stall)
+        return stall
 
     def close(self) -> None:
         self.checkpointer.close()

@@ -1,17 +1,22 @@
-"""What happens between train steps, one job per hook: training metrics and throughput, evaluation,
-checkpointing. A new cadence-driven job (a pre-emption handler, a new metric) is one more hook.
+"""What happens between train steps, one job per hook: training metrics and throughput, the non-finite guard,
+evaluation, checkpointing, pre-emption. A new job between steps is one more hook.
 
-Time spent in evaluation and checkpointing is excluded from throughput (``Clock.paused``).
+Time spent in evaluation and checkpointing is excluded from throughput (``Clock.paused``). A hook ends the run
+by raising ``StopTraining`` (the trainer closes everything and reports it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import threading
 import time
 from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from gptjax.evals.loss import evaluate
 from gptjax.model.sharded import ShardedModel
@@ -41,6 +46,20 @@ class Clock:
         return dt
 
 
+class StopTraining(Exception):
+    """A hook ended the run; ``exit_code`` says how (the CLI exits with it)."""
+
+    exit_code = 1
+
+
+class Preempted(StopTraining):
+    exit_code = 75  # EX_TEMPFAIL: try again later (resume)
+
+
+class NonFiniteStop(StopTraining):
+    exit_code = 3
+
+
 class Hook:
     def after_step(self, step: int, end: int, state: dict, metrics: dict) -> None:
         raise NotImplementedError
@@ -59,7 +78,7 @@ class LogHook(Hook):
         self.window_steps += 1
         if step % self.every and step != end:
             return
-        m = jax.device_get(metrics)
+        m = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
         dt = self.clock.lap()
         tps = self.window_steps * self.tokens_per_step / dt
         row = self.reporter.train(step, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), lr=float(m["lr"]),
@@ -89,11 +108,77 @@ class EvalHook(Hook):
                                unigram_loss=self.unigram_loss)
 
 
+class NonFiniteHook(Hook):
+    """Stops the run once more than ``max_skips`` steps in a row had a non-finite loss or gradient norm (the train
+    step already skipped their updates). Checked when metrics are read anyway (log steps), before every
+    checkpoint and at the end, so it adds no per-step host sync."""
+
+    def __init__(self, max_skips: int, log_every: int, policy: CheckpointPolicy, reporter: Reporter):
+        self.max_skips, self.log_every, self.policy, self.reporter = max_skips, log_every, policy, reporter
+
+    def after_step(self, step, end, state, metrics):
+        if step % self.log_every and not self.policy.due(step, end):
+            return
+        nf = jax.device_get(state["nonfinite"])
+        streak, since = int(nf["streak"]), int(nf["since"])
+        if streak > self.max_skips:
+            kept = self.policy.checkpointer.all_steps()
+            raise NonFiniteStop(
+                f"stopped at step {step}: the loss or gradient norm was not finite at every step from step {since} "
+                f"({streak} in a row, more than train.max_nonfinite_skips={self.max_skips}); those steps applied "
+                f"no update, and no non-finite state was saved (checkpoints: {kept or 'none'}). Lower optim.lr, "
+                "raise optim.warmup_steps, or check the data.")
+        if streak:
+            self.reporter.message(f"step {step}: skipped {streak} non-finite step(s) in a row since step {since}")
+
+
 class CheckpointHook(Hook):
-    def __init__(self, policy: CheckpointPolicy, data_iterator: Any, clock: Clock):
-        self.policy, self.data_iterator, self.clock = policy, data_iterator, clock
+    def __init__(self, policy: CheckpointPolicy, data_iterator: Any, clock: Clock, reporter: Reporter):
+        self.policy, self.data_iterator, self.clock, self.reporter = policy, data_iterator, clock, reporter
 
     def after_step(self, step, end, state, metrics):
         if self.policy.due(step, end):
             with self.clock.paused(state):
-                self.policy.save(step, state, self.data_iterator)
+                stall = self.policy.save(step, state, self.data_iterator)
+            self.reporter.metrics.write(step, checkpoint_stall_s=round(stall, 4))
+
+
+class PreemptionHook(Hook):
+    """SIGTERM (what schedulers and TPU pre-emption send) and SIGINT (Ctrl-C) set a flag; at the next step
+    boundary the run saves a checkpoint and stops with ``Preempted`` (exit code 75). With several processes they
+    agree on the step through JAX's pre-emption sync point (the notice reaches every process; each stops at the
+    same step), so the collective save cannot deadlock."""
+
+    def __init__(self, policy: CheckpointPolicy, data_iterator: Any, clock: Clock):
+        self.policy, self.data_iterator, self.clock = policy, data_iterator, clock
+        self.received: int | None = None
+        self.multi = jax.process_count() > 1
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            # with several processes JAX's pre-emption service owns SIGTERM; SIGINT is turned into one
+            for sig in ((signal.SIGINT,) if self.multi else (signal.SIGINT, signal.SIGTERM)):
+                self.previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received = signum
+        if self.multi and signum == signal.SIGINT:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def requested(self, step: int) -> bool:
+        if self.multi:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.received is not None
+
+    def after_step(self, step, end, state, metrics):
+        if not self.requested(step):
+            return
+        with self.clock.paused(state):
+            self.policy.save(step, state, self.data_iterator)
+            self.policy.checkpointer.wait()
+        name = signal.Signals(self.received).name if self.received else "SIGTERM"
+        raise Preempted(f"pre-empted ({name}) at step {step}: checkpoint saved in {self.policy.checkpointer.directory};"
+                        f" continue with --resume")
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -16,11 +16,12 @@ from gptjax.config import ConfigError, RunConfig
 from gptjax.data.pipeline import TokenizedCorpus, eval_batches, prepare_corpus, train_dataset, unigram_cross_entropy
 from gptjax.inference.sample import generate
 from gptjax.model.accounting import count_params, flops_per_token
+from gptjax.reporting.files import write_atomic
 from gptjax.reporting.plots import plot_runs
 from gptjax.reporting.reporter import Reporter
 from gptjax.sharding.mesh import describe, make_mesh
-from gptjax.training.checkpointing import CheckpointPolicy
-from gptjax.training.hooks import CheckpointHook, Clock, EvalHook, LogHook
+from gptjax.training.checkpointing import CheckpointPolicy, RunComplete
+from gptjax.training.hooks import CheckpointHook, Clock, EvalHook, LogHook, NonFiniteHook, PreemptionHook
 from gptjax.training.loop import run_steps
 from gptjax.training.perf import measure_peak_flops
 from gptjax.training.program import Program
@@ -38,6 +39,8 @@ class TrainResult:
     sample: str | None = None
     history: list[dict] = field(default_factory=list)
     state: Any = None
+    complete_already: bool = False  # the run directory held this finished run; nothing was trained
+    checkpoint_stalls: list[float] = field(default_factory=list)  # seconds training paused per save
 
 
 def prepare_data(cfg: RunConfig, run_dir: Path) -> TokenizedCorpus:
@@ -49,13 +52,16 @@ def prepare_data(cfg: RunConfig, run_dir: Path) -> TokenizedCorpus:
 
 
 def train(cfg: RunConfig, resume: bool | str = False, devices: list | None = None,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, resume_step: int | None = None) -> TrainResult:
     """Train per ``cfg``.
 
-    ``resume=True`` continues from the run directory's latest checkpoint (an error if there is none);
+    ``resume=True`` continues from the run directory's latest intact checkpoint (or ``resume_step``; an error if
+    there is none) and requires ``cfg`` to agree with the run's ``config.json`` (``training/checkpointing.py``);
     ``resume="auto"`` continues if there is one and starts fresh otherwise (sweeps). A run directory that
-    already holds checkpoints is never silently overwritten. ``stop_after=N`` checkpoints and stops once step N
-    is done (a job with a time limit; the schedule still spans ``train.steps``)."""
+    already holds checkpoints is never overwritten; if it holds this very run, finished, the result is its
+    summary (``complete_already``). ``stop_after=N`` checkpoints and stops once step N is done (a job with a
+    time limit; the schedule still spans ``train.steps``). SIGTERM / SIGINT checkpoint and raise ``Preempted``;
+    a diverged run raises ``NonFiniteStop``."""
     t = cfg.train
     run_dir = Path(t.run_dir)
     is_main = jax.process_index() == 0
@@ -63,11 +69,27 @@ def train(cfg: RunConfig, resume: bool | str = False, devices: list | None = Non
     if t.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the batch-parallel devices "
                           f"(data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']})")
+    try:
+        policy = CheckpointPolicy(cfg, resume, resume_step)  # refuses a conflicting run dir before writing to it
+    except RunComplete as done:
+        if is_main:
+            print(f"{done}\nsummary: {json.dumps(done.summary)}", flush=True)
+        return TrainResult(run_dir=run_dir, final_step=done.step, train_loss=done.summary.get("train_loss"),
+                           val_loss=done.summary.get("val_loss"), unigram_loss=done.summary.get("unigram_loss"),
+                           complete_already=True)
+    try:
+        return _train(cfg, policy, mesh, stop_after)
+    finally:
+        policy.close()  # completes a background save, also when training stopped with an error
+
+
+def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | None) -> TrainResult:
+    t = cfg.train
+    run_dir = Path(t.run_dir)
+    is_main = jax.process_index() == 0
     corpus = prepare_data(cfg, run_dir)
-    policy = CheckpointPolicy(run_dir, t, resume)
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(cfg.to_json())
+        write_atomic(run_dir / "config.json", cfg.to_json())
 
     program = Program(cfg, mesh)
     data_iter = iter(train_dataset(corpus.train, t.seq_len, t.batch_size, t.seed, jax.process_index(),
@@ -90,13 +112,19 @@ def train(cfg: RunConfig, resume: bool | str = False, devices: list | None = Non
     log_hook = LogHook(t.log_every, reporter, clock, t.batch_size * t.seq_len, fpt, peak, mesh.size)
     eval_hook = EvalHook(t.eval_every, program.model, eval_batches(corpus.val, t.seq_len, t.batch_size,
                                                                    t.eval_batches), reporter, clock, unigram)
-    hooks = [log_hook, eval_hook, CheckpointHook(policy, data_iter, clock)]
-    state, final_step = run_steps(program, data_iter, state, start, end, hooks, reporter)
-    reporter.close()
+    preemption = PreemptionHook(policy, data_iter, clock)
+    hooks = [log_hook, NonFiniteHook(t.max_nonfinite_skips, t.log_every, policy, reporter), eval_hook,
+             CheckpointHook(policy, data_iter, clock, reporter), preemption]
+    try:
+        state, final_step = run_steps(program, data_iter, state, start, end, hooks, reporter)
+    finally:
+        preemption.close()
+        reporter.close()
 
     result = TrainResult(run_dir=run_dir, final_step=final_step, train_loss=log_hook.last_loss,
                          val_loss=eval_hook.last if eval_hook.last is not None else eval_hook(state["params"]),
-                         unigram_loss=unigram, history=reporter.metrics.rows, state=state)
+                         unigram_loss=unigram, history=reporter.metrics.rows, state=state,
+                         checkpoint_stalls=policy.stalls)
     if t.sample_tokens > 0 and is_main and jax.process_count() == 1:
         tok = corpus.tokenizer
         prompt = tok.encode(t.sample_prompt)
@@ -104,12 +132,11 @@ def train(cfg: RunConfig, resume: bool | str = False, devices: list | None = Non
                        temperature=0.8, top_k=50, seed=t.seed)
         result.sample = tok.decode(prompt + ids)  # decoded together so the joining space survives
         print("\n--- sample (temperature 0.8, top-k 50) ---\n" + result.sample + "\n---", flush=True)
-    if is_main:
+    if is_main and final_step > start:  # a call that trained nothing leaves the run's summary as it was
         summary = {"final_step": result.final_step, "train_loss": result.train_loss, "val_loss": result.val_loss,
                    "unigram_loss": unigram, "params": n_params, "checkpoints": str(run_dir / "checkpoints")}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         if result.history:
             summary["curves"] = str(plot_runs([run_dir], run_dir / "curves.png"))
         print("summary: " + json.dumps(summary), flush=True)
-    policy.close()
     return result
