@@ -59,3 +59,15 @@ def test_plot_runs_draws_one_curve_per_run(tmp_path):
         rep.close()
     png = plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "c.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_the_progress_bar_shows_a_nan_loss(tmp_path, monkeypatch):
+    """A diverged step used to crash the bar (it formatted the string "nan" as a float)."""
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    rep = Reporter(tmp_path, progress=True, total_steps=5, tensorboard=False)
+    assert not rep.bar.disable
+    rep.train(1, loss=float("nan"), grad_norm=float("nan"), lr=1e-3, tokens_per_sec=10.0, mfu=0.1, tokens=10)
+    assert rep.bar.postfix.startswith("loss=nan")
+    rep.close()

@@ -144,8 +144,7 @@ def test_unrolled_layout_is_sharded_and_equivalent(batch, reference):
     assert tuple(w_up.sharding.spec) == ("fsdp", "tensor") and w_up.addressable_shards[0].data.shape == (16, 64)
     # the same math as the stacked layout, from the same (converted) initial parameters
     params = unstack_layers(init_ref["params"], 2)
-    state = jax.device_put({"step": init_ref["step"], "params": params, "opt_state": prog.tx.init(params)},
-                           prog.state_shardings)
+    state = prog.init_from_params(jax.device_put(params, prog.model.param_shardings))
     new_state, metrics = prog.train_step(state, prog.global_batch(batch))
     assert float(metrics["loss"]) == pytest.approx(loss_ref, rel=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=PARAM_ATOL, rtol=0),
