@@ -34,7 +34,8 @@ def test_train_print_config_through_the_shared_builder(tmp_path):
     cfg = json.loads(r.stdout)
     assert cfg["model"]["use_bias"] is False and cfg["model"]["n_kv_heads"] is None
     for bad, words in (("model.tie_embeddings=no", "model.tie_embeddings takes true/false/1/0"),
-                       ("optim.lr=abc", "optim.lr takes a number"), ("train.steps=1.5", "train.steps takes an integer")):
+                       ("optim.lr=abc", "optim.lr takes a number"),
+                       ("train.steps=1.5", "train.steps takes an integer")):
         r = run_cli("train", "--set", bad, "--print-config", env=ENV)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
 

@@ -77,7 +77,7 @@ def test_nothing_but_the_cli_imports_the_consumers():
 
 
 def test_the_table_has_no_cycles():
-    seen, done = set(), set()
+    done = set()
 
     def visit(layer, stack):
         assert layer not in stack, f"cycle: {' -> '.join(stack + [layer])}"

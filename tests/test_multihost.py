@@ -131,6 +131,6 @@ def test_two_process_sigterm_agrees_on_a_step_saves_and_resumes(tmp_path, small_
     step_dir = run / "checkpoints" / str(step)
     assert {p.name for p in (step_dir / "data").glob("process_*.json")} == {"process_0-of-2.json",
                                                                            "process_1-of-2.json"}
-    outs = run_processes(path, 2, 2, "--resume", "--steps", str(step + 4), "--set", f"optim.schedule_steps=400")
+    outs = run_processes(path, 2, 2, "--resume", "--steps", str(step + 4), "--set", "optim.schedule_steps=400")
     assert f"steps {step}->{step + 4}" in outs[0]
     assert summary(run)["final_step"] == step + 4

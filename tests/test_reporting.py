@@ -1,9 +1,6 @@
 """Reporting: metrics.jsonl, TensorBoard event files (read back), console lines, plots."""
 
-import json
 import struct
-
-import pytest
 
 from gptjax.reporting import Reporter, plot_runs, read_metrics
 

@@ -1,1 +1,2 @@
-"""Console scripts, one module each (``gptjax-train``, ``gptjax-sample``, ``gptjax-plan``, ``gptjax-plot``); the top layer."""
+"""Console scripts, one module each (``gptjax-train``, ``gptjax-sample``, ``gptjax-plan``, ``gptjax-plot``);
+the top layer."""

@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import Iterator
 
-from gptjax.config import MODEL_PRESETS, RUN_PRESETS, ConfigError, RunConfig, build_config_dict, build_run_config
+from gptjax.config import MODEL_PRESETS, RUN_PRESETS, ConfigError, RunConfig, build_run_config
 
 
 def add_config_args(p: argparse.ArgumentParser, default_preset: str | None = "austen") -> None:

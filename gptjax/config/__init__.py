@@ -7,5 +7,5 @@ from gptjax.config.schema import (ConfigError, DataConfig, MeshConfig, ModelConf
                                   TrainConfig)
 
 __all__ = ["ConfigError", "DataConfig", "MeshConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
-           "MODEL_PRESETS", "RUN_PRESETS", "apply_overrides", "build_config_dict", "build_run_config", "load_config_file",
-           "model_preset", "run_preset"]
+           "MODEL_PRESETS", "RUN_PRESETS", "apply_overrides", "build_config_dict", "build_run_config",
+           "load_config_file", "model_preset", "run_preset"]

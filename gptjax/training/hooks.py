@@ -71,7 +71,8 @@ class LogHook(Hook):
     def __init__(self, every: int, reporter: Reporter, clock: Clock, tokens_per_step: int, flops_per_token: float,
                  peak_flops: float, n_devices: int):
         self.every, self.reporter, self.clock = every, reporter, clock
-        self.tokens_per_step, self.fpt, self.peak, self.n_devices = tokens_per_step, flops_per_token, peak_flops, n_devices
+        self.tokens_per_step, self.fpt = tokens_per_step, flops_per_token
+        self.peak, self.n_devices = peak_flops, n_devices
         self.window_steps, self.last_loss = 0, None
 
     def after_step(self, step, end, state, metrics):

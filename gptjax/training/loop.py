@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from gptjax.reporting.reporter import Reporter
 from gptjax.training.hooks import Hook

@@ -1,7 +1,7 @@
 """The compiled training program: sharded state init, the train step, over a mesh.
 
-Train state is a plain pytree ``{"step", "params", "opt_state", "nonfinite"}`` (params as a pure dict of arrays, the model's
-structure kept in ``ShardedModel``'s static ``GraphDef``), so every function here is pure and runs under
+Train state is a plain pytree ``{"step", "params", "opt_state", "nonfinite"}`` (params as a pure dict of arrays,
+the model's structure kept in ``ShardedModel``'s static ``GraphDef``), so every function here is pure and runs under
 ``jax.jit`` with explicit in/out shardings derived from the logical-axis rules. Optimizer state is sharded like
 its parameters.
 
