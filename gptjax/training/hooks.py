@@ -79,7 +79,7 @@ class LogHook(Hook):
         self.window_steps += 1
         if step % self.every and step != end:
             return
-        m = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
+        m = jax.device_get(metrics)
         dt = self.clock.lap()
         tps = self.window_steps * self.tokens_per_step / dt
         row = self.reporter.train(step, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), lr=float(m["lr"]),
