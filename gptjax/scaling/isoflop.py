@@ -1,0 +1,208 @@
+"""Approach 2 of Hoffmann et al. (2022), IsoFLOP profiles, and approach 1, the minimum-loss envelope of whole
+training curves. Both end in the power laws N_opt = k_N C^a and D_opt = k_D C^b, fitted by least squares in
+log-log space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from gptjax.scaling.points import Points, ScalingInputError
+
+
+@dataclasses.dataclass
+class PowerLaw:
+    """y = k x^exponent."""
+    exponent: float
+    k: float
+
+    def __call__(self, x):
+        return self.k * np.asarray(x, float) ** self.exponent
+
+    @classmethod
+    def fit(cls, x, y) -> "PowerLaw":
+        slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
+        return cls(float(slope), float(math.exp(intercept)))
+
+
+@dataclasses.dataclass
+class Profile:
+    """One budget's IsoFLOP profile: loss = p0 + p1 u + p2 u^2 with u = log(x), x = N (or D)."""
+    budget: float
+    coef: tuple[float, float, float]  # (p2, p1, p0)
+    x_opt: float
+    log_x_opt_sd: float  # standard error of log(x_opt) by the delta method (NaN with no residual dof)
+    loss_opt: float
+    x_min: float
+    x_max: float
+    n_points: int
+
+    @property
+    def bracketed(self) -> bool:
+        """The parabola is convex and its minimum lies inside the sampled range."""
+        return self.coef[0] > 0 and self.x_min <= self.x_opt <= self.x_max
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "bracketed": self.bracketed}
+
+
+def fit_profile(budget: float, x, loss) -> Profile:
+    u, y = np.log(np.asarray(x, float)), np.asarray(loss, float)
+    X = np.stack([u * u, u, np.ones_like(u)], 1)
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    p2, p1, p0 = (float(c) for c in coef)
+    u_opt = -p1 / (2 * p2) if p2 != 0 else math.nan
+    dof = len(u) - 3
+    sd = math.nan
+    if dof > 0 and p2 > 0:
+        s2 = float(np.sum((X @ coef - y) ** 2)) / dof
+        cov = s2 * np.linalg.inv(X.T @ X)
+        J = np.array([p1 / (2 * p2 * p2), -1 / (2 * p2), 0.0])  # d u_opt / d(p2, p1, p0)
+        sd = float(math.sqrt(max(J @ cov @ J, 0.0)))
+    loss_opt = p0 + p1 * u_opt + p2 * u_opt * u_opt if p2 > 0 else float(np.min(y))
+    return Profile(budget=float(budget), coef=(p2, p1, p0), x_opt=float(math.exp(u_opt)) if p2 > 0 else math.nan,
+                   log_x_opt_sd=sd, loss_opt=float(loss_opt), x_min=float(np.min(x)), x_max=float(np.max(x)),
+                   n_points=len(u))
+
+
+def _groups(points: Points) -> list[tuple[float, np.ndarray]]:
+    g = points.budgets()
+    return [(float(b), np.flatnonzero(g == b)) for b in np.unique(g)]
+
+
+def check_isoflop(points: Points) -> None:
+    usable = [b for b, idx in _groups(points) if len(np.unique(points.params[idx])) >= 3]
+    if len(usable) < 2:
+        raise ScalingInputError(f"{points.source}: approach 2 needs at least 2 compute budgets with 3 or more "
+                                f"model sizes each; found {len(usable)} (group points with a 'budget' column, or "
+                                "give points of equal compute)")
+
+
+def fit_isoflop(points: Points, bootstrap: int = 0, seed: int = 0) -> dict:
+    """Approach 2 on final points: a parabola per budget in log N (and in log D), its minimum, then power laws
+    of the minima against compute. Warns for each profile whose minimum is outside its sampled range."""
+    check_isoflop(points)
+    out, warnings = {}, []
+    for var, xs in (("params", points.params), ("tokens", points.tokens)):
+        profiles = [fit_profile(b, xs[idx], points.loss[idx]) for b, idx in _groups(points)
+                    if len(np.unique(xs[idx])) >= 3]
+        good = [p for p in profiles if p.bracketed]
+        for p in profiles:
+            if not p.bracketed and var == "params":
+                where = ("not convex" if p.coef[0] <= 0 else
+                         f"at N={p.x_opt:.3g}, outside the sampled {p.x_min:.3g}..{p.x_max:.3g}")
+                warnings.append(f"budget {p.budget:.3g}: the IsoFLOP minimum is {where}; the profile does not "
+                                "bracket its optimum (add sizes on that side); left out of the power law")
+        if len(good) < 2:
+            raise ScalingInputError(f"{points.source}: approach 2 needs at least 2 budgets whose profile brackets "
+                                    f"its minimum; {len(good)} of {len(profiles)} do")
+        law = PowerLaw.fit([p.budget for p in good], [p.x_opt for p in good])
+        out[var] = {"profiles": [p.to_dict() for p in profiles], "law": dataclasses.asdict(law)}
+    result = {"a": out["params"]["law"]["exponent"], "b": out["tokens"]["law"]["exponent"],
+              "k_params": out["params"]["law"]["k"], "k_tokens": out["tokens"]["law"]["k"],
+              "profiles": out["params"]["profiles"], "token_profiles": out["tokens"]["profiles"],
+              "warnings": warnings}
+    if bootstrap:
+        result["bootstrap"] = _bootstrap_isoflop(points, bootstrap, seed)
+    return result
+
+
+def _bootstrap_isoflop(points: Points, n: int, seed: int) -> dict:
+    """Resample the points within each budget (with replacement) and refit: samples of a, b, and each budget's
+    N_opt. Resamples whose profiles do not give two bracketed minima are dropped (their count is reported)."""
+    rng = np.random.default_rng(seed)
+    groups = _groups(points)
+    a, b, failed = [], [], 0
+    nopt = {bud: [] for bud, _ in groups}
+    for _ in range(n):
+        sel = np.concatenate([rng.choice(idx, len(idx)) for _, idx in groups])
+        try:
+            r = fit_isoflop(_resampled(points, sel))
+        except ScalingInputError:
+            failed += 1
+            continue
+        a.append(r["a"])
+        b.append(r["b"])
+        for p in r["profiles"]:
+            nopt[p["budget"]].append(p["x_opt"])
+    return {"a": a, "b": b, "n_opt": {str(k): v for k, v in nopt.items()}, "failed": failed}
+
+
+def _resampled(points: Points, rows: np.ndarray) -> Points:
+    return dataclasses.replace(
+        points, params=points.params[rows], tokens=points.tokens[rows], flops=points.flops[rows],
+        loss=points.loss[rows], run=[points.run[i] for i in rows], final=points.final[rows],
+        budget=points.budgets()[rows])
+
+
+# ---- approach 1 -----------------------------------------------------------------------------------------------------
+def check_envelope(points: Points) -> None:
+    curves = _curves(points)
+    if len(curves) < 2 or len({c["params"] for c in curves}) < 2:
+        raise ScalingInputError(f"{points.source}: approach 1 needs loss curves (2 or more rows per 'run') of at "
+                                f"least 2 model sizes; found {len(curves)} such run(s)")
+
+
+def fit_envelope(points: Points, n_flops: int = 250, bootstrap: int = 0, seed: int = 0) -> dict:
+    """Approach 1: at log-spaced compute values, the run whose (interpolated) curve has the lowest loss there
+    gives (N_opt, D_opt); power laws are fitted to those. Curves are interpolated linearly in log compute and
+    only inside their range; a compute value counts if at least two curves cover it."""
+    check_envelope(points)
+    curves = _curves(points)
+    env = _envelope(curves, n_flops)
+    if len(env["flops"]) < 2 or len(np.unique(env["params"])) < 2:
+        raise ScalingInputError(f"{points.source}: approach 1: the curves' compute ranges overlap too little "
+                                "(fewer than 2 compute values where two curves meet, or one size wins everywhere)")
+    law_n, law_d = PowerLaw.fit(env["flops"], env["params"]), PowerLaw.fit(env["flops"], env["tokens"])
+    out = {"a": law_n.exponent, "b": law_d.exponent, "k_params": law_n.k, "k_tokens": law_d.k,
+           "envelope": {k: v.tolist() for k, v in env.items()}, "n_runs": len(curves)}
+    if bootstrap:
+        rng = np.random.default_rng(seed)
+        a, b, failed = [], [], 0
+        for _ in range(bootstrap):
+            pick = [curves[i] for i in rng.choice(len(curves), len(curves))]
+            e = _envelope(pick, n_flops)
+            if len(e["flops"]) < 2 or len(np.unique(e["params"])) < 2:
+                failed += 1
+                continue
+            a.append(PowerLaw.fit(e["flops"], e["params"]).exponent)
+            b.append(PowerLaw.fit(e["flops"], e["tokens"]).exponent)
+        out["bootstrap"] = {"a": a, "b": b, "failed": failed}
+    return out
+
+
+def _curves(points: Points) -> list[dict]:
+    curves = []
+    for run in dict.fromkeys(points.run):
+        idx = np.asarray([i for i, r in enumerate(points.run) if r == run])
+        idx = idx[np.argsort(points.flops[idx])]
+        if len(idx) >= 2:
+            curves.append({"params": float(points.params[idx[0]]), "flops": points.flops[idx],
+                           "tokens": points.tokens[idx], "loss": points.loss[idx]})
+    return curves
+
+
+def _envelope(curves: list[dict], n_flops: int) -> dict[str, np.ndarray]:
+    lo = min(c["flops"][0] for c in curves)
+    hi = max(c["flops"][-1] for c in curves)
+    grid = np.exp(np.linspace(math.log(lo), math.log(hi), n_flops))
+    rows = {"flops": [], "params": [], "tokens": [], "loss": []}
+    for c in grid:
+        best, count = None, 0
+        for cur in curves:
+            if not cur["flops"][0] <= c <= cur["flops"][-1]:
+                continue
+            count += 1
+            lc = np.log(cur["flops"])
+            loss = float(np.interp(math.log(c), lc, cur["loss"]))
+            if best is None or loss < best[0]:
+                best = (loss, cur["params"], float(np.exp(np.interp(math.log(c), lc, np.log(cur["tokens"])))))
+        if count >= 2:
+            rows["flops"].append(c)
+            rows["loss"].append(best[0])
+            rows["params"].append(best[1])
+            rows["tokens"].append(best[2])
+    return {k: np.asarray(v) for k, v in rows.items()}
