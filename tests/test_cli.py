@@ -13,7 +13,7 @@ def test_console_scripts_are_registered():
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts == {f"gptjax-{name}": f"gptjax.cli.{name}:main" for name in ("train", "sample", "plan", "plot")}
+    assert scripts == {f"gptjax-{name}": f"gptjax.cli.{name}:main" for name in ("train", "sample", "plan", "plot", "scaling")}
     for name in ("train", "sample", "plan", "plot"):
         assert (ROOT / "gptjax" / "cli" / f"{name}.py").exists()
 

@@ -36,10 +36,13 @@ def plot_fit(points: Points, fit: dict, out: str | Path, title: str | None = Non
     fig, axes = plt.subplots(2, 3, figsize=(17, 10))
     cmap = plt.get_cmap("viridis")
 
-    # 1. IsoFLOP profiles
+    # 1. IsoFLOP profiles (without approach 2: the points, coloured by tokens)
     ax = axes[0, 0]
     budgets = finals.budgets()
-    ub = np.unique(budgets)
+    ub = np.unique(budgets) if a2 else []
+    if not a2:
+        sc = ax.scatter(finals.params, finals.loss, c=np.log10(finals.tokens), cmap="viridis", s=18)
+        fig.colorbar(sc, ax=ax, label="log10 D")
     for i, b in enumerate(ub):
         col = cmap(i / max(len(ub) - 1, 1))
         m = budgets == b
@@ -58,8 +61,10 @@ def plot_fit(points: Points, fit: dict, out: str | Path, title: str | None = Non
                         mec="k", capsize=3)
     if heldout is not None:
         ax.scatter(heldout.params, heldout.loss, marker="x", color="red", s=40, label="held out")
-    ax.set(xscale="log", xlabel="parameters N", ylabel="final validation loss", title="IsoFLOP profiles")
-    ax.legend(fontsize=7)
+    ax.set(xscale="log", xlabel="parameters N", ylabel="final validation loss",
+           title="IsoFLOP profiles" if a2 else "final loss against N")
+    if a2 or heldout is not None:
+        ax.legend(fontsize=7)
 
     # 2-3. N_opt and D_opt against compute
     for ax, var, key, law_k in ((axes[0, 1], "params", "a", "k_params"), (axes[0, 2], "tokens", "b", "k_tokens")):
@@ -131,6 +136,11 @@ def plot_fit(points: Points, fit: dict, out: str | Path, title: str | None = Non
         ax.legend(fontsize=7)
     ax.set(xscale="log", xlabel="compute C (FLOPs)", ylabel="log L - log L_fit", title="approach 3 residuals")
 
+    from matplotlib.ticker import NullFormatter
+
+    for ax in axes.flat:  # decade labels only: minor log-tick labels overlap on narrow ranges
+        if ax.get_xscale() == "log":
+            ax.xaxis.set_minor_formatter(NullFormatter())
     if title:
         fig.suptitle(title)
     fig.tight_layout()
