@@ -7,17 +7,19 @@ a held-out prediction of the largest budget, a warmup-stable-decay (WSD) variant
 
 Design (stated, so the numbers can be read):
 - Data: the embedded corpus with a 352-piece BPE vocabulary (the smallest byte-fallback vocabulary it trains):
-  3.2M training tokens, 171k validation tokens. Every run sees at most ~1 epoch (``MAX_EPOCHS``): no budget is
+  3.2M training tokens, 171k validation tokens. Every run sees at most ~1 epoch (``MAX_EPOCHS``, checked): no budget is
   large enough that a size bracketing its optimum would repeat data (Muennighoff et al. 2023).
 - N is the non-embedding parameter count (``gptjax.scaling.sizing``); C = 6 N D. Models follow the sizing rule
   there (LLaMA-style, d_model ~ 32 x n_layers, 16-wide heads, SwiGLU 8/3).
-- Each run: batch 16 x 128 tokens, AdamW lr 3e-3 (b2 0.95, wd 0.1, clip 1), warmup 5% of steps, cosine decay to
-  0.1 x lr over exactly the run's own length (the Chinchilla lesson: a cycle longer than the run overstates
-  its loss). Validation loss on the first 24 x 16 validation windows, at each quarter of the run.
-- Budgets ``BUDGETS`` (a 30x range) x ``SIZES`` sizes, spaced by 2x around the size the pilot profile put at
-  the optimum (``TOKENS_PER_PARAM`` tokens per parameter), so each parabola has points on both sides.
+- Each run: batch 4 x 128 tokens (a pilot at 16 x 128 left the larger models of a budget with ~100 steps, far
+  from converged), AdamW lr 3e-3 (b2 0.95, wd 0.1, clip 1), warmup 5% of steps, cosine decay to 0.1 x lr over
+  exactly the run's own length (the Chinchilla lesson: a cycle longer than the run overstates its loss).
+  Validation loss on the first 64 x 4 validation windows (33k tokens), at each quarter of the run.
+- Budgets ``BUDGETS`` (6e9 to 2e11 FLOPs, 33x) x ``SIZES`` sizes spaced ``SIZE_STEP`` (1.6x) apart around the
+  size with ``TOKENS_PER_PARAM`` (50) tokens per parameter, where a pilot profile at 2e11 put the optimum.
 - Held-out: approach 3 is fitted on ``BUDGETS`` and its predictions for the ``HELDOUT_BUDGET`` runs (the largest
-  budget, 2.5x the largest fitted one) are written to ``prediction.json`` before those runs are trained; then they are trained and the error is reported.
+  budget, 2.5x the largest fitted one) are written to ``prediction.json`` before those runs are trained; then
+  they are trained and the error is reported.
 - WSD: per size in ``WSD_SIZES``, one constant-lr run of ``WSD_STEPS`` steps with 20% linear cooldowns branched
   off its checkpoints at several token counts (Hägele et al. 2024): many (N, D) points per size for one
   long run, fitted with approach 3 and compared with the cosine grid.
@@ -47,8 +49,8 @@ from gptjax.scaling.sizing import model_for_params, scaling_params  # noqa: E402
 
 VOCAB, SEQ, BATCH, LR = 352, 128, 4, 3e-3
 TOKENS_PER_STEP = SEQ * BATCH
-TRAIN_TOKENS = 3_213_552  # training split at VOCAB (checked at start)
-MAX_EPOCHS = 1.0
+TRAIN_TOKENS = 3_213_552  # the training split at VOCAB
+MAX_EPOCHS = 1.05  # "about one epoch": every run's tokens are checked against it
 BUDGETS = (6e9, 1.5e10, 4e10, 1e11, 2e11)
 HELDOUT_BUDGET, HELDOUT_SIZES = 5e11, 3
 TOKENS_PER_PARAM = 50.0
@@ -94,6 +96,9 @@ def grid(budgets, sizes: int = SIZES) -> list[tuple[str, float, RunConfig]]:
                 continue
             seen.add(n)
             tokens = c / (6 * n)
+            if tokens > MAX_EPOCHS * TRAIN_TOKENS:
+                raise SystemExit(f"budget {c:.3g}: a {n}-parameter model would see {tokens / TRAIN_TOKENS:.2f} "
+                                 f"epochs (> {MAX_EPOCHS}); lower the budget or the size spread")
             name = f"C{c:.0e}_N{n}".replace("+", "")
             out.append((name, c, run_config(name, n, tokens)))
     return out

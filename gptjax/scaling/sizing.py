@@ -4,7 +4,8 @@ non-embedding parameter count is closest to a target N.
 Rule: depth n_layers = round((N / 12,288)^(1/3)) (at least 1), i.e. an aspect ratio d_model ~ 32 x n_layers;
 width d_model = the multiple of 8 nearest sqrt(N / (12 n_layers)) (12 d^2 per block: 4 d^2 attention plus a
 SwiGLU MLP of 3 d d_ff with d_ff = 8/3 d); then d_ff, a multiple of 8 in [d_model, 6 d_model], takes up the rest
-of the target, so sizes are fine-grained even where one width step is a 2x jump in N; heads of 16 dimensions (8 where d_model is not a multiple of 16). N counts the
+of the target, so sizes are fine-grained even where one width step is a 2x jump in N; heads of 16 dimensions
+(8 where d_model is not a multiple of 16). N counts the
 blocks and the final norm, not the token embedding (tied with the output layer), as in Kaplan et al. (2020):
 with the small vocabularies of CPU sweeps, the embedding would otherwise dominate the smallest models.
 """
