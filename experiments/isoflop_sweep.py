@@ -301,10 +301,7 @@ def main(argv=None) -> None:
     stable, branches = wsd_jobs()
     run_all(stable, a.jobs, "wsd stable")
     run_all(branches, a.jobs, "wsd branches")
-    wsd_rows = []
-    for name, cfg, _ in stable + branches:
-        r = [x for x in collect_run_final(RUNS / name)]
-        wsd_rows += r
+    wsd_rows = [r for name, _, _ in stable + branches for r in collect_run_final(RUNS / name)]
     write_points(wsd_rows, RESULTS / "wsd_points.csv")
     wsd_points = points_from_rows(wsd_rows, where=str(RESULTS / "wsd_points.csv"))
     wsd_fit = _fit_and_plot(wsd_points, RESULTS / "wsd_fit.json", RESULTS / "wsd_fit.png",

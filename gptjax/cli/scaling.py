@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from gptjax.cli.common import user_errors
+from gptjax.reporting.files import write_atomic
 
 
 def _fit(a) -> int:
@@ -31,9 +32,7 @@ def _fit(a) -> int:
                         skip_inapplicable=a.approach == "all")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_atomic(out, json.dumps(result, indent=2) + "\n")
     for w in result["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     print(summary_text(result))

@@ -101,25 +101,30 @@ def fit_points(points: Points, approaches=APPROACHES, bootstrap: int = 0, drop_h
     if "2" in approaches and _applicable(check_isoflop, finals, "2", skip_inapplicable, out):
         t = time.perf_counter()
         r = fit_isoflop(finals, bootstrap=bootstrap, seed=seed)
-        bs = r.pop("bootstrap", None)
+        bs = _exponent_intervals(r)
         if bs:
-            r["ci"] = {"a": _ci(bs["a"]), "b": _ci(bs["b"])}
             for p in r["profiles"]:
                 p["x_opt_ci"] = _ci(bs["n_opt"].get(str(p["budget"]), []))
-            r["bootstrap_failed"] = bs["failed"]
         out["timings_s"]["approach2"] = time.perf_counter() - t
         out["warnings"] += r["warnings"]
         out["approach2"] = r
     if "1" in approaches and _applicable(check_envelope, points, "1", skip_inapplicable, out):
         t = time.perf_counter()
         r = fit_envelope(points, bootstrap=bootstrap, seed=seed)
-        bs = r.pop("bootstrap", None)
-        if bs:
-            r["ci"] = {"a": _ci(bs["a"]), "b": _ci(bs["b"])}
-            r["bootstrap_failed"] = bs["failed"]
+        _exponent_intervals(r)
         out["timings_s"]["approach1"] = time.perf_counter() - t
         out["approach1"] = r
     return out
+
+
+def _exponent_intervals(result: dict) -> dict | None:
+    """Replace an approach-1/2 result's raw bootstrap samples by intervals of its exponents (and the count of
+    failed resamples); returns the samples for approach-specific extras."""
+    bs = result.pop("bootstrap", None)
+    if bs:
+        result["ci"] = {"a": _ci(bs["a"]), "b": _ci(bs["b"])}
+        result["bootstrap_failed"] = bs["failed"]
+    return bs
 
 
 def _applicable(check, points: Points, name: str, skip: bool, out: dict) -> bool:

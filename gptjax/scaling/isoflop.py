@@ -115,12 +115,13 @@ def _bootstrap_isoflop(points: Points, n: int, seed: int) -> dict:
     N_opt. Resamples whose profiles do not give two bracketed minima are dropped (their count is reported)."""
     rng = np.random.default_rng(seed)
     groups = _groups(points)
+    resolved = dataclasses.replace(points, budget=points.budgets())  # the groups, fixed before resampling
     a, b, failed = [], [], 0
     nopt = {bud: [] for bud, _ in groups}
     for _ in range(n):
         sel = np.concatenate([rng.choice(idx, len(idx)) for _, idx in groups])
         try:
-            r = fit_isoflop(_resampled(points, sel))
+            r = fit_isoflop(resolved.take(sel))
         except ScalingInputError:
             failed += 1
             continue
@@ -129,13 +130,6 @@ def _bootstrap_isoflop(points: Points, n: int, seed: int) -> dict:
         for p in r["profiles"]:
             nopt[p["budget"]].append(p["x_opt"])
     return {"a": a, "b": b, "n_opt": {str(k): v for k, v in nopt.items()}, "failed": failed}
-
-
-def _resampled(points: Points, rows: np.ndarray) -> Points:
-    return dataclasses.replace(
-        points, params=points.params[rows], tokens=points.tokens[rows], flops=points.flops[rows],
-        loss=points.loss[rows], run=[points.run[i] for i in rows], final=points.final[rows],
-        budget=points.budgets()[rows])
 
 
 # ---- approach 1 -----------------------------------------------------------------------------------------------------

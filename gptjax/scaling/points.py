@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 from pathlib import Path
@@ -19,7 +20,9 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from gptjax.config import RunConfig
+from gptjax.reporting.files import write_atomic
 from gptjax.reporting.metrics import read_metrics
+from gptjax.scaling.sizing import scaling_params
 
 
 class ScalingInputError(ValueError):
@@ -44,12 +47,16 @@ class Points:
     def __len__(self) -> int:
         return len(self.loss)
 
-    def select(self, mask) -> "Points":
-        mask = np.asarray(mask, bool)
+    def take(self, rows) -> "Points":
+        """The points at integer ``rows`` (repeats allowed: bootstrap resamples)."""
+        rows = np.asarray(rows, int)
         return dataclasses.replace(
-            self, params=self.params[mask], tokens=self.tokens[mask], flops=self.flops[mask], loss=self.loss[mask],
-            run=[r for r, m in zip(self.run, mask) if m], final=self.final[mask],
-            budget=None if self.budget is None else self.budget[mask])
+            self, params=self.params[rows], tokens=self.tokens[rows], flops=self.flops[rows], loss=self.loss[rows],
+            run=[self.run[i] for i in rows], final=self.final[rows],
+            budget=None if self.budget is None else self.budget[rows])
+
+    def select(self, mask) -> "Points":
+        return self.take(np.flatnonzero(np.asarray(mask, bool)))
 
     def finals(self) -> "Points":
         return self.select(self.final)
@@ -142,22 +149,18 @@ def write_points(rows: Iterable[dict], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     cols = [c for c in POINT_COLUMNS if any(c in r for r in rows)]
     cols += sorted({k for r in rows for k in r} - set(cols))
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-    tmp.replace(path)
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    return write_atomic(path, buf.getvalue())
 
 
 def collect_run(run_dir: str | Path, params_fn=None, flops_fn=None) -> list[dict]:
     """The rows of one finished run directory: every validation evaluation (tokens = step x batch x seq_len),
     the last flagged ``final``. ``params_fn(ModelConfig)`` gives N (default: non-embedding parameters);
     ``flops_fn(cfg, params, tokens)`` gives C (default 6 N D)."""
-    from gptjax.scaling.sizing import scaling_params
-
     run_dir = Path(run_dir)
     cfg_path, metrics_path = run_dir / "config.json", run_dir / "metrics.jsonl"
     if not cfg_path.is_file() or not metrics_path.is_file():
