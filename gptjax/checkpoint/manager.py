@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,19 @@ class _IteratorSnapshot:
 
     def get_state(self) -> bytes:  # grain's handler writes these bytes, as it would the live iterator's state
         return self._state
+
+
+def _save_args(state: Any) -> Any:
+    """Orbax save arguments: scan-stacked block tensors (a ``blocks`` key followed by a parameter name, not a
+    layer number) are stored in one chunk per layer, so a reader can take one layer without decoding the stack
+    (``checkpoint/tensors.py``); everything else in chunks of its shard, orbax's default."""
+
+    def args(path, leaf):
+        keys = [str(getattr(k, "key", getattr(k, "idx", ""))) for k in path]
+        stacked = any(k == "blocks" and not nxt.isdigit() for k, nxt in zip(keys, keys[1:]))
+        return ocp.SaveArgs(shard_axes=(0,)) if stacked and getattr(leaf, "ndim", 0) >= 1 else ocp.SaveArgs()
+
+    return jax.tree_util.tree_map_with_path(args, state)
 
 
 class Checkpointer:
@@ -82,7 +96,7 @@ class Checkpointer:
         seconds training was paused for it."""
         t = time.perf_counter()
         self.wait()
-        items = {"state": ocp.args.StandardSave(state)}
+        items = {"state": ocp.args.StandardSave(state, save_args=_save_args(state))}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
         try:
@@ -108,17 +122,18 @@ class Checkpointer:
                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; the earlier "
                                     f"checkpoints {self.all_steps()} are untouched")
 
-    def problem(self, step: int) -> str | None:
-        """Why step ``step`` cannot be restored, as far as its files tell (None: it looks intact)."""
+    def problem(self, step: int, items: tuple[str, ...] = ITEMS) -> str | None:
+        """Why step ``step`` cannot be restored, as far as its files tell (None: it looks intact); ``items``: the
+        items that must be there (readers of parameters only need ``("state",)``)."""
         path = self.directory / str(step)
         if not path.is_dir():
             return "its directory is missing"
-        missing = [n for n in ITEMS if not (path / n).is_dir()]
+        missing = [n for n in items if not (path / n).is_dir()]
         if missing:
             return f"item(s) {missing} missing"
         if not any(path.iterdir()) or not (path / "_CHECKPOINT_METADATA").exists():
             return "no checkpoint metadata (an incomplete or emptied step directory)"
-        unmarked = [n for n in ("", *ITEMS) if not (path / n / COMMIT_MARKER).exists()]
+        unmarked = [n for n in ("", *items) if not (path / n / COMMIT_MARKER).exists()]
         if unmarked:
             return f"no commit marker in {[n or '.' for n in unmarked]} (the save did not finish)"
         if not (path / "state" / "_METADATA").exists():

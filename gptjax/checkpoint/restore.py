@@ -39,7 +39,7 @@ def restore_params(run_dir: str | Path, step: int | None = None, mesh: Mesh | No
 # Fields that change the parameters' shapes or meaning; the others (compute dtype, remat, scan layout, z-loss,
 # attention band, rope base, ...) may differ between a run and one initialised from it.
 _PARAM_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "positions",
-                 "norm", "mlp", "use_bias", "tie_embeddings", "qk_norm", "param_dtype")
+                 "norm", "mlp", "use_bias", "qkv_bias", "tie_embeddings", "qk_norm", "param_dtype")
 
 
 def params_for(model: ShardedModel, src: ModelConfig, params: Any) -> Any:

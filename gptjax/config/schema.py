@@ -58,6 +58,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     mlp: str = "swiglu"  # swiglu | gelu
     use_bias: bool = False  # biases in attention/MLP projections (GPT-1/2/3 use them)
+    # q/k/v projection biases; None: as use_bias. GPT-Neo has output and MLP biases but none on q/k/v.
+    qkv_bias: bool | None = None
     tie_embeddings: bool = True
     qk_norm: bool = False
     z_loss: float = 0.0  # coefficient of the log(Z)^2 auxiliary loss (PaLM uses 1e-4)
@@ -86,6 +88,8 @@ class ModelConfig:
         _choice("norm", self.norm, ("rmsnorm", "layernorm"))
         _check(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
         _choice("mlp", self.mlp, ("swiglu", "gelu"))
+        _check(not (self.qkv_bias and not self.use_bias),
+               "qkv_bias=true needs use_bias=true (q/k/v biases without the output and MLP biases are not modelled)")
         _choice("attention", self.attention, ("dense", "alternating"))
         if self.attention == "alternating":
             _check(isinstance(self.window, int) and self.window >= 1,
@@ -99,6 +103,10 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.use_bias if self.qkv_bias is None else self.qkv_bias
 
     @property
     def resolved_head_dim(self) -> int:

@@ -21,7 +21,7 @@ def block_param_counts(cfg: ModelConfig) -> dict[str, int]:
     norm = d * (2 if cfg.norm == "layernorm" else 1)
     attn = d * hd * (h + 2 * k) + h * hd * d
     mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
-    bias = (hd * (h + 2 * k) + d + f + d) if cfg.use_bias else 0
+    bias = (hd * (h + 2 * k) * cfg.has_qkv_bias + d + f + d) if cfg.use_bias else 0
     qk_norm = 2 * hd * (2 if cfg.norm == "layernorm" else 1) if cfg.qk_norm else 0
     return {"attn": attn, "mlp": mlp, "norms": 2 * norm + qk_norm, "bias": bias}
 

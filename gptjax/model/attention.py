@@ -55,14 +55,14 @@ class Attention(nnx.Module):
         self.w_k = param(rngs, (d, k, hd), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), cfg, std)
         self.w_v = param(rngs, (d, k, hd), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), cfg, std)
         self.w_o = param(rngs, (h, hd, d), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), cfg, std / math.sqrt(2 * cfg.n_layers))
-        if cfg.use_bias:
-            # biases are never decayed (b_q/b_k/b_v are per-head matrices, so rank alone would decay them)
+        # biases are never decayed (b_q/b_k/b_v are per-head matrices, so rank alone would decay them)
+        if cfg.has_qkv_bias:
             self.b_q = param(None, (h, hd), (ax.HEADS, ax.HEAD_DIM), cfg, value=0.0, decay=False)
             self.b_k = param(None, (k, hd), (ax.KV_HEADS, ax.HEAD_DIM), cfg, value=0.0, decay=False)
             self.b_v = param(None, (k, hd), (ax.KV_HEADS, ax.HEAD_DIM), cfg, value=0.0, decay=False)
-            self.b_o = param(None, (d,), (ax.EMBED,), cfg, value=0.0, decay=False)
         else:
-            self.b_q = self.b_k = self.b_v = self.b_o = None
+            self.b_q = self.b_k = self.b_v = None
+        self.b_o = param(None, (d,), (ax.EMBED,), cfg, value=0.0, decay=False) if cfg.use_bias else None
         self.q_norm = Norm(cfg, hd, ax.HEAD_DIM) if cfg.qk_norm else None
         self.k_norm = Norm(cfg, hd, ax.HEAD_DIM) if cfg.qk_norm else None
 

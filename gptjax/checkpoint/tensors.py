@@ -1,0 +1,59 @@
+"""Read a checkpoint's parameters one tensor (or one layer of a stacked tensor) at a time, straight from the
+stored arrays (TensorStore over orbax's OCDBT/zarr layout), with no model, no mesh and no device memory.
+
+This is what streaming consumers (export) use: the bytes held at any time are those of the slice asked for, plus
+the chunks it touches. Orbax stores each array in chunks of its write shape (one per device shard); the
+``Checkpointer`` stores scan-stacked block parameters in one chunk per layer, so a layer's slice reads one chunk.
+A checkpoint written on any mesh reads the same: the stored arrays are global.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tensorstore as ts
+
+from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound
+
+# No cache: a slice is decoded, returned and forgotten (a cache would keep every chunk read).
+_CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+
+
+class CheckpointTensors:
+    """The parameters of one checkpoint step: ``shapes`` (``{"blocks.attn.w_q": (shape, dtype)}``) and
+    ``read(name, layer=None)``; ``layer`` takes one index along the leading (layers) axis."""
+
+    def __init__(self, run_dir: str | Path, step: int | None = None):
+        checkpointer = Checkpointer(Path(run_dir) / "checkpoints", create=False)
+        try:
+            self.step = checkpointer._existing_step(step)
+            why = checkpointer.problem(self.step, items=("state",))
+        finally:
+            checkpointer.close()
+        if why is not None:
+            raise CheckpointNotFound(f"checkpoint step {self.step} in {run_dir} cannot be read: {why}")
+        self.directory = Path(run_dir).absolute() / "checkpoints" / str(self.step) / "state"
+        meta = json.loads((self.directory / "_METADATA").read_text())
+        if not meta.get("use_ocdbt", False):
+            raise CheckpointNotFound(f"{self.directory}: not an OCDBT checkpoint (gptjax writes OCDBT)")
+        self._driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+        self.shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        for key in meta["tree_metadata"]:
+            path = [k["key"] for k in meta["tree_metadata"][key]["key_metadata"]]
+            if path[0] == "params":
+                name = ".".join(path[1:])
+                store = self._open(name)
+                self.shapes[name] = (tuple(store.shape), np.dtype(store.dtype.numpy_dtype))
+
+    def _open(self, name: str) -> ts.TensorStore:
+        spec = {"driver": self._driver, "kvstore": {"driver": "ocdbt", "base": f"file://{self.directory}/",
+                                                    "path": f"params.{name}"}}
+        return ts.open(spec, open=True, read=True, context=_CONTEXT).result()
+
+    def read(self, name: str, layer: int | None = None) -> np.ndarray:
+        if name not in self.shapes:
+            raise KeyError(f"no parameter {name!r} in {self.directory}")
+        store = self._open(name)
+        return np.asarray((store if layer is None else store[layer]).read().result())

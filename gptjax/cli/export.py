@@ -1,0 +1,43 @@
+"""``gptjax-export --run-dir R [--step S] --out DIR``: a run's checkpoint as a Hugging Face transformers model
+directory that ``AutoModelForCausalLM.from_pretrained(DIR)`` and ``AutoTokenizer.from_pretrained(DIR)`` load with
+no extra code. The HF family follows from the model config (README, "Export and import"); a model with no exact
+counterpart is refused with the features that stand in the way. Streams one tensor at a time.
+
+Exit codes: 0 done, 2 bad input (one line on stderr; nothing is left in --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gptjax.cli.common import setup_logging, user_errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gptjax-export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True, help="the gptjax run directory to export")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--out", required=True, help="the directory to write (a previous export there is replaced)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="tensor dtype in the files")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file before sharding (e.g. 5GB, "
+                                                           "500MB, 2GiB)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    setup_logging()
+    from gptjax.checkpoint import CheckpointNotFound
+    from gptjax.data.tokenizer import TokenizerError
+    from gptjax.interop.export import ExportError, export_run
+    from gptjax.interop.families import UnsupportedArchitecture
+    from gptjax.interop.tokenizer import TokenizerExportError
+
+    with user_errors(CheckpointNotFound, ExportError, UnsupportedArchitecture, TokenizerExportError, TokenizerError):
+        r = export_run(a.run_dir, a.out, a.step, a.dtype, a.max_shard_size, progress=not a.no_progress)
+    print(f"exported step {r.step} of {a.run_dir} as {r.architecture} to {r.out}: {len(r.files)} safetensors "
+          f"file(s), {r.total_bytes / 1e6:.1f} MB ({a.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""``gptjax-import HF_DIR --run-dir R [--set SECTION.FIELD=VALUE ...]``: a local Hugging Face model directory
+(LLaMA, Qwen3, GPT-2, GPT-Neo; safetensors) as a gptjax run directory: ``config.json``, its sentencepiece
+tokenizer if it has one (``tokenizer.model``), and a step-0 checkpoint, so that
+
+    gptjax-train --run-dir R --resume      # continues training it (on the configured corpus)
+    gptjax-sample --run-dir R              # samples it
+
+The run's other settings come from the default run (``austen``) and ``--set`` (e.g. ``--set train.steps=1000
+--set data.corpus=my.txt``); model fields the checkpoint fixes cannot be changed. Architecture features gptjax
+cannot represent are refused by name. Exit codes: 0 done (or already imported), 2 bad input (nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gptjax.cli.common import UserError, setup_logging, user_errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gptjax-import", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("hf_dir", metavar="HF_DIR", help="a local transformers model directory")
+    p.add_argument("--run-dir", required=True, help="the run directory to create")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a run setting (repeatable)")
+    a = p.parse_args(argv)
+    setup_logging()
+    import dataclasses
+    from pathlib import Path
+
+    from gptjax.config import build_run_config
+    from gptjax.interop.families import UnsupportedArchitecture
+    from gptjax.interop.hf_import import HFImportError, read_hf
+    from gptjax.training.seed import AlreadySeeded, seed_run
+
+    with user_errors(HFImportError, UnsupportedArchitecture, FileExistsError):
+        imported = read_hf(a.hf_dir)
+        fields = dataclasses.asdict(imported.model)
+        seq = [f"train.seq_len={imported.model.max_seq_len}"] if imported.model.max_seq_len < 256 else []
+        cfg = build_run_config("austen", overrides=[f"train.run_dir={a.run_dir}", *seq, *a.set], **fields)
+        changed = [k for k, v in fields.items() if getattr(cfg.model, k) != v and k not in
+                   ("dtype", "remat", "scan_layers", "z_loss", "init_std")]
+        if changed:
+            raise UserError(f"--set cannot change model field(s) the checkpoint fixes: {', '.join(changed)}")
+        if imported.tokenizer_proto is None:
+            print(f"note: {a.hf_dir} has no sentencepiece tokenizer.model; training and sampling need one: "
+                  "--set data.tokenizer=PATH.model", file=sys.stderr)
+        source = {"hf_dir": str(Path(a.hf_dir).absolute()), "architecture": imported.family.architecture,
+                  "config": cfg.to_dict()}
+        try:
+            run_dir = seed_run(cfg, imported.params, imported.tokenizer_proto, source)
+        except AlreadySeeded as done:
+            print(done)
+            return 0
+    print(f"imported {imported.family.architecture} from {a.hf_dir} into {run_dir} (step 0); continue with "
+          f"gptjax-train --run-dir {run_dir} --resume")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Export a run's checkpoint as a Hugging Face transformers directory, streaming.
+
+``export_run(run_dir, out)`` writes ``config.json``, ``generation_config.json``, ``model.safetensors`` (or
+``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` past ``max_shard_size``) and the tokenizer
+(``tokenizer.json`` + config, and the original ``tokenizer.model``), which
+``AutoModelForCausalLM.from_pretrained(out)`` / ``AutoTokenizer.from_pretrained(out)`` load with no extra code.
+
+Streaming: every HF tensor's shape is known from the config, so each safetensors header is written first and the
+tensors are then read from the checkpoint one at a time (one layer's slice of a scan-stacked parameter; see
+``checkpoint/tensors.py``), converted, written and dropped. Peak memory is the largest single tensor (times the
+small constant of a transpose and a dtype cast) plus the process's baseline, whatever the model or shard size.
+
+Everything is written into a temporary sibling of ``out`` and renamed into place at the end, so a failure leaves
+no half-written export; a previous gptjax export at ``out`` is replaced, any other non-empty directory is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from tqdm.auto import tqdm
+
+from gptjax.checkpoint.restore import load_run_config
+from gptjax.checkpoint.tensors import CheckpointTensors
+from gptjax.data.tokenizer import Tokenizer
+from gptjax.interop.families import HFTensor, family_for
+from gptjax.interop.safetensors import INDEX, StreamWriter, parse_size, plan_shards, shard_names
+from gptjax.interop.tokenizer import hf_tokenizer_files
+
+EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+MARKER = "gptjax"  # the config.json key that records where an export came from
+
+
+class ExportError(ValueError):
+    """The export cannot be made as asked; the message says why. Nothing has been written to ``out``."""
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    architecture: str
+    step: int
+    files: list[str]
+    total_bytes: int
+
+
+def gptjax_param(reader: CheckpointTensors, src: str, layer: int | None) -> np.ndarray:
+    """Parameter ``src`` (``blocks.{}.attn.w_q`` form) of ``layer`` from either layer layout."""
+    if "{}" not in src:
+        return reader.read(src)
+    stacked = src.replace("{}.", "")
+    if stacked in reader.shapes:
+        return reader.read(stacked, layer)
+    return reader.read(src.format(layer))
+
+
+def _source_shape(reader: CheckpointTensors, src: str, layer: int | None) -> tuple[int, ...] | None:
+    if "{}" not in src:
+        return reader.shapes.get(src, (None,))[0]
+    stacked = src.replace("{}.", "")
+    if stacked in reader.shapes:
+        return reader.shapes[stacked][0][1:]
+    return reader.shapes.get(src.format(layer), (None,))[0]
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            previous = MARKER in json.loads((out / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = False
+        if not previous:
+            raise ExportError(f"--out {out} is a non-empty directory that is not a gptjax export; choose another "
+                              "or empty it (a previous gptjax export there would be replaced)")
+
+
+def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dtype: str = "float32",
+               max_shard_size: str | int = "5GB", progress: bool = True) -> ExportResult:
+    run_dir, out = Path(run_dir), Path(out)
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
+    try:
+        max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
+    except ValueError as e:
+        raise ExportError(f"--max-shard-size: {e}") from None
+    _check_target(out)
+    cfg = load_run_config(run_dir)
+    family = family_for(cfg.model)
+    reader = CheckpointTensors(run_dir, step)
+    tok_path = run_dir / "tokenizer.model"
+    if not tok_path.is_file():
+        raise ExportError(f"{tok_path} not found: the run's tokenizer is exported with its weights")
+    tokenizer = Tokenizer.load(tok_path)
+    tok_files = hf_tokenizer_files(tokenizer.proto, cfg.model.max_seq_len)
+
+    tensors = family.tensors(cfg.model)
+    for t in tensors:  # config.json and the checkpoint must agree before anything is written
+        for src in t.sources:
+            have = _source_shape(reader, src, t.layer)
+            if have is None:
+                raise ExportError(f"checkpoint step {reader.step} of {run_dir} has no parameter "
+                                  f"{src.format(t.layer)} that {run_dir / 'config.json'} implies")
+    np_dtype = EXPORT_DTYPES[dtype]
+    sizes = [(t.name, int(np.prod(t.shape)) * np_dtype.itemsize) for t in tensors]
+    shards = plan_shards(sizes, max_bytes)
+    files = shard_names(len(shards))
+    by_name = {t.name: t for t in tensors}
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time())}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        bar = tqdm(total=sum(s for _, s in sizes), unit="B", unit_scale=True, desc=f"export {family.architecture}",
+                   disable=not progress)
+        for names, fname in zip(shards, files):
+            specs = {n: (by_name[n].shape, np_dtype) for n in names}
+            with StreamWriter(tmp / fname, specs) as w:
+                for n in names:
+                    w.write(n, _convert(reader, by_name[n], np_dtype))
+                    bar.update(int(np.prod(by_name[n].shape)) * np_dtype.itemsize)
+        bar.close()
+        total = sum(s for _, s in sizes)
+        if len(files) > 1:
+            weight_map = {n: f for names, f in zip(shards, files) for n in names}
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2))
+        hf_cfg = family.hf_config(cfg.model, tokenizer.eos_id, dtype)
+        hf_cfg[MARKER] = {"run_dir": str(run_dir.absolute()), "step": reader.step, "model": cfg.to_dict()["model"]}
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"eos_token_id": tokenizer.eos_id, "bos_token_id": None, "pad_token_id": None}, indent=2))
+        for name, content in tok_files.items():
+            (tmp / name).write_text(json.dumps(content, ensure_ascii=False, indent=None if name == "tokenizer.json"
+                                               else 2))
+        shutil.copyfile(tok_path, tmp / "tokenizer.model")
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out, family.architecture, reader.step, files, total)
+
+
+def _convert(reader: CheckpointTensors, t: HFTensor, dtype: np.dtype) -> np.ndarray:
+    arrays = [gptjax_param(reader, src, t.layer).astype(np.float32) for src in t.sources]
+    value = np.asarray(t.to_hf(*arrays))
+    if tuple(value.shape) != t.shape:
+        raise ExportError(f"{t.name}: made shape {value.shape} from {t.sources}, expected {t.shape}")
+    return np.ascontiguousarray(value.astype(dtype))
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """``tmp`` becomes ``out``; a previous ``out`` is removed only after the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{int(time.time())}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
