@@ -13,9 +13,11 @@ def test_console_scripts_are_registered():
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts == {f"gptjax-{name}": f"gptjax.cli.{name}:main" for name in ("train", "sample", "plan", "plot", "scaling")}
-    for name in ("train", "sample", "plan", "plot"):
-        assert (ROOT / "gptjax" / "cli" / f"{name}.py").exists()
+    modules = {"train": "train", "sample": "sample", "plan": "plan", "plot": "plot", "scaling": "scaling",
+               "export": "export", "import": "import_hf"}
+    assert scripts == {f"gptjax-{name}": f"gptjax.cli.{module}:main" for name, module in modules.items()}
+    for module in modules.values():
+        assert (ROOT / "gptjax" / "cli" / f"{module}.py").exists()
 
 
 def test_train_print_config_through_the_shared_builder(tmp_path):
