@@ -40,11 +40,12 @@ class CheckpointTensors:
             raise CheckpointNotFound(f"{self.directory}: not an OCDBT checkpoint (gptjax writes OCDBT)")
         self._driver = "zarr3" if meta.get("use_zarr3") else "zarr"
         self.shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        self._stores: dict[str, ts.TensorStore] = {}  # open handles (no data: the context has no cache)
         for key in meta["tree_metadata"]:
             path = [k["key"] for k in meta["tree_metadata"][key]["key_metadata"]]
             if path[0] == "params":
                 name = ".".join(path[1:])
-                store = self._open(name)
+                self._stores[name] = store = self._open(name)
                 self.shapes[name] = (tuple(store.shape), np.dtype(store.dtype.numpy_dtype))
 
     def _open(self, name: str) -> ts.TensorStore:
@@ -55,5 +56,5 @@ class CheckpointTensors:
     def read(self, name: str, layer: int | None = None) -> np.ndarray:
         if name not in self.shapes:
             raise KeyError(f"no parameter {name!r} in {self.directory}")
-        store = self._open(name)
+        store = self._stores[name]
         return np.asarray((store if layer is None else store[layer]).read().result())

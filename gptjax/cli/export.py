@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     setup_logging()
+    _unmap_large_buffers()
     from gptjax.checkpoint import CheckpointNotFound
     from gptjax.data.tokenizer import TokenizerError
     from gptjax.interop.export import ExportError, export_run
@@ -37,6 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"exported step {r.step} of {a.run_dir} as {r.architecture} to {r.out}: {len(r.files)} safetensors "
           f"file(s), {r.total_bytes / 1e6:.1f} MB ({a.dtype})")
     return 0
+
+
+def _unmap_large_buffers() -> None:
+    """Fix glibc's mmap threshold at 1 MiB: every tensor-sized buffer is then mapped on allocation and returned to
+    the OS when freed. By default glibc raises the threshold after the first large free, and later tensors come
+    from a heap that fragments; measured on a 795 MB export: peak RSS 418 MB that way, 299 MB this way (230 MB of
+    it the process's imports). No-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

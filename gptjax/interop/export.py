@@ -154,7 +154,7 @@ def _convert(reader: CheckpointTensors, t: HFTensor, dtype: np.dtype) -> np.ndar
     value = np.asarray(t.to_hf(*arrays))
     if tuple(value.shape) != t.shape:
         raise ExportError(f"{t.name}: made shape {value.shape} from {t.sources}, expected {t.shape}")
-    return np.ascontiguousarray(value.astype(dtype))
+    return value.astype(dtype, order="C")  # one copy: the cast and the layout of a transpose together
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

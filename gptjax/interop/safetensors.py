@@ -84,7 +84,8 @@ class StreamWriter:
         shape, dtype = self.specs[name]
         if name != expected or tuple(array.shape) != tuple(shape) or array.dtype != dtype:
             raise SafetensorsError(f"writing {name} {array.shape} {array.dtype}: expected {expected} {shape} {dtype}")
-        self.file.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        array = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
+        self.file.write(memoryview(array.reshape(-1).view(np.uint8)))  # no copy of the bytes
         self.next += 1
 
     def __enter__(self) -> "StreamWriter":
