@@ -6,6 +6,7 @@ transformers and torch come from the ``interop`` extra (installed by ``make test
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -17,6 +18,7 @@ from helpers import ROOT, nano_model, run_cli
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+torch.set_num_threads(1)  # the other test worker has the other core
 
 from gptjax.checkpoint import restore_params  # noqa: E402
 from gptjax.config import RunConfig, TrainConfig  # noqa: E402
@@ -76,6 +78,14 @@ def make_run(tmp: Path, name: str, tokenizer: Tokenizer, **fields) -> tuple[RunC
 
 def layout(model: ShardedModel, params: dict) -> dict:
     return stack_layers(params) if model.cfg.scan_layers else params
+
+
+ONE_DEVICE = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
+
+
+def cli(*args: str):
+    """A console script in a subprocess on one CPU device (not the test session's 8 simulated ones)."""
+    return run_cli(*args, env=ONE_DEVICE)
 
 
 def hf_logits(hf_model, tokens: np.ndarray) -> np.ndarray:
@@ -186,31 +196,35 @@ def test_import_models_built_by_transformers_and_round_trip(tmp_path, tokenizer,
 
 def test_import_cli_then_resume_training_and_sample(tmp_path, tokenizer, small_corpus):
     cfg, _, _ = make_run(tmp_path, "src", tokenizer)
-    assert run_cli("export", "--run-dir", cfg.train.run_dir, "--out", str(tmp_path / "hf"),
+    assert cli("export", "--run-dir", cfg.train.run_dir, "--out", str(tmp_path / "hf"),
                    "--no-progress").returncode == 0
     run = tmp_path / "imported"
     args = ["import_hf", str(tmp_path / "hf"), "--run-dir", str(run), "--set", f"data.corpus={small_corpus}",
-            "--set", "train.steps=3", "--set", "train.batch_size=8", "--set", "train.seq_len=32",
+            "--set", "train.steps=3", "--set", "train.batch_size=4", "--set", "train.seq_len=32",
             "--set", "train.progress=false", "--set", "train.sample_tokens=0", "--set", "train.peak_flops=1e11"]
-    r = run_cli(*args)
+    r = cli(*args)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json", "import.json", "tokenizer.model"]
-    again = run_cli(*args)  # the same import again: a no-op
+    again = cli(*args)  # the same import again: a no-op
     assert again.returncode == 0 and "already holds this import" in again.stdout
-    r = run_cli("train", "--run-dir", str(run), "--resume")
+    r = cli("train", "--run-dir", str(run), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((run / "summary.json").read_text())["final_step"] == 3
-    r = run_cli("sample", "--run-dir", str(run), "--tokens", "5", "--temperature", "0")
+    r = cli("sample", "--run-dir", str(run), "--tokens", "5", "--temperature", "0")
     assert r.returncode == 0 and r.stdout.startswith("It is a truth"), r.stderr[-2000:]
 
 
 @pytest.mark.slow
-def test_trained_default_run_exports_with_the_same_validation_loss(tmp_path):
+def test_trained_default_run_exports_with_the_same_validation_loss(tmp_path, small_corpus):
+    """The default run (its model, tokenizer and training settings) on a 300 KB slice of the corpus, 6 steps.
+    (The full ``make train`` run was checked the same way by hand: README, "Export and import".)"""
     run = tmp_path / "austen"
-    r = run_cli("train", "--run-dir", str(run), "--steps", "20", "--set", "train.progress=false",
-                "--set", "train.sample_tokens=0", "--set", "train.eval_every=20", "--set", "train.peak_flops=1e11")
+    r = cli("train", "--run-dir", str(run), "--steps", "6", "--set", f"data.corpus={small_corpus}",
+                "--set", "data.val_fraction=0.2",
+                "--set", "train.progress=false",
+                "--set", "train.sample_tokens=0", "--set", "train.eval_every=6", "--set", "train.peak_flops=1e11")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert run_cli("export", "--run-dir", str(run), "--out", str(tmp_path / "hf"), "--no-progress").returncode == 0
+    assert cli("export", "--run-dir", str(run), "--out", str(tmp_path / "hf"), "--no-progress").returncode == 0
     from gptjax.data.pipeline import eval_batches
     from gptjax.evals.loss import evaluate
 
@@ -236,20 +250,20 @@ def _error(r) -> str:
 def test_export_bad_input(tmp_path, tokenizer):
     out = tmp_path / "out"
     cfg, _, _ = make_run(tmp_path, "run", tokenizer)
-    assert "no checkpoint for step 7" in _error(run_cli("export", "--run-dir", cfg.train.run_dir, "--step", "7",
+    assert "no checkpoint for step 7" in _error(cli("export", "--run-dir", cfg.train.run_dir, "--step", "7",
                                                          "--out", str(out)))
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text(cfg.to_json())
-    assert "no checkpoint" in _error(run_cli("export", "--run-dir", str(empty), "--out", str(out)))
-    assert "gptjax run directory" in _error(run_cli("export", "--run-dir", str(tmp_path / "nothing"),
+    assert "no checkpoint" in _error(cli("export", "--run-dir", str(empty), "--out", str(out)))
+    assert "gptjax run directory" in _error(cli("export", "--run-dir", str(tmp_path / "nothing"),
                                                     "--out", str(out)))
     bad = RunConfig(model=nano_model(vocab_size=VOCAB, norm="layernorm", n_kv_heads=None, positions="learned",
                                      mlp="swiglu"), train=TrainConfig(run_dir=str(tmp_path / "bad"), seq_len=64))
     with pytest.raises(UnsupportedArchitecture, match=r"GPT2LMHeadModel.*mlp=swiglu"):
         family_for(bad.model)
     seed_run(bad, random_params(ShardedModel(bad.model, single_device_mesh())), tokenizer.proto, {})
-    assert "mlp=swiglu" in _error(run_cli("export", "--run-dir", str(tmp_path / "bad"), "--out", str(out)))
+    assert "mlp=swiglu" in _error(cli("export", "--run-dir", str(tmp_path / "bad"), "--out", str(out)))
     with pytest.raises(UnsupportedArchitecture, match="q/k/v biases"):
         family_for(nano_model(positions="learned", norm="layernorm", mlp="gelu", use_bias=True, n_kv_heads=None,
                               attention="alternating"))
@@ -306,13 +320,20 @@ def test_import_bad_input(tmp_path, tokenizer):
         "act": (edit_config(hidden_act="gelu"), "hidden_act='gelu'"),
     }
     for name, (edit, expected) in cases.items():
-        err = _error(run_cli("import_hf", str(broken(name, edit)), "--run-dir", str(run)))
-        assert expected in err, (name, err)
+        directory = broken(name, edit)
+        if name == "missing":  # the CLI's form once: one line, exit 2, nothing written
+            err = _error(cli("import_hf", str(directory), "--run-dir", str(run)))
+            assert expected in err, (name, err)
+        else:
+            with pytest.raises((HFImportError, UnsupportedArchitecture)) as e:
+                read_hf(directory)
+            assert expected in str(e.value), (name, str(e.value))
         assert not run.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
-    assert "config.json not found" in _error(run_cli("import_hf", str(tmp_path / "nowhere"), "--run-dir", str(run)))
+    with pytest.raises(HFImportError, match="config.json not found"):
+        read_hf(tmp_path / "nowhere")
     with pytest.raises(HFImportError, match="no model.safetensors"):
         read_hf(broken("nofiles", lambda d: (d / "model.safetensors").unlink()))
-    assert "cannot change model field" in _error(run_cli("import_hf", str(hf), "--run-dir", str(run),
+    assert "cannot change model field" in _error(cli("import_hf", str(hf), "--run-dir", str(run),
                                                          "--set", "model.d_ff=96"))
     assert not run.exists()
 
