@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ from gptjax.config import DataConfig, ModelConfig, OptimConfig, RunConfig, Train
 from gptjax.sharding.mesh import single_device_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
+# A subprocess's environment with one CPU device (not the test session's 8 simulated ones).
+ONE_DEVICE_ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
 
 
 def nano_model(**kw) -> ModelConfig:

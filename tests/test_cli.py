@@ -1,12 +1,11 @@
 """Console scripts, as a user runs them (subprocesses on one CPU device)."""
 
 import json
-import os
 
-from helpers import ROOT, run_cli
+from helpers import ONE_DEVICE_ENV, ROOT, run_cli
 from gptjax.data.corpus import default_corpus_path
 
-ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
+ENV = ONE_DEVICE_ENV
 
 
 def test_console_scripts_are_registered():

@@ -6,7 +6,6 @@ transformers and torch come from the ``interop`` extra (installed by ``make test
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ROOT, nano_model, run_cli
+from helpers import ONE_DEVICE_ENV, ROOT, nano_model, run_cli
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -80,12 +79,9 @@ def layout(model: ShardedModel, params: dict) -> dict:
     return stack_layers(params) if model.cfg.scan_layers else params
 
 
-ONE_DEVICE = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
-
-
 def cli(*args: str):
-    """A console script in a subprocess on one CPU device (not the test session's 8 simulated ones)."""
-    return run_cli(*args, env=ONE_DEVICE)
+    """A console script in a subprocess on one CPU device."""
+    return run_cli(*args, env=ONE_DEVICE_ENV)
 
 
 def hf_logits(hf_model, tokens: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from gptjax.config import build_run_config
     from gptjax.interop.families import UnsupportedArchitecture
-    from gptjax.interop.hf_import import HFImportError, read_hf
+    from gptjax.interop.hf_import import SETTABLE_FIELDS, HFImportError, read_hf
     from gptjax.training.seed import AlreadySeeded, seed_run
 
     with user_errors(HFImportError, UnsupportedArchitecture, FileExistsError):
@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         fields = dataclasses.asdict(imported.model)
         seq = [f"train.seq_len={imported.model.max_seq_len}"] if imported.model.max_seq_len < 256 else []
         cfg = build_run_config("austen", overrides=[f"train.run_dir={a.run_dir}", *seq, *a.set], **fields)
-        changed = [k for k, v in fields.items() if getattr(cfg.model, k) != v and k not in
-                   ("dtype", "remat", "scan_layers", "z_loss", "init_std")]
+        changed = [k for k, v in fields.items() if getattr(cfg.model, k) != v and k not in SETTABLE_FIELDS]
         if changed:
             raise UserError(f"--set cannot change model field(s) the checkpoint fixes: {', '.join(changed)}")
         if imported.tokenizer_proto is None:

@@ -51,23 +51,17 @@ class ExportResult:
     total_bytes: int
 
 
+def locate(reader: CheckpointTensors, src: str, layer: int | None) -> tuple[str, int | None]:
+    """Where parameter ``src`` (``blocks.{}.attn.w_q`` form) of ``layer`` is stored, in either layer layout:
+    ``(stored name, index along its leading axis or None)``."""
+    if "{}" not in src:
+        return src, None
+    stacked = src.replace("{}.", "")
+    return (stacked, layer) if stacked in reader.shapes else (src.format(layer), None)
+
+
 def gptjax_param(reader: CheckpointTensors, src: str, layer: int | None) -> np.ndarray:
-    """Parameter ``src`` (``blocks.{}.attn.w_q`` form) of ``layer`` from either layer layout."""
-    if "{}" not in src:
-        return reader.read(src)
-    stacked = src.replace("{}.", "")
-    if stacked in reader.shapes:
-        return reader.read(stacked, layer)
-    return reader.read(src.format(layer))
-
-
-def _source_shape(reader: CheckpointTensors, src: str, layer: int | None) -> tuple[int, ...] | None:
-    if "{}" not in src:
-        return reader.shapes.get(src, (None,))[0]
-    stacked = src.replace("{}.", "")
-    if stacked in reader.shapes:
-        return reader.shapes[stacked][0][1:]
-    return reader.shapes.get(src.format(layer), (None,))[0]
+    return reader.read(*locate(reader, src, layer))
 
 
 def _check_target(out: Path) -> None:
@@ -105,13 +99,13 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
     tensors = family.tensors(cfg.model)
     for t in tensors:  # config.json and the checkpoint must agree before anything is written
         for src in t.sources:
-            have = _source_shape(reader, src, t.layer)
-            if have is None:
+            if locate(reader, src, t.layer)[0] not in reader.shapes:
                 raise ExportError(f"checkpoint step {reader.step} of {run_dir} has no parameter "
                                   f"{src.format(t.layer)} that {run_dir / 'config.json'} implies")
     np_dtype = EXPORT_DTYPES[dtype]
-    sizes = [(t.name, int(np.prod(t.shape)) * np_dtype.itemsize) for t in tensors]
-    shards = plan_shards(sizes, max_bytes)
+    sizes = {t.name: int(np.prod(t.shape)) * np_dtype.itemsize for t in tensors}
+    total = sum(sizes.values())
+    shards = plan_shards(sizes.items(), max_bytes)
     files = shard_names(len(shards))
     by_name = {t.name: t for t in tensors}
 
@@ -119,16 +113,15 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:
-        bar = tqdm(total=sum(s for _, s in sizes), unit="B", unit_scale=True, desc=f"export {family.architecture}",
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"export {family.architecture}",
                    disable=not progress)
         for names, fname in zip(shards, files):
             specs = {n: (by_name[n].shape, np_dtype) for n in names}
             with StreamWriter(tmp / fname, specs) as w:
                 for n in names:
                     w.write(n, _convert(reader, by_name[n], np_dtype))
-                    bar.update(int(np.prod(by_name[n].shape)) * np_dtype.itemsize)
+                    bar.update(sizes[n])
         bar.close()
-        total = sum(s for _, s in sizes)
         if len(files) > 1:
             weight_map = {n: f for names, f in zip(shards, files) for n in names}
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},

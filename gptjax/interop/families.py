@@ -83,6 +83,12 @@ class Family:
         raise NotImplementedError
 
     # shared pieces
+    def _refuse(self, problems: list[str]) -> None:
+        """An HF config's features gptjax cannot represent, all named at once (nothing when there are none)."""
+        if problems:
+            raise UnsupportedArchitecture(f"{self.architecture} features gptjax cannot represent: "
+                                          + "; ".join(problems))
+
     def _common(self, cfg: ModelConfig, eos_id: int, dtype: str) -> dict:
         return {"architectures": [self.architecture], "model_type": self.model_type, "vocab_size": cfg.vocab_size,
                 "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None, "eos_token_id": eos_id,
@@ -92,6 +98,13 @@ class Family:
 def _require(problems: list[str], cond: bool, text: str) -> None:
     if not cond:
         problems.append(text)
+
+
+def _gelu_problems(hf: dict) -> list[str]:
+    """GPT-2 / GPT-Neo: the activation must be the tanh GELU gptjax computes."""
+    act = _hf_value(hf, "activation_function", "gelu_new")
+    return [] if act in ("gelu_new", "gelu_pytorch_tanh") else [
+        f"activation_function={act!r} (gptjax's GELU is the tanh approximation: gelu_new / gelu_pytorch_tanh)"]
 
 
 def _hf_value(hf: dict, key: str, default: Any = None) -> Any:
@@ -163,8 +176,7 @@ class Llama(Family):
             _require(p, attn_bias == mlp_bias, f"attention_bias={attn_bias} with mlp_bias={mlp_bias} (gptjax's "
                      "use_bias puts biases on both or neither)")
             fields["use_bias"] = attn_bias
-        if p:
-            raise UnsupportedArchitecture(f"{self.architecture} features gptjax cannot represent: " + "; ".join(p))
+        self._refuse(p)
         return ModelConfig(**fields)
 
     def tensors(self, cfg: ModelConfig) -> list[HFTensor]:
@@ -216,6 +228,11 @@ class GPT2(Family):
     ignored_suffixes = ("attn.bias", "attn.masked_bias")
     attention = "dense"
 
+    @staticmethod
+    def _mlp_weight(name: str, src_shape, src: str, layer: int) -> HFTensor:
+        """GPT-2's MLP is Conv1D, whose weight is [in, out] like gptjax's."""
+        return _identity(name, src_shape, src, layer)
+
     def problems(self, cfg: ModelConfig) -> list[str]:
         p: list[str] = []
         arch = self.architecture
@@ -239,15 +256,11 @@ class GPT2(Family):
                 "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
 
     def model_config(self, hf: dict) -> ModelConfig:
-        p: list[str] = []
-        act = _hf_value(hf, "activation_function", "gelu_new")
-        _require(p, act in ("gelu_new", "gelu_pytorch_tanh"), f"activation_function={act!r} (gptjax's GELU is "
-                 "the tanh approximation: gelu_new / gelu_pytorch_tanh)")
+        p = _gelu_problems(hf)
         _require(p, hf.get("scale_attn_weights", True), "scale_attn_weights=false")
         _require(p, not hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx=true")
         _require(p, not hf.get("add_cross_attention", False), "add_cross_attention=true")
-        if p:
-            raise UnsupportedArchitecture(f"{self.architecture} features gptjax cannot represent: " + "; ".join(p))
+        self._refuse(p)
         d = hf["n_embd"]
         return ModelConfig(vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"],
                            d_ff=_hf_value(hf, "n_inner", 4 * d), max_seq_len=hf["n_positions"], positions="learned",
@@ -255,7 +268,7 @@ class GPT2(Family):
                            use_bias=True, tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
 
     def tensors(self, cfg: ModelConfig) -> list[HFTensor]:
-        d, h, hd, f, V = cfg.d_model, cfg.n_heads, cfg.resolved_head_dim, cfg.d_ff, cfg.vocab_size
+        d, V = cfg.d_model, cfg.vocab_size
         out = [_identity("transformer.wte.weight", (V, d), "embedding"),
                _identity("transformer.wpe.weight", (cfg.max_seq_len, d), "pos_embedding")]
         for i in range(cfg.n_layers):
@@ -288,9 +301,9 @@ class GPT2(Family):
 
     def _mlp(self, cfg: ModelConfig, pre: str, b: str, i: int) -> list[HFTensor]:
         d, f = cfg.d_model, cfg.d_ff
-        return [_identity(pre + "mlp.c_fc.weight", (d, f), b + "mlp.w_up", i),
+        return [self._mlp_weight(pre + "mlp.c_fc.weight", (d, f), b + "mlp.w_up", i),
                 _maybe_bias(cfg, pre + "mlp.c_fc.bias", (f,), b + "mlp.b_up", i),
-                _identity(pre + "mlp.c_proj.weight", (f, d), b + "mlp.w_down", i),
+                self._mlp_weight(pre + "mlp.c_proj.weight", (f, d), b + "mlp.w_down", i),
                 _maybe_bias(cfg, pre + "mlp.c_proj.bias", (d,), b + "mlp.b_down", i)]
 
 
@@ -298,6 +311,11 @@ class GPTNeo(GPT2):
     model_type, architecture = "gpt_neo", "GPTNeoForCausalLM"
     ignored_suffixes = ("attn.attention.bias", "attn.attention.masked_bias")
     attention = "alternating"
+
+    @staticmethod
+    def _mlp_weight(name: str, src_shape, src: str, layer: int) -> HFTensor:
+        """GPT-Neo's MLP is nn.Linear: [out, in]."""
+        return _matrix_t(name, src_shape, src, layer)
 
     def problems(self, cfg: ModelConfig) -> list[str]:
         p = super().problems(cfg)
@@ -316,10 +334,7 @@ class GPTNeo(GPT2):
                 "attention_dropout": 0.0}
 
     def model_config(self, hf: dict) -> ModelConfig:
-        p: list[str] = []
-        act = _hf_value(hf, "activation_function", "gelu_new")
-        _require(p, act in ("gelu_new", "gelu_pytorch_tanh"), f"activation_function={act!r} (gptjax's GELU is "
-                 "the tanh approximation: gelu_new / gelu_pytorch_tanh)")
+        p = _gelu_problems(hf)
         n = hf["num_layers"]
         layers = [kind for pattern, repeat in hf["attention_types"] for _ in range(repeat) for kind in pattern]
         expected = ["global" if i % 2 == 0 else "local" for i in range(n)]
@@ -329,8 +344,7 @@ class GPTNeo(GPT2):
         else:
             _require(p, layers == expected, f"attention_types {hf['attention_types']} (gptjax alternates "
                      "global, local, ... starting with global)")
-        if p:
-            raise UnsupportedArchitecture(f"{self.architecture} features gptjax cannot represent: " + "; ".join(p))
+        self._refuse(p)
         d = hf["hidden_size"]
         return ModelConfig(vocab_size=hf["vocab_size"], d_model=d, n_layers=n, n_heads=hf["num_heads"],
                            d_ff=_hf_value(hf, "intermediate_size", 4 * d), max_seq_len=hf["max_position_embeddings"],
@@ -352,13 +366,6 @@ class GPTNeo(GPT2):
                 _proj(pre + "v_proj.weight", (d, h, hd), b + "attn.w_v", i),
                 _out_proj(pre + "out_proj.weight", (h, hd, d), b + "attn.w_o", i),
                 _maybe_bias(cfg, pre + "out_proj.bias", (d,), b + "attn.b_o", i)]
-
-    def _mlp(self, cfg: ModelConfig, pre: str, b: str, i: int) -> list[HFTensor]:
-        d, f = cfg.d_model, cfg.d_ff
-        return [_matrix_t(pre + "mlp.c_fc.weight", (d, f), b + "mlp.w_up", i),
-                _maybe_bias(cfg, pre + "mlp.c_fc.bias", (f,), b + "mlp.b_up", i),
-                _matrix_t(pre + "mlp.c_proj.weight", (f, d), b + "mlp.w_down", i),
-                _maybe_bias(cfg, pre + "mlp.c_proj.bias", (d,), b + "mlp.b_down", i)]
 
 
 # ---- tensor helpers -------------------------------------------------------------------------------------------

@@ -23,8 +23,10 @@ from gptjax.config import ConfigError, ModelConfig
 from gptjax.interop.families import Family, UnsupportedArchitecture, family_of_hf
 from gptjax.interop.safetensors import Reader, SafetensorsError
 
-# Model fields an HF config does not determine; an export's recorded values are restored on import.
-_FREE_FIELDS = ("z_loss", "dtype", "param_dtype", "init_std", "scan_layers", "remat")
+# Model fields an HF config does not determine: an export's recorded values are restored on import, and all but
+# the storage dtype may be chosen anew at import (``--set``).
+SETTABLE_FIELDS = ("z_loss", "dtype", "init_std", "scan_layers", "remat")
+_FREE_FIELDS = SETTABLE_FIELDS + ("param_dtype",)
 
 
 class HFImportError(ValueError):
