@@ -20,6 +20,9 @@ from gptjax.config.dtypes import DTYPE_NAMES
 
 
 
+ATTENTION_IMPLS = ("auto", "dense", "blockwise", "cudnn", "splash")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says which field and what is accepted."""
 
@@ -65,6 +68,10 @@ class ModelConfig:
     z_loss: float = 0.0  # coefficient of the log(Z)^2 auxiliary loss (PaLM uses 1e-4)
     attention: str = "dense"  # dense | alternating (GPT-3: even layers dense, odd layers banded)
     window: int = 256  # band width of banded layers: a query sees itself and window-1 previous tokens
+    # attention kernel: auto | dense | blockwise | cudnn | splash (gptjax/model/kernels.py has the table and the
+    # rule "auto" follows); attention_block: query / key tile of the blockwise and splash kernels
+    attention_impl: str = "auto"
+    attention_block: int = 512
     dtype: str = "float32"  # compute dtype; softmax, norms and loss are always float32
     param_dtype: str = "float32"
     init_std: float = 0.02
@@ -94,6 +101,8 @@ class ModelConfig:
         if self.attention == "alternating":
             _check(isinstance(self.window, int) and self.window >= 1,
                    f"window must be a positive integer for banded attention, got {self.window!r}")
+        _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _positive(self, "attention_block")
         _check(self.z_loss >= 0, f"z_loss must be >= 0, got {self.z_loss}")
         _choice("dtype", self.dtype, DTYPE_NAMES)
         _choice("param_dtype", self.param_dtype, DTYPE_NAMES)

@@ -1,0 +1,196 @@
+"""Blockwise (flash-style) attention in plain XLA, with a hand-written VJP.
+
+``blockwise_attention(q, k, v, ...)`` computes ``softmax(q k^T + mask) v`` one ``[block_q x block_k]`` tile of
+scores at a time with an online softmax (Rabe & Staats 2021; Dao et al. 2022), so neither pass ever holds more
+than one tile of scores per (batch, head). The forward pass saves only the output and the row log-sum-exp; the
+backward pass (FlashAttention-2's) recomputes each tile's probabilities from them. Memory is therefore linear in
+the sequence length.
+
+* **Masks**: causal, banded (a query sees itself and ``window - 1`` earlier keys: GPT-3's local layers) and
+  segment ids (packed documents). Tiles entirely above the diagonal or entirely outside the band are never
+  visited (the key-block loop bounds are computed per query block, so the work of a banded layer is linear in
+  the length); segment masks are applied inside the visited tiles.
+* **GQA / MQA**: queries come grouped by the key/value head they share (``[B, K, G, L, H]``), and each tile is a
+  batched matmul over (batch, kv head) with ``G * block_q`` rows: keys and values are never repeated.
+* Block sizes need not divide the lengths: inputs are padded to whole blocks; padded keys sit after every real
+  query and so are masked by causality, padded queries are dropped.
+* ``window`` and ``offset`` may be traced (the scanned layer stack passes each layer's window as an array):
+  loop bounds are dynamic, which the hand-written VJP allows.
+
+Scores, the softmax statistics and every accumulator are float32; the two matmuls per tile take their inputs in
+the compute dtype (bf16 probabilities times bf16 values, float32 accumulation), as fused kernels do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# Masked score: finite, so a row whose tile is entirely masked gets exp(MASKED - max) = 1 garbage that the next
+# tile's correction factor exp(MASKED - real max) = 0 wipes out; every real query sees itself, so a real maximum
+# always arrives. 0.7 * max keeps ``MASKED - m`` finite.
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _blocks(x: jax.Array, axis: int, block: int, fill=0) -> jax.Array:
+    """Pad ``axis`` to whole blocks and move the block index to the front: ``[..., n*block, ...]`` ->
+    ``[n, ..., block, ...]``."""
+    n = -(-x.shape[axis] // block)
+    pad = n * block - x.shape[axis]
+    if pad:
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, pad)
+        x = jnp.pad(x, widths, constant_values=fill)
+    x = x.reshape(x.shape[:axis] + (n, block) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _unblock(x: jax.Array, axis: int, length: int) -> jax.Array:
+    """Inverse of :func:`_blocks` (``axis`` counted without the leading block index)."""
+    x = jnp.moveaxis(x, 0, axis)
+    x = x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+    return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+
+
+class _Tiles:
+    """Index arithmetic shared by both passes: which tiles are visited and each tile's mask."""
+
+    def __init__(self, block_q: int, block_k: int, nq: int, nk: int, window, offset, segments: bool):
+        self.bq, self.bk, self.nq, self.nk = block_q, block_k, nq, nk
+        self.window, self.offset, self.segments = window, offset, segments
+
+    def k_range(self, i):
+        """Key blocks ``[lo, hi)`` that query block ``i`` sees."""
+        first_q = self.offset + i * self.bq
+        last_q = first_q + self.bq - 1
+        lo = jnp.maximum(first_q - self.window + 1, 0) // self.bk
+        hi = jnp.minimum(last_q // self.bk + 1, self.nk)
+        return lo, hi
+
+    def q_range(self, j):
+        """Query blocks ``[lo, hi)`` that see key block ``j``."""
+        first_k, last_k = j * self.bk, j * self.bk + self.bk - 1
+        lo = jnp.maximum(first_k - self.offset, 0) // self.bq
+        hi = jnp.minimum(jnp.maximum(last_k + self.window - 1 - self.offset, -1) // self.bq + 1, self.nq)
+        return lo, hi
+
+    def mask(self, i, j, qseg, kseg):
+        """``[Bq, Bk]`` (or ``[B, 1, 1, Bq, Bk]`` with segment ids) bool: may query row see key column."""
+        qpos = self.offset + i * self.bq + jnp.arange(self.bq)[:, None]
+        kpos = j * self.bk + jnp.arange(self.bk)[None, :]
+        allowed = (kpos <= qpos) & (qpos - kpos < self.window)
+        if not self.segments:
+            return allowed
+        same = qseg[i][:, :, None] == kseg[j][:, None, :]  # [B, Bq, Bk]
+        return (allowed[None] & same)[:, None, None]
+
+
+def _scores(q_i, k_j, mask):
+    s = jnp.einsum("bkgqh,bkch->bkgqc", q_i, k_j, preferred_element_type=jnp.float32)
+    return jnp.where(mask, s, MASKED)
+
+
+def _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k):
+    """Blocked inputs -> (out blocks [nq, B, K, G, Bq, H] in q's dtype, lse blocks [nq, B, K, G, Bq] f32)."""
+    nq, nk = q.shape[0], k.shape[0]
+    t = _Tiles(block_q, block_k, nq, nk, window, offset, qseg is not None)
+
+    def row(i):
+        q_i = q[i]
+        stats_shape = q_i.shape[:-1]
+
+        def step(j, carry):
+            m, l, acc = carry
+            s = _scores(q_i, k[j], t.mask(i, j, qseg, kseg))
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            l = l * corr + jnp.sum(p, axis=-1)
+            pv = jnp.einsum("bkgqc,bkch->bkgqh", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
+            return m_new, l, acc * corr[..., None] + pv
+
+        init = (jnp.full(stats_shape, MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+                jnp.zeros(q_i.shape, jnp.float32))
+        m, l, acc = jax.lax.fori_loop(*t.k_range(i), step, init)
+        # a row that saw no tile at all (only a padded query can): output 0, and an lse that zeroes its
+        # probabilities in the backward pass
+        seen = l > 0
+        l = jnp.where(seen, l, 1.0)
+        return (acc / l[..., None]).astype(q.dtype), jnp.where(seen, m + jnp.log(l), -MASKED)
+
+    return jax.lax.map(row, jnp.arange(nq))
+
+
+def _backward(q, k, v, qseg, kseg, window, offset, block_q, block_k, o, lse, do):
+    nq, nk = q.shape[0], k.shape[0]
+    t = _Tiles(block_q, block_k, nq, nk, window, offset, qseg is not None)
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [nq, B, K, G, Bq]
+
+    def column(dq, j):
+        k_j, v_j = k[j], v[j]
+
+        # Transposed tiles ([Bk, G*Bq] per (batch, kv head)): dK and dV are then plain matmuls, and only dQ
+        # contracts over the tile's leading axis (on XLA:CPU those run at about half the rate).
+        def step(i, carry):
+            dk, dv, dq = carry
+            q_i, do_i = q[i], do[i]
+            mask = jnp.swapaxes(t.mask(i, j, qseg, kseg), -1, -2)
+            st = jnp.where(mask, jnp.einsum("bkch,bkgqh->bkgcq", k_j, q_i, preferred_element_type=jnp.float32),
+                           MASKED)
+            pt = jnp.exp(st - lse[i][..., None, :])
+            dv = dv + jnp.einsum("bkgcq,bkgqh->bkch", pt.astype(do.dtype), do_i, preferred_element_type=jnp.float32)
+            dpt = jnp.einsum("bkch,bkgqh->bkgcq", v_j, do_i, preferred_element_type=jnp.float32)
+            dst = (pt * (dpt - delta[i][..., None, :])).astype(q.dtype)
+            dk = dk + jnp.einsum("bkgcq,bkgqh->bkch", dst, q_i, preferred_element_type=jnp.float32)
+            dq = dq.at[i].add(jnp.einsum("bkgcq,bkch->bkgqh", dst, k_j, preferred_element_type=jnp.float32))
+            return dk, dv, dq
+
+        zeros = jnp.zeros(k_j.shape, jnp.float32)
+        dk, dv, dq = jax.lax.fori_loop(*t.q_range(j), step, (zeros, zeros, dq))
+        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+
+    dq, (dk, dv) = jax.lax.scan(column, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
+    return dq.astype(q.dtype), dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _attention(q, k, v, qseg, kseg, window, offset, block_q, block_k):
+    return _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k)[0]
+
+
+def _attention_fwd(q, k, v, qseg, kseg, window, offset, block_q, block_k):
+    o, lse = _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k)
+    return o, (q, k, v, qseg, kseg, window, offset, o, lse)
+
+
+def _attention_bwd(block_q, block_k, res, do):
+    q, k, v, qseg, kseg, window, offset, o, lse = res
+    dq, dk, dv = _backward(q, k, v, qseg, kseg, window, offset, block_q, block_k, o, lse, do)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def blockwise_attention(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, *,
+                        window: jax.Array | int, offset: jax.Array | int = 0,
+                        q_segment_ids_BxL: jax.Array | None = None, k_segment_ids_BxS: jax.Array | None = None,
+                        block_q: int = 512, block_k: int = 512) -> jax.Array:
+    """Attention output ``[B, K, G, L, H]`` (q's dtype). ``q`` must already carry the ``1/sqrt(H)`` scale.
+
+    Query ``i`` sits in slot ``offset + i`` and sees key slot ``j`` iff ``j <= offset + i``,
+    ``offset + i - j < window`` and (with segment ids) its segment id equals key ``j``'s."""
+    L, S = q_BxKxGxLxH.shape[3], k_BxKxSxH.shape[2]
+    block_q, block_k = min(block_q, L), min(block_k, S)
+    q = _blocks(q_BxKxGxLxH, 3, block_q)
+    k, v = _blocks(k_BxKxSxH, 2, block_k), _blocks(v_BxKxSxH, 2, block_k)
+    qseg = kseg = None
+    if q_segment_ids_BxL is not None:  # padded queries and keys share segment -1: a padded row sees itself
+        qseg = _blocks(q_segment_ids_BxL.astype(jnp.int32), 1, block_q, fill=-1)
+        kseg = _blocks(k_segment_ids_BxS.astype(jnp.int32), 1, block_k, fill=-1)
+    window = jnp.asarray(window, jnp.int32)
+    offset = jnp.asarray(offset, jnp.int32)
+    o = _attention(q, k, v, qseg, kseg, window, offset, block_q, block_k)
+    return _unblock(o, 3, L)

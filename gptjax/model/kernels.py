@@ -1,0 +1,173 @@
+"""Attention kernels, one signature, and the rule that picks one.
+
+Every kernel takes queries grouped by the key/value head they share, ``q_BxKxGxLxH`` (already scaled by
+``1/sqrt(H)``), keys and values ``[B, K, S, H]`` (never repeated for GQA / MQA), the layer's ``window`` and a
+:class:`MaskSpec`, and returns ``o_BxKxGxLxH``. Query ``i`` sits in slot ``offset + i`` and sees key slot ``j``
+iff ``j <= offset + i``, ``offset + i - j < window`` and, with segment ids, the two segments are equal.
+
+==========  =====================================================================================================
+kernel      what it is
+==========  =====================================================================================================
+dense       ``[L x S]`` scores and probabilities per head (saved for the backward pass): the fastest on CPU
+            for short sequences, quadratic memory
+blockwise   :mod:`gptjax.model.flash`: tiles with an online softmax and a hand-written VJP, linear memory,
+            skips tiles above the diagonal and outside the band (any backend)
+cudnn       ``jax.nn.dot_product_attention(implementation="cudnn")``: GPU, causal / banded without segments
+splash      JAX's Pallas splash-attention TPU kernel: causal / banded, segment ids
+==========  =====================================================================================================
+
+``ModelConfig.attention_impl="auto"`` chooses (:func:`choose`): GPU -> cudnn where it supports the mask, TPU ->
+splash, CPU -> dense up to ``DENSE_MAX_LEN_CPU`` query tokens and blockwise beyond (measured by
+``bench/attention_bench.py``: see the README). A kernel that cannot express a call's mask falls back to
+blockwise, which expresses all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax.model.flash import blockwise_attention
+from gptjax.model.ops import einsum, softmax
+
+NEG_INF = jnp.finfo(jnp.float32).min  # additive mask value of the dense kernel: exp underflows to exactly 0
+
+# Above this many query tokens "auto" leaves the dense kernel on CPU (bench/attention_bench.py: the blockwise
+# kernel's forward + backward catches up with dense between 1k and 2k tokens, and dense memory is quadratic).
+DENSE_MAX_LEN_CPU = 1024
+
+
+def causal_mask(q_len: int, k_len: int, window: jax.Array | int, offset: jax.Array | int | None = None) -> jax.Array:
+    """``[q_len, k_len]`` bool: query i (in slot ``offset + i``; default: the last ``q_len`` of ``k_len`` slots)
+    sees key slot j iff ``j <= slot`` and ``slot - j < window``."""
+    i = jnp.arange(q_len)[:, None] + (k_len - q_len if offset is None else offset)
+    j = jnp.arange(k_len)[None, :]
+    return (j <= i) & (i - j < window)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """What a query may see besides causality and the window: its slot offset (the cache index, 0 without a
+    cache) and, for packed sequences, the segment ids of queries and keys (equal ids see each other)."""
+
+    offset: jax.Array | int = 0
+    q_segment_ids_BxL: jax.Array | None = None
+    k_segment_ids_BxS: jax.Array | None = None
+
+    def bias(self, q_len: int, k_len: int, window: jax.Array | int) -> jax.Array:
+        """Additive float32 mask: ``[L, S]``, or ``[B, L, S]`` with segment ids."""
+        allowed_LxS = causal_mask(q_len, k_len, window, self.offset)
+        if self.q_segment_ids_BxL is None:
+            return jnp.where(allowed_LxS, 0.0, NEG_INF)
+        same_BxLxS = self.q_segment_ids_BxL[:, :, None] == self.k_segment_ids_BxS[:, None, :]
+        return jnp.where(allowed_LxS[None] & same_BxLxS, 0.0, NEG_INF)
+
+    @property
+    def static_offset(self) -> bool:
+        return isinstance(self.offset, int) and self.offset == 0
+
+
+def dense_attention(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, window, mask: MaskSpec, dtype) -> jax.Array:
+    """Scores for all ``L x S`` pairs; the G query heads sharing a key/value head are stacked along the query
+    axis, so both matmuls are plain batched matmuls over (batch, kv head)."""
+    B, K, G, L, H = q_BxKxGxLxH.shape
+    S = k_BxKxSxH.shape[2]
+    q_BxKxGLxH = q_BxKxGxLxH.reshape(B, K, G * L, H)
+    s_BxKxGLxS = einsum("bkqh,bkmh->bkqm", q_BxKxGLxH, k_BxKxSxH, dtype, jnp.float32, name="attention")
+    # additive mask (0 or the most negative float): cheaper on CPU than a select before the softmax
+    bias = mask.bias(L, S, window)
+    bias = jnp.tile(bias, (G, 1)) if bias.ndim == 2 else jnp.tile(bias, (1, G, 1))[:, None]
+    p_BxKxGLxS = softmax(s_BxKxGLxS + bias).astype(dtype)
+    o_BxKxGLxH = einsum("bkqm,bkmh->bkqh", p_BxKxGLxS, v_BxKxSxH, dtype, name="attention")
+    return o_BxKxGLxH.reshape(B, K, G, L, H)
+
+
+def _static_windows(window, windows: tuple[int, ...], kernel):
+    """Run ``kernel(static_window)``: directly for a Python int, else by switching on the traced window over
+    the config's distinct ``windows`` (the scanned layer stack passes each layer's window as an array)."""
+    if isinstance(window, (int, np.integer)):
+        return kernel(int(window))
+    options = sorted(set(windows))
+    if len(options) == 1:
+        return kernel(options[0])
+    index = jnp.argmax(jnp.asarray(options) == window)
+    return jax.lax.switch(index, [functools.partial(kernel, w) for w in options])
+
+
+def cudnn_attention(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, window: int, implementation: str = "cudnn") -> jax.Array:
+    """``jax.nn.dot_product_attention`` (self-attention, no segments). ``implementation="xla"`` runs the same
+    call on any backend (the tests check the layout and the band that way)."""
+    B, K, G, L, H = q_BxKxGxLxH.shape
+    q_BxLxNxH = q_BxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(B, L, K * G, H)
+    k_BxSxKxH, v_BxSxKxH = k_BxKxSxH.transpose(0, 2, 1, 3), v_BxKxSxH.transpose(0, 2, 1, 3)
+    band = None if window >= L else (window - 1, 0)
+    o_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, scale=1.0, is_causal=True,
+                                             local_window_size=band, implementation=implementation)
+    return o_BxLxNxH.reshape(B, L, K, G, H).transpose(0, 2, 3, 1, 4)
+
+
+def splash_attention(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, window: int, mask: MaskSpec, block: int,
+                     interpret: bool = False) -> jax.Array:
+    """JAX's Pallas splash-attention kernel (TPU; ``interpret=True`` runs it anywhere, slowly): one MQA kernel
+    per key/value head, vmapped over batch and kv heads."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    B, K, G, L, H = q_BxKxGxLxH.shape
+    shape = (L, k_BxKxSxH.shape[2])
+    head = sm.CausalMask(shape) if window >= L else sm.LocalMask(shape, (window - 1, 0), offset=0)
+    bq, bk = min(block, L), min(block, shape[1])
+    sizes = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+                          block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+    kernel = sk.make_splash_mqa(sm.MultiHeadMask([head] * G), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
+    if mask.q_segment_ids_BxL is None:
+        per_head = lambda q_GxLxH, k_SxH, v_SxH, seg: kernel(q_GxLxH, k_SxH, v_SxH)
+        segs = jnp.zeros((B,), jnp.int32)  # unused placeholder to vmap over
+    else:
+        per_head = lambda q_GxLxH, k_SxH, v_SxH, seg: kernel(q_GxLxH, k_SxH, v_SxH, segment_ids=seg)
+        segs = sk.SegmentIds(q=mask.q_segment_ids_BxL.astype(jnp.int32), kv=mask.k_segment_ids_BxS.astype(jnp.int32))
+    over_heads = jax.vmap(per_head, in_axes=(0, 0, 0, None))
+    return jax.vmap(over_heads)(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, segs)
+
+
+def choose(impl: str, backend: str, q_len: int, k_len: int, mask: MaskSpec) -> str:
+    """The kernel a call runs: ``impl`` unless it cannot express the call (then blockwise); "auto" by backend
+    and length (module docstring)."""
+    self_attention = mask.static_offset and q_len == k_len
+    if impl == "auto":
+        impl = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(backend, "cpu")
+        if impl == "cpu":
+            return "dense" if q_len <= DENSE_MAX_LEN_CPU else "blockwise"
+    if impl == "cudnn" and (not self_attention or mask.q_segment_ids_BxL is not None):
+        return "blockwise"
+    if impl == "splash" and not self_attention:
+        return "blockwise"
+    return impl
+
+
+def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, window, mask: MaskSpec, *,
+           impl: str, block: int, windows: tuple[int, ...], dtype) -> jax.Array:
+    """Scaled queries, keys and values -> attention output ``[B, K, G, L, H]`` in ``dtype``, by kernel ``impl``
+    (resolved with :func:`choose`; ``windows`` are the static windows the traced ``window`` can take)."""
+    L, S = q_BxKxGxLxH.shape[3], k_BxKxSxH.shape[2]
+    backend = jax.default_backend()
+    kind = choose(impl, backend, L, S, mask)
+    if kind == "dense":
+        return dense_attention(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, window, mask, dtype)
+    q, k, v = (x.astype(dtype) for x in (q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH))
+    if kind == "blockwise":
+        return blockwise_attention(q, k, v, window=window, offset=mask.offset, q_segment_ids_BxL=mask.q_segment_ids_BxL,
+                                   k_segment_ids_BxS=mask.k_segment_ids_BxS, block_q=block, block_k=block)
+    if kind == "cudnn":
+        implementation = "cudnn" if backend in ("gpu", "cuda") else "xla"
+        return _static_windows(window, windows, lambda w: cudnn_attention(q, k, v, w, implementation))
+    if kind == "splash":
+        interpret = backend != "tpu"
+        return _static_windows(window, windows, lambda w: splash_attention(q, k, v, w, mask, block, interpret))
+    raise ValueError(f"unknown attention kernel {kind!r}")
+
