@@ -1,7 +1,8 @@
 """Training throughput benchmark: gptjax vs a careful eager PyTorch loop of the same model, same machine.
 
-    python bench/train_bench.py                      # tiny and gpt2ish, float32 and bfloat16, jax and torch
+    python bench/train_bench.py                      # tiny, gpt2ish (512), gpt2ish-2k, gpt2ish-8k; fp32, bf16
     python bench/train_bench.py --configs tiny --dtypes float32 --impls jax
+    python bench/train_bench.py --configs gpt2ish-2k --attention dense --repeats 2
 
 Each (config, dtype, impl) runs in its own subprocess, trains on random tokens for a fixed number of steps after
 warm-up, and prints one JSON line: tokens/s, step time, MFU (against the peak FLOP/s gptjax measures at the
@@ -26,19 +27,22 @@ CONFIGS = {
     "gpt2ish": dict(vocab_size=8192, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048, seq_len=512,
                     batch_size=2),
 }
+# the gpt2ish shape at long context, batch 1
+CONFIGS.update({f"gpt2ish-{n // 1024}k": dict(CONFIGS["gpt2ish"], seq_len=n, batch_size=1) for n in (1024, 2048, 4096, 8192)})
+DEFAULT_CONFIGS = ["tiny", "gpt2ish", "gpt2ish-2k", "gpt2ish-8k"]
 
 
-def run_config(c: dict, dtype: str, steps: int = 10):
+def run_config(c: dict, dtype: str, steps: int = 10, attention: str = "auto"):
     """The benchmark's run config, built the way every gptjax entry point builds one."""
     from gptjax.config import build_run_config
 
     return build_run_config(
         model_preset_name="tiny", vocab_size=c["vocab_size"], d_model=c["d_model"], n_layers=c["n_layers"],
         n_heads=c["n_heads"], n_kv_heads=c["n_kv_heads"], d_ff=c["d_ff"], max_seq_len=c["seq_len"], dtype=dtype,
-        overrides=[f"train.batch_size={c['batch_size']}", f"train.seq_len={c['seq_len']}", f"train.steps={steps}"])
+        attention_impl=attention, overrides=[f"train.batch_size={c['batch_size']}", f"train.seq_len={c['seq_len']}", f"train.steps={steps}"])
 
 
-def run_jax(c: dict, dtype: str, steps: int, warmup: int) -> dict:
+def run_jax(c: dict, dtype: str, steps: int, warmup: int, attention: str) -> dict:
     import jax
     import numpy as np
 
@@ -46,7 +50,7 @@ def run_jax(c: dict, dtype: str, steps: int, warmup: int) -> dict:
     from gptjax.sharding.mesh import make_mesh
     from gptjax.training.program import Program
 
-    cfg = run_config(c, dtype, steps)
+    cfg = run_config(c, dtype, steps, attention)
     prog = Program(cfg, make_mesh(cfg.mesh))
     state = prog.init(jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -64,12 +68,17 @@ def run_jax(c: dict, dtype: str, steps: int, warmup: int) -> dict:
     return {"step_time": (time.perf_counter() - t) / steps, "loss": loss, "xla_step_bytes": int(xla_bytes)}
 
 
-def run_torch(c: dict, dtype: str, steps: int, warmup: int) -> dict:
+def run_torch(c: dict, dtype: str, steps: int, warmup: int, attention: str) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from torch_peer import run
 
     step_time, n_params, loss = run(c, dtype, steps, warmup)
     return {"step_time": step_time, "loss": loss, "torch_params": n_params}
+
+
+def default_steps(c: dict) -> int:
+    """Timed steps: about 16k tokens, at least 2 (a gpt2ish 8k step takes tens of seconds on 2 cores)."""
+    return max(2, min(10, 16384 // (c["batch_size"] * c["seq_len"])))
 
 
 def child(args: argparse.Namespace) -> None:
@@ -78,51 +87,69 @@ def child(args: argparse.Namespace) -> None:
 
     c = CONFIGS[args.config]
     mcfg = run_config(c, args.dtype).model
-    peak = measure_peak_flops(args.dtype)
-    out = (run_jax if args.impl == "jax" else run_torch)(c, args.dtype, args.steps, args.warmup)
+    peaks = {d: measure_peak_flops(d) for d in ("float32", "bfloat16")}
+    steps = args.steps or default_steps(c)
+    out = (run_jax if args.impl == "jax" else run_torch)(c, args.dtype, steps, args.warmup, args.attention)
     tokens = c["batch_size"] * c["seq_len"]
     tps = tokens / out["step_time"]
-    row = {"config": args.config, "dtype": args.dtype, "impl": args.impl, "params": count_params(mcfg),
-           "tokens_per_sec": round(tps, 1), "step_time_ms": round(out["step_time"] * 1e3, 2),
-           "mfu": round(tps * flops_per_token(mcfg, c["seq_len"]) / peak, 4), "peak_gflops": round(peak / 1e9, 1),
+    flops = tps * flops_per_token(mcfg, c["seq_len"])
+    row = {"config": args.config, "dtype": args.dtype, "impl": args.impl, "seq_len": c["seq_len"],
+           "params": count_params(mcfg), "tokens_per_sec": round(tps, 1), "step_time_ms": round(out["step_time"] * 1e3, 1),
+           "mfu": round(flops / peaks[args.dtype], 4), "mfu_vs_fp32_peak": round(flops / peaks["float32"], 4),
+           "mfu_vs_bf16_peak": round(flops / peaks["bfloat16"], 4),
+           "peak_gflops_fp32": round(peaks["float32"] / 1e9, 1), "peak_gflops_bf16": round(peaks["bfloat16"] / 1e9, 1),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+           **({"attention": args.attention} if args.impl == "jax" else {}),
            **{k: v for k, v in out.items() if k != "step_time"}}
     print(json.dumps(row), flush=True)
 
 
+def _run_child(config: str, dtype: str, impl: str, a: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child", config, dtype, impl, "--steps", str(a.steps or 0),
+           "--warmup", str(a.warmup), "--attention", a.attention]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode or not line:
+        return {"config": config, "dtype": dtype, "impl": impl, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(line[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     p.add_argument("--impls", nargs="+", default=["jax", "torch"], choices=["jax", "torch"])
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--attention", default="auto", help="gptjax's attention kernel (model.attention_impl)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: about 16k tokens, at least 2)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every row; the median is kept")
     p.add_argument("--child", nargs=3, metavar=("CONFIG", "DTYPE", "IMPL"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         a.config, a.dtype, a.impl = a.child
         return child(a)
-    rows = {}
-    for config in a.configs:
-        for dtype in a.dtypes:
-            for impl in a.impls:
-                cmd = [sys.executable, __file__, "--child", config, dtype, impl, "--steps", str(a.steps),
-                       "--warmup", str(a.warmup)]
-                r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-                line = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-                if r.returncode or not line:
-                    print(json.dumps({"config": config, "dtype": dtype, "impl": impl,
-                                      "error": (r.stderr.strip().splitlines() or ["?"])[-1]}), flush=True)
-                    continue
-                print(line[-1], flush=True)
-                rows[config, dtype, impl] = json.loads(line[-1])
+    runs: dict[tuple, list[dict]] = {}
+    for rep in range(a.repeats):  # interleaved: every (config, dtype, impl) once per repeat
+        for config in a.configs:
+            for dtype in a.dtypes:
+                for impl in a.impls:
+                    row = _run_child(config, dtype, impl, a)
+                    print(json.dumps({**row, "repeat": rep}), flush=True)
+                    if "error" not in row:
+                        runs.setdefault((config, dtype, impl), []).append(row)
+    # the median run (by tokens/s) of each row
+    rows = {key: sorted(rs, key=lambda r: r["tokens_per_sec"])[(len(rs) - 1) // 2] for key, rs in runs.items()}
+    print("# summary (median of %d)" % a.repeats)
     for config in a.configs:
         for dtype in a.dtypes:
             j, t = rows.get((config, dtype, "jax")), rows.get((config, dtype, "torch"))
             if j and t:
-                print(json.dumps({"config": config, "dtype": dtype,
+                print(json.dumps({"config": config, "dtype": dtype, "jax_tokens_per_sec": j["tokens_per_sec"],
+                                  "torch_tokens_per_sec": t["tokens_per_sec"],
                                   "jax_over_torch_tokens_per_sec": round(j["tokens_per_sec"] / t["tokens_per_sec"], 3),
-                                  "jax_over_torch_peak_rss": round(j["peak_rss_mb"] / t["peak_rss_mb"], 3)}))
+                                  "jax_peak_rss_mb": j["peak_rss_mb"], "torch_peak_rss_mb": t["peak_rss_mb"],
+                                  "jax_over_torch_peak_rss": round(j["peak_rss_mb"] / t["peak_rss_mb"], 3),
+                                  "jax_mfu": j["mfu"], "torch_mfu": t["mfu"]}), flush=True)
         j32, j16 = rows.get((config, "float32", "jax")), rows.get((config, "bfloat16", "jax"))
         if j32 and j16:
             print(json.dumps({"config": config, "jax_bf16_over_fp32_tokens_per_sec":

@@ -9,8 +9,9 @@ from __future__ import annotations
 # ---- mesh axes ---------------------------------------------------------------------------------------------
 DATA = "data"  # data parallelism: the batch is split, parameters replicated
 FSDP = "fsdp"  # fully sharded data parallelism: the batch and the parameters' embed dimension are split
+CONTEXT = "context"  # context (sequence) parallelism: activations split along the sequence, keys/values gathered
 TENSOR = "tensor"  # Megatron tensor parallelism: heads, MLP and vocabulary are split
-MESH_AXES = (DATA, FSDP, TENSOR)
+MESH_AXES = (DATA, FSDP, CONTEXT, TENSOR)
 
 # ---- logical axes of activations ---------------------------------------------------------------------------
 BATCH = "batch"

@@ -183,11 +183,14 @@ class MeshConfig:
     The default rules shard the batch over (data, fsdp), parameters' embed dimension over fsdp and
     heads/mlp/vocab over tensor, so the shape alone picks DDP (data=N), FSDP/ZeRO-3 (fsdp=N), Megatron tensor
     parallelism (tensor=N), or hybrids: data=G, fsdp=N/G is FSDP inside groups of N/G devices with
-    replication across the G groups (the "sharding factor" of hybrid sharding).
+    replication across the G groups (the "sharding factor" of hybrid sharding). ``context=C`` splits every
+    activation along the sequence over C devices (context parallelism, for long sequences); attention gathers the
+    keys and values over that axis.
     """
 
     data: int = -1
     fsdp: int = 1
+    context: int = 1  # context parallelism: the sequence is split over this many devices (long context)
     tensor: int = 1
     # Hybrid sharding: FSDP within groups of this many devices, replicated across groups (sets fsdp; data
     # becomes the number of groups). Equivalent to data=N/k, fsdp=k.
@@ -206,10 +209,10 @@ class MeshConfig:
             _check(self.fsdp in (1, self.sharding_factor),
                    f"give either mesh.fsdp={self.fsdp} or mesh.sharding_factor={self.sharding_factor}, not both")
 
-    def sizes(self) -> tuple[int, int, int]:
-        if self.sharding_factor is not None:
-            return (self.data, self.sharding_factor, self.tensor)
-        return (self.data, self.fsdp, self.tensor)
+    def sizes(self) -> tuple[int, int, int, int]:
+        """Axis sizes in ``MESH_AXES`` order (data, fsdp, context, tensor)."""
+        fsdp = self.fsdp if self.sharding_factor is None else self.sharding_factor
+        return (self.data, fsdp, self.context, self.tensor)
 
     def resolve(self, n_devices: int) -> dict[str, int]:
         """Concrete axis sizes for ``n_devices``; a clear error when they cannot multiply to it."""

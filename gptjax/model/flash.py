@@ -76,6 +76,23 @@ class _Tiles:
         hi = jnp.minimum(jnp.maximum(last_k + self.window - 1 - self.offset, -1) // self.bq + 1, self.nq)
         return lo, hi
 
+    def k_runs(self, i):
+        """``k_range(i)`` cut into (masked, unmasked, masked) runs: the middle run's tiles are entirely visible
+        (below the diagonal and inside the band), so they skip the mask. With segment ids every tile is masked."""
+        lo, hi = self.k_range(i)
+        first_q = self.offset + i * self.bq
+        full_lo = (first_q + self.bq - 1 - self.window) // self.bk + 1  # first j with last_q - first_k < window
+        full_hi = (first_q + 1) // self.bk  # j < full_hi: last_k <= first_q
+        return _runs(lo, hi, full_lo, full_hi, self.segments)
+
+    def q_runs(self, j):
+        """``q_range(j)`` cut into (masked, unmasked, masked) runs, as :meth:`k_runs`."""
+        lo, hi = self.q_range(j)
+        first_k, last_k = j * self.bk, j * self.bk + self.bk - 1
+        full_lo = -((self.offset - last_k) // self.bq)  # first i with first_q >= last_k
+        full_hi = -(-(self.window + first_k - self.offset - self.bq + 1) // self.bq)  # i < it: last_q - first_k < w
+        return _runs(lo, hi, full_lo, full_hi, self.segments)
+
     def mask(self, i, j, qseg, kseg):
         """``[Bq, Bk]`` (or ``[B, 1, 1, Bq, Bk]`` with segment ids) bool: may query row see key column."""
         qpos = self.offset + i * self.bq + jnp.arange(self.bq)[:, None]
@@ -87,9 +104,25 @@ class _Tiles:
         return (allowed[None] & same)[:, None, None]
 
 
-def _scores(q_i, k_j, mask):
-    s = jnp.einsum("bkgqh,bkch->bkgqc", q_i, k_j, preferred_element_type=jnp.float32)
-    return jnp.where(mask, s, MASKED)
+def _runs(lo, hi, full_lo, full_hi, segments: bool):
+    """``[(lo, a, True), (a, b, False), (b, hi, True)]`` with ``[a, b)`` = ``[full_lo, full_hi)`` clipped into
+    ``[lo, hi)`` (empty with segment ids): loop ranges and whether their tiles need the mask."""
+    a = jnp.clip(full_lo, lo, hi)
+    b = jnp.clip(full_hi, a, hi)
+    if segments:
+        a = b = hi
+    return [(lo, a, True), (a, b, False), (b, hi, True)]
+
+
+def _loop(runs, step, carry):
+    """``fori_loop`` over each run, with ``step(index, carry, masked)``."""
+    for lo, hi, masked in runs:
+        carry = jax.lax.fori_loop(lo, hi, functools.partial(_masked_step, step, masked), carry)
+    return carry
+
+
+def _masked_step(step, masked, index, carry):
+    return step(index, carry, masked)
 
 
 def _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k):
@@ -99,11 +132,12 @@ def _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k):
 
     def row(i):
         q_i = q[i]
-        stats_shape = q_i.shape[:-1]
 
-        def step(j, carry):
+        def step(j, carry, masked):
             m, l, acc = carry
-            s = _scores(q_i, k[j], t.mask(i, j, qseg, kseg))
+            s = jnp.einsum("bkgqh,bkch->bkgqc", q_i, k[j], preferred_element_type=jnp.float32)
+            if masked:
+                s = jnp.where(t.mask(i, j, qseg, kseg), s, MASKED)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
@@ -111,9 +145,10 @@ def _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k):
             pv = jnp.einsum("bkgqc,bkch->bkgqh", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
             return m_new, l, acc * corr[..., None] + pv
 
-        init = (jnp.full(stats_shape, MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
-                jnp.zeros(q_i.shape, jnp.float32))
-        m, l, acc = jax.lax.fori_loop(*t.k_range(i), step, init)
+        # *_like: the carries inherit the inputs' varying mesh axes under shard_map
+        stats = jnp.zeros_like(q_i[..., 0], jnp.float32)
+        init = (stats + MASKED, stats, jnp.zeros_like(q_i, jnp.float32))
+        m, l, acc = _loop(t.k_runs(i), step, init)
         # a row that saw no tile at all (only a padded query can): output 0, and an lse that zeroes its
         # probabilities in the backward pass
         seen = l > 0
@@ -133,12 +168,12 @@ def _backward(q, k, v, qseg, kseg, window, offset, block_q, block_k, o, lse, do)
 
         # Transposed tiles ([Bk, G*Bq] per (batch, kv head)): dK and dV are then plain matmuls, and only dQ
         # contracts over the tile's leading axis (on XLA:CPU those run at about half the rate).
-        def step(i, carry):
+        def step(i, carry, masked):
             dk, dv, dq = carry
             q_i, do_i = q[i], do[i]
-            mask = jnp.swapaxes(t.mask(i, j, qseg, kseg), -1, -2)
-            st = jnp.where(mask, jnp.einsum("bkch,bkgqh->bkgcq", k_j, q_i, preferred_element_type=jnp.float32),
-                           MASKED)
+            st = jnp.einsum("bkch,bkgqh->bkgcq", k_j, q_i, preferred_element_type=jnp.float32)
+            if masked:
+                st = jnp.where(jnp.swapaxes(t.mask(i, j, qseg, kseg), -1, -2), st, MASKED)
             pt = jnp.exp(st - lse[i][..., None, :])
             dv = dv + jnp.einsum("bkgcq,bkgqh->bkch", pt.astype(do.dtype), do_i, preferred_element_type=jnp.float32)
             dpt = jnp.einsum("bkch,bkgqh->bkgcq", v_j, do_i, preferred_element_type=jnp.float32)
@@ -147,11 +182,11 @@ def _backward(q, k, v, qseg, kseg, window, offset, block_q, block_k, o, lse, do)
             dq = dq.at[i].add(jnp.einsum("bkgcq,bkch->bkgqh", dst, k_j, preferred_element_type=jnp.float32))
             return dk, dv, dq
 
-        zeros = jnp.zeros(k_j.shape, jnp.float32)
-        dk, dv, dq = jax.lax.fori_loop(*t.q_range(j), step, (zeros, zeros, dq))
+        zeros = jnp.zeros_like(k_j, jnp.float32)
+        dk, dv, dq = _loop(t.q_runs(j), step, (zeros, zeros, dq))
         return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
-    dq, (dk, dv) = jax.lax.scan(column, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
+    dq, (dk, dv) = jax.lax.scan(column, jnp.zeros_like(q, jnp.float32), jnp.arange(nk))
     return dq.astype(q.dtype), dk, dv
 
 

@@ -31,8 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import PartitionSpec as P
+
+from gptjax.config import axes as ax
 from gptjax.model.flash import blockwise_attention
 from gptjax.model.ops import einsum, softmax
+from gptjax.sharding.rules import current, logical_to_pspec
 
 NEG_INF = jnp.finfo(jnp.float32).min  # additive mask value of the dense kernel: exp underflows to exactly 0
 
@@ -67,7 +71,7 @@ class MaskSpec:
         return jnp.where(allowed_LxS[None] & same_BxLxS, 0.0, NEG_INF)
 
     @property
-    def static_offset(self) -> bool:
+    def no_offset(self) -> bool:
         return isinstance(self.offset, int) and self.offset == 0
 
 
@@ -135,31 +139,30 @@ def splash_attention(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, window: int, mask: MaskS
     return jax.vmap(over_heads)(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, segs)
 
 
-def choose(impl: str, backend: str, q_len: int, k_len: int, mask: MaskSpec) -> str:
+def choose(impl: str, backend: str, q_len: int, self_attention: bool, segments: bool) -> str:
     """The kernel a call runs: ``impl`` unless it cannot express the call (then blockwise); "auto" by backend
-    and length (module docstring)."""
-    self_attention = mask.static_offset and q_len == k_len
+    and length (module docstring). ``self_attention``: queries and keys are the same slots (no cache offset,
+    no context-parallel slice)."""
     if impl == "auto":
         impl = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(backend, "cpu")
         if impl == "cpu":
             return "dense" if q_len <= DENSE_MAX_LEN_CPU else "blockwise"
-    if impl == "cudnn" and (not self_attention or mask.q_segment_ids_BxL is not None):
+    if impl == "cudnn" and (not self_attention or segments):
         return "blockwise"
     if impl == "splash" and not self_attention:
         return "blockwise"
     return impl
 
 
-def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, window, mask: MaskSpec, *,
-           impl: str, block: int, windows: tuple[int, ...], dtype) -> jax.Array:
-    """Scaled queries, keys and values -> attention output ``[B, K, G, L, H]`` in ``dtype``, by kernel ``impl``
-    (resolved with :func:`choose`; ``windows`` are the static windows the traced ``window`` can take)."""
-    L, S = q_BxKxGxLxH.shape[3], k_BxKxSxH.shape[2]
+def _local(q, k, v, window, mask: MaskSpec, impl: str, block: int, windows: tuple[int, ...], dtype,
+           self_attention: bool) -> jax.Array:
+    """One device's attention (the whole call off a mesh)."""
     backend = jax.default_backend()
-    kind = choose(impl, backend, L, S, mask)
+    self_attention = self_attention and mask.no_offset and q.shape[3] == k.shape[2]
+    kind = choose(impl, backend, q.shape[3], self_attention, mask.q_segment_ids_BxL is not None)
     if kind == "dense":
-        return dense_attention(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, window, mask, dtype)
-    q, k, v = (x.astype(dtype) for x in (q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH))
+        return dense_attention(q, k, v, window, mask, dtype)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
     if kind == "blockwise":
         return blockwise_attention(q, k, v, window=window, offset=mask.offset, q_segment_ids_BxL=mask.q_segment_ids_BxL,
                                    k_segment_ids_BxS=mask.k_segment_ids_BxS, block_q=block, block_k=block)
@@ -171,3 +174,52 @@ def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, w
         return _static_windows(window, windows, lambda w: splash_attention(q, k, v, w, mask, block, interpret))
     raise ValueError(f"unknown attention kernel {kind!r}")
 
+
+def _axes(spec_entry) -> tuple[str, ...]:
+    return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry or ())
+
+
+def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, window, mask: MaskSpec, *,
+           impl: str, block: int, windows: tuple[int, ...], dtype) -> jax.Array:
+    """Scaled queries, keys and values -> attention output ``[B, K, G, L, H]`` in ``dtype``, by kernel ``impl``
+    (resolved with :func:`choose`; ``windows`` are the static windows the traced ``window`` can take).
+
+    On a mesh (inside ``activation_sharding``) the kernel runs per device under ``shard_map``: batch and heads
+    split as the rules say, and with context parallelism (the ``length`` rule on a mesh axis of size > 1) each
+    device keeps its slice of the queries, all-gathers keys, values and key segment ids over that axis (the
+    backward pass reduce-scatters their gradients) and attends with its slice's slot offset."""
+    kw = dict(impl=impl, block=block, windows=windows, dtype=dtype)
+    ctx = current()
+    if ctx is None:
+        return _local(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, window, mask, self_attention=True, **kw)
+    mesh, rules = ctx
+    B, K, G, L, H = q_BxKxGxLxH.shape
+    S = k_BxKxSxH.shape[2]
+    spec = lambda names, shape: logical_to_pspec(names, rules, mesh, shape)
+    q_spec = spec((ax.BATCH, ax.ACT_KV_HEADS, None, ax.LENGTH, None), q_BxKxGxLxH.shape)
+    q_spec = tuple(q_spec) + (None,) * (5 - len(q_spec))
+    if q_spec[1] is None:  # fewer kv heads than tensor shards (MQA, narrow GQA): split the query groups
+        q_spec = tuple(spec((ax.BATCH, None, ax.ACT_HEADS, ax.LENGTH, None), q_BxKxGxLxH.shape)) + (None,) * 5
+        q_spec = q_spec[:5]
+    batch, heads, length = q_spec[0], q_spec[1], q_spec[3]
+    self_attention = mask.no_offset and L == S
+    k_length = length if self_attention else None  # a KV cache is not split along its slots
+    kv_spec = P(batch, heads, k_length, None)
+    gather = _axes(k_length)
+    has_seg = mask.q_segment_ids_BxL is not None
+
+    def body(q, k, v, offset, q_seg, k_seg):
+        if gather:
+            k, v = (jax.lax.all_gather(x, gather, axis=2, tiled=True) for x in (k, v))
+            k_seg = None if k_seg is None else jax.lax.all_gather(k_seg, gather, axis=1, tiled=True)
+        index = 0
+        for a in _axes(length):
+            index = index * mesh.shape[a] + jax.lax.axis_index(a)
+        local = MaskSpec(offset + index * q.shape[3] if _axes(length) else offset, q_seg, k_seg)
+        return _local(q, k, v, window, local, self_attention=self_attention and not _axes(length), **kw)
+
+    seg_specs = (P(batch, length), P(batch, k_length)) if has_seg else (None, None)
+    offset = jnp.asarray(mask.offset, jnp.int32)
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P(*q_spec), kv_spec, kv_spec, P(), *seg_specs),
+                      out_specs=P(*q_spec))
+    return f(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, offset, mask.q_segment_ids_BxL, mask.k_segment_ids_BxS)

@@ -11,7 +11,7 @@ from gptjax.config.axes import MESH_AXES
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over ``devices`` (default: all devices of all processes).
+    """A (data, fsdp, context, tensor) mesh over ``devices`` (default: all devices of all processes).
 
     Axes are ``AxisType.Auto``: shardings are given at jit boundaries and by ``constrain`` and XLA's SPMD
     partitioner propagates the rest (``jax.make_mesh`` would default to Explicit axes).
@@ -27,7 +27,7 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
 
 
 def single_device_mesh() -> Mesh:
-    """A 1x1x1 mesh over this process's first device (sampling, evaluation, export of small models)."""
+    """A one-device mesh over this process's first device (sampling, evaluation, export of small models)."""
     return make_mesh(MeshConfig(data=1), jax.local_devices()[:1])
 
 

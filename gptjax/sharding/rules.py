@@ -5,14 +5,16 @@ constrained activation names its axes at the call site (``constrain(x_BxLxD, ("b
 This table maps logical names to mesh axes. With the default table the mesh shape alone selects the
 strategy:
 
-====================  ======================================================================
-mesh (data,fsdp,tensor)  what the default rules give
-====================  ======================================================================
-(N, 1, 1)             DDP: params replicated, batch split, one gradient all-reduce
-(1, N, 1)             FSDP / ZeRO-3: params, grads and optimizer state sharded on ``embed``
-(1, 1, N)             Megatron tensor parallelism: heads / mlp / vocab split
-(G, N/G, 1)           hybrid: FSDP inside groups of N/G devices, replicated across G groups
-====================  ======================================================================
+=========================  ======================================================================
+mesh (data,fsdp,ctx,tensor)  what the default rules give
+=========================  ======================================================================
+(N, 1, 1, 1)               DDP: params replicated, batch split, one gradient all-reduce
+(1, N, 1, 1)               FSDP / ZeRO-3: params, grads and optimizer state sharded on ``embed``
+(1, 1, 1, N)               Megatron tensor parallelism: heads / mlp / vocab split
+(G, N/G, 1, 1)             hybrid: FSDP inside groups of N/G devices, replicated across G groups
+(1, F, C, 1)               context parallelism: activations split along the sequence over C devices
+                           (attention all-gathers keys and values over ``context``), FSDP over F
+=========================  ======================================================================
 
 Override single entries through ``MeshConfig.rules`` (e.g. ``{"embed": None}`` turns the fsdp axis into
 plain data parallelism) — change the rules, not the model.
@@ -37,7 +39,7 @@ MeshAxes = str | tuple[str, ...] | None
 DEFAULT_RULES: dict[str, MeshAxes] = {
     # activations
     ax.BATCH: (ax.DATA, ax.FSDP),
-    ax.LENGTH: None,
+    ax.LENGTH: ax.CONTEXT,
     ax.ACT_EMBED: None,
     ax.ACT_HEADS: ax.TENSOR,
     ax.ACT_KV_HEADS: ax.TENSOR,
@@ -124,12 +126,16 @@ def activation_sharding(mesh: Mesh | None, rules: Mapping[str, MeshAxes]) -> Ite
         _ctx.value = prev
 
 
+def current() -> tuple[Mesh, Mapping[str, MeshAxes]] | None:
+    """The ``(mesh, rules)`` of the enclosing ``activation_sharding``, or None (also on a 1-device mesh)."""
+    value = getattr(_ctx, "value", None)
+    return None if value is None or value[0].size == 1 else value
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """``with_sharding_constraint`` by logical names; identity outside ``activation_sharding`` or on 1 device."""
-    value = getattr(_ctx, "value", None)
+    value = current()
     if value is None:
         return x
     mesh, rules = value
-    if mesh.size == 1:
-        return x
     return jax.lax.with_sharding_constraint(x, logical_sharding(names, mesh, rules, x.shape))

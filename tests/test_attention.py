@@ -1,0 +1,187 @@
+"""Attention kernels: the blockwise kernel (and the cuDNN / splash plumbing) against the dense one, tile skipping,
+kernel selection, and memory that grows linearly with the sequence."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import nano_model
+from gptjax.config import ConfigError, ModelConfig
+from gptjax.model import flash
+from gptjax.model.decoder import Decoder
+from gptjax.model.kernels import (DENSE_MAX_LEN_CPU, MaskSpec, causal_mask, choose, cudnn_attention,
+                                  dense_attention, splash_attention)
+from flax import nnx
+
+# fp32: the blockwise kernel sums in another order than the dense one; measured differences are ~1e-6
+ATOL = 2e-5
+
+
+def qkv(B, K, G, L, S, H, seed=0, dtype=jnp.float32):
+    r = np.random.default_rng(seed)
+    q = r.normal(size=(B, K, G, L, H)) / np.sqrt(H)
+    k, v = r.normal(size=(B, K, S, H)), r.normal(size=(B, K, S, H))
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def both(q, k, v, window, mask, block_q, block_k):
+    """(blockwise, dense) outputs and their VJPs for one random cotangent."""
+    blockwise = lambda q, k, v: flash.blockwise_attention(
+        q, k, v, window=window, offset=mask.offset, q_segment_ids_BxL=mask.q_segment_ids_BxL,
+        k_segment_ids_BxS=mask.k_segment_ids_BxS, block_q=block_q, block_k=block_k)
+    dense = lambda q, k, v: dense_attention(q, k, v, window, mask, jnp.float32)
+    ct = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+    out = []
+    for f in (blockwise, dense):
+        o, vjp = jax.vjp(jax.jit(f), q, k, v)
+        out.append((o, vjp(ct)))
+    return out
+
+
+def segments(B, L, n, seed=0):
+    return jnp.asarray(np.sort(np.random.default_rng(seed).integers(0, n, (B, L)), axis=1), jnp.int32)
+
+
+CASES = {  # name: (K, G, L, window, segments, block_q, block_k)
+    "causal MHA, blocks divide": (4, 1, 64, 64, False, 16, 16),
+    "causal GQA, blocks do not divide": (2, 2, 70, 70, False, 16, 32),
+    "causal MQA, one block": (1, 4, 50, 50, False, 64, 64),
+    "banded GQA": (2, 2, 70, 9, False, 32, 16),
+    "banded, window = block": (2, 1, 96, 16, False, 16, 16),
+    "segments GQA": (2, 2, 70, 70, True, 16, 16),
+    "banded + segments, tiny window": (3, 1, 100, 4, True, 64, 50),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_blockwise_matches_dense_outputs_and_gradients(name):
+    K, G, L, window, seg, bq, bk = CASES[name]
+    q, k, v = qkv(2, K, G, L, L, 8)
+    ids = segments(2, L, 3) if seg else None
+    (o1, g1), (o2, g2) = both(q, k, v, window, MaskSpec(0, ids, ids), bq, bk)
+    np.testing.assert_allclose(o1, o2, atol=ATOL, rtol=0)
+    for a, b, what in zip(g1, g2, "qkv"):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=f"d{what}")
+    assert float(jnp.abs(o2).max()) > 0.1 and all(float(jnp.abs(g).max()) > 0.1 for g in g2)  # not trivially 0
+
+
+def test_blockwise_with_an_offset_matches_dense():
+    """Queries after a cache prefix (slots 24..39 of 48: the rest of the keys are in the future)."""
+    q, k, v = qkv(2, 2, 2, 16, 48, 8)
+    (o1, g1), (o2, g2) = both(q, k, v, 48, MaskSpec(24), 8, 16)
+    np.testing.assert_allclose(o1, o2, atol=ATOL, rtol=0)
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(np.asarray(g1[1])[:, :, 40:], 0)  # future keys get no gradient
+
+
+def test_blockwise_bf16_is_close_to_fp32():
+    q, k, v = qkv(1, 2, 2, 96, 96, 16)
+    ref = flash.blockwise_attention(q, k, v, window=96, block_q=32, block_k=32)
+    low = flash.blockwise_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), window=96, block_q=32, block_k=32)
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low, np.float32), ref, atol=3e-2, rtol=0)
+
+
+@pytest.mark.parametrize("bq, bk, window, offset, nq, nk", [
+    (16, 16, 64, 0, 4, 4), (16, 32, 9, 0, 5, 3), (32, 16, 17, 0, 3, 6), (8, 16, 48, 24, 2, 3), (64, 50, 4, 0, 2, 2)])
+def test_tiles_visited_are_exactly_those_with_a_visible_pair(bq, bk, window, offset, nq, nk):
+    """The loop bounds skip every tile above the diagonal or outside the band, and no tile with a visible pair."""
+    t = flash._Tiles(bq, bk, nq, nk, window, offset, False)
+    allowed = np.asarray(causal_mask(nq * bq, nk * bk, window, offset))
+    needed = {(i, j) for i in range(nq) for j in range(nk) if allowed[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk].any()}
+    by_rows = {(i, j) for i in range(nq) for j in range(*map(int, t.k_range(i)))}
+    by_cols = {(i, j) for j in range(nk) for i in range(*map(int, t.q_range(j)))}
+    assert by_rows == needed and by_cols == needed
+    # and the tiles run without the mask are exactly those whose every pair is visible
+    full = {(i, j) for i in range(nq) for j in range(nk) if allowed[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk].all()}
+    runs = lambda r: {(idx, bool(m)) for lo, hi, m in r for idx in range(int(lo), int(hi))}
+    assert {(i, j) for i in range(nq) for j, m in runs(t.k_runs(i)) if not m} == full
+    assert {(i, j) for j in range(nk) for i, m in runs(t.q_runs(j)) if not m} == full
+    assert {(i, j) for i in range(nq) for j, _ in runs(t.k_runs(i))} == needed
+
+
+def test_banded_work_is_linear_in_length():
+    """A banded layer visits O(L) tiles, a causal one O(L^2)."""
+    def visited(L, window):
+        n = L // 16
+        t = flash._Tiles(16, 16, n, n, window, 0, False)
+        return sum(int(t.k_range(i)[1] - t.k_range(i)[0]) for i in range(n))
+    assert visited(1024, 32) <= 2 * visited(512, 32) + 3  # 3 tiles per query block
+    assert visited(1024, 1024) >= 3.9 * visited(512, 512)
+
+
+@pytest.mark.parametrize("window", [256, 64])
+def test_cudnn_call_layout_and_band_match_dense(window):
+    """The cuDNN path's call (layout, GQA grouping, band) run through XLA's implementation on CPU."""
+    q, k, v = qkv(2, 2, 3, 256, 256, 8)
+    out = cudnn_attention(q, k, v, window, implementation="xla")
+    np.testing.assert_allclose(out, dense_attention(q, k, v, window, MaskSpec(), jnp.float32), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("window, seg", [(256, False), (64, True)])
+def test_splash_kernel_in_interpret_mode_matches_dense(window, seg):
+    """JAX's TPU splash kernel, run by the Pallas interpreter: the mask, segment ids and GQA plumbing."""
+    q, k, v = qkv(1, 2, 2, 256, 256, 16)
+    ids = segments(1, 256, 2) if seg else None
+    mask = MaskSpec(0, ids, ids)
+    f = lambda q, k, v: splash_attention(q, k, v, window, mask, 128, interpret=True)
+    g = lambda q, k, v: dense_attention(q, k, v, window, mask, jnp.float32)
+    np.testing.assert_allclose(f(q, k, v), g(q, k, v), atol=ATOL, rtol=0)
+    loss = lambda fn: lambda q: jnp.sum(fn(q, k, v) ** 2)
+    np.testing.assert_allclose(jax.grad(loss(f))(q), jax.grad(loss(g))(q), atol=1e-4, rtol=0)
+
+
+def test_kernel_choice():
+    assert choose("auto", "cpu", DENSE_MAX_LEN_CPU, True, False) == "dense"
+    assert choose("auto", "cpu", DENSE_MAX_LEN_CPU + 1, True, False) == "blockwise"
+    assert choose("auto", "gpu", 128, True, False) == "cudnn"
+    assert choose("auto", "gpu", 4096, True, True) == "blockwise"  # cuDNN here takes no segment mask
+    assert choose("auto", "tpu", 4096, True, True) == "splash"
+    assert choose("splash", "tpu", 4096, False, False) == "blockwise"  # a cache offset / context slice
+    assert choose("dense", "gpu", 65536, True, False) == "dense"  # an explicit choice is kept
+    with pytest.raises(ConfigError, match="attention_impl='flash' is not valid"):
+        ModelConfig(attention_impl="flash")
+
+
+@pytest.mark.parametrize("cfg_kw", [
+    dict(attention="alternating", window=8, scan_layers=True),  # traced per-layer window
+    dict(attention="alternating", window=8, scan_layers=False, n_kv_heads=1),
+    dict(n_kv_heads=4, positions="learned", norm="layernorm", mlp="gelu", use_bias=True),
+])
+def test_model_with_blockwise_attention_matches_dense(cfg_kw):
+    """Logits and parameter gradients of whole models, packed segments included."""
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 40)), jnp.int32)
+    seg = segments(2, 40, 3)
+    results = []
+    for impl in ("blockwise", "dense"):
+        model = Decoder(nano_model(attention_impl=impl, attention_block=16, **cfg_kw), nnx.Rngs(0))
+        graphdef, params = nnx.split(model)
+
+        def loss(params):
+            logits = nnx.merge(graphdef, params)(tokens, segment_ids_BxL=seg)
+            return jnp.mean(logits ** 2), logits
+
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        results.append((logits, grads))
+    (l1, g1), (l2, g2) = results
+    np.testing.assert_allclose(l1, l2, atol=ATOL, rtol=0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g1, g2)
+
+
+def test_compiled_memory_grows_linearly_with_blockwise_and_quadratically_with_dense():
+    """XLA's own per-device figure for one layer's forward + backward at 1k and 4k tokens."""
+    from gptjax.planning.memory import memory_of
+
+    def temp_bytes(impl, L):
+        cfg = nano_model(n_layers=1, max_seq_len=L, attention_impl=impl, attention_block=256)
+        graphdef, params = nnx.split(Decoder(cfg, nnx.Rngs(0)))
+        f = jax.jit(jax.grad(lambda p, t: jnp.mean(nnx.merge(graphdef, p)(t))))
+        return memory_of(f.lower(params, jax.ShapeDtypeStruct((1, L), jnp.int32)).compile())["temp"]
+
+    blockwise = temp_bytes("blockwise", 4096) / temp_bytes("blockwise", 1024)
+    dense = temp_bytes("dense", 4096) / temp_bytes("dense", 1024)
+    assert blockwise < 4.5 and dense > 10, (blockwise, dense)
