@@ -101,7 +101,24 @@ def make_step(cfg: dict, dtype: str):
     return step, n_params
 
 
-def run(cfg: dict, dtype: str, steps: int, warmup: int):
+def matmul_gflops(dtype: str, n: int = 512, seconds: float = 0.5) -> float:
+    """Best observed GFLOP/s of an n^3 torch matmul in ``dtype`` (bf16: autocast's kernel)."""
+    import time
+
+    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    a = torch.ones(n, n, dtype=dt)
+    a @ a
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def run(cfg: dict, dtype: str, steps: int, warmup: int, budget: float = 0.0):
+    """Mean step time over ``steps`` timed steps (fewer once ``budget`` seconds have passed, at least one),
+    the number timed, the parameter count and the last loss."""
     import time
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -110,6 +127,9 @@ def run(cfg: dict, dtype: str, steps: int, warmup: int):
     data = torch.randint(0, cfg["vocab_size"], (steps + warmup, cfg["batch_size"], cfg["seq_len"] + 1), generator=g)
     for i in range(warmup):
         step(data[i, :, :-1], data[i, :, 1:])
-    t = time.perf_counter()
-    losses = [step(data[warmup + i, :, :-1], data[warmup + i, :, 1:]) for i in range(steps)]
-    return (time.perf_counter() - t) / steps, n_params, losses[-1]
+    t, losses = time.perf_counter(), []
+    for i in range(steps):
+        losses.append(step(data[warmup + i, :, :-1], data[warmup + i, :, 1:]))
+        if budget and time.perf_counter() - t > budget:
+            break
+    return (time.perf_counter() - t) / len(losses), len(losses), n_params, losses[-1]

@@ -42,7 +42,7 @@ def run_config(c: dict, dtype: str, steps: int = 10, attention: str = "auto"):
         attention_impl=attention, overrides=[f"train.batch_size={c['batch_size']}", f"train.seq_len={c['seq_len']}", f"train.steps={steps}"])
 
 
-def run_jax(c: dict, dtype: str, steps: int, warmup: int, attention: str) -> dict:
+def run_jax(c: dict, dtype: str, steps: int, warmup: int, attention: str, budget: float) -> dict:
     import jax
     import numpy as np
 
@@ -61,19 +61,31 @@ def run_jax(c: dict, dtype: str, steps: int, warmup: int, attention: str) -> dic
     for b in batches[:warmup]:
         state, m = prog.train_step(state, b)
     jax.block_until_ready(m)
-    t = time.perf_counter()
+    t, done = time.perf_counter(), 0
     for b in batches[warmup:]:
         state, m = prog.train_step(state, b)
+        done += 1
+        if budget and time.perf_counter() - t > budget:
+            jax.block_until_ready(m)
+            break
     loss = float(jax.device_get(m["loss"]))
-    return {"step_time": (time.perf_counter() - t) / steps, "loss": loss, "xla_step_bytes": int(xla_bytes)}
+    return {"step_time": (time.perf_counter() - t) / done, "steps": done, "loss": loss, "xla_step_bytes": int(xla_bytes)}
 
 
-def run_torch(c: dict, dtype: str, steps: int, warmup: int, attention: str) -> dict:
+def run_torch(c: dict, dtype: str, steps: int, warmup: int, attention: str, budget: float) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
-    from torch_peer import run
+    from torch_peer import matmul_gflops, run
 
-    step_time, n_params, loss = run(c, dtype, steps, warmup)
-    return {"step_time": step_time, "loss": loss, "torch_params": n_params}
+    if dtype == "bfloat16" and c["seq_len"] * c["batch_size"] > 2048:
+        # Without native bf16 (avx512_bf16 / AMX) torch's CPU bf16 matmul falls back to a slow kernel: a large
+        # row would take hours a step. Measure that and refuse the row, saying why.
+        bf16, fp32 = matmul_gflops("bfloat16"), matmul_gflops("float32")
+        if bf16 < 0.2 * fp32:
+            raise SystemExit(f"torch bf16 matmul runs at {bf16:.1f} GFLOP/s on this CPU vs {fp32:.1f} in fp32 "
+                             "(no native bf16): row skipped")
+
+    step_time, done, n_params, loss = run(c, dtype, steps, warmup, budget)
+    return {"step_time": step_time, "steps": done, "loss": loss, "torch_params": n_params}
 
 
 def default_steps(c: dict) -> int:
@@ -89,7 +101,8 @@ def child(args: argparse.Namespace) -> None:
     mcfg = run_config(c, args.dtype).model
     peaks = {d: measure_peak_flops(d) for d in ("float32", "bfloat16")}
     steps = args.steps or default_steps(c)
-    out = (run_jax if args.impl == "jax" else run_torch)(c, args.dtype, steps, args.warmup, args.attention)
+    out = (run_jax if args.impl == "jax" else run_torch)(c, args.dtype, steps, args.warmup, args.attention,
+                                                                 args.budget)
     tokens = c["batch_size"] * c["seq_len"]
     tps = tokens / out["step_time"]
     flops = tps * flops_per_token(mcfg, c["seq_len"])
@@ -106,7 +119,7 @@ def child(args: argparse.Namespace) -> None:
 
 def _run_child(config: str, dtype: str, impl: str, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", config, dtype, impl, "--steps", str(a.steps or 0),
-           "--warmup", str(a.warmup), "--attention", a.attention]
+           "--warmup", str(a.warmup), "--attention", a.attention, "--budget", str(a.budget)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode or not line:
@@ -122,6 +135,8 @@ def main() -> None:
     p.add_argument("--attention", default="auto", help="gptjax's attention kernel (model.attention_impl)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: about 16k tokens, at least 2)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--budget", type=float, default=300.0,
+                   help="stop timing a row after this many seconds (at least one step; 0: no limit)")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every row; the median is kept")
     p.add_argument("--child", nargs=3, metavar=("CONFIG", "DTYPE", "IMPL"), help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -33,15 +33,17 @@ def build_config(a: argparse.Namespace, n_layers: int | None = None) -> RunConfi
     model_fields = dict(dtype=a.dtype, param_dtype=a.param_dtype, remat=a.remat, scan_layers=True)
     if n_layers is not None:
         model_fields["n_layers"] = n_layers
+    if a.attention:
+        model_fields["attention_impl"] = a.attention
     data, fsdp, tensor = a.mesh
     d = build_config_dict(**config_args(a), **model_fields)
-    d["mesh"].update(data=data, fsdp=fsdp, tensor=tensor, sharding_factor=None)
+    d["mesh"].update(data=data, fsdp=fsdp, context=a.context, tensor=tensor, sharding_factor=None)
     d["train"].update(batch_size=a.batch, seq_len=a.seq or d["model"]["max_seq_len"], steps=1000)
     return RunConfig.from_dict(d)
 
 
 def mesh_sizes(a) -> dict[str, int]:
-    return dict(zip(("data", "fsdp", "tensor"), a.mesh))
+    return {"data": a.mesh[0], "fsdp": a.mesh[1], "context": a.context, "tensor": a.mesh[2]}
 
 
 def aot_child(a: argparse.Namespace) -> None:
@@ -59,7 +61,7 @@ def aot_child(a: argparse.Namespace) -> None:
 
 
 def run_aot(a: argparse.Namespace) -> dict[int, dict]:
-    n = math.prod(a.mesh)
+    n = math.prod(a.mesh) * a.context
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip())
     argv = [sys.executable, "-m", "gptjax.cli.plan", *a.argv, "--aot-child"]
@@ -80,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="model preset (same as --model-preset)")
     add_config_args(p, default_preset=None)
     p.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor (default 1,8,1)")
+    p.add_argument("--context", type=int, default=1,
+                   help="context-parallel devices: the sequence is split over them (default 1)")
+    p.add_argument("--attention", default=None, choices=["auto", "dense", "blockwise", "cudnn", "splash"],
+                   help="attention kernel (model.attention_impl; default: the config's)")
     p.add_argument("--batch", type=int, default=None, help="global batch in sequences (default: devices)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's context)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
@@ -100,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         assert len(a.mesh) == 3 and all(x > 0 for x in a.mesh)
     except (ValueError, AssertionError):
         p.error(f"--mesh must be three positive integers data,fsdp,tensor, got {a.mesh!r}")
+    if a.context < 1:
+        p.error(f"--context must be a positive integer, got {a.context}")
     a.compile_layers = sorted({int(x) for x in a.compile_layers.split(",")})
-    n_dev = math.prod(a.mesh)
+    n_dev = math.prod(a.mesh) * a.context
     a.batch = a.batch or n_dev
     if a.aot_child:
         aot_child(a)
@@ -115,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(a)
         if a.batch % (a.mesh[0] * a.mesh[1]):
             raise ConfigError(f"--batch {a.batch} is not divisible by data x fsdp = {a.mesh[0] * a.mesh[1]}")
+        if cfg.train.seq_len % a.context:
+            raise ConfigError(f"--seq {cfg.train.seq_len} is not divisible by --context {a.context}")
     capacity = DEVICE_MEMORY_GB.get(a.device) or float(a.device)
     plan = analytic_plan(cfg, mesh_sizes(a))
     result = {"preset": a.model_preset or a.config or a.preset, "params": count_params(cfg.model),
@@ -148,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     m = cfg.model
     print(f"\n{result['preset']}: {result['params'] / 1e9:.2f}B params, {m.n_layers} layers, d_model {m.d_model}, "
           f"{m.n_heads} heads / {m.kv_heads} kv heads, vocab {m.vocab_size}")
-    print(f"mesh data={a.mesh[0]} x fsdp={a.mesh[1]} x tensor={a.mesh[2]} = {n_dev} devices | global batch "
-          f"{a.batch} x {cfg.train.seq_len} tokens | compute {a.dtype}, params {a.param_dtype}, remat {a.remat}\n")
+    print(f"mesh data={a.mesh[0]} x fsdp={a.mesh[1]} x context={a.context} x tensor={a.mesh[2]} = {n_dev} devices "
+          f"| global batch {a.batch} x {cfg.train.seq_len} tokens | compute {a.dtype}, params {a.param_dtype}, "
+          f"remat {a.remat}, attention {plan.attention}\n")
     print(f"{'per device (analytic, full depth)':38s} {'GB':>10s}")
     print("-" * 50)
     for name, b in plan.rows():

@@ -114,7 +114,7 @@ class Decoder(nnx.Module):
                          else jnp.take(self.pos_embedding[...], positions_BxL, axis=0))
             x_BxLxD = x_BxLxD + pos_BxLxD.astype(self.dtype)
         else:
-            rope = rope_angles(jnp.arange(L) if positions_BxL is None else positions_BxL, cfg.resolved_head_dim,
+            rope = rope_angles(L if positions_BxL is None else positions_BxL, cfg.resolved_head_dim,
                                cfg.rope_theta)
         if cache is None:
             mask = MaskSpec(0, segment_ids_BxL, segment_ids_BxL)

@@ -212,11 +212,25 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def blockwise_attention(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, *,
                         window: jax.Array | int, offset: jax.Array | int = 0,
                         q_segment_ids_BxL: jax.Array | None = None, k_segment_ids_BxS: jax.Array | None = None,
-                        block_q: int = 512, block_k: int = 512) -> jax.Array:
+                        block_q: int = 512, block_k: int = 512, lanes: int = 1) -> jax.Array:
     """Attention output ``[B, K, G, L, H]`` (q's dtype). ``q`` must already carry the ``1/sqrt(H)`` scale.
 
     Query ``i`` sits in slot ``offset + i`` and sees key slot ``j`` iff ``j <= offset + i``,
-    ``offset + i - j < window`` and (with segment ids) its segment id equals key ``j``'s."""
+    ``offset + i - j < window`` and (with segment ids) its segment id equals key ``j``'s.
+
+    ``lanes > 1`` splits the heads (kv heads, else query groups) into that many independent kernels, which
+    XLA:CPU runs concurrently, one per core (its per-tile ops are too small to use two cores each; measured at
+    2k tokens, 12 heads: forward + backward 0.58 -> 0.47 s with 2 lanes). The result does not change."""
+    K, G = q_BxKxGxLxH.shape[1], q_BxKxGxLxH.shape[2]
+    kw = dict(window=window, offset=offset, q_segment_ids_BxL=q_segment_ids_BxL,
+              k_segment_ids_BxS=k_segment_ids_BxS, block_q=block_q, block_k=block_k)
+    if lanes > 1 and K % lanes == 0:
+        parts = [blockwise_attention(q, k, v, **kw) for q, k, v in zip(
+            jnp.split(q_BxKxGxLxH, lanes, 1), jnp.split(k_BxKxSxH, lanes, 1), jnp.split(v_BxKxSxH, lanes, 1))]
+        return jnp.concatenate(parts, axis=1)
+    if lanes > 1 and G % lanes == 0:
+        parts = [blockwise_attention(q, k_BxKxSxH, v_BxKxSxH, **kw) for q in jnp.split(q_BxKxGxLxH, lanes, 2)]
+        return jnp.concatenate(parts, axis=2)
     L, S = q_BxKxGxLxH.shape[3], k_BxKxSxH.shape[2]
     block_q, block_k = min(block_q, L), min(block_k, S)
     q = _blocks(q_BxKxGxLxH, 3, block_q)

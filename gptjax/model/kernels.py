@@ -40,9 +40,12 @@ from gptjax.sharding.rules import current, logical_to_pspec
 
 NEG_INF = jnp.finfo(jnp.float32).min  # additive mask value of the dense kernel: exp underflows to exactly 0
 
-# Above this many query tokens "auto" leaves the dense kernel on CPU (bench/attention_bench.py: the blockwise
-# kernel's forward + backward catches up with dense between 1k and 2k tokens, and dense memory is quadratic).
-DENSE_MAX_LEN_CPU = 1024
+# Above this many query tokens "auto" leaves the dense kernel on CPU. bench/attention_bench.py (one gpt2ish layer,
+# fp32, forward + backward, best of 5): dense / blockwise 33 / 61 ms at 512 tokens, 85 / 137 ms at 768,
+# 214 / 173 ms at 1024, 467 / 320 ms at 1536 (and dense memory is quadratic: 1.5 GB vs 89 MB at 4k).
+DENSE_MAX_LEN_CPU = 768
+# Independent blockwise kernels per call on CPU (heads split between them; see flash.blockwise_attention).
+CPU_LANES = 2
 
 
 def causal_mask(q_len: int, k_len: int, window: jax.Array | int, offset: jax.Array | int | None = None) -> jax.Array:
@@ -165,7 +168,8 @@ def _local(q, k, v, window, mask: MaskSpec, impl: str, block: int, windows: tupl
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     if kind == "blockwise":
         return blockwise_attention(q, k, v, window=window, offset=mask.offset, q_segment_ids_BxL=mask.q_segment_ids_BxL,
-                                   k_segment_ids_BxS=mask.k_segment_ids_BxS, block_q=block, block_k=block)
+                                   k_segment_ids_BxS=mask.k_segment_ids_BxS, block_q=block, block_k=block,
+                                   lanes=CPU_LANES if backend == "cpu" else 1)
     if kind == "cudnn":
         implementation = "cudnn" if backend in ("gpu", "cuda") else "xla"
         return _static_windows(window, windows, lambda w: cudnn_attention(q, k, v, w, implementation))

@@ -45,15 +45,18 @@ class MemoryPlan:
     optimizer: int
     activations: int
     logits: int
+    gathered_kv: int = 0  # context parallelism: the keys / values of the other sequence slices, all layers
+    attention: str = ""  # the attention kernel the plan assumed
     mesh: dict = field(default_factory=dict)
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations + self.logits
+        return self.params + self.grads + self.optimizer + self.activations + self.gathered_kv + self.logits
 
     def rows(self) -> list[tuple[str, int]]:
         return [("parameters", self.params), ("gradients", self.grads), ("optimizer (Adam mu, nu)", self.optimizer),
-                ("activations (saved for backward)", self.activations), ("logits + grad", self.logits),
+                ("activations (saved for backward)", self.activations),
+                ("gathered keys/values (context par.)", self.gathered_kv), ("logits + grad", self.logits),
                 ("total", self.total)]
 
 
@@ -97,7 +100,7 @@ def _saved_residual_bytes(m: ModelConfig, batch: int, seq: int, remat: str) -> i
     x = jax.ShapeDtypeStruct((batch, seq, m.d_model), DTYPES[m.dtype])
 
     def block(state, x):
-        rope = rope_angles(jnp.arange(seq), m.resolved_head_dim, m.rope_theta) if m.positions == "rope" else None
+        rope = rope_angles(seq, m.resolved_head_dim, m.rope_theta) if m.positions == "rope" else None
         return nnx.merge(graphdef, state)(x, seq, rope, MaskSpec())[0]
 
     if remat != "none":
@@ -143,8 +146,14 @@ def analytic_plan(cfg: RunConfig, mesh_sizes: Mapping[str, int]) -> MemoryPlan:
     params = param_bytes_per_device(cfg, mesh_sizes)
     batch_shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
     batch_per_device = t.batch_size // batch_shards
-    tokens = batch_per_device * t.seq_len
-    act = activation_bytes(m, batch_per_device, t.seq_len, mesh_sizes["tensor"])
+    context = mesh_sizes.get("context", 1)
+    seq = t.seq_len // context  # context parallelism: each device holds a slice of the sequence
+    tokens = batch_per_device * seq
+    act = activation_bytes(m, batch_per_device, seq, mesh_sizes["tensor"])
+    # ... but attends over all keys: the gathered keys and values of the other slices are saved for the backward
+    local = local_block_config(m, mesh_sizes["tensor"])
+    gathered = (2 * batch_per_device * (t.seq_len - seq) * local.kv_heads * local.resolved_head_dim
+                * dtype_bytes(m.dtype) * m.n_layers)
     # compute-dtype weight copies are sharded like the parameters (the cast happens on the shard): the full
     # copies (the local block's times tensor) scaled by this device's share of the parameter bytes
     share = params / (dtype_bytes(m.param_dtype) * count_params(m))
@@ -154,7 +163,14 @@ def analytic_plan(cfg: RunConfig, mesh_sizes: Mapping[str, int]) -> MemoryPlan:
     # AdamW keeps mu and nu in the parameters' dtype; gradients have the parameters' dtype too.
     return MemoryPlan(params=params, grads=params, optimizer=2 * params,
                       activations=act["saved"] + act["working"] + weight_copies, logits=int(logits),
-                      mesh=dict(mesh_sizes))
+                      gathered_kv=int(gathered), attention=attention_kernel(m, seq), mesh=dict(mesh_sizes))
+
+
+def attention_kernel(m: ModelConfig, seq: int) -> str:
+    """The kernel the planned block runs (the rule of ``gptjax/model/kernels.py`` on this backend)."""
+    from gptjax.model.kernels import choose
+
+    return choose(m.attention_impl, jax.default_backend(), seq, True, False)
 
 
 def compiled_memory(cfg: RunConfig, mesh: Mesh) -> dict[str, int]:
