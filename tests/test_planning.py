@@ -33,6 +33,7 @@ def test_param_bytes_follow_the_rules():
 @pytest.mark.parametrize("model_kw, mesh, remat", [
     (dict(), dict(data=1, fsdp=1, tensor=1), "none"),
     (dict(), dict(data=1, fsdp=4, tensor=2), "none"),
+    (dict(attention_impl="blockwise", attention_block=32), dict(data=1, fsdp=2, context=4, tensor=1), "none"),
     (dict(positions="learned", norm="layernorm", mlp="gelu", use_bias=True), dict(data=2, fsdp=4, tensor=1), "full"),
 ])
 def test_analytic_plan_agrees_with_compiled_memory(model_kw, mesh, remat):
@@ -44,14 +45,30 @@ def test_analytic_plan_agrees_with_compiled_memory(model_kw, mesh, remat):
         model = nano_model(n_layers=layers, d_model=128, d_ff=256, vocab_size=1024, max_seq_len=128,
                            remat=remat, scan_layers=True, **model_kw)
         cfg = run_cfg(model, mesh, batch=16, seq=128)
-        devices = jax.devices()[: mesh["data"] * mesh["fsdp"] * mesh["tensor"]]
+        devices = jax.devices()[: mesh["data"] * mesh["fsdp"] * mesh.get("context", 1) * mesh["tensor"]]
         compiled = compiled_memory(cfg, make_mesh(cfg.mesh, devices))
-        totals[layers] = (analytic_plan(cfg, mesh).total, compiled["peak"])
+        totals[layers] = (analytic_plan(cfg, {"context": 1, **mesh}).total, compiled["peak"])
     for analytic, compiled in totals.values():
         assert 0.5 < analytic / compiled < 1.5, totals
     per_layer_analytic = totals[4][0] - totals[2][0]
     per_layer_compiled = totals[4][1] - totals[2][1]
     assert 0.8 < per_layer_analytic / per_layer_compiled < 1.25, totals
+
+
+def test_planned_activations_are_linear_in_length_with_blockwise_attention():
+    """At 8k and 32k tokens the blockwise kernel's saved activations grow 4x (linear); the dense kernel's grow
+    ~16x (its L x L probabilities); context parallelism over 4 devices divides the per-device figure."""
+    def acts(seq, impl, context=1):
+        m = model_preset("gpt2-small", attention_impl=impl, max_seq_len=32768)
+        plan = analytic_plan(run_cfg(m, dict(data=1, fsdp=8 // context, context=context), batch=8 // context, seq=seq),
+                             {"data": 1, "fsdp": 8 // context, "context": context, "tensor": 1})
+        return plan
+    b8, b32 = acts(8192, "blockwise"), acts(32768, "blockwise")
+    assert b8.attention == "blockwise" and 3.9 < b32.activations / b8.activations < 4.2
+    d8, d32 = acts(8192, "dense"), acts(32768, "dense")
+    assert d32.activations / d8.activations > 12 and d32.activations > 10 * b32.activations
+    cp = acts(32768, "blockwise", context=4)  # one sequence per 4 devices, 8k tokens each
+    assert cp.gathered_kv > 0 and cp.activations < b32.activations / 3
 
 
 def test_remat_reduces_planned_activations():
