@@ -3,6 +3,8 @@
     python bench/train_bench.py                      # tiny, gpt2ish (512), gpt2ish-2k, gpt2ish-8k; fp32, bf16
     python bench/train_bench.py --configs tiny --dtypes float32 --impls jax
     python bench/train_bench.py --configs gpt2ish-2k --attention dense --repeats 2
+    python bench/train_bench.py --memory-curve --configs gpt2ish-1k gpt2ish-2k gpt2ish-4k gpt2ish-8k \
+        --attention blockwise,dense --dtypes float32 --plot memory.png   # compile only: XLA's peak bytes
 
 Each (config, dtype, impl) runs in its own subprocess, trains on random tokens for a fixed number of steps after
 warm-up, and prints one JSON line: tokens/s, step time, MFU (against the peak FLOP/s gptjax measures at the
@@ -93,6 +95,50 @@ def default_steps(c: dict) -> int:
     return max(2, min(10, 16384 // (c["batch_size"] * c["seq_len"])))
 
 
+def memory_curve(configs: list[str], dtype: str, attentions: list[str], plot: str | None) -> None:
+    """XLA's per-device peak bytes of the compiled train step (nothing allocated) for each config and attention
+    kernel: how memory grows with the sequence."""
+    import jax
+    import jax.numpy as jnp
+
+    from gptjax.planning.memory import memory_of
+    from gptjax.sharding.mesh import make_mesh
+    from gptjax.training.program import Program
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for attention in attentions:
+        for name in configs:
+            c = CONFIGS[name]
+            cfg = run_config(c, dtype, 1, attention)
+            prog = Program(cfg, make_mesh(cfg.mesh))
+            tok = jax.ShapeDtypeStruct((c["batch_size"], c["seq_len"]), jnp.int32)
+            mask = jax.ShapeDtypeStruct((c["batch_size"], c["seq_len"]), jnp.float32)
+            batch = {"inputs": tok, "targets": tok, "loss_mask": mask}
+            peak = memory_of(prog.train_step.lower(prog.abstract_state, batch).compile())["peak"]
+            print(json.dumps({"config": name, "dtype": dtype, "attention": attention, "seq_len": c["seq_len"],
+                              "xla_step_mb": round(peak / 2**20, 1)}), flush=True)
+            curves.setdefault(attention, []).append((c["seq_len"], peak / 2**20))
+    for attention, pts in curves.items():
+        (l0, m0), (l1, m1) = pts[0], pts[-1]
+        print(json.dumps({"attention": attention, "memory_ratio": round(m1 / m0, 2), "length_ratio": l1 / l0}))
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for attention, pts in curves.items():
+            ax.plot(*zip(*pts), marker="o", label=f"gptjax {attention}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length (batch 1, gpt2ish)")
+        ax.set_ylabel("compiled train-step peak (MB)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        print(f"wrote {plot}")
+
+
 def child(args: argparse.Namespace) -> None:
     from gptjax.model.accounting import count_params, flops_per_token
     from gptjax.training.perf import measure_peak_flops
@@ -138,11 +184,16 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=300.0,
                    help="stop timing a row after this many seconds (at least one step; 0: no limit)")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every row; the median is kept")
+    p.add_argument("--memory-curve", action="store_true",
+                   help="only compile the jax step of --configs for each --attention kernel and print XLA's peak bytes")
+    p.add_argument("--plot", default=None, help="with --memory-curve: write the curve to this PNG")
     p.add_argument("--child", nargs=3, metavar=("CONFIG", "DTYPE", "IMPL"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         a.config, a.dtype, a.impl = a.child
         return child(a)
+    if a.memory_curve:
+        return memory_curve(a.configs, a.dtypes[0], a.attention.split(","), a.plot)
     runs: dict[tuple, list[dict]] = {}
     for rep in range(a.repeats):  # interleaved: every (config, dtype, impl) once per repeat
         for config in a.configs:

@@ -185,3 +185,23 @@ def test_compiled_memory_grows_linearly_with_blockwise_and_quadratically_with_de
     blockwise = temp_bytes("blockwise", 4096) / temp_bytes("blockwise", 1024)
     dense = temp_bytes("dense", 4096) / temp_bytes("dense", 1024)
     assert blockwise < 4.5 and dense > 10, (blockwise, dense)
+
+
+def test_on_a_mesh_without_context_split_the_chosen_kernel_is_kept(monkeypatch):
+    """Under shard_map (data parallel over 8 devices) a self-attention call keeps a static zero offset, so a
+    kernel that needs self-attention (here the cuDNN call, run through XLA on CPU) is still the one used."""
+    from gptjax.model import kernels
+    from gptjax.sharding import make_mesh, make_rules
+    from gptjax.config import MeshConfig
+    from gptjax.sharding.rules import activation_sharding
+
+    calls = []
+    real = kernels.cudnn_attention
+    monkeypatch.setattr(kernels, "cudnn_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, k, v = qkv(8, 2, 2, 32, 32, 8)
+    mesh = make_mesh(MeshConfig(data=8))
+    with activation_sharding(mesh, make_rules()):
+        out = jax.jit(lambda q, k, v: kernels.attend(q, k, v, 32, MaskSpec(), impl="cudnn", block=16, windows=(32,),
+                                                     dtype=jnp.float32))(q, k, v)
+    assert calls, "fell back to another kernel"
+    np.testing.assert_allclose(out, dense_attention(q, k, v, 32, MaskSpec(), jnp.float32), atol=ATOL, rtol=0)

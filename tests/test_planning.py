@@ -96,6 +96,23 @@ def test_plan_tool_big_presets_analytic():
     assert plan["analytic_bytes"]["parameters"] == pytest.approx(4 * plan["params"] / 8, rel=0.01)
 
 
+def test_plan_tool_long_context_and_context_parallelism():
+    """Activation bytes per device at 8k and 32k tokens (the blockwise kernel), and split over --context."""
+    plans = {}
+    for seq, context in ((8192, 1), (32768, 1), (32768, 4)):
+        r = plan_cli("gpt2-small", "--mesh", "1,1,1", "--context", str(context), "--batch", "1", "--seq", str(seq),
+                     "--set", "model.max_seq_len=32768", "--no-compile", "--json")
+        assert r.returncode == 0, r.stderr[-2000:]
+        plans[seq, context] = json.loads(r.stdout)
+    acts = {k: p["analytic_bytes"]["activations (saved for backward)"] for k, p in plans.items()}
+    assert all(p["attention"] == "blockwise" for p in plans.values())
+    assert 3.9 < acts[32768, 1] / acts[8192, 1] < 4.2  # linear in the length
+    assert plans[32768, 4]["analytic_bytes"]["gathered keys/values (context par.)"] > 0
+    assert acts[32768, 4] < acts[32768, 1] / 3
+    r = plan_cli("gpt2-small", "--context", "3", "--seq", "1024", "--no-compile")
+    assert r.returncode == 2 and "not divisible by --context 3" in r.stderr
+
+
 def test_plan_tool_aot_check_on_simulated_devices():
     r = plan_cli("gpt2-small", "--mesh", "2,2,2", "--batch", "8", "--seq", "256", "--compile-layers", "2,4",
                  "--json")

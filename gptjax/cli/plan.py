@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"preset": a.model_preset or a.config or a.preset, "params": count_params(cfg.model),
               "mesh": mesh_sizes(a), "devices": n_dev,
               "batch": a.batch, "seq": cfg.train.seq_len, "dtype": a.dtype, "remat": a.remat,
+              "attention": plan.attention,
               "analytic_bytes": dict(plan.rows()), "device_gb": capacity}
     if not a.no_compile:
         aot = run_aot(a)

@@ -9,7 +9,8 @@ the sequence length.
 * **Masks**: causal, banded (a query sees itself and ``window - 1`` earlier keys: GPT-3's local layers) and
   segment ids (packed documents). Tiles entirely above the diagonal or entirely outside the band are never
   visited (the key-block loop bounds are computed per query block, so the work of a banded layer is linear in
-  the length); segment masks are applied inside the visited tiles.
+  the length); tiles entirely below the diagonal and inside the band skip the mask; segment masks are applied
+  inside the visited tiles.
 * **GQA / MQA**: queries come grouped by the key/value head they share (``[B, K, G, L, H]``), and each tile is a
   batched matmul over (batch, kv head) with ``G * block_q`` rows: keys and values are never repeated.
 * Block sizes need not divide the lengths: inputs are padded to whole blocks; padded keys sit after every real

@@ -216,10 +216,14 @@ def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, w
         if gather:
             k, v = (jax.lax.all_gather(x, gather, axis=2, tiled=True) for x in (k, v))
             k_seg = None if k_seg is None else jax.lax.all_gather(k_seg, gather, axis=1, tiled=True)
-        index = 0
-        for a in _axes(length):
-            index = index * mesh.shape[a] + jax.lax.axis_index(a)
-        local = MaskSpec(offset + index * q.shape[3] if _axes(length) else offset, q_seg, k_seg)
+        if _axes(length):  # this device's slice of the sequence starts at slot offset + index * L_local
+            index = 0
+            for a in _axes(length):
+                index = index * mesh.shape[a] + jax.lax.axis_index(a)
+            offset = offset + index * q.shape[3]
+        elif self_attention:
+            offset = 0  # static: kernels that need self-attention (cudnn, splash) stay selectable
+        local = MaskSpec(offset, q_seg, k_seg)
         return _local(q, k, v, window, local, self_attention=self_attention and not _axes(length), **kw)
 
     seg_specs = (P(batch, length), P(batch, k_length)) if has_seg else (None, None)

@@ -69,6 +69,9 @@ def train(cfg: RunConfig, resume: bool | str = False, devices: list | None = Non
     if t.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the batch-parallel devices "
                           f"(data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']})")
+    if t.seq_len % mesh.shape["context"]:
+        raise ConfigError(f"train.seq_len={t.seq_len} must be divisible by mesh.context={mesh.shape['context']} "
+                          "(each context-parallel device holds an equal slice of the sequence)")
     try:
         policy = CheckpointPolicy(cfg, resume, resume_step)  # refuses a conflicting run dir before writing to it
     except RunComplete as done:
