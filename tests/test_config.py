@@ -60,8 +60,9 @@ def test_overrides_parse_json_values():
 
 
 def test_mesh_resolution():
-    assert MeshConfig(data=-1, fsdp=4).resolve(8) == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert MeshConfig(data=2, fsdp=2, tensor=2).resolve(8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert MeshConfig(data=-1, fsdp=4).resolve(8) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
+    assert MeshConfig(data=2, fsdp=2, tensor=2).resolve(8) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
+    assert MeshConfig(data=1, fsdp=2, context=4).resolve(8) == {"data": 1, "fsdp": 2, "context": 4, "tensor": 1}
     with pytest.raises(ConfigError, match="has 4 devices but 8 are available"):
         MeshConfig(data=2, fsdp=2, tensor=1).resolve(8)
     with pytest.raises(ConfigError, match="does not divide"):
@@ -71,8 +72,8 @@ def test_mesh_resolution():
     with pytest.raises(ConfigError, match="positive integer or -1"):
         MeshConfig(data=0)
     # hybrid sharding: FSDP inside groups of 4, 2 replicas
-    assert MeshConfig(sharding_factor=4).resolve(8) == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert MeshConfig(sharding_factor=2, tensor=2).resolve(8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert MeshConfig(sharding_factor=4).resolve(8) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
+    assert MeshConfig(sharding_factor=2, tensor=2).resolve(8) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
     with pytest.raises(ConfigError, match="not both"):
         MeshConfig(fsdp=2, sharding_factor=4)
 

@@ -101,19 +101,24 @@ def rope_angles(positions: jax.Array | int, head_dim: int, theta: float) -> tupl
     once on the host and enter the program as constants. Computed inside the program, XLA fuses cos / sin into
     every consumer and re-evaluates them per element of each layer's q and k, forward and backward (profiled at
     gpt2ish: ~0.4 s of a 5.5-8 s CPU step; XLA:CPU drops optimization barriers before fusion)."""
+    inv_freq = _inv_freq(head_dim, float(theta))
     if isinstance(positions, int):
         return tuple(jnp.asarray(t) for t in _rope_table(positions, head_dim, float(theta)))
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
 
 @functools.lru_cache(maxsize=32)
+def _inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """``theta^(-2i/head_dim)`` in float32, computed on the host for both paths (the angles are then one exact
+    float32 multiply in either; only the cos / sin implementations differ, by an ulp or so)."""
+    return (np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
+                                                     / np.float32(head_dim)))).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=32)
 def _rope_table(length: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """The same float32 arithmetic as the traced path, on the host."""
-    inv_freq = (np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
-                                                         / np.float32(head_dim)))).astype(np.float32)
-    angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]
+    angles = np.arange(length, dtype=np.float32)[:, None] * _inv_freq(head_dim, theta)[None, :]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
