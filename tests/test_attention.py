@@ -150,7 +150,6 @@ def test_kernel_choice():
 @pytest.mark.parametrize("cfg_kw", [
     dict(attention="alternating", window=8, scan_layers=True),  # traced per-layer window
     dict(attention="alternating", window=8, scan_layers=False, n_kv_heads=1),
-    dict(n_kv_heads=4, positions="learned", norm="layernorm", mlp="gelu", use_bias=True),
 ])
 def test_model_with_blockwise_attention_matches_dense(cfg_kw):
     """Logits and parameter gradients of whole models, packed segments included."""

@@ -131,7 +131,8 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path, batch):
 
 def test_scan_and_remat_under_fsdp(batch, reference):
     _, _, loss_ref = reference
-    for kw in (dict(scan_layers=True, remat="full"), dict(scan_layers=True, remat="save_dots")):
+    # one policy under the mesh (every policy is checked against no remat on one device in test_model.py)
+    for kw in (dict(scan_layers=True, remat="save_dots"),):
         prog = program(MESHES["fsdp+tp 1x4x2"], **kw)
         _, m = prog.train_step(prog.init(jax.random.key(0)), prog.global_batch(batch))
         assert float(m["loss"]) == pytest.approx(loss_ref, rel=1e-6)
@@ -169,7 +170,6 @@ def test_rules_override_turns_fsdp_axis_into_data_parallel():
 @pytest.mark.parametrize("mesh, impl", [
     (dict(data=1, fsdp=2, context=4), "blockwise"),
     (dict(data=1, fsdp=2, context=2, tensor=2), "blockwise"),
-    (dict(data=2, context=4), "dense"),
 ])
 def test_context_parallel_step_equals_single_device_step(mesh, impl, batch, reference):
     """The sequence split over ``context`` devices (keys / values all-gathered in attention): the same step."""
@@ -187,12 +187,12 @@ def test_context_parallel_step_equals_single_device_step(mesh, impl, batch, refe
 
 
 def test_context_parallel_packed_segments_and_banded_layers(batch):
-    """Segment ids and GPT-3 banded layers under a context split: the same loss as one device."""
+    """Segment ids and GPT-3 banded layers under a context split (dense kernel per slice) give the loss of one
+    device running the blockwise kernel."""
     seg = np.repeat(np.arange(4), 8)[None].repeat(8, 0).astype(np.int32)
     losses = []
-    for mesh, devices in ((dict(data=1), jax.devices()[:1]), (dict(data=2, context=4), None)):
-        prog = program(mesh, devices, attention="alternating", window=5, attention_impl="blockwise",
-                       attention_block=4)
+    for mesh, devices, impl in ((dict(data=1), jax.devices()[:1], "blockwise"), (dict(data=2, context=4), None, "dense")):
+        prog = program(mesh, devices, attention="alternating", window=5, attention_impl=impl, attention_block=4)
         state = prog.init(jax.random.key(0))
         _, m = prog.train_step(state, prog.global_batch({**batch, "segment_ids": seg}))
         losses.append(float(m["loss"]))
