@@ -22,7 +22,7 @@ import subprocess
 import sys
 
 from gptjax.cli.common import add_config_args, config_args, user_errors
-from gptjax.config import RunConfig, build_config_dict
+from gptjax.config import ATTENTION_IMPLS, RunConfig, build_config_dict
 
 GB = 1e9
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor (default 1,8,1)")
     p.add_argument("--context", type=int, default=1,
                    help="context-parallel devices: the sequence is split over them (default 1)")
-    p.add_argument("--attention", default=None, choices=["auto", "dense", "blockwise", "cudnn", "splash"],
+    p.add_argument("--attention", default=None, choices=ATTENTION_IMPLS,
                    help="attention kernel (model.attention_impl; default: the config's)")
     p.add_argument("--batch", type=int, default=None, help="global batch in sequences (default: devices)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's context)")

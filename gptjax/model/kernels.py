@@ -199,13 +199,15 @@ def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, w
     mesh, rules = ctx
     B, K, G, L, H = q_BxKxGxLxH.shape
     S = k_BxKxSxH.shape[2]
-    spec = lambda names, shape: logical_to_pspec(names, rules, mesh, shape)
-    q_spec = spec((ax.BATCH, ax.ACT_KV_HEADS, None, ax.LENGTH, None), q_BxKxGxLxH.shape)
-    q_spec = tuple(q_spec) + (None,) * (5 - len(q_spec))
+
+    def q_spec_of(names) -> tuple:  # all five entries, None where unsplit
+        return (tuple(logical_to_pspec(names, rules, mesh, q_BxKxGxLxH.shape)) + (None,) * 5)[:5]
+
+    q_spec = q_spec_of((ax.BATCH, ax.ACT_KV_HEADS, None, ax.LENGTH, None))
     if q_spec[1] is None:  # fewer kv heads than tensor shards (MQA, narrow GQA): split the query groups
-        q_spec = tuple(spec((ax.BATCH, None, ax.ACT_HEADS, ax.LENGTH, None), q_BxKxGxLxH.shape)) + (None,) * 5
-        q_spec = q_spec[:5]
+        q_spec = q_spec_of((ax.BATCH, None, ax.ACT_HEADS, ax.LENGTH, None))
     batch, heads, length = q_spec[0], q_spec[1], q_spec[3]
+    split = _axes(length)  # the mesh axes the queries' sequence is split over
     self_attention = mask.no_offset and L == S
     k_length = length if self_attention else None  # a KV cache is not split along its slots
     kv_spec = P(batch, heads, k_length, None)
@@ -216,15 +218,15 @@ def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, w
         if gather:
             k, v = (jax.lax.all_gather(x, gather, axis=2, tiled=True) for x in (k, v))
             k_seg = None if k_seg is None else jax.lax.all_gather(k_seg, gather, axis=1, tiled=True)
-        if _axes(length):  # this device's slice of the sequence starts at slot offset + index * L_local
+        if split:  # this device's slice of the sequence starts at slot offset + index * L_local
             index = 0
-            for a in _axes(length):
+            for a in split:
                 index = index * mesh.shape[a] + jax.lax.axis_index(a)
             offset = offset + index * q.shape[3]
         elif self_attention:
             offset = 0  # static: kernels that need self-attention (cudnn, splash) stay selectable
         local = MaskSpec(offset, q_seg, k_seg)
-        return _local(q, k, v, window, local, self_attention=self_attention and not _axes(length), **kw)
+        return _local(q, k, v, window, local, self_attention=self_attention and not split, **kw)
 
     seg_specs = (P(batch, length), P(batch, k_length)) if has_seg else (None, None)
     offset = jnp.asarray(mask.offset, jnp.int32)

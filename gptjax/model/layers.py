@@ -101,10 +101,9 @@ def rope_angles(positions: jax.Array | int, head_dim: int, theta: float) -> tupl
     once on the host and enter the program as constants. Computed inside the program, XLA fuses cos / sin into
     every consumer and re-evaluates them per element of each layer's q and k, forward and backward (profiled at
     gpt2ish: ~0.4 s of a 5.5-8 s CPU step; XLA:CPU drops optimization barriers before fusion)."""
-    inv_freq = _inv_freq(head_dim, float(theta))
     if isinstance(positions, int):
         return tuple(jnp.asarray(t) for t in _rope_table(positions, head_dim, float(theta)))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = positions.astype(jnp.float32)[..., None] * _inv_freq(head_dim, float(theta))
     return jnp.cos(angles), jnp.sin(angles)
 
 
