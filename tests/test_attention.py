@@ -27,11 +27,11 @@ def qkv(B, K, G, L, S, H, seed=0, dtype=jnp.float32):
     return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
 
-def both(q, k, v, window, mask, block_q, block_k):
+def both(q, k, v, window, mask, block_q, block_k, lanes=1):
     """(blockwise, dense) outputs and their VJPs for one random cotangent."""
     blockwise = lambda q, k, v: flash.blockwise_attention(
         q, k, v, window=window, offset=mask.offset, q_segment_ids_BxL=mask.q_segment_ids_BxL,
-        k_segment_ids_BxS=mask.k_segment_ids_BxS, block_q=block_q, block_k=block_k)
+        k_segment_ids_BxS=mask.k_segment_ids_BxS, block_q=block_q, block_k=block_k, lanes=lanes)
     dense = lambda q, k, v: dense_attention(q, k, v, window, mask, jnp.float32)
     ct = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
     out = []
@@ -66,6 +66,17 @@ def test_blockwise_matches_dense_outputs_and_gradients(name):
     for a, b, what in zip(g1, g2, "qkv"):
         np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=f"d{what}")
     assert float(jnp.abs(o2).max()) > 0.1 and all(float(jnp.abs(g).max()) > 0.1 for g in g2)  # not trivially 0
+
+
+@pytest.mark.parametrize("K, G, window, seg", [(4, 1, 40, False), (1, 4, 40, True), (2, 3, 9, True)])
+def test_blockwise_lanes_match_dense(K, G, window, seg):
+    """Lanes split the kv heads when they divide (else the query groups, whose dK / dV add up)."""
+    q, k, v = qkv(2, K, G, 40, 40, 8)
+    ids = segments(2, 40, 2) if seg else None
+    (o1, g1), (o2, g2) = both(q, k, v, window, MaskSpec(0, ids, ids), 16, 16, lanes=2)
+    np.testing.assert_allclose(o1, o2, atol=ATOL, rtol=0)
+    for a, b, what in zip(g1, g2, "qkv"):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=f"d{what}")
 
 
 def test_blockwise_with_an_offset_matches_dense():

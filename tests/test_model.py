@@ -300,3 +300,39 @@ def test_weight_decay_is_parameter_metadata():
         if kw:
             assert decay["unembedding"] and not decay["pos_embedding"]
             assert not blocks["mlp"]["b_up"] and not blocks["attn"]["b_q"] and not blocks["mlp_norm"]["bias"]
+
+
+@pytest.mark.parametrize("mlp, norm", [("swiglu", "rmsnorm"), ("gelu", "layernorm")])
+def test_a_block_keeps_only_its_inputs_matmul_inputs_and_attention_output_for_backward(mlp, norm):
+    """What one block saves for the backward pass, counted in activation-sized arrays: the norms and the MLP
+    activation are recomputed, so d_ff-sized residuals are the up projections alone (2 for SwiGLU, 1 for GELU)
+    and the rest is x, the two norm outputs, the residual sum, q, k, v and the attention output (8)."""
+    import contextlib
+    import io
+    import re
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from gptjax.model.decoder import Block
+    from gptjax.model.kernels import MaskSpec
+    from gptjax.model.layers import rope_angles
+
+    cfg = nano_model(mlp=mlp, norm=norm, d_ff=96, n_kv_heads=4, attention_impl="blockwise", attention_block=16,
+                     max_seq_len=64)
+    graphdef, state = nnx.split(Block(cfg, nnx.Rngs(0)))
+    rope = rope_angles(64, cfg.resolved_head_dim, cfg.rope_theta)
+
+    def f(state, x):
+        return nnx.merge(graphdef, state)(x, jnp.int32(64), rope, MaskSpec(0, None, None))[0].sum()
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # the public API prints one "dtype[shape] why" line per residual
+        print_saved_residuals(f, state, jnp.ones((2, 64, 64)))
+    sizes = [int(np.prod([int(d) for d in m.group(1).split(",") if d]))
+             for line in out.getvalue().splitlines() if "argument state" not in line
+             for m in [re.match(r"\w+\[([\d,]*)\]", line.strip())] if m]
+    # On CPU the attention kernel runs as two lanes, so q / k / v are kept as two halves each; the attention
+    # output is listed twice, as the kernel's [B, K, G, L, H] and the projection's [B, N, L, H] reshape of it
+    # (merging adjacent axes: one buffer in XLA).
+    assert sum(s == 2 * 64 * 96 for s in sizes) == (2 if mlp == "swiglu" else 1), sizes
+    assert sum(s for s in sizes if s >= 64 * 64 and s != 2 * 64 * 96) == 9 * 2 * 64 * 64, sizes

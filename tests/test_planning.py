@@ -129,3 +129,16 @@ def test_plan_tool_bad_mesh_is_a_clear_error():
     assert r.returncode == 2 and "--mesh must be three positive integers" in r.stderr
     r = plan_cli("gpt2-small", "--mesh", "2,2,1", "--batch", "3", "--no-compile")
     assert r.returncode == 2 and "not divisible by data x fsdp" in r.stderr
+
+
+def test_planner_names_the_kernel_a_context_slice_falls_back_to(monkeypatch):
+    """A context-parallel slice attends over gathered keys: cuDNN / splash cannot express it, blockwise runs."""
+    from gptjax.planning import memory
+
+    m = nano_model(attention_impl="auto")
+    monkeypatch.setattr(memory.jax, "default_backend", lambda: "gpu")
+    assert memory.attention_kernel(m, 4096) == "cudnn"
+    assert memory.attention_kernel(m, 1024, context=4) == "blockwise"
+    monkeypatch.setattr(memory.jax, "default_backend", lambda: "tpu")
+    assert memory.attention_kernel(m, 4096) == "splash"
+    assert memory.attention_kernel(m, 1024, context=4) == "blockwise"

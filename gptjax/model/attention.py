@@ -72,6 +72,8 @@ class Attention(nnx.Module):
         k_BxKxSxH, v_BxKxSxH = k_BxLxKxH.transpose(0, 2, 1, 3), v_BxLxKxH.transpose(0, 2, 1, 3)
         o_BxKxGxLxH = attend(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, window, mask, impl=self.impl, block=self.block,
                              windows=self.windows, dtype=self.dtype)
-        o_BxLxNxH = o_BxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(B, L, self.n_heads, self.head_dim)
-        out_BxLxD = einsum("blnh,nhd->bld", o_BxLxNxH, self.w_o[...], self.dtype)
+        # merging K and G is free (adjacent axes), and the projection then keeps for its backward pass the very
+        # array the attention kernel keeps: one copy of the output a layer, not a second transposed one
+        o_BxNxLxH = o_BxKxGxLxH.reshape(B, self.n_heads, L, self.head_dim)
+        out_BxLxD = einsum("bnlh,nhd->bld", o_BxNxLxH, self.w_o[...], self.dtype)
         return (out_BxLxD if self.b_o is None else out_BxLxD + self.b_o[...].astype(self.dtype)), kv

@@ -159,12 +159,13 @@ def _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k):
     return jax.lax.map(row, jnp.arange(nq))
 
 
-def _backward(q, k, v, qseg, kseg, window, offset, block_q, block_k, o, lse, do):
+def _backward(q, k, v, qseg, kseg, window, offset, block_q, block_k, delta, lse, do):
+    """``delta`` = rowsum(o * do) and ``lse`` blocked as ``[nq, B, K, G, Bq]``."""
     nq, nk = q.shape[0], k.shape[0]
     t = _Tiles(block_q, block_k, nq, nk, window, offset, qseg is not None)
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [nq, B, K, G, Bq]
 
-    def column(dq, j):
+    def column(j, carry):
+        dq, dk_all, dv_all = carry
         k_j, v_j = k[j], v[j]
 
         # Transposed tiles ([Bk, G*Bq] per (batch, kv head)): dK and dV are then plain matmuls, and only dQ
@@ -185,25 +186,83 @@ def _backward(q, k, v, qseg, kseg, window, offset, block_q, block_k, o, lse, do)
 
         zeros = jnp.zeros_like(k_j, jnp.float32)
         dk, dv, dq = _loop(t.q_runs(j), step, (zeros, zeros, dq))
-        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+        return dq, dk_all.at[j].set(dk.astype(k.dtype)), dv_all.at[j].set(dv.astype(v.dtype))
 
-    dq, (dk, dv) = jax.lax.scan(column, jnp.zeros_like(q, jnp.float32), jnp.arange(nk))
+    # The accumulators are zeros that depend on ``do``: plain broadcast zeros have no operands, and XLA:CPU's
+    # scheduler then materialised every layer's accumulators at the start of the step, all held through the
+    # activation peak (75 MB a layer at gpt2ish, 8k tokens).
+    anchor = do.reshape(-1)[0] * 0
+    init = (jnp.zeros(q.shape, jnp.float32) + anchor.astype(jnp.float32), jnp.zeros(k.shape, k.dtype) + anchor.astype(k.dtype),
+            jnp.zeros(v.shape, v.dtype) + anchor.astype(v.dtype))
+    dq, dk, dv = jax.lax.fori_loop(0, nk, column, init)
     return dq.astype(q.dtype), dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _attention(q, k, v, qseg, kseg, window, offset, block_q, block_k):
-    return _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k)[0]
+def _split(lanes: int, K: int, G: int):
+    """How ``lanes`` independent kernels divide the heads: over kv heads (axis 1) if they divide, else over the
+    query groups (axis 2, keys and values shared), else not at all (``None``)."""
+    if lanes > 1 and K % lanes == 0:
+        return 1
+    if lanes > 1 and G % lanes == 0:
+        return 2
+    return None
 
 
-def _attention_fwd(q, k, v, qseg, kseg, window, offset, block_q, block_k):
-    o, lse = _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k)
-    return o, (q, k, v, qseg, kseg, window, offset, o, lse)
+def _lane_inputs(axis, lanes: int, q, k, v):
+    """Per-lane ``(q, k, v)`` slices (one lane: the inputs themselves)."""
+    if axis is None:
+        return [(q, k, v)]
+    qs = jnp.split(q, lanes, axis)
+    ks, vs = (jnp.split(k, lanes, 1), jnp.split(v, lanes, 1)) if axis == 1 else ([k] * lanes, [v] * lanes)
+    return list(zip(qs, ks, vs))
 
 
-def _attention_bwd(block_q, block_k, res, do):
-    q, k, v, qseg, kseg, window, offset, o, lse = res
-    dq, dk, dv = _backward(q, k, v, qseg, kseg, window, offset, block_q, block_k, o, lse, do)
+def _forward_lanes(q, k, v, qseg, kseg, window, offset, block_q, block_k, lanes):
+    """Unblocked q [B, K, G, L, H], k / v [B, K, S, H] -> (o like q, per-lane ``(q, k, v, lse)``)."""
+    L = q.shape[3]
+    axis = _split(lanes, q.shape[1], q.shape[2])
+    saved, outs = [], []
+    for q_i, k_i, v_i in _lane_inputs(axis, lanes, q, k, v):
+        o, lse = _forward(_blocks(q_i, 3, block_q), _blocks(k_i, 2, block_k), _blocks(v_i, 2, block_k), qseg, kseg,
+                          window, offset, block_q, block_k)
+        saved.append((q_i, k_i, v_i, _unblock(lse, 3, L)))
+        outs.append(_unblock(o, 3, L))
+    return (outs[0] if axis is None else jnp.concatenate(outs, axis)), saved
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _attention(q, k, v, qseg, kseg, window, offset, block_q, block_k, lanes):
+    return _forward_lanes(q, k, v, qseg, kseg, window, offset, block_q, block_k, lanes)[0]
+
+
+def _attention_fwd(q, k, v, qseg, kseg, window, offset, block_q, block_k, lanes):
+    # Residuals: the per-lane q / k / v slices and row statistics, unblocked (the backward pass re-blocks them: a
+    # cheap transpose), and the whole output, which is the very array the output projection keeps for its own
+    # backward pass. Saving the whole q / k / v would keep the slices too (XLA merges the backward's identical
+    # slicing with the forward's); blocked or per-lane copies of the output would be a second output a layer.
+    o, saved = _forward_lanes(q, k, v, qseg, kseg, window, offset, block_q, block_k, lanes)
+    return o, (saved, o, qseg, kseg, window, offset)
+
+
+def _attention_bwd(block_q, block_k, lanes, res, do):
+    saved, o, qseg, kseg, window, offset = res
+    L, S = do.shape[3], saved[0][1].shape[2]
+    axis = _split(lanes, do.shape[1], do.shape[2])  # as the forward pass split q (do has q's shape)
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, K, G, L]
+    dos, deltas = ([do], [delta]) if axis is None else (jnp.split(do, lanes, axis), jnp.split(delta, lanes, axis))
+    grads = []
+    for (q, k, v, lse), do_i, delta_i in zip(saved, dos, deltas):
+        dq, dk, dv = _backward(_blocks(q, 3, block_q), _blocks(k, 2, block_k), _blocks(v, 2, block_k), qseg, kseg,
+                               window, offset, block_q, block_k, _blocks(delta_i, 3, block_q),
+                               _blocks(lse, 3, block_q, fill=-MASKED), _blocks(do_i, 3, block_q))
+        grads.append((_unblock(dq, 3, L), _unblock(dk, 2, S), _unblock(dv, 2, S)))
+    if axis is None:
+        dq, dk, dv = grads[0]
+    elif axis == 1:
+        dq, dk, dv = (jnp.concatenate(parts, 1) for parts in zip(*grads))
+    else:  # lanes over query groups share keys and values: their gradients add up
+        dq = jnp.concatenate([g[0] for g in grads], 2)
+        dk, dv = (sum(g[i].astype(jnp.float32) for g in grads).astype(grads[0][i].dtype) for i in (1, 2))
     return dq, dk, dv, None, None, None, None
 
 
@@ -222,25 +281,11 @@ def blockwise_attention(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH:
     ``lanes > 1`` splits the heads (kv heads, else query groups) into that many independent kernels, which
     XLA:CPU runs concurrently, one per core (its per-tile ops are too small to use two cores each; measured at
     2k tokens, 12 heads: forward + backward 0.58 -> 0.47 s with 2 lanes). The result does not change."""
-    K, G = q_BxKxGxLxH.shape[1], q_BxKxGxLxH.shape[2]
-    kw = dict(window=window, offset=offset, q_segment_ids_BxL=q_segment_ids_BxL,
-              k_segment_ids_BxS=k_segment_ids_BxS, block_q=block_q, block_k=block_k)
-    if lanes > 1 and K % lanes == 0:
-        parts = [blockwise_attention(q, k, v, **kw) for q, k, v in zip(
-            jnp.split(q_BxKxGxLxH, lanes, 1), jnp.split(k_BxKxSxH, lanes, 1), jnp.split(v_BxKxSxH, lanes, 1))]
-        return jnp.concatenate(parts, axis=1)
-    if lanes > 1 and G % lanes == 0:
-        parts = [blockwise_attention(q, k_BxKxSxH, v_BxKxSxH, **kw) for q in jnp.split(q_BxKxGxLxH, lanes, 2)]
-        return jnp.concatenate(parts, axis=2)
     L, S = q_BxKxGxLxH.shape[3], k_BxKxSxH.shape[2]
     block_q, block_k = min(block_q, L), min(block_k, S)
-    q = _blocks(q_BxKxGxLxH, 3, block_q)
-    k, v = _blocks(k_BxKxSxH, 2, block_k), _blocks(v_BxKxSxH, 2, block_k)
     qseg = kseg = None
     if q_segment_ids_BxL is not None:  # padded queries and keys share segment -1: a padded row sees itself
         qseg = _blocks(q_segment_ids_BxL.astype(jnp.int32), 1, block_q, fill=-1)
         kseg = _blocks(k_segment_ids_BxS.astype(jnp.int32), 1, block_k, fill=-1)
-    window = jnp.asarray(window, jnp.int32)
-    offset = jnp.asarray(offset, jnp.int32)
-    o = _attention(q, k, v, qseg, kseg, window, offset, block_q, block_k)
-    return _unblock(o, 3, L)
+    return _attention(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, qseg, kseg, jnp.asarray(window, jnp.int32),
+                      jnp.asarray(offset, jnp.int32), block_q, block_k, lanes)

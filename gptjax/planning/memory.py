@@ -163,14 +163,16 @@ def analytic_plan(cfg: RunConfig, mesh_sizes: Mapping[str, int]) -> MemoryPlan:
     # AdamW keeps mu and nu in the parameters' dtype; gradients have the parameters' dtype too.
     return MemoryPlan(params=params, grads=params, optimizer=2 * params,
                       activations=act["saved"] + act["working"] + weight_copies, logits=int(logits),
-                      gathered_kv=int(gathered), attention=attention_kernel(m, seq), mesh=dict(mesh_sizes))
+                      gathered_kv=int(gathered), attention=attention_kernel(m, seq, context), mesh=dict(mesh_sizes))
 
 
-def attention_kernel(m: ModelConfig, seq: int) -> str:
-    """The kernel the planned block runs (the rule of ``gptjax/model/kernels.py`` on this backend)."""
+def attention_kernel(m: ModelConfig, seq: int, context: int = 1) -> str:
+    """The kernel the planned block runs (the rule of ``gptjax/model/kernels.py`` on this backend): with the
+    sequence split over ``context`` devices a slice's queries attend over gathered keys (not self-attention),
+    which the cuDNN / splash kernels cannot express, so those fall back to blockwise."""
     from gptjax.model.kernels import choose
 
-    return choose(m.attention_impl, jax.default_backend(), seq, True, False)
+    return choose(m.attention_impl, jax.default_backend(), seq, context == 1, False)
 
 
 def compiled_memory(cfg: RunConfig, mesh: Mesh) -> dict[str, int]:

@@ -64,16 +64,23 @@ class Program:
         (_, aux), grads = jax.value_and_grad(self.model.loss, has_aux=True)(state["params"], batch)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(aux["z_loss"]) & jnp.isfinite(grad_norm)
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        # A non-finite step leaves params and optimizer state as they were. A conditional rather than a
+        # per-element select: selecting between new and old made XLA copy every donated optimizer-state buffer
+        # at the start of the step (the new value and the fallback both read the old one), which is the whole
+        # Adam state held twice through the activation peak (about 700 MB at gpt2ish).
+        params, opt_state = jax.lax.cond(finite, self._apply_update, lambda operands: operands[:2],
+                                         (state["params"], state["opt_state"], grads))
         streak, step = state["nonfinite"]["streak"], state["step"] + 1
         nonfinite = {"streak": jnp.where(finite, 0, streak + 1),
                      "since": jnp.where(finite, 0, jnp.where(streak == 0, step, state["nonfinite"]["since"]))}
         metrics = {"loss": aux["loss"], "z_loss": aux["z_loss"], "grad_norm": grad_norm,
                    "lr": self.schedule(state["step"]), "finite": finite}
-        return {"step": step, "params": keep(params, state["params"]),
-                "opt_state": keep(opt_state, state["opt_state"]), "nonfinite": nonfinite}, metrics
+        return {"step": step, "params": params, "opt_state": opt_state, "nonfinite": nonfinite}, metrics
+
+    def _apply_update(self, operands: tuple) -> tuple:
+        params, opt_state, grads = operands
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
 
     def global_batch(self, local: dict[str, Any]) -> Batch:
         return self.model.global_batch(local)
