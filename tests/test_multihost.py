@@ -1,6 +1,7 @@
 """Real multi-process training: 2 processes x 2 CPU devices on 127.0.0.1 (jax.distributed + gloo)."""
 
 import json
+import shutil
 import os
 import socket
 import subprocess
@@ -74,6 +75,8 @@ def test_two_process_training_checkpoint_and_resume(tmp_path, small_corpus):
     assert {p.name for p in (step_dir / "data").glob("process_*.json")} == {"process_0-of-2.json",
                                                                            "process_1-of-2.json"}
     assert (step_dir / "state" / "ocdbt.process_1").exists()  # both processes wrote their shards
+    other_dir = tmp_path / "other"  # the same step-4 run, resumed below on another mesh
+    shutil.copytree(part_dir, other_dir)
     outs = run_processes(part_cfg, 2, 2, "--resume")
     assert "steps 4->8" in outs[0]
     resumed = summary(part_dir)
@@ -83,9 +86,7 @@ def test_two_process_training_checkpoint_and_resume(tmp_path, small_corpus):
 
     # Restore onto a different mesh shape: the step-4 checkpoint of the 2x2 (data x fsdp) run continues as
     # pure FSDP over the 4 devices; same data order, so the same losses up to reduction order.
-    other_dir = tmp_path / "other"
     other_cfg = write_config(tmp_path, small_corpus, other_dir)
-    run_processes(other_cfg, 2, 2, "--stop-after", "4")
     run_processes(other_cfg, 2, 2, "--resume", "--set", "mesh.data=1", "--set", "mesh.fsdp=4")
     moved = summary(other_dir)
     assert moved["final_step"] == 8
