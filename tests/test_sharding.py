@@ -191,7 +191,8 @@ def test_context_parallel_packed_segments_and_banded_layers(batch):
     device running the blockwise kernel."""
     seg = np.repeat(np.arange(4), 8)[None].repeat(8, 0).astype(np.int32)
     losses = []
-    for mesh, devices, impl in ((dict(data=1), jax.devices()[:1], "blockwise"), (dict(data=2, context=4), None, "dense")):
+    for mesh, devices, impl in ((dict(data=1), jax.devices()[:1], "blockwise"),
+                                (dict(data=2, context=4), None, "dense")):
         prog = program(mesh, devices, attention="alternating", window=5, attention_impl=impl, attention_block=4)
         state = prog.init(jax.random.key(0))
         _, m = prog.train_step(state, prog.global_batch({**batch, "segment_ids": seg}))

@@ -6,6 +6,6 @@ from gptjax.config.presets import MODEL_PRESETS, RUN_PRESETS, model_preset, run_
 from gptjax.config.schema import (ATTENTION_IMPLS, ConfigError, DataConfig, MeshConfig, ModelConfig, OptimConfig,
                                   RunConfig, TrainConfig)
 
-__all__ = ["ATTENTION_IMPLS", "ConfigError", "DataConfig", "MeshConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
-           "MODEL_PRESETS", "RUN_PRESETS", "apply_overrides", "build_config_dict", "build_run_config",
-           "load_config_file", "model_preset", "run_preset"]
+__all__ = ["ATTENTION_IMPLS", "ConfigError", "DataConfig", "MeshConfig", "ModelConfig", "OptimConfig", "RunConfig",
+           "TrainConfig", "MODEL_PRESETS", "RUN_PRESETS", "apply_overrides", "build_config_dict",
+           "build_run_config", "load_config_file", "model_preset", "run_preset"]

@@ -192,8 +192,8 @@ def _backward(q, k, v, qseg, kseg, window, offset, block_q, block_k, delta, lse,
     # scheduler then materialised every layer's accumulators at the start of the step, all held through the
     # activation peak (75 MB a layer at gpt2ish, 8k tokens).
     anchor = do.reshape(-1)[0] * 0
-    init = (jnp.zeros(q.shape, jnp.float32) + anchor.astype(jnp.float32), jnp.zeros(k.shape, k.dtype) + anchor.astype(k.dtype),
-            jnp.zeros(v.shape, v.dtype) + anchor.astype(v.dtype))
+    anchored_zeros = lambda x, dtype: jnp.zeros(x.shape, dtype) + anchor.astype(dtype)  # noqa: E731
+    init = (anchored_zeros(q, jnp.float32), anchored_zeros(k, k.dtype), anchored_zeros(v, v.dtype))
     dq, dk, dv = jax.lax.fori_loop(0, nk, column, init)
     return dq.astype(q.dtype), dk, dv
 
