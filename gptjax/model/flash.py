@@ -126,9 +126,36 @@ def _masked_step(step, masked, index, carry):
     return step(index, carry, masked)
 
 
-def _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k):
-    """Blocked inputs -> (out blocks [nq, B, K, G, Bq, H] in q's dtype, lse blocks [nq, B, K, G, Bq] f32)."""
-    nq, nk = q.shape[0], k.shape[0]
+def _rows(x: jax.Array) -> jax.Array:
+    """Blocked ``[n, B, K, G, Bq, ...]`` -> ``[n, B*K, G*Bq, ...]``: each tile is then one batched matmul over
+    (batch, kv head) whose rows are the query heads sharing the key/value head (a free reshape)."""
+    n, B, K, G, Bq = x.shape[:5]
+    return x.reshape((n, B * K, G * Bq) + x.shape[5:])
+
+
+def _unrows(x: jax.Array, B: int, K: int, G: int) -> jax.Array:
+    """Inverse of :func:`_rows`."""
+    return x.reshape((x.shape[0], B, K, G, x.shape[2] // G) + x.shape[3:])
+
+
+def _tile_mask(t: _Tiles, i, j, qseg, kseg, G: int, K: int):
+    """:meth:`_Tiles.mask` for a tile whose rows are ``G`` query heads of ``Bq`` queries: ``[G*Bq, Bk]``, or
+    ``[B*K, G*Bq, Bk]`` with segment ids."""
+    allowed = t.mask(i, j, qseg, kseg)
+    if qseg is None:
+        return jnp.tile(allowed, (G, 1))
+    B, _, _, Bq, Bk = allowed.shape
+    return jnp.broadcast_to(allowed, (B, K, G, Bq, Bk)).reshape(B * K, G * Bq, Bk)
+
+
+# Tiles are 3-D (batch x kv head, G * Bq query rows, Bk keys) and no matmul contracts over a tile's leading axis
+# (the backward pass accumulates dQ transposed, as K^T dS^T), so XLA:CPU never transposes a tile-sized array.
+# With 5-D tiles it did, for the contractions over the query-group axis and the dQ matmul: those copies were
+# about a third of the kernel's time (gpt2ish layer, forward + backward: 0.40 -> 0.27 s at 2k, 5.8 -> 3.6 s at 8k).
+def _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k, G):
+    """Blocked rows q [nq, BK, G*Bq, H], k / v [nk, BK, Bk, H] -> (out [nq, BK, G*Bq, H] in q's dtype,
+    lse [nq, BK, G*Bq] f32)."""
+    nq, nk, K = q.shape[0], k.shape[0], None if qseg is None else q.shape[1] // qseg.shape[1]
     t = _Tiles(block_q, block_k, nq, nk, window, offset, qseg is not None)
 
     def row(i):
@@ -136,14 +163,14 @@ def _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k):
 
         def step(j, carry, masked):
             m, l, acc = carry
-            s = jnp.einsum("bkgqh,bkch->bkgqc", q_i, k[j], preferred_element_type=jnp.float32)
+            s = jnp.einsum("bqh,bch->bqc", q_i, k[j], preferred_element_type=jnp.float32)
             if masked:
-                s = jnp.where(t.mask(i, j, qseg, kseg), s, MASKED)
+                s = jnp.where(_tile_mask(t, i, j, qseg, kseg, G, K), s, MASKED)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
             l = l * corr + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bkgqc,bkch->bkgqh", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
+            pv = jnp.einsum("bqc,bch->bqh", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
             return m_new, l, acc * corr[..., None] + pv
 
         # *_like: the carries inherit the inputs' varying mesh axes under shard_map
@@ -159,43 +186,43 @@ def _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k):
     return jax.lax.map(row, jnp.arange(nq))
 
 
-def _backward(q, k, v, qseg, kseg, window, offset, block_q, block_k, delta, lse, do):
-    """``delta`` = rowsum(o * do) and ``lse`` blocked as ``[nq, B, K, G, Bq]``."""
-    nq, nk = q.shape[0], k.shape[0]
+def _backward(q, k, v, qseg, kseg, window, offset, block_q, block_k, G, delta, lse, do):
+    """Blocked rows as :func:`_forward`; ``delta`` = rowsum(o * do) and ``lse`` as ``[nq, BK, G*Bq]``."""
+    nq, nk, K = q.shape[0], k.shape[0], None if qseg is None else q.shape[1] // qseg.shape[1]
     t = _Tiles(block_q, block_k, nq, nk, window, offset, qseg is not None)
 
     def column(j, carry):
-        dq, dk_all, dv_all = carry
+        dqt, dk_all, dv_all = carry
         k_j, v_j = k[j], v[j]
+        kt_j = jnp.swapaxes(k_j, -1, -2)
 
-        # Transposed tiles ([Bk, G*Bq] per (batch, kv head)): dK and dV are then plain matmuls, and only dQ
-        # contracts over the tile's leading axis (on XLA:CPU those run at about half the rate).
+        # Tiles are transposed ([Bk, G*Bq]): dK and dV contract over their last axis, and dQ^T = K^T dS^T.
         def step(i, carry, masked):
-            dk, dv, dq = carry
-            q_i, do_i = q[i], do[i]
-            st = jnp.einsum("bkch,bkgqh->bkgcq", k_j, q_i, preferred_element_type=jnp.float32)
+            dk, dv, dqt = carry
+            st = jnp.einsum("bch,bqh->bcq", k_j, q[i], preferred_element_type=jnp.float32)
             if masked:
-                st = jnp.where(jnp.swapaxes(t.mask(i, j, qseg, kseg), -1, -2), st, MASKED)
+                st = jnp.where(jnp.swapaxes(_tile_mask(t, i, j, qseg, kseg, G, K), -1, -2), st, MASKED)
             pt = jnp.exp(st - lse[i][..., None, :])
-            dv = dv + jnp.einsum("bkgcq,bkgqh->bkch", pt.astype(do.dtype), do_i, preferred_element_type=jnp.float32)
-            dpt = jnp.einsum("bkch,bkgqh->bkgcq", v_j, do_i, preferred_element_type=jnp.float32)
+            dv = dv + jnp.einsum("bcq,bqh->bch", pt.astype(do.dtype), do[i], preferred_element_type=jnp.float32)
+            dpt = jnp.einsum("bch,bqh->bcq", v_j, do[i], preferred_element_type=jnp.float32)
             dst = (pt * (dpt - delta[i][..., None, :])).astype(q.dtype)
-            dk = dk + jnp.einsum("bkgcq,bkgqh->bkch", dst, q_i, preferred_element_type=jnp.float32)
-            dq = dq.at[i].add(jnp.einsum("bkgcq,bkch->bkgqh", dst, k_j, preferred_element_type=jnp.float32))
-            return dk, dv, dq
+            dk = dk + jnp.einsum("bcq,bqh->bch", dst, q[i], preferred_element_type=jnp.float32)
+            dqt = dqt.at[i].add(jnp.einsum("bhc,bcq->bhq", kt_j, dst, preferred_element_type=jnp.float32))
+            return dk, dv, dqt
 
         zeros = jnp.zeros_like(k_j, jnp.float32)
-        dk, dv, dq = _loop(t.q_runs(j), step, (zeros, zeros, dq))
-        return dq, dk_all.at[j].set(dk.astype(k.dtype)), dv_all.at[j].set(dv.astype(v.dtype))
+        dk, dv, dqt = _loop(t.q_runs(j), step, (zeros, zeros, dqt))
+        return dqt, dk_all.at[j].set(dk.astype(k.dtype)), dv_all.at[j].set(dv.astype(v.dtype))
 
     # The accumulators are zeros that depend on ``do``: plain broadcast zeros have no operands, and XLA:CPU's
     # scheduler then materialised every layer's accumulators at the start of the step, all held through the
     # activation peak (75 MB a layer at gpt2ish, 8k tokens).
     anchor = do.reshape(-1)[0] * 0
     anchored_zeros = lambda x, dtype: jnp.zeros(x.shape, dtype) + anchor.astype(dtype)  # noqa: E731
-    init = (anchored_zeros(q, jnp.float32), anchored_zeros(k, k.dtype), anchored_zeros(v, v.dtype))
-    dq, dk, dv = jax.lax.fori_loop(0, nk, column, init)
-    return dq.astype(q.dtype), dk, dv
+    dqt = anchored_zeros(jnp.swapaxes(q, -1, -2), jnp.float32)  # [nq, BK, H, G*Bq]
+    init = (dqt, anchored_zeros(k, k.dtype), anchored_zeros(v, v.dtype))
+    dqt, dk, dv = jax.lax.fori_loop(0, nk, column, init)
+    return jnp.swapaxes(dqt, -1, -2).astype(q.dtype), dk, dv
 
 
 def _split(lanes: int, K: int, G: int):
@@ -217,16 +244,38 @@ def _lane_inputs(axis, lanes: int, q, k, v):
     return list(zip(qs, ks, vs))
 
 
+def _q_tiles(x: jax.Array, block: int, fill=0) -> jax.Array:
+    """Unblocked ``[B, K, G, L, ...]`` -> tile rows ``[nq, B*K, G*Bq, ...]``."""
+    return _rows(_blocks(x, 3, block, fill))
+
+
+def _k_tiles(x: jax.Array, block: int) -> jax.Array:
+    """Unblocked ``[B, K, S, H]`` -> ``[nk, B*K, Bk, H]``."""
+    x = _blocks(x, 2, block)
+    return x.reshape((x.shape[0], -1) + x.shape[3:])
+
+
+def _q_untile(x: jax.Array, like: jax.Array) -> jax.Array:
+    """Inverse of :func:`_q_tiles`, to ``like``'s leading ``[B, K, G, L]``."""
+    B, K, G, L = like.shape[:4]
+    return _unblock(_unrows(x, B, K, G), 3, L)
+
+
+def _k_untile(x: jax.Array, like: jax.Array) -> jax.Array:
+    """Inverse of :func:`_k_tiles`, to ``like``'s ``[B, K, S, H]``."""
+    B, K, S = like.shape[:3]
+    return _unblock(x.reshape((x.shape[0], B, K) + x.shape[2:]), 2, S)
+
+
 def _forward_lanes(q, k, v, qseg, kseg, window, offset, block_q, block_k, lanes):
     """Unblocked q [B, K, G, L, H], k / v [B, K, S, H] -> (o like q, per-lane ``(q, k, v, lse)``)."""
-    L = q.shape[3]
     axis = _split(lanes, q.shape[1], q.shape[2])
     saved, outs = [], []
     for q_i, k_i, v_i in _lane_inputs(axis, lanes, q, k, v):
-        o, lse = _forward(_blocks(q_i, 3, block_q), _blocks(k_i, 2, block_k), _blocks(v_i, 2, block_k), qseg, kseg,
-                          window, offset, block_q, block_k)
-        saved.append((q_i, k_i, v_i, _unblock(lse, 3, L)))
-        outs.append(_unblock(o, 3, L))
+        o, lse = _forward(_q_tiles(q_i, block_q), _k_tiles(k_i, block_k), _k_tiles(v_i, block_k), qseg, kseg,
+                          window, offset, block_q, block_k, q_i.shape[2])
+        saved.append((q_i, k_i, v_i, _q_untile(lse, q_i)))
+        outs.append(_q_untile(o, q_i))
     return (outs[0] if axis is None else jnp.concatenate(outs, axis)), saved
 
 
@@ -246,16 +295,15 @@ def _attention_fwd(q, k, v, qseg, kseg, window, offset, block_q, block_k, lanes)
 
 def _attention_bwd(block_q, block_k, lanes, res, do):
     saved, o, qseg, kseg, window, offset = res
-    L, S = do.shape[3], saved[0][1].shape[2]
     axis = _split(lanes, do.shape[1], do.shape[2])  # as the forward pass split q (do has q's shape)
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, K, G, L]
     dos, deltas = ([do], [delta]) if axis is None else (jnp.split(do, lanes, axis), jnp.split(delta, lanes, axis))
     grads = []
     for (q, k, v, lse), do_i, delta_i in zip(saved, dos, deltas):
-        dq, dk, dv = _backward(_blocks(q, 3, block_q), _blocks(k, 2, block_k), _blocks(v, 2, block_k), qseg, kseg,
-                               window, offset, block_q, block_k, _blocks(delta_i, 3, block_q),
-                               _blocks(lse, 3, block_q, fill=-MASKED), _blocks(do_i, 3, block_q))
-        grads.append((_unblock(dq, 3, L), _unblock(dk, 2, S), _unblock(dv, 2, S)))
+        dq, dk, dv = _backward(_q_tiles(q, block_q), _k_tiles(k, block_k), _k_tiles(v, block_k), qseg, kseg,
+                               window, offset, block_q, block_k, q.shape[2], _q_tiles(delta_i, block_q),
+                               _q_tiles(lse, block_q, fill=-MASKED), _q_tiles(do_i, block_q))
+        grads.append((_q_untile(dq, q), _k_untile(dk, k), _k_untile(dv, k)))
     if axis is None:
         dq, dk, dv = grads[0]
     elif axis == 1:
