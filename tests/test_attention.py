@@ -12,8 +12,8 @@ from helpers import nano_model
 from gptjax.config import ConfigError, ModelConfig
 from gptjax.model import flash
 from gptjax.model.decoder import Decoder
-from gptjax.model.kernels import (DENSE_MAX_LEN_CPU, MaskSpec, causal_mask, choose, cudnn_attention,
-                                  dense_attention, splash_attention)
+from gptjax.model.kernels import (DENSE_MAX_LEN_CPU, MaskSpec, balanced_block, causal_mask, choose,
+                                  cudnn_attention, dense_attention, splash_attention)
 from flax import nnx
 
 # fp32: the blockwise kernel sums in another order than the dense one; measured differences are ~1e-6
@@ -144,6 +144,16 @@ def test_splash_kernel_in_interpret_mode_matches_dense(window, seg):
     np.testing.assert_allclose(f(q, k, v), g(q, k, v), atol=ATOL, rtol=0)
     loss = lambda fn: lambda q: jnp.sum(fn(q, k, v) ** 2)
     np.testing.assert_allclose(jax.grad(loss(f))(q), jax.grad(loss(g))(q), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("length", [1, 7, 40, 255, 256, 512, 513, 700, 768, 1024, 1500, 2048, 8192, 8200])
+def test_balanced_tiles_are_equal_at_least_two_and_never_wider_than_the_block(length):
+    block = balanced_block(length, 512)
+    n = -(-length // block)
+    assert block % 8 == 0 and block <= 512
+    assert n >= min(2, -(-length // 8))  # two tiles unless the length fits one 8-row tile
+    assert n == max(2, -(-length // 512)) or block == 8  # no more tiles than the configured block needs
+    assert n * block - length < 8 * n  # padding: under one 8-row group per tile (no nearly empty tile)
 
 
 def test_kernel_choice():

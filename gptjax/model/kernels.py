@@ -41,11 +41,22 @@ from gptjax.sharding.rules import current, logical_to_pspec
 NEG_INF = jnp.finfo(jnp.float32).min  # additive mask value of the dense kernel: exp underflows to exactly 0
 
 # Above this many query tokens "auto" leaves the dense kernel on CPU. bench/attention_bench.py (one gpt2ish layer,
-# fp32, forward + backward, best of 5): dense / blockwise 33 / 61 ms at 512 tokens, 85 / 137 ms at 768,
-# 214 / 173 ms at 1024, 467 / 320 ms at 1536 (and dense memory is quadratic: 1.5 GB vs 89 MB at 4k).
-DENSE_MAX_LEN_CPU = 768
+# fp32, forward + backward, best of 5; blockwise with balanced tiles): dense / blockwise 7.9 / 12.8 ms at 256
+# tokens, 33.5 / 40.7 ms at 512, 47.9 / 45.1 ms at 640, 80 / 56 ms at 768, 211 / 105 ms at 1024 (and dense
+# memory is quadratic: 1.5 GB vs 81 MB at 4k).
+DENSE_MAX_LEN_CPU = 512
 # Independent blockwise kernels per call on CPU (heads split between them; see flash.blockwise_attention).
 CPU_LANES = 2
+
+
+def balanced_block(length: int, block: int) -> int:
+    """The tile the blockwise kernel uses along an axis of ``length`` for a configured ``block``: as many tiles
+    as ``block`` needs, but at least two, of equal size (rounded up to a multiple of 8). A length just over a
+    block then does not pad a nearly empty tile (768 tokens: two tiles of 384, not 512 + a padded 512; one
+    gpt2ish layer forward + backward 92 -> 59 ms), and a causal square is never one tile, half of it masked."""
+    n = max(2, -(-length // block))
+    per_tile = -(-length // n)
+    return max(8, -(-per_tile // 8) * 8)
 
 
 def causal_mask(q_len: int, k_len: int, window: jax.Array | int, offset: jax.Array | int | None = None) -> jax.Array:
@@ -168,7 +179,8 @@ def _local(q, k, v, window, mask: MaskSpec, impl: str, block: int, windows: tupl
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     if kind == "blockwise":
         return blockwise_attention(q, k, v, window=window, offset=mask.offset, q_segment_ids_BxL=mask.q_segment_ids_BxL,
-                                   k_segment_ids_BxS=mask.k_segment_ids_BxS, block_q=block, block_k=block,
+                                   k_segment_ids_BxS=mask.k_segment_ids_BxS,
+                                   block_q=balanced_block(q.shape[3], block), block_k=balanced_block(k.shape[2], block),
                                    lanes=CPU_LANES if backend == "cpu" else 1)
     if kind == "cudnn":
         implementation = "cudnn" if backend in ("gpu", "cuda") else "xla"
