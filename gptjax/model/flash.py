@@ -126,26 +126,14 @@ def _masked_step(step, masked, index, carry):
     return step(index, carry, masked)
 
 
-def _rows(x: jax.Array) -> jax.Array:
-    """Blocked ``[n, B, K, G, Bq, ...]`` -> ``[n, B*K, G*Bq, ...]``: each tile is then one batched matmul over
-    (batch, kv head) whose rows are the query heads sharing the key/value head (a free reshape)."""
-    n, B, K, G, Bq = x.shape[:5]
-    return x.reshape((n, B * K, G * Bq) + x.shape[5:])
-
-
-def _unrows(x: jax.Array, B: int, K: int, G: int) -> jax.Array:
-    """Inverse of :func:`_rows`."""
-    return x.reshape((x.shape[0], B, K, G, x.shape[2] // G) + x.shape[3:])
-
-
-def _tile_mask(t: _Tiles, i, j, qseg, kseg, G: int, K: int):
+def _tile_mask(t: _Tiles, i, j, qseg, kseg, BK: int, G: int):
     """:meth:`_Tiles.mask` for a tile whose rows are ``G`` query heads of ``Bq`` queries: ``[G*Bq, Bk]``, or
-    ``[B*K, G*Bq, Bk]`` with segment ids."""
+    ``[BK, G*Bq, Bk]`` (``BK`` = batch x kv heads) with segment ids."""
     allowed = t.mask(i, j, qseg, kseg)
     if qseg is None:
         return jnp.tile(allowed, (G, 1))
     B, _, _, Bq, Bk = allowed.shape
-    return jnp.broadcast_to(allowed, (B, K, G, Bq, Bk)).reshape(B * K, G * Bq, Bk)
+    return jnp.broadcast_to(allowed, (B, BK // B, G, Bq, Bk)).reshape(BK, G * Bq, Bk)
 
 
 # Tiles are 3-D (batch x kv head, G * Bq query rows, Bk keys) and no matmul contracts over a tile's leading axis
@@ -155,7 +143,7 @@ def _tile_mask(t: _Tiles, i, j, qseg, kseg, G: int, K: int):
 def _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k, G):
     """Blocked rows q [nq, BK, G*Bq, H], k / v [nk, BK, Bk, H] -> (out [nq, BK, G*Bq, H] in q's dtype,
     lse [nq, BK, G*Bq] f32)."""
-    nq, nk, K = q.shape[0], k.shape[0], None if qseg is None else q.shape[1] // qseg.shape[1]
+    nq, nk, BK = q.shape[0], k.shape[0], q.shape[1]
     t = _Tiles(block_q, block_k, nq, nk, window, offset, qseg is not None)
 
     def row(i):
@@ -165,7 +153,7 @@ def _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k, G):
             m, l, acc = carry
             s = jnp.einsum("bqh,bch->bqc", q_i, k[j], preferred_element_type=jnp.float32)
             if masked:
-                s = jnp.where(_tile_mask(t, i, j, qseg, kseg, G, K), s, MASKED)
+                s = jnp.where(_tile_mask(t, i, j, qseg, kseg, BK, G), s, MASKED)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
@@ -188,7 +176,7 @@ def _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k, G):
 
 def _backward(q, k, v, qseg, kseg, window, offset, block_q, block_k, G, delta, lse, do):
     """Blocked rows as :func:`_forward`; ``delta`` = rowsum(o * do) and ``lse`` as ``[nq, BK, G*Bq]``."""
-    nq, nk, K = q.shape[0], k.shape[0], None if qseg is None else q.shape[1] // qseg.shape[1]
+    nq, nk, BK = q.shape[0], k.shape[0], q.shape[1]
     t = _Tiles(block_q, block_k, nq, nk, window, offset, qseg is not None)
 
     def column(j, carry):
@@ -201,7 +189,7 @@ def _backward(q, k, v, qseg, kseg, window, offset, block_q, block_k, G, delta, l
             dk, dv, dqt = carry
             st = jnp.einsum("bch,bqh->bcq", k_j, q[i], preferred_element_type=jnp.float32)
             if masked:
-                st = jnp.where(jnp.swapaxes(_tile_mask(t, i, j, qseg, kseg, G, K), -1, -2), st, MASKED)
+                st = jnp.where(jnp.swapaxes(_tile_mask(t, i, j, qseg, kseg, BK, G), -1, -2), st, MASKED)
             pt = jnp.exp(st - lse[i][..., None, :])
             dv = dv + jnp.einsum("bcq,bqh->bch", pt.astype(do.dtype), do[i], preferred_element_type=jnp.float32)
             dpt = jnp.einsum("bch,bqh->bcq", v_j, do[i], preferred_element_type=jnp.float32)
@@ -245,8 +233,12 @@ def _lane_inputs(axis, lanes: int, q, k, v):
 
 
 def _q_tiles(x: jax.Array, block: int, fill=0) -> jax.Array:
-    """Unblocked ``[B, K, G, L, ...]`` -> tile rows ``[nq, B*K, G*Bq, ...]``."""
-    return _rows(_blocks(x, 3, block, fill))
+    """Unblocked ``[B, K, G, L, ...]`` -> tile rows ``[nq, B*K, G*Bq, ...]`` (after the blocking transpose, a free
+    reshape): each tile is then one batched matmul over (batch, kv head) whose rows are the query heads sharing
+    the key/value head."""
+    x = _blocks(x, 3, block, fill)
+    n, B, K, G, Bq = x.shape[:5]
+    return x.reshape((n, B * K, G * Bq) + x.shape[5:])
 
 
 def _k_tiles(x: jax.Array, block: int) -> jax.Array:
@@ -258,7 +250,7 @@ def _k_tiles(x: jax.Array, block: int) -> jax.Array:
 def _q_untile(x: jax.Array, like: jax.Array) -> jax.Array:
     """Inverse of :func:`_q_tiles`, to ``like``'s leading ``[B, K, G, L]``."""
     B, K, G, L = like.shape[:4]
-    return _unblock(_unrows(x, B, K, G), 3, L)
+    return _unblock(x.reshape((x.shape[0], B, K, G, x.shape[2] // G) + x.shape[3:]), 3, L)
 
 
 def _k_untile(x: jax.Array, like: jax.Array) -> jax.Array:
@@ -327,8 +319,9 @@ def blockwise_attention(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH:
     ``offset + i - j < window`` and (with segment ids) its segment id equals key ``j``'s.
 
     ``lanes > 1`` splits the heads (kv heads, else query groups) into that many independent kernels, which
-    XLA:CPU runs concurrently, one per core (its per-tile ops are too small to use two cores each; measured at
-    2k tokens, 12 heads: forward + backward 0.58 -> 0.47 s with 2 lanes). The result does not change."""
+    XLA:CPU may run concurrently. The result does not change. Measured with 12 heads, forward + backward, 1 vs
+    2 lanes: 0.58 -> 0.47 s at 2k tokens with 5-D tiles; with 3-D tiles 292 vs 302 ms at 2k (noise)
+    and 3.88 -> 3.64 s at 8k (median of 6, interleaved)."""
     L, S = q_BxKxGxLxH.shape[3], k_BxKxSxH.shape[2]
     block_q, block_k = min(block_q, L), min(block_k, S)
     qseg = kseg = None
