@@ -5,8 +5,11 @@
 
 Configs are the training benchmark's (``bench/train_bench.py``). Each XLA thunk in the trace is mapped to its
 HLO instruction; a fusion is labelled by the ops inside it ("dot" if it holds one, else "reduce", else the
-sorted elementwise ops), and the kinds are printed by summed time, then the slowest matmuls with their shapes.
-XLA:CPU runs independent thunks concurrently, so the sum can exceed the step's wall time.
+sorted elementwise ops), and the kinds are printed by summed time. Then the matmuls, grouped by operand shapes
+(with layouts and contracting dims): calls, op time, GFLOP (from the HLO) and the rate. Their GFLOP add up to what
+the step computes, so a matmul recomputed by remat or a wasted one shows. XLA:CPU runs independent thunks
+concurrently, so the summed op time can exceed the step's wall time (the last line says by how much) and the rate
+of an op that ran beside another understates the kernel's own.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import collections
 import glob
 import gzip
 import json
+import math
 import re
 import sys
 import tempfile
@@ -26,8 +30,13 @@ SKIP = {"parameter", "bitcast", "constant", "broadcast", "get-tuple-element", "t
 INSTR = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w\-]*)\(")
 
 
-def hlo_kinds(hlo: str) -> dict[str, tuple[str, str]]:
-    """Instruction name -> (kind, shape) for every instruction of the compiled module."""
+def _dims(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def hlo_ops(hlo: str) -> dict[str, tuple[str, str, int, str]]:
+    """Instruction name -> (kind, shape, matmul FLOPs, matmul signature) for every instruction of the compiled
+    module; a fusion's kind, FLOPs and signature are those of the ops inside it (FLOPs 0 without a dot)."""
     comps: dict[str, list[str]] = {}
     current = None
     for line in hlo.splitlines():
@@ -37,20 +46,53 @@ def hlo_kinds(hlo: str) -> dict[str, tuple[str, str]]:
             comps[current] = []
         elif current:
             comps[current].append(line)
-    kinds = {}
-    for lines in comps.values():
+
+    def shapes_in(lines: list[str]) -> dict[str, str]:
+        return {m.group(1): m.group(2) for m in map(INSTR.match, lines) if m}
+
+    def dot_flops(line: str, shapes: dict[str, str]) -> tuple[int, str]:
+        """FLOPs of one dot instruction (2 x output size x contracted size) and its operands' signature."""
+        lhs, rhs = re.findall(r"%([\w.\-]+)", line.split(" dot(", 1)[1].split(")", 1)[0])[:2]
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1)
+        out = INSTR.match(line).group(2)
+        lhs_dims, out_dims = (_dims(re.search(r"\[([\d,]*)\]", t).group(1)) for t in (shapes[lhs], out))
+        k = math.prod(lhs_dims[i] for i in _dims(contracting))
+        return 2 * math.prod(out_dims) * k, f"{shapes[lhs]} x {shapes[rhs]} c{{{contracting}}} -> {out}"
+
+    fused = {c.group(1) for lines in comps.values() for line in lines if " fusion(" in line
+             for c in [re.search(r"calls=%?([\w.\-]+)", line)] if c}
+    ops = {}
+    for computation, lines in comps.items():
+        if computation in fused:  # a fusion's body: its ops run inside the fusion's thunk, counted there
+            continue
         for line in lines:
             m = INSTR.match(line)
             if not m:
                 continue
             name, shape, op = m.groups()
             called = re.search(r"calls=%?([\w.\-]+)", line)
+            body = comps[called.group(1)] if called and called.group(1) in comps else [line]
+            flops, signature = 0, ""
+            if op == "dot":
+                flops, signature = dot_flops(line, shapes_in(lines))
+            elif op == "fusion":
+                dot = [b for b in body if (i := INSTR.match(b)) and i.group(3) == "dot"]
+                flops, signature = dot_flops(dot[0], shapes_in(body)) if dot else (0, "")
             kind = op
             if called and called.group(1) in comps:
-                ops = {i.group(3) for i in map(INSTR.match, comps[called.group(1)]) if i} - SKIP
-                kind = "dot" if "dot" in ops else "reduce" if "reduce" in ops else "+".join(sorted(ops))[:70] or op
-            kinds[name] = (kind, shape)
-    return kinds
+                inner = {i.group(3) for i in map(INSTR.match, body) if i} - SKIP
+                kind = "dot" if "dot" in inner else "reduce" if "reduce" in inner else "+".join(sorted(inner))[:70] or op
+            ops[name] = (kind, shape, flops, signature)
+    return ops
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: the time at least one op was running."""
+    busy, end = 0.0, -math.inf
+    for start, stop in sorted(intervals):
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return busy
 
 
 def main() -> None:
@@ -90,26 +132,33 @@ def main() -> None:
         jax.profiler.stop_trace()
         trace = json.load(gzip.open(sorted(glob.glob(f"{d}/**/*.trace.json.gz", recursive=True))[-1]))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    total, count = collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and "dur" in e:
-            total[e["name"]] += e["dur"]
-            count[e["name"]] += 1
-    kinds = hlo_kinds(prog.train_step.lower(state, batch).compile().as_text())
-    if not any(name in kinds for name in total):
+    ops = hlo_ops(prog.train_step.lower(state, batch).compile().as_text())
+    spans = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+             if e.get("ph") == "X" and "dur" in e and e["name"] in ops]
+    if not spans:
         raise SystemExit("no XLA ops in the trace: set XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true")
     by_kind, n_kind = collections.Counter(), collections.Counter()
-    for name, us in total.items():
-        if name in kinds:
-            by_kind[kinds[name][0]] += us
-            n_kind[kinds[name][0]] += count[name]
+    dots: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])  # calls, us, flops
+    for start, stop, name in spans:
+        kind, _, flops, signature = ops[name]
+        by_kind[kind] += stop - start
+        n_kind[kind] += 1
+        if flops:
+            dots[signature][0] += 1
+            dots[signature][1] += stop - start
+            dots[signature][2] += flops
     print("op time by kind (ms, calls):")
     for kind, us in by_kind.most_common(a.top):
         print(f"{us / 1e3:10.1f} {n_kind[kind]:6d}  {kind}")
-    dots = sorted(((us, name) for name, us in total.items() if kinds.get(name, ("",))[0] == "dot"), reverse=True)
-    print("slowest matmuls (ms, output shape):")
-    for us, name in dots[:a.top]:
-        print(f"{us / 1e3:10.1f}  {kinds[name][1]}")
+    gflop, dot_us = sum(d[2] for d in dots.values()) / 1e9, sum(d[1] for d in dots.values())
+    print(f"matmuls: {gflop:.1f} GFLOP in {dot_us / 1e3:.0f} ms of op time ({gflop / dot_us * 1e6:.0f} GFLOP/s); "
+          "by operands (ms, calls, GFLOP, GFLOP/s):")
+    for signature, (calls, us, flops) in sorted(dots.items(), key=lambda kv: -kv[1][1])[:a.top]:
+        print(f"{us / 1e3:10.1f} {calls:6d} {flops / 1e9:7.1f} {flops / us / 1e3:6.0f}  {signature}")
+    summed = sum(stop - start for start, stop, _ in spans)
+    print(f"op time {summed / 1e3:.0f} ms summed, {busy_time([(t0, t1) for t0, t1, _ in spans]) / 1e3:.0f} ms with "
+          f"at least one op running, {(max(t for _, t, _ in spans) - min(t for t, _, _ in spans)) / 1e3:.0f} ms "
+          "first to last")
 
 
 if __name__ == "__main__":
