@@ -65,23 +65,24 @@ def hlo_ops(hlo: str) -> dict[str, tuple[str, str, int, str]]:
     for computation, lines in comps.items():
         if computation in fused:  # a fusion's body: its ops run inside the fusion's thunk, counted there
             continue
+        shapes = shapes_in(lines)
         for line in lines:
             m = INSTR.match(line)
             if not m:
                 continue
             name, shape, op = m.groups()
-            called = re.search(r"calls=%?([\w.\-]+)", line)
-            body = comps[called.group(1)] if called and called.group(1) in comps else [line]
-            flops, signature = 0, ""
+            kind, flops, signature = op, 0, ""
             if op == "dot":
-                flops, signature = dot_flops(line, shapes_in(lines))
-            elif op == "fusion":
-                dot = [b for b in body if (i := INSTR.match(b)) and i.group(3) == "dot"]
-                flops, signature = dot_flops(dot[0], shapes_in(body)) if dot else (0, "")
-            kind = op
-            if called and called.group(1) in comps:
-                inner = {i.group(3) for i in map(INSTR.match, body) if i} - SKIP
-                kind = "dot" if "dot" in inner else "reduce" if "reduce" in inner else "+".join(sorted(inner))[:70] or op
+                flops, signature = dot_flops(line, shapes)
+            called = re.search(r"calls=%?([\w.\-]+)", line)
+            body = comps.get(called.group(1)) if called else None
+            if body is not None:
+                inner = [(i.group(3), b) for b in body if (i := INSTR.match(b))]
+                kinds = {o for o, _ in inner} - SKIP
+                kind = "dot" if "dot" in kinds else "reduce" if "reduce" in kinds else "+".join(sorted(kinds))[:70] or op
+                dots = [b for o, b in inner if o == "dot"]
+                if op == "fusion" and dots:
+                    flops, signature = dot_flops(dots[0], shapes_in(body))
             ops[name] = (kind, shape, flops, signature)
     return ops
 
