@@ -11,7 +11,7 @@ from gptjax.config import MeshConfig, RunConfig, TrainConfig
 from gptjax.model.accounting import count_params
 from gptjax.config import model_preset
 from gptjax.sharding.mesh import make_mesh
-from gptjax.planning.memory import analytic_plan, compiled_memory, param_bytes_per_device
+from gptjax.planning.memory import KV_ROW, analytic_plan, compiled_memory, param_bytes_per_device
 
 
 def run_cfg(model, mesh, batch=8, seq=64):
@@ -70,6 +70,28 @@ def test_planned_activations_are_linear_in_length_with_blockwise_attention():
     assert cp.gathered_kv > 0 and cp.activations < b32.activations / 3
 
 
+def test_ring_context_parallelism_keeps_no_gathered_keys_in_compiled_memory():
+    """XLA's compiled peak per device, 2 and 4 layers, sequence split over 4 devices: gathered keys / values
+    grow with depth (each layer's are saved for the backward pass), the ring's do not, and the per-layer
+    difference is what the planner counts; the ring's total agrees with its analytic plan."""
+    compiled, analytic = {}, {}
+    for layers in (2, 4):
+        for strategy in ("gather", "ring"):
+            m = nano_model(n_layers=layers, n_kv_heads=4, max_seq_len=2048, attention_impl="blockwise",
+                           attention_block=128, scan_layers=True, context_strategy=strategy)
+            cfg = run_cfg(m, dict(data=1, fsdp=1, context=4), batch=2, seq=2048)
+            compiled[strategy, layers] = compiled_memory(cfg, make_mesh(cfg.mesh, jax.devices()[:4]))["peak"]
+            analytic[strategy, layers] = analytic_plan(cfg, {"data": 1, "fsdp": 1, "context": 4, "tensor": 1})
+    per_layer = {k: (compiled[k, 4] - compiled[k, 2]) / 2 for k in ("gather", "ring")}
+    planned = {k: (analytic[k, 4].total - analytic[k, 2].total) / 2 for k in ("gather", "ring")}
+    assert per_layer["ring"] < per_layer["gather"]
+    ratio = (per_layer["gather"] - per_layer["ring"]) / (planned["gather"] - planned["ring"])
+    assert 0.8 < ratio < 1.25, (compiled, planned)
+    assert analytic["ring", 4].gathered_kv == analytic["ring", 2].gathered_kv > 0  # one layer's, any depth
+    for layers in (2, 4):
+        assert 0.8 < analytic["ring", layers].total / compiled["ring", layers] < 1.25, compiled
+
+
 def test_remat_reduces_planned_activations():
     acts = {}
     for remat in ("none", "save_dots", "full"):
@@ -106,7 +128,7 @@ def test_plan_tool_long_context_and_context_parallelism():
         plans[seq, context] = json.loads(r.stdout)
     acts = {k: p["analytic_bytes"]["activations (saved for backward)"] for k, p in plans.items()}
     assert all(p["attention"] == "blockwise" for p in plans.values())
-    assert plans[32768, 4]["analytic_bytes"]["gathered keys/values (context par.)"] > 0
+    assert plans[32768, 4]["analytic_bytes"][KV_ROW] > 0
     assert acts[32768, 4] < acts[32768, 1] / 3
     r = plan_cli("gpt2-small", "--context", "3", "--seq", "1024", "--no-compile")
     assert r.returncode == 2 and "not divisible by --context 3" in r.stderr

@@ -167,14 +167,17 @@ def test_rules_override_turns_fsdp_axis_into_data_parallel():
     assert tuple(prog.model.batch_sharding.spec) == ("fsdp",)
 
 
-@pytest.mark.parametrize("mesh, impl", [
-    (dict(data=1, fsdp=2, context=4), "blockwise"),
-    (dict(data=1, fsdp=2, context=2, tensor=2), "blockwise"),
+@pytest.mark.parametrize("mesh, strategy", [
+    (dict(data=1, fsdp=2, context=4), "gather"),
+    (dict(data=1, fsdp=2, context=2, tensor=2), "gather"),
+    (dict(data=1, context=8), "ring"),
+    (dict(data=1, fsdp=2, context=2, tensor=2), "ring"),
 ])
-def test_context_parallel_step_equals_single_device_step(mesh, impl, batch, reference):
-    """The sequence split over ``context`` devices (keys / values all-gathered in attention): the same step."""
+def test_context_parallel_step_equals_single_device_step(mesh, strategy, batch, reference):
+    """The sequence split over ``context`` devices (keys / values all-gathered in attention, or passed around the
+    ring): the same step."""
     init_ref, after_ref, loss_ref = reference
-    prog = program(mesh, attention_impl=impl, attention_block=4)
+    prog = program(mesh, attention_impl="blockwise", attention_block=4, context_strategy=strategy)
     state = prog.init(jax.random.key(0))
     x = prog.global_batch(batch)["inputs"]
     assert x.sharding.spec[1] == "context"  # the batch itself arrives split along the sequence
@@ -183,18 +186,29 @@ def test_context_parallel_step_equals_single_device_step(mesh, impl, batch, refe
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=PARAM_ATOL, rtol=0),
                  new_state["params"], after_ref["params"])
     hlo = prog.train_step.lower(state, prog.global_batch(batch)).compile().as_text()
-    assert re.search(r"\ball-gather(?:-start)?\(", hlo)  # keys / values gathered over the context axis
+    gathers = re.search(r"\ball-gather(?:-start)?\(", hlo)
+    if strategy == "gather":
+        assert gathers  # keys / values gathered over the context axis
+    else:
+        assert re.search(r"\bcollective-permute(?:-start)?\(", hlo)  # slices passed to the next device
+        if mesh.get("fsdp", 1) == 1 and mesh.get("tensor", 1) == 1:
+            assert not gathers  # nothing else to gather: no device ever holds the whole sequence's keys
 
 
 def test_context_parallel_packed_segments_and_banded_layers(batch):
-    """Segment ids and GPT-3 banded layers under a context split (dense kernel per slice) give the loss of one
-    device running the blockwise kernel."""
+    """Segment ids and GPT-3 banded layers under a context split (dense kernel per gathered slice, and the ring)
+    give the loss and gradients of one device running the blockwise kernel."""
     seg = np.repeat(np.arange(4), 8)[None].repeat(8, 0).astype(np.int32)
-    losses = []
-    for mesh, devices, impl in ((dict(data=1), jax.devices()[:1], "blockwise"),
-                                (dict(data=2, context=4), None, "dense")):
-        prog = program(mesh, devices, attention="alternating", window=5, attention_impl=impl, attention_block=4)
+    seg[:, 13:] += 1  # a document boundary inside a slice, not only on the slices' edges
+    results = []
+    for mesh, devices, impl, strategy in ((dict(data=1), jax.devices()[:1], "blockwise", "gather"),
+                                          (dict(data=2, context=4), None, "dense", "gather"),
+                                          (dict(data=2, context=4), None, "blockwise", "ring")):
+        prog = program(mesh, devices, attention="alternating", window=5, attention_impl=impl, attention_block=3,
+                       context_strategy=strategy)
         state = prog.init(jax.random.key(0))
-        _, m = prog.train_step(state, prog.global_batch({**batch, "segment_ids": seg}))
-        losses.append(float(m["loss"]))
-    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+        new_state, m = prog.train_step(state, prog.global_batch({**batch, "segment_ids": seg}))
+        results.append((float(m["loss"]), jax.device_get(new_state["params"])))
+    for loss, params in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=PARAM_ATOL, rtol=0), params, results[0][1])

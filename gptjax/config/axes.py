@@ -9,7 +9,7 @@ from __future__ import annotations
 # ---- mesh axes ---------------------------------------------------------------------------------------------
 DATA = "data"  # data parallelism: the batch is split, parameters replicated
 FSDP = "fsdp"  # fully sharded data parallelism: the batch and the parameters' embed dimension are split
-CONTEXT = "context"  # context (sequence) parallelism: activations split along the sequence, keys/values gathered
+CONTEXT = "context"  # context (sequence) parallelism: activations split along the sequence, K/V gathered or ringed
 TENSOR = "tensor"  # Megatron tensor parallelism: heads, MLP and vocabulary are split
 MESH_AXES = (DATA, FSDP, CONTEXT, TENSOR)
 

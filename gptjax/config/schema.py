@@ -21,6 +21,7 @@ from gptjax.config.dtypes import DTYPE_NAMES
 
 
 ATTENTION_IMPLS = ("auto", "dense", "blockwise", "cudnn", "splash")
+CONTEXT_STRATEGIES = ("gather", "ring")
 
 
 class ConfigError(ValueError):
@@ -72,6 +73,9 @@ class ModelConfig:
     # rule "auto" follows); attention_block: query / key tile of the blockwise and splash kernels
     attention_impl: str = "auto"
     attention_block: int = 512
+    # with the sequence split over the mesh's context axis: all-gather keys / values for attention ("gather"), or
+    # pass the slices around the devices ("ring", gptjax/model/ring.py: never more than two slices a device)
+    context_strategy: str = "gather"
     dtype: str = "float32"  # compute dtype; softmax, norms and loss are always float32
     param_dtype: str = "float32"
     init_std: float = 0.02
@@ -103,6 +107,7 @@ class ModelConfig:
                    f"window must be a positive integer for banded attention, got {self.window!r}")
         _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _positive(self, "attention_block")
+        _choice("context_strategy", self.context_strategy, CONTEXT_STRATEGIES)
         _check(self.z_loss >= 0, f"z_loss must be >= 0, got {self.z_loss}")
         _choice("dtype", self.dtype, DTYPE_NAMES)
         _choice("param_dtype", self.param_dtype, DTYPE_NAMES)
@@ -185,7 +190,7 @@ class MeshConfig:
     parallelism (tensor=N), or hybrids: data=G, fsdp=N/G is FSDP inside groups of N/G devices with
     replication across the G groups (the "sharding factor" of hybrid sharding). ``context=C`` splits every
     activation along the sequence over C devices (context parallelism, for long sequences); attention gathers the
-    keys and values over that axis.
+    keys and values over that axis, or passes them around it (``ModelConfig.context_strategy``).
     """
 
     data: int = -1

@@ -24,6 +24,7 @@ class Attention(nnx.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = h, k, hd
         self.dtype = DTYPES[cfg.dtype]
         self.impl, self.block, self.windows = cfg.attention_impl, cfg.attention_block, cfg.layer_windows()
+        self.context_strategy = cfg.context_strategy
         self.w_q = param(rngs, (d, h, hd), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), cfg, std)
         self.w_k = param(rngs, (d, k, hd), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), cfg, std)
         self.w_v = param(rngs, (d, k, hd), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), cfg, std)
@@ -71,7 +72,7 @@ class Attention(nnx.Module):
                        * jnp.asarray(1.0 / math.sqrt(self.head_dim), self.dtype))
         k_BxKxSxH, v_BxKxSxH = k_BxLxKxH.transpose(0, 2, 1, 3), v_BxLxKxH.transpose(0, 2, 1, 3)
         o_BxKxGxLxH = attend(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, window, mask, impl=self.impl, block=self.block,
-                             windows=self.windows, dtype=self.dtype)
+                             windows=self.windows, dtype=self.dtype, context_strategy=self.context_strategy)
         # merging K and G is free (adjacent axes), and the projection then keeps for its backward pass the very
         # array the attention kernel keeps: one copy of the output a layer, not a second transposed one
         o_BxNxLxH = o_BxKxGxLxH.reshape(B, self.n_heads, L, self.head_dim)

@@ -58,9 +58,14 @@ def _unblock(x: jax.Array, axis: int, length: int) -> jax.Array:
 class _Tiles:
     """Index arithmetic shared by both passes: which tiles are visited and each tile's mask."""
 
-    def __init__(self, block_q: int, block_k: int, nq: int, nk: int, window, offset, segments: bool):
+    def __init__(self, block_q: int, block_k: int, nq: int, nk: int, window, offset, segments: bool,
+                 k_len: int | None = None):
         self.bq, self.bk, self.nq, self.nk = block_q, block_k, nq, nk
         self.window, self.offset, self.segments = window, offset, segments
+        # Padded keys sit after every query when the queries start at or before key 0 (causality masks them);
+        # with ``k_len`` (the real key count) they are masked explicitly, for queries placed after the keys (a
+        # ring-attention step over an earlier slice).
+        self.k_len = None if k_len is None or k_len == nk * block_k else k_len
 
     def k_range(self, i):
         """Key blocks ``[lo, hi)`` that query block ``i`` sees."""
@@ -84,6 +89,8 @@ class _Tiles:
         first_q = self.offset + i * self.bq
         full_lo = (first_q + self.bq - 1 - self.window) // self.bk + 1  # first j with last_q - first_k < window
         full_hi = (first_q + 1) // self.bk  # j < full_hi: last_k <= first_q
+        if self.k_len is not None:
+            full_hi = jnp.minimum(full_hi, self.k_len // self.bk)  # the partly padded key block is masked
         return _runs(lo, hi, full_lo, full_hi, self.segments)
 
     def q_runs(self, j):
@@ -92,6 +99,8 @@ class _Tiles:
         first_k, last_k = j * self.bk, j * self.bk + self.bk - 1
         full_lo = -((self.offset - last_k) // self.bq)  # first i with first_q >= last_k
         full_hi = -(-(self.window + first_k - self.offset - self.bq + 1) // self.bq)  # i < it: last_q - first_k < w
+        if self.k_len is not None:
+            full_lo = jnp.where(last_k >= self.k_len, hi, full_lo)  # a partly padded key block: every tile masked
         return _runs(lo, hi, full_lo, full_hi, self.segments)
 
     def mask(self, i, j, qseg, kseg):
@@ -99,6 +108,8 @@ class _Tiles:
         qpos = self.offset + i * self.bq + jnp.arange(self.bq)[:, None]
         kpos = j * self.bk + jnp.arange(self.bk)[None, :]
         allowed = (kpos <= qpos) & (qpos - kpos < self.window)
+        if self.k_len is not None:
+            allowed = allowed & (kpos < self.k_len)
         if not self.segments:
             return allowed
         same = qseg[i][:, :, None] == kseg[j][:, None, :]  # [B, Bq, Bk]
@@ -140,11 +151,13 @@ def _tile_mask(t: _Tiles, i, j, qseg, kseg, BK: int, G: int):
 # (the backward pass accumulates dQ transposed, as K^T dS^T), so XLA:CPU never transposes a tile-sized array.
 # With 5-D tiles it did, for the contractions over the query-group axis and the dQ matmul: those copies were
 # about a third of the kernel's time (gpt2ish layer, forward + backward: 0.40 -> 0.27 s at 2k, 5.8 -> 3.6 s at 8k).
-def _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k, G):
-    """Blocked rows q [nq, BK, G*Bq, H], k / v [nk, BK, Bk, H] -> (out [nq, BK, G*Bq, H] in q's dtype,
-    lse [nq, BK, G*Bq] f32)."""
+def _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k, G, k_len=None, unseen_lse=-MASKED,
+             out_dtype=None):
+    """Blocked rows q [nq, BK, G*Bq, H], k / v [nk, BK, Bk, H] -> (out [nq, BK, G*Bq, H] in ``out_dtype``
+    (default q's), lse [nq, BK, G*Bq] f32). A row that saw no key gets output 0 and lse ``unseen_lse``; a row
+    that saw only masked keys of a visited tile gets an lse near ``MASKED`` (both weigh 0 in a ring merge)."""
     nq, nk, BK = q.shape[0], k.shape[0], q.shape[1]
-    t = _Tiles(block_q, block_k, nq, nk, window, offset, qseg is not None)
+    t = _Tiles(block_q, block_k, nq, nk, window, offset, qseg is not None, k_len)
 
     def row(i):
         q_i = q[i]
@@ -165,19 +178,19 @@ def _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k, G):
         stats = jnp.zeros_like(q_i[..., 0], jnp.float32)
         init = (stats + MASKED, stats, jnp.zeros_like(q_i, jnp.float32))
         m, l, acc = _loop(t.k_runs(i), step, init)
-        # a row that saw no tile at all (only a padded query can): output 0, and an lse that zeroes its
-        # probabilities in the backward pass
+        # a row that saw no tile at all (only a padded query can, or any query in a ring step over a later
+        # slice): output 0, and an lse that zeroes its probabilities in the backward pass
         seen = l > 0
         l = jnp.where(seen, l, 1.0)
-        return (acc / l[..., None]).astype(q.dtype), jnp.where(seen, m + jnp.log(l), -MASKED)
+        return (acc / l[..., None]).astype(out_dtype or q.dtype), jnp.where(seen, m + jnp.log(l), unseen_lse)
 
     return jax.lax.map(row, jnp.arange(nq))
 
 
-def _backward(q, k, v, qseg, kseg, window, offset, block_q, block_k, G, delta, lse, do):
+def _backward(q, k, v, qseg, kseg, window, offset, block_q, block_k, G, delta, lse, do, k_len=None):
     """Blocked rows as :func:`_forward`; ``delta`` = rowsum(o * do) and ``lse`` as ``[nq, BK, G*Bq]``."""
     nq, nk, BK = q.shape[0], k.shape[0], q.shape[1]
-    t = _Tiles(block_q, block_k, nq, nk, window, offset, qseg is not None)
+    t = _Tiles(block_q, block_k, nq, nk, window, offset, qseg is not None, k_len)
 
     def column(j, carry):
         dqt, dk_all, dv_all = carry

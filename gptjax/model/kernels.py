@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from gptjax.config import axes as ax
 from gptjax.model.flash import blockwise_attention
+from gptjax.model.ring import ring_attention
 from gptjax.model.ops import einsum, softmax
 from gptjax.sharding.rules import current, logical_to_pspec
 
@@ -196,14 +197,16 @@ def _axes(spec_entry) -> tuple[str, ...]:
 
 
 def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, window, mask: MaskSpec, *,
-           impl: str, block: int, windows: tuple[int, ...], dtype) -> jax.Array:
+           impl: str, block: int, windows: tuple[int, ...], dtype, context_strategy: str = "gather") -> jax.Array:
     """Scaled queries, keys and values -> attention output ``[B, K, G, L, H]`` in ``dtype``, by kernel ``impl``
     (resolved with :func:`choose`; ``windows`` are the static windows the traced ``window`` can take).
 
     On a mesh (inside ``activation_sharding``) the kernel runs per device under ``shard_map``: batch and heads
     split as the rules say, and with context parallelism (the ``length`` rule on a mesh axis of size > 1) each
     device keeps its slice of the queries, all-gathers keys, values and key segment ids over that axis (the
-    backward pass reduce-scatters their gradients) and attends with its slice's slot offset."""
+    backward pass reduce-scatters their gradients) and attends with its slice's slot offset; with
+    ``context_strategy="ring"`` the slices are passed around the devices instead (:mod:`gptjax.model.ring`,
+    the blockwise kernel per slice)."""
     kw = dict(impl=impl, block=block, windows=windows, dtype=dtype)
     ctx = current()
     if ctx is None:
@@ -227,6 +230,12 @@ def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, w
     has_seg = mask.q_segment_ids_BxL is not None
 
     def body(q, k, v, offset, q_seg, k_seg):
+        if gather and context_strategy == "ring":
+            size = int(np.prod([mesh.shape[a] for a in gather]))
+            q, k, v = (x.astype(dtype) for x in (q, k, v))
+            return ring_attention(q, k, v, window=window, axes=gather, size=size, q_segment_ids_BxL=q_seg,
+                                  k_segment_ids_BxL=k_seg, block_q=balanced_block(q.shape[3], block),
+                                  block_k=balanced_block(k.shape[2], block))
         if gather:
             k, v = (jax.lax.all_gather(x, gather, axis=2, tiled=True) for x in (k, v))
             k_seg = None if k_seg is None else jax.lax.all_gather(k_seg, gather, axis=1, tiled=True)

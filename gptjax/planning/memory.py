@@ -36,6 +36,9 @@ DEVICE_MEMORY_GB = {"h100-80gb": 80.0, "a100-80gb": 80.0, "a100-40gb": 40.0, "tp
                     "tpu-v4": 32.0, "tpu-v6e": 32.0}
 
 
+KV_ROW = "other slices' K/V (context parallel)"
+
+
 @dataclass
 class MemoryPlan:
     """Bytes per device."""
@@ -45,7 +48,9 @@ class MemoryPlan:
     optimizer: int
     activations: int
     logits: int
-    gathered_kv: int = 0  # context parallelism: the keys / values of the other sequence slices, all layers
+    # context parallelism: the keys / values of the other sequence slices a device holds (all layers' gathered
+    # slices, saved for the backward pass; with the ring, one layer's slices in flight and their gradients)
+    gathered_kv: int = 0
     attention: str = ""  # the attention kernel the plan assumed
     mesh: dict = field(default_factory=dict)
 
@@ -56,7 +61,7 @@ class MemoryPlan:
     def rows(self) -> list[tuple[str, int]]:
         return [("parameters", self.params), ("gradients", self.grads), ("optimizer (Adam mu, nu)", self.optimizer),
                 ("activations (saved for backward)", self.activations),
-                ("gathered keys/values (context par.)", self.gathered_kv), ("logits + grad", self.logits),
+                (KV_ROW, self.gathered_kv), ("logits + grad", self.logits),
                 ("total", self.total)]
 
 
@@ -151,9 +156,14 @@ def analytic_plan(cfg: RunConfig, mesh_sizes: Mapping[str, int]) -> MemoryPlan:
     tokens = batch_per_device * seq
     act = activation_bytes(m, batch_per_device, seq, mesh_sizes["tensor"])
     # ... but attends over all keys: the gathered keys and values of the other slices are saved for the backward
+    # pass, every layer's; the ring holds one layer's: the slice computed with and the one arriving, keys and
+    # values in the compute dtype and, in the backward pass, their float32 gradient accumulators
     local = local_block_config(m, mesh_sizes["tensor"])
-    gathered = (2 * batch_per_device * (t.seq_len - seq) * local.kv_heads * local.resolved_head_dim
-                * dtype_bytes(m.dtype) * m.n_layers)
+    slice_elems = batch_per_device * seq * local.kv_heads * local.resolved_head_dim  # one of k / v, one slice
+    if context > 1 and m.context_strategy == "ring":
+        gathered = slice_elems * 2 * 2 * (dtype_bytes(m.dtype) + 4)
+    else:
+        gathered = 2 * slice_elems * (context - 1) * dtype_bytes(m.dtype) * m.n_layers
     # compute-dtype weight copies are sharded like the parameters (the cast happens on the shard): the full
     # copies (the local block's times tensor) scaled by this device's share of the parameter bytes
     share = params / (dtype_bytes(m.param_dtype) * count_params(m))

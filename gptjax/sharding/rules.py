@@ -13,7 +13,8 @@ mesh (data,fsdp,ctx,tensor)  what the default rules give
 (1, 1, 1, N)               Megatron tensor parallelism: heads / mlp / vocab split
 (G, N/G, 1, 1)             hybrid: FSDP inside groups of N/G devices, replicated across G groups
 (1, F, C, 1)               context parallelism: activations split along the sequence over C devices
-                           (attention all-gathers keys and values over ``context``), FSDP over F
+                           (attention all-gathers keys and values over ``context``, or passes them
+                           around the ring: ``model.context_strategy``), FSDP over F
 =========================  ======================================================================
 
 Override single entries through ``MeshConfig.rules`` (e.g. ``{"embed": None}`` turns the fsdp axis into
