@@ -69,12 +69,10 @@ def test_blockwise_matches_dense_outputs_and_gradients(name):
 
 
 RING_CASES = {  # name: (K, G, slice length, window, segments, block)
-    "causal MHA, blocks divide": (2, 1, 16, 64, False, 8),
     "causal GQA, blocks do not divide": (2, 2, 17, 68, False, 5),
     "causal MQA, one block a slice": (1, 3, 12, 48, False, 16),
     "banded, window inside a slice": (2, 2, 17, 5, False, 4),
     "banded, window across slices": (1, 2, 10, 23, False, 4),
-    "segments GQA": (2, 2, 17, 68, True, 8),
     "banded + segments": (2, 1, 15, 9, True, 4),
 }
 

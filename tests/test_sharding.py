@@ -167,17 +167,17 @@ def test_rules_override_turns_fsdp_axis_into_data_parallel():
     assert tuple(prog.model.batch_sharding.spec) == ("fsdp",)
 
 
-@pytest.mark.parametrize("mesh, strategy", [
-    (dict(data=1, fsdp=2, context=4), "gather"),
-    (dict(data=1, fsdp=2, context=2, tensor=2), "gather"),
-    (dict(data=1, context=8), "ring"),
-    (dict(data=1, fsdp=2, context=2, tensor=2), "ring"),
+@pytest.mark.parametrize("mesh, strategy, remat", [
+    (dict(data=1, fsdp=2, context=4), "gather", "none"),
+    (dict(data=1, fsdp=2, context=2, tensor=2), "gather", "none"),
+    (dict(data=1, context=8), "ring", "full"),
+    (dict(data=1, fsdp=2, context=2, tensor=2), "ring", "none"),
 ])
-def test_context_parallel_step_equals_single_device_step(mesh, strategy, batch, reference):
+def test_context_parallel_step_equals_single_device_step(mesh, strategy, remat, batch, reference):
     """The sequence split over ``context`` devices (keys / values all-gathered in attention, or passed around the
-    ring): the same step."""
+    ring, also recomputed under remat): the same step."""
     init_ref, after_ref, loss_ref = reference
-    prog = program(mesh, attention_impl="blockwise", attention_block=4, context_strategy=strategy)
+    prog = program(mesh, attention_impl="blockwise", attention_block=4, context_strategy=strategy, remat=remat)
     state = prog.init(jax.random.key(0))
     x = prog.global_batch(batch)["inputs"]
     assert x.sharding.spec[1] == "context"  # the batch itself arrives split along the sequence

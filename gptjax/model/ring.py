@@ -14,9 +14,10 @@ sequence: its queries, keys and values, slice ``i`` covering slots ``[i * L, (i 
   the slice; after C steps they are back on the slice's own device.
 
 A device never holds more than the slice it computes with and the one arriving, where the gathered strategy keeps
-all C slices of every layer for the backward pass (C - 1 of them are what ``plan`` reports as "gathered
-keys/values"). The price is C sequential exchanges a layer and pass instead of one all-gather; on GPUs / TPUs
-they overlap with the step's compute. A device's queries see no key of a later slice (causality): those steps
+all C slices of every layer for the backward pass (``plan`` counts both: every layer's C - 1 gathered slices,
+or the ring's two in flight). The price is C sequential exchanges a layer and pass instead of one all-gather, which GPUs / TPUs can
+overlap with the step's compute. Each slice pair runs the blockwise kernel (XLA tiles), also where the local
+kernel would be cuDNN or splash. A device's queries see no key of a later slice (causality): those steps
 visit no tile (the kernel's loop bounds are empty) but still pass the slice on. The work is unbalanced as with the
 gathered strategy (the last slice's queries see all C slices); a zig-zag slice order would balance it.
 """
