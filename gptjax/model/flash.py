@@ -254,6 +254,12 @@ def _q_tiles(x: jax.Array, block: int, fill=0) -> jax.Array:
     return x.reshape((n, B * K, G * Bq) + x.shape[5:])
 
 
+def _segment_tiles(ids_BxL: jax.Array | None, block: int) -> jax.Array | None:
+    """Segment ids ``[B, L]`` -> ``[n, B, block]`` (``None`` stays ``None``). Padded queries and keys share
+    segment -1: a padded row sees itself."""
+    return None if ids_BxL is None else _blocks(ids_BxL.astype(jnp.int32), 1, block, fill=-1)
+
+
 def _k_tiles(x: jax.Array, block: int) -> jax.Array:
     """Unblocked ``[B, K, S, H]`` -> ``[nk, B*K, Bk, H]``."""
     x = _blocks(x, 2, block)
@@ -337,9 +343,6 @@ def blockwise_attention(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH:
     and 3.88 -> 3.64 s at 8k (median of 6, interleaved)."""
     L, S = q_BxKxGxLxH.shape[3], k_BxKxSxH.shape[2]
     block_q, block_k = min(block_q, L), min(block_k, S)
-    qseg = kseg = None
-    if q_segment_ids_BxL is not None:  # padded queries and keys share segment -1: a padded row sees itself
-        qseg = _blocks(q_segment_ids_BxL.astype(jnp.int32), 1, block_q, fill=-1)
-        kseg = _blocks(k_segment_ids_BxS.astype(jnp.int32), 1, block_k, fill=-1)
+    qseg, kseg = _segment_tiles(q_segment_ids_BxL, block_q), _segment_tiles(k_segment_ids_BxS, block_k)
     return _attention(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, qseg, kseg, jnp.asarray(window, jnp.int32),
                       jnp.asarray(offset, jnp.int32), block_q, block_k, lanes)
