@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 
 # The test session runs on the CPU with 8 simulated devices (set before JAX starts). Single-device tests pass
 # jax.devices()[:1] (or single_device_mesh()) explicitly; sharding tests build meshes over all 8. Multi-process
@@ -6,11 +8,25 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+# One persistent XLA compilation cache for the session: both xdist workers and every training / CLI process the
+# tests start inherit it (the workers inherit the controlling process's environment), so the nano model's steps,
+# compiled by dozens of tests and subprocesses, are compiled once. It is new for each session and removed at its
+# end: a run never loads executables from an earlier checkout. A cache dir set by the caller is used and kept.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gptjax-test-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 from gptjax.data.corpus import default_corpus_path  # noqa: E402
+
+
+def pytest_sessionfinish(session):
+    if _OWN_CACHE and not hasattr(session.config, "workerinput"):  # the controlling process, after the workers
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

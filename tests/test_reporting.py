@@ -1,6 +1,9 @@
 """Reporting: metrics.jsonl, TensorBoard event files (read back), console lines, plots."""
 
+import importlib.util
 import struct
+import subprocess
+import sys
 
 from gptjax.reporting import Reporter, plot_runs, read_metrics
 
@@ -37,6 +40,18 @@ def test_reporter_writes_jsonl_tensorboard_and_lines(tmp_path, capsys):
     assert [s for s, _ in tb["train/mfu"]] == [10, 20]
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "header" and out[1].startswith("step=10 loss=3.5 ") and "val_loss=3.25" in out[2]
+
+
+def test_the_tensorboard_writer_does_not_load_torch(tmp_path):
+    """tensorboardX imports torch when it is installed (3 s of every run's start); the writer keeps it out, and torch
+    still imports afterwards. Run in a fresh interpreter: this session may have loaded torch already."""
+    code = ("import sys; from gptjax.reporting.tensorboard import TensorBoardWriter; "
+            f"w = TensorBoardWriter({str(tmp_path)!r}); w.scalars(3, 'train', {{'loss': 2.5}}); w.close(); "
+            "print('torch' in sys.modules); import torch; print(torch.ones(2).sum().item())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert importlib.util.find_spec("torch") is not None  # the test command installs it (interop extra)
+    assert r.returncode == 0 and r.stdout.split() == ["False", "2.0"], r.stderr[-2000:]
+    assert read_tensorboard_scalars(tmp_path) == {"train/loss": [(3, 2.5)]}
 
 
 def test_a_silent_reporter_writes_nothing(tmp_path, capsys):
