@@ -68,12 +68,15 @@ def test_blockwise_matches_dense_outputs_and_gradients(name):
     assert float(jnp.abs(o2).max()) > 0.1 and all(float(jnp.abs(g).max()) > 0.1 for g in g2)  # not trivially 0
 
 
-RING_CASES = {  # name: (K, G, slice length, window, segments, block)
-    "causal GQA, blocks do not divide": (2, 2, 17, 68, False, 5),
-    "causal MQA, one block a slice": (1, 3, 12, 48, False, 16),
-    "banded, window inside a slice": (2, 2, 17, 5, False, 4),
-    "banded, window across slices": (1, 2, 10, 23, False, 4),
-    "banded + segments": (2, 1, 15, 9, True, 4),
+RING_CASES = {  # name: (K, G, slice length, window, segments, block, zig-zag layout)
+    "causal GQA, blocks do not divide": (2, 2, 17, 68, False, 5, False),
+    "causal MQA, one block a slice": (1, 3, 12, 48, False, 16, False),
+    "banded, window inside a slice": (2, 2, 17, 5, False, 4, False),
+    "banded, window across slices": (1, 2, 10, 23, False, 4, False),
+    "banded + segments": (2, 1, 15, 9, True, 4, False),
+    "zig-zag causal GQA, blocks do not divide": (2, 2, 18, 72, False, 4, True),
+    "zig-zag banded, window across chunks": (1, 2, 10, 13, False, 4, True),
+    "zig-zag banded + segments": (2, 1, 16, 9, True, 4, True),
 }
 
 
@@ -81,31 +84,53 @@ RING_CASES = {  # name: (K, G, slice length, window, segments, block)
 def test_ring_attention_matches_dense_outputs_and_gradients(name):
     """The sequence split over 4 devices, key / value slices passed around the ring (gptjax.model.ring): the
     dense kernel's output and gradients on one device. Padded keys of an earlier slice (blocks that do not
-    divide a slice) sit before the queries and must be masked explicitly."""
+    divide a slice) sit before the queries and must be masked explicitly. In the zig-zag layout the sequence is
+    reordered before the split (device d holds chunks d and 7 - d of 8) and the output restored after it."""
     from jax.sharding import PartitionSpec as P
-    from gptjax.model.ring import ring_attention
+    from gptjax.model.ring import ring_attention, zigzag_order
 
-    K, G, per, window, seg, block = RING_CASES[name]
+    K, G, per, window, seg, block, zigzag = RING_CASES[name]
     C = 4
     L = C * per
     q, k, v = qkv(2, K, G, L, L, 8)
     ids = segments(2, L, 5) if seg else None
     mesh = jax.make_mesh((C,), ("context",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:C])
+    order = zigzag_order(L, C) if zigzag else np.arange(L)
+    assert sorted(order) == list(range(L))
 
     def body(q, k, v, ids):
         return ring_attention(q, k, v, window=window, axes=("context",), size=C, q_segment_ids_BxL=ids,
-                              k_segment_ids_BxL=ids, block_q=block, block_k=block)
+                              k_segment_ids_BxL=ids, zigzag=zigzag, block_q=block, block_k=block)
 
     q_spec, kv_spec = P(None, None, None, "context"), P(None, None, "context")
     seg_spec = None if ids is None else P(None, "context")
     ring = jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec)
-    o1, g1 = output_and_grads(lambda q, k, v: ring(q, k, v, ids), q, k, v)
+
+    def laid_out(q, k, v):
+        o = ring(q[:, :, :, order], k[:, :, order], v[:, :, order], None if ids is None else ids[:, order])
+        return o[:, :, :, np.argsort(order)]
+
+    o1, g1 = output_and_grads(laid_out, q, k, v)
     o2, g2 = output_and_grads(lambda q, k, v: dense_attention(q, k, v, window, MaskSpec(0, ids, ids), jnp.float32),
                               q, k, v)
     np.testing.assert_allclose(o1, o2, atol=ATOL, rtol=0)
     for a, b, what in zip(g1, g2, "qkv"):
         np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=f"d{what}")
     assert float(jnp.abs(o2).max()) > 0.1 and all(float(jnp.abs(g).max()) > 0.1 for g in g2)  # not trivially 0
+
+
+def test_the_zigzag_layout_balances_the_rings_work():
+    """Contiguous slices: at step s the first s devices idle (their queries precede the slice they hold) while
+    the rest do a full slice pair, so each step lasts a full pair. Zig-zag: every device does the same work at
+    every step, the same total, and the pass's critical path (the busiest device per step) is ~(C + 1) / 2C of
+    the contiguous one. Counted by the kernel's own tile bounds."""
+    from gptjax.model.ring import tiles_per_step
+
+    for C in (4, 8):
+        flat, zz = tiles_per_step(C, 4096, 128), tiles_per_step(C, 4096, 128, zigzag=True)
+        assert flat.sum() == zz.sum()
+        assert (zz.max(axis=1) == zz.min(axis=1)).all() and not (flat.max(axis=1) == flat.min(axis=1)).all()
+        assert flat.max(axis=1).sum() / zz.max(axis=1).sum() > 1.7
 
 
 @pytest.mark.parametrize("K, G, window, seg", [(4, 1, 40, False), (1, 4, 40, True), (2, 3, 9, True)])

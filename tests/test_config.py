@@ -49,6 +49,11 @@ def test_from_dict_rejects_unknown_fields_and_round_trips():
 def test_seq_len_cannot_exceed_context():
     with pytest.raises(ConfigError, match="exceeds model.max_seq_len"):
         RunConfig.from_dict({"model": {"max_seq_len": 64}, "train": {"seq_len": 128}})
+    zigzag = {"model": {"max_seq_len": 128, "context_strategy": "zigzag"}, "mesh": {"context": 4},
+              "train": {"seq_len": 100}}
+    with pytest.raises(ConfigError, match=r"2 x mesh.context = 8 equal chunks; train.seq_len=100 does not"):
+        RunConfig.from_dict(zigzag)
+    RunConfig.from_dict({**zigzag, "train": {"seq_len": 96}})
 
 
 def test_overrides_parse_json_values():

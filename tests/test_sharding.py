@@ -170,38 +170,46 @@ def test_rules_override_turns_fsdp_axis_into_data_parallel():
 @pytest.mark.parametrize("mesh, strategy, remat", [
     (dict(data=1, fsdp=2, context=4), "gather", "none"),
     (dict(data=1, fsdp=2, context=2, tensor=2), "gather", "none"),
-    (dict(data=1, context=8), "ring", "full"),
+    (dict(data=1, context=8), "zigzag", "full"),
 ])
 def test_context_parallel_step_equals_single_device_step(mesh, strategy, remat, batch, reference):
     """The sequence split over ``context`` devices (keys / values all-gathered in attention, or passed around the
-    ring, also recomputed under remat): the same step."""
+    ring in the zig-zag layout, also recomputed under remat): the same step, and the same logits."""
     init_ref, after_ref, loss_ref = reference
     prog = program(mesh, attention_impl="blockwise", attention_block=4, context_strategy=strategy, remat=remat)
     state = prog.init(jax.random.key(0))
     x = prog.global_batch(batch)["inputs"]
     assert x.sharding.spec[1] == "context"  # the batch itself arrives split along the sequence
+    if strategy == "zigzag":  # logits come back in the sequence's own order
+        one = program(dict(data=1), jax.devices()[:1])
+        np.testing.assert_allclose(np.asarray(prog.model.forward(state["params"], x)),
+                                   np.asarray(one.model.forward(one.model.put_params(init_ref["params"]),
+                                                                batch["inputs"])), atol=1e-4, rtol=0)
     new_state, metrics = prog.train_step(state, prog.global_batch(batch))
     assert float(metrics["loss"]) == pytest.approx(loss_ref, rel=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=PARAM_ATOL, rtol=0),
                  new_state["params"], after_ref["params"])
     hlo = prog.train_step.lower(state, prog.global_batch(batch)).compile().as_text()
-    gathers = re.search(r"\ball-gather(?:-start)?\(", hlo)
+    gathered = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(", hlo)
     if strategy == "gather":
-        assert gathers  # keys / values gathered over the context axis
+        assert gathered  # keys / values gathered over the context axis
     else:
         assert re.search(r"\bcollective-permute(?:-start)?\(", hlo)  # slices passed to the next device
-        assert not gathers  # no device ever holds the whole sequence's keys (and no other axis gathers)
+        # no device ever holds the whole sequence's keys (and no other axis gathers); the zig-zag layout reorders
+        # the [B, L] token ids, targets and loss mask, which gathers those
+        assert set(gathered) == ({"8,32"} if strategy == "zigzag" else set()), gathered
 
 
 def test_context_parallel_packed_segments_and_banded_layers(batch):
-    """Segment ids and GPT-3 banded layers under a context split (dense kernel per gathered slice, and the ring)
-    give the loss and gradients of one device running the blockwise kernel."""
+    """Segment ids and GPT-3 banded layers under a context split (dense kernel per gathered slice, and the ring
+    in the zig-zag layout, which reorders the segment ids too) give the loss and gradients of one device running
+    the blockwise kernel."""
     seg = np.repeat(np.arange(4), 8)[None].repeat(8, 0).astype(np.int32)
     seg[:, 13:] += 1  # a document boundary inside a slice, not only on the slices' edges
     results = []
     for mesh, devices, impl, strategy in ((dict(data=1), jax.devices()[:1], "blockwise", "gather"),
                                           (dict(data=2, context=4), None, "dense", "gather"),
-                                          (dict(data=2, context=4), None, "blockwise", "ring")):
+                                          (dict(data=2, context=4), None, "blockwise", "zigzag")):
         prog = program(mesh, devices, attention="alternating", window=5, attention_impl=impl, attention_block=3,
                        context_strategy=strategy)
         state = prog.init(jax.random.key(0))

@@ -21,7 +21,8 @@ from gptjax.config.dtypes import DTYPE_NAMES
 
 
 ATTENTION_IMPLS = ("auto", "dense", "blockwise", "cudnn", "splash")
-CONTEXT_STRATEGIES = ("gather", "ring")
+CONTEXT_STRATEGIES = ("gather", "ring", "zigzag")
+RING_STRATEGIES = ("ring", "zigzag")  # the strategies that pass key / value slices around (gptjax/model/ring.py)
 
 
 class ConfigError(ValueError):
@@ -74,7 +75,8 @@ class ModelConfig:
     attention_impl: str = "auto"
     attention_block: int = 512
     # with the sequence split over the mesh's context axis: all-gather keys / values for attention ("gather"), or
-    # pass the slices around the devices ("ring", gptjax/model/ring.py: never more than two slices a device)
+    # pass the slices around the devices ("ring", gptjax/model/ring.py: never more than two slices a device), or
+    # the ring over the zig-zag layout ("zigzag": each device an early and a late chunk, the same causal work)
     context_strategy: str = "gather"
     dtype: str = "float32"  # compute dtype; softmax, norms and loss are always float32
     param_dtype: str = "float32"
@@ -277,6 +279,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(self.train.seq_len <= self.model.max_seq_len,
                f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        chunks = 2 * self.mesh.context
+        _check(self.model.context_strategy != "zigzag" or self.mesh.context == 1 or self.train.seq_len % chunks == 0,
+               f"model.context_strategy=zigzag splits the sequence into 2 x mesh.context = {chunks} equal chunks; "
+               f"train.seq_len={self.train.seq_len} does not divide into {chunks}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":

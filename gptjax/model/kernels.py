@@ -34,6 +34,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from gptjax.config import axes as ax
+from gptjax.config.schema import RING_STRATEGIES
 from gptjax.model.flash import blockwise_attention
 from gptjax.model.ring import ring_attention
 from gptjax.model.ops import einsum, softmax
@@ -196,6 +197,12 @@ def _axes(spec_entry) -> tuple[str, ...]:
     return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry or ())
 
 
+def context_size(mesh, rules, shape_BxL: tuple[int, int]) -> int:
+    """How many devices a ``[B, L]`` sequence's length is split over on ``mesh`` by ``rules`` (1: none)."""
+    spec = tuple(logical_to_pspec(ax.TOKENS_BxL, rules, mesh, shape_BxL)) + (None, None)
+    return int(np.prod([mesh.shape[a] for a in _axes(spec[1])]))
+
+
 def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, window, mask: MaskSpec, *,
            impl: str, block: int, windows: tuple[int, ...], dtype, context_strategy: str = "gather") -> jax.Array:
     """Scaled queries, keys and values -> attention output ``[B, K, G, L, H]`` in ``dtype``, by kernel ``impl``
@@ -206,7 +213,8 @@ def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, w
     device keeps its slice of the queries, all-gathers keys, values and key segment ids over that axis (the
     backward pass reduce-scatters their gradients) and attends with its slice's slot offset; with
     ``context_strategy="ring"`` the slices are passed around the devices instead (:mod:`gptjax.model.ring`,
-    the blockwise kernel per slice)."""
+    the blockwise kernel per slice), and with ``"zigzag"`` so are the slices of the zig-zag layout, which the
+    caller has laid the sequence out in (:meth:`gptjax.model.sharded.ShardedModel.layout`)."""
     kw = dict(impl=impl, block=block, windows=windows, dtype=dtype)
     ctx = current()
     if ctx is None:
@@ -230,12 +238,16 @@ def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, w
     has_seg = mask.q_segment_ids_BxL is not None
 
     def body(q, k, v, offset, q_seg, k_seg):
-        if gather and context_strategy == "ring":
+        if gather and context_strategy in RING_STRATEGIES:
             size = int(np.prod([mesh.shape[a] for a in gather]))
             q, k, v = (x.astype(dtype) for x in (q, k, v))
+            if context_strategy == "zigzag" and size != context_size(mesh, rules, (B, L)):
+                raise ValueError(f"context_strategy=zigzag: attention splits the sequence over {gather} "
+                                 f"({size} devices) but the tokens are laid out for another split")
+            chunk = q.shape[3] // (2 if context_strategy == "zigzag" else 1)
             return ring_attention(q, k, v, window=window, axes=gather, size=size, q_segment_ids_BxL=q_seg,
-                                  k_segment_ids_BxL=k_seg, block_q=balanced_block(q.shape[3], block),
-                                  block_k=balanced_block(k.shape[2], block))
+                                  k_segment_ids_BxL=k_seg, zigzag=context_strategy == "zigzag",
+                                  block_q=balanced_block(chunk, block), block_k=balanced_block(chunk, block))
         if gather:
             k, v = (jax.lax.all_gather(x, gather, axis=2, tiled=True) for x in (k, v))
             k_seg = None if k_seg is None else jax.lax.all_gather(k_seg, gather, axis=1, tiled=True)

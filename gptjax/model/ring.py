@@ -2,8 +2,9 @@
 (Liu, Zaharia & Abbeel 2023, "Ring Attention with Blockwise Transformers").
 
 Runs per device under ``shard_map`` (:func:`gptjax.model.kernels.attend` calls it when
-``ModelConfig.context_strategy="ring"``). Each of the C devices on the context axes holds one slice of the
-sequence: its queries, keys and values, slice ``i`` covering slots ``[i * L, (i + 1) * L)``.
+``ModelConfig.context_strategy`` is ``"ring"`` or ``"zigzag"``). Each of the C devices on the context axes holds
+one slice of the sequence: its queries, keys and values, slice ``i`` covering slots ``[i * L, (i + 1) * L)``; in
+the zig-zag layout two chunks of ``L / 2``, ``i`` and ``2C - 1 - i`` of 2C (:func:`chunk_ids`).
 
 * **Forward**: C steps. Device ``me`` attends its queries to the key/value slice it holds (at step ``s`` the slice
   of device ``me - s``) with the blockwise kernel's forward pass, merges that partial output into its running one
@@ -18,9 +19,11 @@ all C slices of every layer for the backward pass (``plan`` counts both: every l
 or the ring's two in flight). The price is C sequential exchanges a layer and pass instead of one all-gather,
 which GPUs / TPUs can overlap with the step's compute. Each slice pair runs the blockwise kernel (XLA tiles),
 also where the local kernel would be cuDNN or splash. A device's queries see no key of a later slice
-(causality): those steps visit no tile (the kernel's loop bounds are empty) but still pass the slice on. The
-work is unbalanced as with the gathered strategy (the last slice's queries see all C slices); a zig-zag slice
-order would balance it.
+(causality): those steps visit no tile (the kernel's loop bounds are empty) but still pass the slice on. With
+contiguous slices the work is unbalanced (at step s the first s devices idle and the step lasts a whole slice
+pair, the last device's); in the zig-zag layout every device has the same work at every step, and the pass's
+critical path is ~(C + 1) / 2C of it (:func:`tiles_per_step` counts it). The model lays the sequence out in that
+order (:meth:`gptjax.model.sharded.ShardedModel.layout`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gptjax.model import flash
 
@@ -39,66 +43,135 @@ def _rotate(xs, axes: tuple[str, ...], size: int):
     return jax.tree.map(lambda x: jax.lax.ppermute(x, axes, perm), xs)
 
 
-def _offset(axes, s, size: int, L: int):
-    """Slot offset of this device's queries relative to the key slice it holds at step ``s`` (the slice of
-    device ``me - s``): negative for a later slice, whose keys the queries never see."""
+def chunk_ids(index, size: int, chunks: int) -> list:
+    """Which chunks of the sequence device ``index`` (of ``size``) holds, in its slice's order. One chunk of
+    ``size`` (``[index]``: contiguous slices), or two of ``2 * size``: ``[index, 2 * size - 1 - index]``, the
+    zig-zag layout, where every device holds an early and a late chunk and so has the same causal work."""
+    return [index] if chunks == 1 else [index, 2 * size - 1 - index]
+
+
+def zigzag_order(length: int, size: int) -> np.ndarray:
+    """The zig-zag layout of a ``length``-token sequence over ``size`` devices: slot ``order[i]`` of the
+    sequence goes to position ``i`` of the split sequence (device ``d`` holds chunks ``d`` and ``2 * size - 1 - d``
+    of ``2 * size``)."""
+    if length % (2 * size):
+        raise ValueError(f"context_strategy=zigzag splits the sequence into 2 x {size} equal chunks; "
+                         f"{length} tokens do not divide into {2 * size}")
+    c = length // (2 * size)
+    return np.concatenate([np.arange(i * c, (i + 1) * c) for d in range(size) for i in chunk_ids(d, size, 2)])
+
+
+def tiles_per_step(size: int, length: int, block: int, window: int | None = None, zigzag: bool = False) -> np.ndarray:
+    """``[step, device]``: how many (query block, key block) tiles each device's forward kernel visits at each
+    ring step for a ``length``-token sequence, by the kernel's own loop bounds (causal, ``window``-banded). A
+    step takes as long as its busiest device: ``.max(axis=1).sum()`` is the pass's critical path in tiles."""
+    chunks = 2 if zigzag else 1
+    Lc = length // (size * chunks)
+    block = min(block, Lc)
+    n = -(-Lc // block)
+    out = np.zeros((size, size), np.int64)
+    for s in range(size):
+        for me in range(size):
+            q_ids, k_ids = chunk_ids(me, size, chunks), chunk_ids((me - s) % size, size, chunks)
+            for a in range(chunks):
+                for b in range(chunks):
+                    t = flash._Tiles(block, block, n, n, window or length, (q_ids[a] - k_ids[b]) * Lc, False, Lc)
+                    out[s, me] += sum(max(0, int(hi) - int(lo)) for lo, hi in map(t.k_range, range(n)))
+    return out
+
+
+def _split(x, chunks: int, axis: int) -> list:
+    return [x] if chunks == 1 else jnp.split(x, chunks, axis=axis)
+
+
+def _pairs(axes, s, size: int, chunks: int, Lc: int):
+    """The (query chunk, key chunk, slot offset) triples of ring step ``s``, where this device holds the key
+    slice of device ``me - s``: the offset of the query chunk's first slot from the key chunk's (negative for a
+    later chunk, whose keys the queries never see: the kernel then visits no tile)."""
     me = jax.lax.axis_index(axes)
-    return (me - (me - s) % size) * L
+    q_ids, k_ids = chunk_ids(me, size, chunks), chunk_ids((me - s) % size, size, chunks)
+    return [(a, b, (q_ids[a] - k_ids[b]) * Lc) for a in range(chunks) for b in range(chunks)]
+
+
+def _k_side(k, v, kseg, chunks: int, block_k: int):
+    """Key tiles stacked by chunk ``[chunks, nk, BK, Bk, H]`` (and segment ids), the arrays the ring passes on."""
+    kt, vt = (jnp.stack([flash._k_tiles(c, block_k) for c in _split(x, chunks, 2)]) for x in (k, v))
+    kseg_t = None if kseg is None else jnp.stack([flash._segment_tiles(c, block_k) for c in _split(kseg, chunks, 1)])
+    return kt, vt, kseg_t
+
+
+def _q_side(x, chunks: int, block_q: int, fill=0) -> list:
+    return [flash._q_tiles(c, block_q, fill) for c in _split(x, chunks, 3)]
+
+
+def _q_join(tiles: list, like, chunks: int):
+    return jnp.concatenate([flash._q_untile(t, c) for t, c in zip(tiles, _split(like, chunks, 3))], axis=3)
 
 
 # Both passes block q and the local k / v slice once and pass the key tiles (and their gradients) around the
-# ring as tiles: every step runs the kernel on them directly, and only the final dK / dV are unblocked.
-def _ring_forward(q, k, v, qseg, kseg, window, axes, size, block_q, block_k):
+# ring as tiles: every step runs the kernel on them directly, and only the final dK / dV are unblocked. The
+# slice is ``chunks`` equal chunks (1, or 2 in the zig-zag layout); each step runs the kernel on every
+# (query chunk, key chunk) pair with that pair's slot offset.
+def _ring_forward(q, k, v, qseg, kseg, window, axes, size, chunks, block_q, block_k):
     """Local q [B, K, G, L, H], k / v [B, K, L, H] -> (o like q, lse [B, K, G, L] f32)."""
-    L, G = q.shape[3], q.shape[2]
-    qt, qseg_t = flash._q_tiles(q, block_q), flash._segment_tiles(qseg, block_q)
+    Lc, G = q.shape[3] // chunks, q.shape[2]
+    qt = _q_side(q, chunks, block_q)
+    qseg_t = [None] * chunks if qseg is None else [flash._segment_tiles(c, block_q) for c in _split(qseg, chunks, 1)]
 
     def step(s, carry):
         o, lse, kt, vt, kseg_t = carry
-        o_s, lse_s = flash._forward(qt, kt, vt, qseg_t, kseg_t, window, _offset(axes, s, size, L), block_q,
-                                    block_k, G, k_len=L, unseen_lse=flash.MASKED, out_dtype=jnp.float32)
-        merged = jnp.logaddexp(lse, lse_s)
-        o = o * jnp.exp(lse - merged)[..., None] + o_s * jnp.exp(lse_s - merged)[..., None]
-        return (o, merged) + _rotate((kt, vt, kseg_t), axes, size)
+        o, lse = list(o), list(lse)
+        for a, b, offset in _pairs(axes, s, size, chunks, Lc):
+            o_s, lse_s = flash._forward(qt[a], kt[b], vt[b], qseg_t[a], None if kseg_t is None else kseg_t[b],
+                                        window, offset, block_q, block_k, G, k_len=Lc, unseen_lse=flash.MASKED,
+                                        out_dtype=jnp.float32)
+            merged = jnp.logaddexp(lse[a], lse_s)
+            o[a] = o[a] * jnp.exp(lse[a] - merged)[..., None] + o_s * jnp.exp(lse_s - merged)[..., None]
+            lse[a] = merged
+        return (tuple(o), tuple(lse)) + _rotate((kt, vt, kseg_t), axes, size)
 
-    o0 = jnp.zeros_like(qt, jnp.float32)  # *_like: the carries vary over the mesh axes as the inputs do
-    init = (o0, o0[..., 0] + flash.MASKED, flash._k_tiles(k, block_k), flash._k_tiles(v, block_k),
-            flash._segment_tiles(kseg, block_k))
+    o0 = [jnp.zeros_like(t, jnp.float32) for t in qt]  # *_like: the carries vary over the mesh axes as the inputs do
+    init = (tuple(o0), tuple(x[..., 0] + flash.MASKED for x in o0)) + _k_side(k, v, kseg, chunks, block_k)
     o, lse, *_ = jax.lax.fori_loop(0, size, step, init)
-    return flash._q_untile(o, q).astype(q.dtype), flash._q_untile(lse, q)
+    return _q_join(o, q, chunks).astype(q.dtype), _q_join(lse, q, chunks)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _ring(q, k, v, qseg, kseg, window, axes, size, block_q, block_k):
-    return _ring_forward(q, k, v, qseg, kseg, window, axes, size, block_q, block_k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _ring(q, k, v, qseg, kseg, window, axes, size, chunks, block_q, block_k):
+    return _ring_forward(q, k, v, qseg, kseg, window, axes, size, chunks, block_q, block_k)[0]
 
 
-def _ring_fwd(q, k, v, qseg, kseg, window, axes, size, block_q, block_k):
-    o, lse = _ring_forward(q, k, v, qseg, kseg, window, axes, size, block_q, block_k)
+def _ring_fwd(q, k, v, qseg, kseg, window, axes, size, chunks, block_q, block_k):
+    o, lse = _ring_forward(q, k, v, qseg, kseg, window, axes, size, chunks, block_q, block_k)
     return o, (q, k, v, qseg, kseg, window, o, lse)
 
 
-def _ring_bwd(axes, size, block_q, block_k, res, do):
+def _ring_bwd(axes, size, chunks, block_q, block_k, res, do):
     q, k, v, qseg, kseg, window, o, lse = res
-    L, G = q.shape[3], q.shape[2]
+    Lc, G = q.shape[3] // chunks, q.shape[2]
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, K, G, L]
-    qt, dot, delta_t = (flash._q_tiles(x, block_q) for x in (q, do, delta))
-    lse_t = flash._q_tiles(lse, block_q, fill=-flash.MASKED)
-    qseg_t = flash._segment_tiles(qseg, block_q)
+    qt, dot, delta_t = (_q_side(x, chunks, block_q) for x in (q, do, delta))
+    lse_t = _q_side(lse, chunks, block_q, fill=-flash.MASKED)
+    qseg_t = [None] * chunks if qseg is None else [flash._segment_tiles(c, block_q) for c in _split(qseg, chunks, 1)]
 
     def step(s, carry):
         dq, kt, vt, kseg_t, dk, dv = carry
-        dq_s, dk_s, dv_s = flash._backward(qt, kt, vt, qseg_t, kseg_t, window, _offset(axes, s, size, L), block_q,
-                                           block_k, G, delta_t, lse_t, dot, k_len=L)
-        dk, dv = dk + dk_s.astype(jnp.float32), dv + dv_s.astype(jnp.float32)
-        return (dq + dq_s.astype(jnp.float32),) + _rotate((kt, vt, kseg_t, dk, dv), axes, size)
+        dq, dk_b, dv_b = list(dq), list(dk), list(dv)
+        for a, b, offset in _pairs(axes, s, size, chunks, Lc):
+            dq_s, dk_s, dv_s = flash._backward(qt[a], kt[b], vt[b], qseg_t[a],
+                                               None if kseg_t is None else kseg_t[b], window, offset, block_q,
+                                               block_k, G, delta_t[a], lse_t[a], dot[a], k_len=Lc)
+            dq[a] = dq[a] + dq_s.astype(jnp.float32)
+            dk_b[b], dv_b[b] = dk_b[b] + dk_s.astype(jnp.float32), dv_b[b] + dv_s.astype(jnp.float32)
+        return (tuple(dq),) + _rotate((kt, vt, kseg_t, jnp.stack(dk_b), jnp.stack(dv_b)), axes, size)
 
-    kt, vt = flash._k_tiles(k, block_k), flash._k_tiles(v, block_k)
+    kt, vt, kseg_t = _k_side(k, v, kseg, chunks, block_k)
     zeros_k = jnp.zeros_like(kt, jnp.float32)
-    init = (jnp.zeros_like(qt, jnp.float32), kt, vt, flash._segment_tiles(kseg, block_k), zeros_k, zeros_k)
+    init = (tuple(jnp.zeros_like(t, jnp.float32) for t in qt), kt, vt, kseg_t, zeros_k, zeros_k)
     dq, _, _, _, dk, dv = jax.lax.fori_loop(0, size, step, init)
-    return (flash._q_untile(dq, q).astype(q.dtype), flash._k_untile(dk, k).astype(k.dtype),
-            flash._k_untile(dv, k).astype(v.dtype), None, None, None)
+    dk, dv = ([flash._k_untile(x[b], c) for b, c in enumerate(_split(k, chunks, 2))] for x in (dk, dv))
+    return (_q_join(dq, q, chunks).astype(q.dtype), jnp.concatenate(dk, axis=2).astype(k.dtype),
+            jnp.concatenate(dv, axis=2).astype(v.dtype), None, None, None)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -106,12 +179,15 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 def ring_attention(q_BxKxGxLxH: jax.Array, k_BxKxLxH: jax.Array, v_BxKxLxH: jax.Array, *, window: jax.Array | int,
                    axes: tuple[str, ...], size: int, q_segment_ids_BxL: jax.Array | None = None,
-                   k_segment_ids_BxL: jax.Array | None = None, block_q: int = 512,
+                   k_segment_ids_BxL: jax.Array | None = None, zigzag: bool = False, block_q: int = 512,
                    block_k: int = 512) -> jax.Array:
     """This device's attention output ``[B, K, G, L, H]`` (q's dtype) for its slice of a sequence split over the
-    ``size`` devices of mesh ``axes`` (inside ``shard_map``; slice ``axis_index(axes)`` holds slots
-    ``[index * L, (index + 1) * L)``). Masks as :func:`gptjax.model.flash.blockwise_attention` (self-attention:
-    no cache offset); ``q`` already carries the ``1/sqrt(H)`` scale."""
-    L = q_BxKxGxLxH.shape[3]
+    ``size`` devices of mesh ``axes`` (inside ``shard_map``; the device's index is ``axis_index(axes)``). Its
+    slice holds slots ``[index * L, (index + 1) * L)``, or with ``zigzag`` the chunks :func:`chunk_ids` names
+    (the caller lays the sequence out by :func:`zigzag_order`). Masks as
+    :func:`gptjax.model.flash.blockwise_attention` (self-attention: no cache offset); ``q`` already carries the
+    ``1/sqrt(H)`` scale; ``block_q`` / ``block_k`` tile a chunk."""
+    chunks = 2 if zigzag else 1
+    Lc = q_BxKxGxLxH.shape[3] // chunks
     return _ring(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, q_segment_ids_BxL, k_segment_ids_BxL,
-                 jnp.asarray(window, jnp.int32), tuple(axes), size, min(block_q, L), min(block_k, L))
+                 jnp.asarray(window, jnp.int32), tuple(axes), size, chunks, min(block_q, Lc), min(block_k, Lc))

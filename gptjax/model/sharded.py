@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -18,8 +19,10 @@ from gptjax.config import ModelConfig
 from gptjax.config import axes as ax
 from gptjax.model.cache import KVCache
 from gptjax.model.decoder import Decoder, abstract_decoder
+from gptjax.model.kernels import context_size
 from gptjax.model.layers import param_metadata
 from gptjax.model.loss import next_token_loss
+from gptjax.model.ring import zigzag_order
 from gptjax.sharding.rules import MeshAxes, activation_sharding, logical_sharding, make_rules, tree_shardings
 
 Batch = dict[str, jax.Array]  # inputs, targets, loss_mask [, positions, segment_ids]: each [B, L]
@@ -50,6 +53,32 @@ class ShardedModel:
     def apply(self, params: Any, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
               segment_ids_BxL: jax.Array | None = None) -> jax.Array:
         """Logits ``[B, L, V]`` (float32), activations constrained by the rules on this mesh."""
+        order = self.layout(tokens_BxL.shape)
+        if order is None:
+            return self._logits(params, tokens_BxL, positions_BxL, segment_ids_BxL)
+        laid = self._laid_out({"inputs": tokens_BxL, "positions": positions_BxL, "segment_ids": segment_ids_BxL},
+                              order)
+        return self._logits(params, laid["inputs"], laid["positions"], laid["segment_ids"])[:, np.argsort(order)]
+
+    def layout(self, shape_BxL: tuple[int, int]) -> np.ndarray | None:
+        """The order the sequence runs in on this mesh: ``None`` (as given: each context device a contiguous
+        slice), or with ``context_strategy="zigzag"`` and a context split the zig-zag order
+        (:func:`gptjax.model.ring.zigzag_order`), which balances causal attention's work over the devices."""
+        if self.cfg.context_strategy != "zigzag":
+            return None
+        size = context_size(self.mesh, self.rules, shape_BxL)
+        return None if size == 1 else zigzag_order(shape_BxL[1], size)
+
+    @staticmethod
+    def _laid_out(batch: Batch, order: np.ndarray) -> Batch:
+        """Every ``[B, L]`` entry of ``batch`` in ``order``; positions (the slots, when not given) go along, so
+        positional encodings see each token's own slot."""
+        B, L = batch["inputs"].shape
+        if batch.get("positions") is None:
+            batch = {**batch, "positions": jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))}
+        return {k: None if v is None else v[:, order] for k, v in batch.items()}
+
+    def _logits(self, params: Any, tokens_BxL, positions_BxL, segment_ids_BxL) -> jax.Array:
         with activation_sharding(self.mesh, self.rules):
             return nnx.merge(self.graphdef, params)(tokens_BxL, positions_BxL, segment_ids_BxL)
 
@@ -60,7 +89,10 @@ class ShardedModel:
 
     def loss(self, params: Any, batch: Batch) -> tuple[jax.Array, dict]:
         """``(nll + z_loss coefficient * z, aux)`` on a batch; ``aux["loss"]`` is the masked mean nll."""
-        logits = self.apply(params, batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+        order = self.layout(batch["inputs"].shape)
+        if order is not None:  # the loss is a sum over tokens: lay the targets out as the inputs, not the logits back
+            batch = self._laid_out(batch, order)
+        logits = self._logits(params, batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
         nll, aux = next_token_loss(logits, batch["targets"], batch.get("loss_mask"))
         return nll + self.cfg.z_loss * aux["z_loss"], {**aux, "loss": nll}
 

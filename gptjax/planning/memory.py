@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from gptjax.config import ModelConfig, RunConfig
+from gptjax.config.schema import RING_STRATEGIES
 from gptjax.config.dtypes import dtype_bytes
 from gptjax.model.accounting import count_params
 from gptjax.model.decoder import abstract_decoder
@@ -160,7 +161,7 @@ def analytic_plan(cfg: RunConfig, mesh_sizes: Mapping[str, int]) -> MemoryPlan:
     # values in the compute dtype and, in the backward pass, their float32 gradient accumulators
     local = local_block_config(m, mesh_sizes["tensor"])
     slice_elems = batch_per_device * seq * local.kv_heads * local.resolved_head_dim  # one of k / v, one slice
-    if context > 1 and m.context_strategy == "ring":
+    if context > 1 and m.context_strategy in RING_STRATEGIES:
         gathered = slice_elems * 2 * 2 * (dtype_bytes(m.dtype) + 4)
     else:
         gathered = 2 * slice_elems * (context - 1) * dtype_bytes(m.dtype) * m.n_layers
