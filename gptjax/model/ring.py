@@ -104,6 +104,10 @@ def _q_side(x, chunks: int, block_q: int, fill=0) -> list:
     return [flash._q_tiles(c, block_q, fill) for c in _split(x, chunks, 3)]
 
 
+def _q_segments(qseg, chunks: int, block_q: int) -> list:
+    return [None] * chunks if qseg is None else [flash._segment_tiles(c, block_q) for c in _split(qseg, chunks, 1)]
+
+
 def _q_join(tiles: list, like, chunks: int):
     return jnp.concatenate([flash._q_untile(t, c) for t, c in zip(tiles, _split(like, chunks, 3))], axis=3)
 
@@ -116,7 +120,7 @@ def _ring_forward(q, k, v, qseg, kseg, window, axes, size, chunks, block_q, bloc
     """Local q [B, K, G, L, H], k / v [B, K, L, H] -> (o like q, lse [B, K, G, L] f32)."""
     Lc, G = q.shape[3] // chunks, q.shape[2]
     qt = _q_side(q, chunks, block_q)
-    qseg_t = [None] * chunks if qseg is None else [flash._segment_tiles(c, block_q) for c in _split(qseg, chunks, 1)]
+    qseg_t = _q_segments(qseg, chunks, block_q)
 
     def step(s, carry):
         o, lse, kt, vt, kseg_t = carry
@@ -152,7 +156,7 @@ def _ring_bwd(axes, size, chunks, block_q, block_k, res, do):
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, K, G, L]
     qt, dot, delta_t = (_q_side(x, chunks, block_q) for x in (q, do, delta))
     lse_t = _q_side(lse, chunks, block_q, fill=-flash.MASKED)
-    qseg_t = [None] * chunks if qseg is None else [flash._segment_tiles(c, block_q) for c in _split(qseg, chunks, 1)]
+    qseg_t = _q_segments(qseg, chunks, block_q)
 
     def step(s, carry):
         dq, kt, vt, kseg_t, dk, dv = carry
