@@ -197,10 +197,14 @@ def _axes(spec_entry) -> tuple[str, ...]:
     return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry or ())
 
 
+def _mesh_size(mesh, axes: tuple[str, ...]) -> int:
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def context_size(mesh, rules, shape_BxL: tuple[int, int]) -> int:
     """How many devices a ``[B, L]`` sequence's length is split over on ``mesh`` by ``rules`` (1: none)."""
     spec = tuple(logical_to_pspec(ax.TOKENS_BxL, rules, mesh, shape_BxL)) + (None, None)
-    return int(np.prod([mesh.shape[a] for a in _axes(spec[1])]))
+    return _mesh_size(mesh, _axes(spec[1]))
 
 
 def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, window, mask: MaskSpec, *,
@@ -236,14 +240,14 @@ def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, w
     kv_spec = P(batch, heads, k_length, None)
     gather = _axes(k_length)
     has_seg = mask.q_segment_ids_BxL is not None
+    size = _mesh_size(mesh, gather)
+    if gather and context_strategy == "zigzag" and size != context_size(mesh, rules, (B, L)):
+        raise ValueError(f"context_strategy=zigzag: attention splits the sequence over {gather} ({size} devices) "
+                         "but the tokens are laid out for another split")
 
     def body(q, k, v, offset, q_seg, k_seg):
         if gather and context_strategy in RING_STRATEGIES:
-            size = int(np.prod([mesh.shape[a] for a in gather]))
             q, k, v = (x.astype(dtype) for x in (q, k, v))
-            if context_strategy == "zigzag" and size != context_size(mesh, rules, (B, L)):
-                raise ValueError(f"context_strategy=zigzag: attention splits the sequence over {gather} "
-                                 f"({size} devices) but the tokens are laid out for another split")
             chunk = q.shape[3] // (2 if context_strategy == "zigzag" else 1)
             return ring_attention(q, k, v, window=window, axes=gather, size=size, q_segment_ids_BxL=q_seg,
                                   k_segment_ids_BxL=k_seg, zigzag=context_strategy == "zigzag",

@@ -72,11 +72,9 @@ def tiles_per_step(size: int, length: int, block: int, window: int | None = None
     out = np.zeros((size, size), np.int64)
     for s in range(size):
         for me in range(size):
-            q_ids, k_ids = chunk_ids(me, size, chunks), chunk_ids((me - s) % size, size, chunks)
-            for a in range(chunks):
-                for b in range(chunks):
-                    t = flash._Tiles(block, block, n, n, window or length, (q_ids[a] - k_ids[b]) * Lc, False, Lc)
-                    out[s, me] += sum(max(0, int(hi) - int(lo)) for lo, hi in map(t.k_range, range(n)))
+            for _, _, offset in _pairs(me, s, size, chunks, Lc):
+                t = flash._Tiles(block, block, n, n, window or length, offset, False, Lc)
+                out[s, me] += sum(max(0, int(hi) - int(lo)) for lo, hi in map(t.k_range, range(n)))
     return out
 
 
@@ -84,11 +82,10 @@ def _split(x, chunks: int, axis: int) -> list:
     return [x] if chunks == 1 else jnp.split(x, chunks, axis=axis)
 
 
-def _pairs(axes, s, size: int, chunks: int, Lc: int):
-    """The (query chunk, key chunk, slot offset) triples of ring step ``s``, where this device holds the key
-    slice of device ``me - s``: the offset of the query chunk's first slot from the key chunk's (negative for a
-    later chunk, whose keys the queries never see: the kernel then visits no tile)."""
-    me = jax.lax.axis_index(axes)
+def _pairs(me, s, size: int, chunks: int, Lc: int):
+    """The (query chunk, key chunk, slot offset) triples of device ``me`` at ring step ``s``, where it holds the
+    key slice of device ``me - s``: the offset of the query chunk's first slot from the key chunk's (negative for
+    a later chunk, whose keys the queries never see: the kernel then visits no tile)."""
     q_ids, k_ids = chunk_ids(me, size, chunks), chunk_ids((me - s) % size, size, chunks)
     return [(a, b, (q_ids[a] - k_ids[b]) * Lc) for a in range(chunks) for b in range(chunks)]
 
@@ -125,7 +122,7 @@ def _ring_forward(q, k, v, qseg, kseg, window, axes, size, chunks, block_q, bloc
     def step(s, carry):
         o, lse, kt, vt, kseg_t = carry
         o, lse = list(o), list(lse)
-        for a, b, offset in _pairs(axes, s, size, chunks, Lc):
+        for a, b, offset in _pairs(jax.lax.axis_index(axes), s, size, chunks, Lc):
             o_s, lse_s = flash._forward(qt[a], kt[b], vt[b], qseg_t[a], None if kseg_t is None else kseg_t[b],
                                         window, offset, block_q, block_k, G, k_len=Lc, unseen_lse=flash.MASKED,
                                         out_dtype=jnp.float32)
@@ -161,7 +158,7 @@ def _ring_bwd(axes, size, chunks, block_q, block_k, res, do):
     def step(s, carry):
         dq, kt, vt, kseg_t, dk, dv = carry
         dq, dk_b, dv_b = list(dq), list(dk), list(dv)
-        for a, b, offset in _pairs(axes, s, size, chunks, Lc):
+        for a, b, offset in _pairs(jax.lax.axis_index(axes), s, size, chunks, Lc):
             dq_s, dk_s, dv_s = flash._backward(qt[a], kt[b], vt[b], qseg_t[a],
                                                None if kseg_t is None else kseg_t[b], window, offset, block_q,
                                                block_k, G, delta_t[a], lse_t[a], dot[a], k_len=Lc)
