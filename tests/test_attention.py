@@ -119,6 +119,44 @@ def test_ring_attention_matches_dense_outputs_and_gradients(name):
     assert float(jnp.abs(o2).max()) > 0.1 and all(float(jnp.abs(g).max()) > 0.1 for g in g2)  # not trivially 0
 
 
+def _bytes_passed(jaxpr, times=1) -> int:
+    """Bytes every device sends to its ring neighbour (``ppermute``) when ``jaxpr`` runs: each exchange times
+    the trip count of the loops around it."""
+    total = 0
+    for e in jaxpr.eqns:
+        assert not (e.primitive.name == "while" and "ppermute" in str(e)), "an exchange in a loop of unknown length"
+        n = times * (e.params["length"] if e.primitive.name == "scan" else 1)
+        if e.primitive.name == "ppermute":
+            total += n * sum(x.aval.size * x.aval.dtype.itemsize for x in e.outvars)
+        for p in e.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
+                if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+                    total += _bytes_passed(getattr(sub, "jaxpr", sub), n)
+    return total
+
+
+@pytest.mark.parametrize("zigzag", [False, True])
+def test_the_ring_passes_each_slice_only_where_it_is_needed(zigzag):
+    """Over C devices a key / value slice must visit the C - 1 others, so the forward pass makes C - 1 exchanges
+    of K and V (not C: the last slice held goes nowhere); the backward pass C - 1 of K and V and C of their
+    gradients, which end on the slice's own device."""
+    from jax.sharding import PartitionSpec as P
+    from gptjax.model.ring import ring_attention
+
+    C, per, H = 4, 16, 8
+    q, k, v = qkv(1, 2, 2, C * per, C * per, H)
+    mesh = jax.make_mesh((C,), ("context",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:C])
+    ring = jax.shard_map(lambda q, k, v: ring_attention(q, k, v, window=C * per, axes=("context",), size=C,
+                                                        zigzag=zigzag, block_q=8, block_k=8),
+                         mesh=mesh, in_specs=(P(None, None, None, "context"),) + (P(None, None, "context"),) * 2,
+                         out_specs=P(None, None, None, "context"))
+    kv = 2 * k.size // C * 4  # one device's K and V slices, float32
+    forward = _bytes_passed(jax.make_jaxpr(ring)(q, k, v).jaxpr)
+    step = _bytes_passed(jax.make_jaxpr(jax.grad(lambda *a: ring(*a).sum(), argnums=(0, 1, 2)))(q, k, v).jaxpr)
+    assert forward == (C - 1) * kv
+    assert step - forward == (C - 1) * kv + C * kv
+
+
 def test_the_zigzag_layout_balances_the_rings_work():
     """Contiguous slices: at step s the first s devices idle (their queries precede the slice they hold) while
     the rest do a full slice pair, so each step lasts a full pair. Zig-zag: every device does the same work at

@@ -8,17 +8,18 @@ the zig-zag layout two chunks of ``L / 2``, ``i`` and ``2C - 1 - i`` of 2C (:fun
 
 * **Forward**: C steps. Device ``me`` attends its queries to the key/value slice it holds (at step ``s`` the slice
   of device ``me - s``) with the blockwise kernel's forward pass, merges that partial output into its running one
-  by the row log-sum-exps, and passes the slice on to device ``me + 1`` (``ppermute``). Only the local q / k / v,
-  the output and the row log-sum-exp are saved for the backward pass.
+  by the row log-sum-exps, and passes the slice on to device ``me + 1`` (``ppermute``), but for the last one,
+  which no device needs: C - 1 exchanges. Only the local q / k / v, the output and the row log-sum-exp are saved
+  for the backward pass.
 * **Backward**: the ring again. Each step adds the held slice's contribution to dQ (with the final log-sum-exp,
   as FlashAttention-2's backward pass does per tile) and to the slice's dK / dV accumulators, which travel with
-  the slice; after C steps they are back on the slice's own device.
+  the slice: C - 1 exchanges of K / V, and C of dK / dV, which end on the slice's own device.
 
 A device never holds more than the slice it computes with and the one arriving, where the gathered strategy keeps
 all C slices of every layer for the backward pass (``plan`` counts both: every layer's C - 1 gathered slices,
-or the ring's two in flight). The price is C sequential exchanges a layer and pass instead of one all-gather,
-which GPUs / TPUs can overlap with the step's compute. Each slice pair runs the blockwise kernel (XLA tiles),
-also where the local kernel would be cuDNN or splash. A device's queries see no key of a later slice
+or the ring's two in flight). The price is C - 1 sequential exchanges a layer and pass instead of one all-gather
+(and C of dK / dV), which GPUs / TPUs can overlap with the step's compute. Each slice pair runs the blockwise
+kernel (XLA tiles), also where the local kernel would be cuDNN or splash. A device's queries see no key of a later slice
 (causality): those steps visit no tile (the kernel's loop bounds are empty) but still pass the slice on. With
 contiguous slices the work is unbalanced (at step s the first s devices idle and the step lasts a whole slice
 pair, the last device's); in the zig-zag layout every device has the same work at every step, and the pass's
@@ -119,8 +120,7 @@ def _ring_forward(q, k, v, qseg, kseg, window, axes, size, chunks, block_q, bloc
     qt = _q_side(q, chunks, block_q)
     qseg_t = _q_segments(qseg, chunks, block_q)
 
-    def step(s, carry):
-        o, lse, kt, vt, kseg_t = carry
+    def attend(s, o, lse, kt, vt, kseg_t):
         o, lse = list(o), list(lse)
         for a, b, offset in _pairs(jax.lax.axis_index(axes), s, size, chunks, Lc):
             o_s, lse_s = flash._forward(qt[a], kt[b], vt[b], qseg_t[a], None if kseg_t is None else kseg_t[b],
@@ -129,11 +129,16 @@ def _ring_forward(q, k, v, qseg, kseg, window, axes, size, chunks, block_q, bloc
             merged = jnp.logaddexp(lse[a], lse_s)
             o[a] = o[a] * jnp.exp(lse[a] - merged)[..., None] + o_s * jnp.exp(lse_s - merged)[..., None]
             lse[a] = merged
-        return (tuple(o), tuple(lse)) + _rotate((kt, vt, kseg_t), axes, size)
+        return tuple(o), tuple(lse)
+
+    def step(s, carry):
+        held = carry[2:]
+        return attend(s, *carry) + _rotate(held, axes, size)
 
     o0 = [jnp.zeros_like(t, jnp.float32) for t in qt]  # *_like: the carries vary over the mesh axes as the inputs do
     init = (tuple(o0), tuple(x[..., 0] + flash.MASKED for x in o0)) + _k_side(k, v, kseg, chunks, block_k)
-    o, lse, *_ = jax.lax.fori_loop(0, size, step, init)
+    carry = jax.lax.fori_loop(0, size - 1, step, init)
+    o, lse = attend(size - 1, *carry)  # the last slice held goes nowhere: C - 1 exchanges, not C
     return _q_join(o, q, chunks).astype(q.dtype), _q_join(lse, q, chunks)
 
 
@@ -155,21 +160,26 @@ def _ring_bwd(axes, size, chunks, block_q, block_k, res, do):
     lse_t = _q_side(lse, chunks, block_q, fill=-flash.MASKED)
     qseg_t = _q_segments(qseg, chunks, block_q)
 
-    def step(s, carry):
-        dq, kt, vt, kseg_t, dk, dv = carry
-        dq, dk_b, dv_b = list(dq), list(dk), list(dv)
+    def attend(s, dq, kt, vt, kseg_t, dk, dv):
+        dq, dk, dv = list(dq), list(dk), list(dv)
         for a, b, offset in _pairs(jax.lax.axis_index(axes), s, size, chunks, Lc):
             dq_s, dk_s, dv_s = flash._backward(qt[a], kt[b], vt[b], qseg_t[a],
                                                None if kseg_t is None else kseg_t[b], window, offset, block_q,
                                                block_k, G, delta_t[a], lse_t[a], dot[a], k_len=Lc)
             dq[a] = dq[a] + dq_s.astype(jnp.float32)
-            dk_b[b], dv_b[b] = dk_b[b] + dk_s.astype(jnp.float32), dv_b[b] + dv_s.astype(jnp.float32)
-        return (tuple(dq),) + _rotate((kt, vt, kseg_t, jnp.stack(dk_b), jnp.stack(dv_b)), axes, size)
+            dk[b], dv[b] = dk[b] + dk_s.astype(jnp.float32), dv[b] + dv_s.astype(jnp.float32)
+        return tuple(dq), jnp.stack(dk), jnp.stack(dv)
+
+    def step(s, carry):
+        dq, dk, dv = attend(s, *carry)
+        return (dq,) + _rotate(carry[1:4] + (dk, dv), axes, size)
 
     kt, vt, kseg_t = _k_side(k, v, kseg, chunks, block_k)
     zeros_k = jnp.zeros_like(kt, jnp.float32)
     init = (tuple(jnp.zeros_like(t, jnp.float32) for t in qt), kt, vt, kseg_t, zeros_k, zeros_k)
-    dq, _, _, _, dk, dv = jax.lax.fori_loop(0, size, step, init)
+    carry = jax.lax.fori_loop(0, size - 1, step, init)
+    dq, dk, dv = attend(size - 1, *carry)
+    dk, dv = _rotate((dk, dv), axes, size)  # the gradients go home to their slice's device; the keys need not
     dk, dv = ([flash._k_untile(x[b], c) for b, c in enumerate(_split(k, chunks, 2))] for x in (dk, dv))
     return (_q_join(dq, q, chunks).astype(q.dtype), jnp.concatenate(dk, axis=2).astype(k.dtype),
             jnp.concatenate(dv, axis=2).astype(v.dtype), None, None, None)
