@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 from gptjax.config import axes as ax
 from gptjax.config.schema import RING_STRATEGIES
 from gptjax.model.flash import blockwise_attention
-from gptjax.model.ring import ring_attention
+from gptjax.model.ring import ring_attention, slice_chunks
 from gptjax.model.ops import einsum, softmax
 from gptjax.sharding.rules import current, logical_to_pspec
 
@@ -241,16 +241,17 @@ def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, w
     gather = _axes(k_length)
     has_seg = mask.q_segment_ids_BxL is not None
     size = _mesh_size(mesh, gather)
-    if gather and context_strategy == "zigzag" and size != context_size(mesh, rules, (B, L)):
+    zigzag = context_strategy == "zigzag"
+    if gather and zigzag and size != context_size(mesh, rules, (B, L)):
         raise ValueError(f"context_strategy=zigzag: attention splits the sequence over {gather} ({size} devices) "
                          "but the tokens are laid out for another split")
 
     def body(q, k, v, offset, q_seg, k_seg):
         if gather and context_strategy in RING_STRATEGIES:
             q, k, v = (x.astype(dtype) for x in (q, k, v))
-            chunk = q.shape[3] // (2 if context_strategy == "zigzag" else 1)
+            chunk = q.shape[3] // slice_chunks(zigzag)
             return ring_attention(q, k, v, window=window, axes=gather, size=size, q_segment_ids_BxL=q_seg,
-                                  k_segment_ids_BxL=k_seg, zigzag=context_strategy == "zigzag",
+                                  k_segment_ids_BxL=k_seg, zigzag=zigzag,
                                   block_q=balanced_block(chunk, block), block_k=balanced_block(chunk, block))
         if gather:
             k, v = (jax.lax.all_gather(x, gather, axis=2, tiled=True) for x in (k, v))

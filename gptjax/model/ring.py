@@ -44,6 +44,11 @@ def _rotate(xs, axes: tuple[str, ...], size: int):
     return jax.tree.map(lambda x: jax.lax.ppermute(x, axes, perm), xs)
 
 
+def slice_chunks(zigzag: bool) -> int:
+    """How many chunks of the sequence a device's slice is: 1 (contiguous slices), or 2 in the zig-zag layout."""
+    return 2 if zigzag else 1
+
+
 def chunk_ids(index, size: int, chunks: int) -> list:
     """Which chunks of the sequence device ``index`` (of ``size``) holds, in its slice's order. One chunk of
     ``size`` (``[index]``: contiguous slices), or two of ``2 * size``: ``[index, 2 * size - 1 - index]``, the
@@ -66,7 +71,7 @@ def tiles_per_step(size: int, length: int, block: int, window: int | None = None
     """``[step, device]``: how many (query block, key block) tiles each device's forward kernel visits at each
     ring step for a ``length``-token sequence, by the kernel's own loop bounds (causal, ``window``-banded). A
     step takes as long as its busiest device: ``.max(axis=1).sum()`` is the pass's critical path in tiles."""
-    chunks = 2 if zigzag else 1
+    chunks = slice_chunks(zigzag)
     Lc = length // (size * chunks)
     block = min(block, Lc)
     n = -(-Lc // block)
@@ -132,8 +137,8 @@ def _ring_forward(q, k, v, qseg, kseg, window, axes, size, chunks, block_q, bloc
         return tuple(o), tuple(lse)
 
     def step(s, carry):
-        held = carry[2:]
-        return attend(s, *carry) + _rotate(held, axes, size)
+        o, lse, *held = carry
+        return attend(s, o, lse, *held) + _rotate(tuple(held), axes, size)
 
     o0 = [jnp.zeros_like(t, jnp.float32) for t in qt]  # *_like: the carries vary over the mesh axes as the inputs do
     init = (tuple(o0), tuple(x[..., 0] + flash.MASKED for x in o0)) + _k_side(k, v, kseg, chunks, block_k)
@@ -171,8 +176,9 @@ def _ring_bwd(axes, size, chunks, block_q, block_k, res, do):
         return tuple(dq), jnp.stack(dk), jnp.stack(dv)
 
     def step(s, carry):
+        _, kt, vt, kseg_t, _, _ = carry
         dq, dk, dv = attend(s, *carry)
-        return (dq,) + _rotate(carry[1:4] + (dk, dv), axes, size)
+        return (dq,) + _rotate((kt, vt, kseg_t, dk, dv), axes, size)
 
     kt, vt, kseg_t = _k_side(k, v, kseg, chunks, block_k)
     zeros_k = jnp.zeros_like(kt, jnp.float32)
@@ -198,7 +204,7 @@ def ring_attention(q_BxKxGxLxH: jax.Array, k_BxKxLxH: jax.Array, v_BxKxLxH: jax.
     (the caller lays the sequence out by :func:`zigzag_order`). Masks as
     :func:`gptjax.model.flash.blockwise_attention` (self-attention: no cache offset); ``q`` already carries the
     ``1/sqrt(H)`` scale; ``block_q`` / ``block_k`` tile a chunk."""
-    chunks = 2 if zigzag else 1
+    chunks = slice_chunks(zigzag)
     Lc = q_BxKxGxLxH.shape[3] // chunks
     return _ring(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, q_segment_ids_BxL, k_segment_ids_BxL,
                  jnp.asarray(window, jnp.int32), tuple(axes), size, chunks, min(block_q, Lc), min(block_k, Lc))
