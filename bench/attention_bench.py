@@ -16,6 +16,8 @@ import argparse
 import json
 import time
 
+from gptjax.config import DTYPE_NAMES
+
 
 def best_time(f, repeats: int) -> float:
     f()
@@ -30,7 +32,7 @@ def best_time(f, repeats: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -42,8 +44,8 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from gptjax.model.kernels import DENSE_MAX_LEN_CPU, MaskSpec, attend, choose
-    from gptjax.planning.memory import memory_of
+    from gptjax.model import DENSE_MAX_LEN_CPU, MaskSpec, attend, choose_kernel
+    from gptjax.planning import memory_of
 
     dt = jnp.float32 if a.dtype == "float32" else jnp.bfloat16
     H, N = a.head_dim, a.heads
@@ -56,13 +58,13 @@ def main() -> None:
         r = np.random.default_rng(0)
         q = jnp.asarray(r.normal(size=(1, N, 1, L, H)) / np.sqrt(H), dt)
         k, v = (jnp.asarray(r.normal(size=(1, N, L, H)), dt) for _ in range(2))
-        row = {"seq_len": L, "dtype": a.dtype, "auto_picks": choose("auto", "cpu", L, True, False)}
+        row = {"seq_len": L, "dtype": a.dtype, "auto_picks": choose_kernel("auto", "cpu", L, True, False)}
         for impl in ("dense", "blockwise"):
             if impl == "dense" and L > a.dense_max:
                 continue
 
             def loss(q, k, v, impl=impl):
-                o = attend(q, k, v, L, MaskSpec(), impl=impl, block=512, windows=(L,), dtype=dt)
+                o = attend(q, k, v, MaskSpec(window=L), impl=impl, block=512, dtype=dt)
                 return jnp.sum(o.astype(jnp.float32))
 
             step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))

@@ -28,10 +28,10 @@ class _Iterator:  # the data iterator's checkpointable state, as grain's
 
 
 def run(args, async_save: bool) -> dict:
-    from gptjax.checkpoint.manager import Checkpointer
+    from gptjax.checkpoint import Checkpointer
     from gptjax.config import build_run_config
-    from gptjax.sharding.mesh import single_device_mesh
-    from gptjax.training.program import Program
+    from gptjax.sharding import single_device_mesh
+    from gptjax.training import Program
 
     cfg = build_run_config(model_preset_name="tiny", d_model=args.d_model, n_layers=args.layers,
                            n_heads=args.d_model // 64, n_kv_heads=args.d_model // 64, d_ff=4 * args.d_model,

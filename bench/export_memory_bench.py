@@ -53,15 +53,12 @@ def main() -> None:
                  d_ff=int(8 * d / 3) // 64 * 64, max_seq_len=2048, tie_embeddings=False, scan_layers=True)
     if not run.exists():  # a child builds it, so this process's own peak stays out of the measurements
         subprocess.run([sys.executable, "-c", f"""
-import jax, numpy as np, sys
-sys.path.insert(0, {str(ROOT / 'tests')!r})
+import jax, numpy as np
 from gptjax.config import RunConfig, ModelConfig, TrainConfig
-from gptjax.data.tokenizer import Tokenizer
-from gptjax.data.corpus import default_corpus_path, read_corpus, split_documents
-from gptjax.model.sharded import ShardedModel
-from gptjax.model.decoder import unstack_layers
-from gptjax.sharding.mesh import single_device_mesh
-from gptjax.training.seed import seed_run
+from gptjax.data import Tokenizer, default_corpus_path, read_corpus, split_documents
+from gptjax.model import ShardedModel, unstack_layers
+from gptjax.sharding import single_device_mesh
+from gptjax.training import seed_run
 m = ModelConfig(**{model!r})
 cfg = RunConfig(model=m, train=TrainConfig(run_dir={str(run)!r}, seq_len=256, batch_size=1))
 tok = Tokenizer.train(split_documents(read_corpus(default_corpus_path()), None), {a.vocab}, sample_chars=2_000_000)
@@ -69,7 +66,7 @@ params = unstack_layers(jax.device_get(ShardedModel(m, single_device_mesh()).ini
 seed_run(cfg, params, tok.proto, {{}})
 """], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     from gptjax.config import ModelConfig
-    from gptjax.model.accounting import param_counts
+    from gptjax.model import param_counts
 
     cfg = ModelConfig(**model)
     model_bytes = param_counts(cfg)["total"] * 4
@@ -77,7 +74,7 @@ seed_run(cfg, params, tok.proto, {{}})
 
     baseline, _ = child_peak(f"""
 import gptjax.interop.export, gptjax.cli.export, numpy, jax
-from gptjax.checkpoint.tensors import CheckpointTensors
+from gptjax.checkpoint import CheckpointTensors
 r = CheckpointTensors({str(run)!r}); r.read('final_norm.scale')
 """)
     out = work / "hf"

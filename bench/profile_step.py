@@ -21,10 +21,10 @@ import gzip
 import json
 import math
 import re
-import sys
 import tempfile
 import time
-from pathlib import Path
+
+from gptjax.config import DTYPE_NAMES
 
 SKIP = {"parameter", "bitcast", "constant", "broadcast", "get-tuple-element", "tuple"}
 INSTR = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w\-]*)\(")
@@ -99,7 +99,7 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
-    p.add_argument("dtype", choices=["float32", "bfloat16"])
+    p.add_argument("dtype", choices=DTYPE_NAMES)
     p.add_argument("--attention", default="auto")
     p.add_argument("--top", type=int, default=15)
     a = p.parse_args()
@@ -107,11 +107,10 @@ def main() -> None:
     import jax
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_bench import CONFIGS, run_config
+    from train_bench import CONFIGS, run_config  # a sibling: bench/ is the script's directory
 
-    from gptjax.sharding.mesh import make_mesh
-    from gptjax.training.program import Program
+    from gptjax.sharding import make_mesh
+    from gptjax.training import Program
 
     c = CONFIGS[a.config]
     cfg = run_config(c, a.dtype, 3, a.attention)

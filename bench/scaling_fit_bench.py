@@ -11,7 +11,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
-from gptjax.scaling.parametric import HUBER_DELTA, fit_parametric, grid_starts
+from gptjax.scaling import HUBER_DELTA, fit_parametric, grid_starts
 
 
 def huber_np(r, delta=HUBER_DELTA):

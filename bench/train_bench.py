@@ -21,7 +21,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from gptjax.config import DTYPE_NAMES
 
 CONFIGS = {
     "tiny": dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=688, seq_len=256,
@@ -48,9 +49,9 @@ def run_jax(c: dict, dtype: str, steps: int, warmup: int, attention: str, budget
     import jax
     import numpy as np
 
-    from gptjax.planning.memory import memory_of
-    from gptjax.sharding.mesh import make_mesh
-    from gptjax.training.program import Program
+    from gptjax.planning import memory_of
+    from gptjax.sharding import make_mesh
+    from gptjax.training import Program
 
     cfg = run_config(c, dtype, steps, attention)
     prog = Program(cfg, make_mesh(cfg.mesh))
@@ -75,8 +76,7 @@ def run_jax(c: dict, dtype: str, steps: int, warmup: int, attention: str, budget
 
 
 def run_torch(c: dict, dtype: str, steps: int, warmup: int, attention: str, budget: float) -> dict:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from torch_peer import matmul_gflops, run
+    from torch_peer import matmul_gflops, run  # a sibling: bench/ is the script's directory
 
     if dtype == "bfloat16" and c["d_model"] >= 512:
         # Without native bf16 (avx512_bf16 / AMX) torch's CPU bf16 matmul falls back to a slow kernel: a gpt2ish
@@ -101,9 +101,9 @@ def memory_curve(configs: list[str], dtype: str, attentions: list[str], plot: st
     import jax
     import jax.numpy as jnp
 
-    from gptjax.planning.memory import memory_of
-    from gptjax.sharding.mesh import make_mesh
-    from gptjax.training.program import Program
+    from gptjax.planning import memory_of
+    from gptjax.sharding import make_mesh
+    from gptjax.training import Program
 
     curves: dict[str, list[tuple[int, float]]] = {}
     for attention in attentions:
@@ -140,12 +140,12 @@ def memory_curve(configs: list[str], dtype: str, attentions: list[str], plot: st
 
 
 def child(args: argparse.Namespace) -> None:
-    from gptjax.model.accounting import count_params, flops_per_token
-    from gptjax.training.perf import measure_peak_flops
+    from gptjax.model import count_params, flops_per_token
+    from gptjax.training import measure_peak_flops
 
     c = CONFIGS[args.config]
     mcfg = run_config(c, args.dtype).model
-    peaks = {d: measure_peak_flops(d) for d in ("float32", "bfloat16")}
+    peaks = {d: measure_peak_flops(d) for d in DTYPE_NAMES}
     steps = args.steps or default_steps(c)
     out = (run_jax if args.impl == "jax" else run_torch)(c, args.dtype, steps, args.warmup, args.attention,
                                                                  args.budget)
@@ -176,7 +176,7 @@ def _run_child(config: str, dtype: str, impl: str, a: argparse.Namespace) -> dic
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPE_NAMES), choices=DTYPE_NAMES)
     p.add_argument("--impls", nargs="+", default=["jax", "torch"], choices=["jax", "torch"])
     p.add_argument("--attention", default="auto", help="gptjax's attention kernel (model.attention_impl)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: about 16k tokens, at least 2)")

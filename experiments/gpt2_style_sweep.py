@@ -8,7 +8,7 @@ import argparse
 import json
 
 from gptjax import DataConfig, OptimConfig, RunConfig, TrainConfig, model_preset
-from gptjax.model.accounting import count_params
+from gptjax.model import count_params
 
 WIDTHS = (128, 192, 256)
 

@@ -37,16 +37,15 @@ import math
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
+from gptjax import DataConfig, OptimConfig, RunConfig, TrainConfig
+from gptjax.runs import RunDir, atomic_directory, write_atomic
+from gptjax.scaling import (FitResult, Points, collect_run, fit_points, model_for_params, plot_fit, points_from_rows,
+                            scaling_params, write_points)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from gptjax import DataConfig, OptimConfig, RunConfig, TrainConfig  # noqa: E402
-from gptjax.scaling.sizing import model_for_params, scaling_params  # noqa: E402
-
 VOCAB, SEQ, BATCH, LR = 352, 128, 4, 3e-3
 TOKENS_PER_STEP = SEQ * BATCH
 TRAIN_TOKENS = 3_213_552  # the training split at VOCAB
@@ -65,6 +64,9 @@ EVAL_BATCHES = 64
 
 RESULTS = ROOT / "experiments" / "results" / "isoflop"
 RUNS = ROOT / "runs" / "isoflop"
+TOKENIZER = RunDir(RUNS)  # the sweep's shared tokenizer lives at runs/isoflop/tokenizer.model
+
+Job = tuple[str, dict, tuple[str, int] | None]  # (name, config dict, (stable run, step) for a cooldown branch)
 
 
 def run_config(name: str, target_n: float, tokens: float, schedule: str = "cosine", evals: int = 4,
@@ -77,8 +79,7 @@ def run_config(name: str, target_n: float, tokens: float, schedule: str = "cosin
                         eval_every=max(1, steps // evals), eval_batches=EVAL_BATCHES,
                         checkpoint_every=checkpoint_every or steps, keep_checkpoints=10, sample_tokens=0,
                         progress=False, peak_flops=1e11, log_every=max(1, steps // 4), async_checkpoint=False)
-    return RunConfig(model=model, data=DataConfig(tokenizer=str(RUNS / "tokenizer.model")), optim=optim,
-                     train=train)
+    return RunConfig(model=model, data=DataConfig(tokenizer=str(TOKENIZER.tokenizer)), optim=optim, train=train)
 
 
 def grid(budgets, sizes: int = SIZES) -> list[tuple[str, float, RunConfig]]:
@@ -90,8 +91,7 @@ def grid(budgets, sizes: int = SIZES) -> list[tuple[str, float, RunConfig]]:
         seen = set()
         for k in range(sizes):
             target = n_guess * SIZE_STEP ** (k - (sizes - 1) / 2)
-            model = model_for_params(target, VOCAB, SEQ)
-            n = scaling_params(model)
+            n = scaling_params(model_for_params(target, VOCAB, SEQ))
             if n in seen:
                 continue
             seen.add(n)
@@ -105,8 +105,7 @@ def grid(budgets, sizes: int = SIZES) -> list[tuple[str, float, RunConfig]]:
 
 
 def is_finished(cfg: RunConfig) -> bool:
-    s = Path(cfg.train.run_dir) / "summary.json"
-    return s.is_file() and json.loads(s.read_text()).get("final_step") == cfg.train.steps
+    return RunDir(cfg.train.run_dir).is_finished(cfg.train.steps)
 
 
 def _init_worker():  # one XLA thread per process when several runs share the cores
@@ -130,30 +129,25 @@ def _train(cfg_dict: dict, resume_from: tuple[str, int] | None = None) -> str:
 
 
 def _branch_from(cfg: RunConfig, stable_dir: str, step: int) -> None:
-    """Make ``cfg``'s run directory a copy of the stable run at ``step`` (its checkpoint, tokenizer, metrics up
-    to that step) with ``cfg`` as its config, so resuming continues the same optimizer state and data order."""
-    run = Path(cfg.train.run_dir)
-    if (run / "checkpoints" / str(step)).is_dir():
+    """Make ``cfg``'s run directory a copy of the stable run at ``step`` (its checkpoint, tokenizer, data cache,
+    metrics up to that step) with ``cfg`` as its config, so resuming continues the same optimizer state and data
+    order. Built whole or not at all; a branch that already holds the step is left as it is."""
+    run, stable = RunDir(cfg.train.run_dir), RunDir(stable_dir)
+    if (run.checkpoints / str(step)).is_dir():
         return
-    tmp = run.with_name(run.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "checkpoints").mkdir(parents=True)
-    shutil.copytree(Path(stable_dir) / "checkpoints" / str(step), tmp / "checkpoints" / str(step))
-    for f in ("tokenizer.model", "data"):
-        src = Path(stable_dir) / f
-        if src.is_dir():
-            shutil.copytree(src, tmp / f)
-        elif src.exists():
-            shutil.copy(src, tmp / f)
-    lines = [ln for ln in (Path(stable_dir) / "metrics.jsonl").read_text().splitlines()
-             if json.loads(ln).get("step", 0) <= step]
-    (tmp / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines))
-    (tmp / "config.json").write_text(cfg.to_json())
-    shutil.rmtree(run, ignore_errors=True)
-    tmp.rename(run)
+    with atomic_directory(run.path) as tmp:
+        new = RunDir(tmp)
+        shutil.copytree(stable.checkpoints / str(step), new.checkpoints / str(step))
+        if stable.data.is_dir():
+            shutil.copytree(stable.data, new.data)
+        if stable.tokenizer.is_file():
+            shutil.copy(stable.tokenizer, new.tokenizer)
+        lines = [ln for ln in stable.metrics.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
+        new.metrics.write_text("".join(ln + "\n" for ln in lines))
+        new.write_config(cfg)
 
 
-def run_all(jobs: list[tuple[str, dict, tuple | None]], n_procs: int, label: str) -> None:
+def run_all(jobs: list[Job], n_procs: int, label: str) -> None:
     from tqdm import tqdm
 
     todo = [j for j in jobs if not is_finished(RunConfig.from_dict(j[1]))]
@@ -175,26 +169,25 @@ def run_all(jobs: list[tuple[str, dict, tuple | None]], n_procs: int, label: str
 
 
 def prepare_tokenizer() -> None:
-    from gptjax.data.pipeline import prepare_corpus
+    from gptjax.data import prepare_corpus
 
     RUNS.mkdir(parents=True, exist_ok=True)
-    if not (RUNS / "tokenizer.model").is_file():
-        corpus = prepare_corpus(DataConfig(), VOCAB, RUNS / "_tokenizer")
-        shutil.copy(RUNS / "_tokenizer" / "tokenizer.model", RUNS / "tokenizer.model")
+    if not TOKENIZER.tokenizer.is_file():
+        scratch = RunDir(RUNS / "_tokenizer")
+        corpus = prepare_corpus(DataConfig(), VOCAB, scratch)
+        shutil.copy(scratch.tokenizer, TOKENIZER.tokenizer)
         print(f"tokenizer: {VOCAB} pieces, {len(corpus.train):,} train / {len(corpus.val):,} val tokens")
 
 
 def collect(names_budgets) -> list[dict]:
-    from gptjax.scaling.points import collect_run
-
-    rows = []
-    for name, budget in names_budgets:
-        for r in collect_run(RUNS / name):
-            rows.append({**r, "budget": budget})
-    return rows
+    return [{**r, "budget": budget} for name, budget in names_budgets for r in collect_run(RUNS / name)]
 
 
-def wsd_jobs() -> tuple[list, list]:
+def collect_finals(names) -> list[dict]:
+    return [r for name in names for r in collect_run(RUNS / name) if r["final"]]
+
+
+def wsd_jobs() -> tuple[list[Job], list[Job]]:
     """Stable runs (one per size; each is also the longest cooldown branch) and the shorter branches."""
     total = WSD_STEPS
     warmup = total // 20
@@ -217,14 +210,103 @@ def wsd_jobs() -> tuple[list, list]:
     return stable, branches
 
 
-def _fit_and_plot(points, out_json: Path, out_png: Path, title: str, bootstrap: int, approaches, heldout=None):
-    from gptjax.scaling.fit import fit_points
-    from gptjax.scaling.plots import plot_fit
-
+def fit_and_plot(points: Points, name: str, title: str, bootstrap: int, approaches,
+                 heldout: Points | None = None) -> FitResult:
+    """Fit, and write ``<name>.json`` and ``<name>.png`` into the results."""
     fit = fit_points(points, approaches, bootstrap=bootstrap)
-    out_json.write_text(json.dumps(fit, indent=2) + "\n")
-    plot_fit(points, fit, out_png, title=title, heldout=heldout)
+    fit.write(RESULTS / f"{name}.json")
+    plot_fit(points, fit, RESULTS / f"{name}.png", title=title, heldout=heldout)
     return fit
+
+
+# ---- the stages ---------------------------------------------------------------------------------------------
+def cosine_stage(a) -> tuple[Points, FitResult]:
+    """The IsoFLOP grid: train, collect the points, fit every approach."""
+    runs = grid(tuple(a.budgets) if a.budgets else BUDGETS)
+    run_all([(n, c.to_dict(), None) for n, _, c in runs], a.jobs, "isoflop")
+    rows = collect([(n, b) for n, b, _ in runs])
+    write_points(rows, RESULTS / "points.csv")
+    points = points_from_rows(rows, where=str(RESULTS / "points.csv"))
+    fit = fit_and_plot(points, "fit", "IsoFLOP sweep (cosine), Austen corpus", a.bootstrap, ("1", "2", "3", "vpnls"))
+    print(fit.summary())
+    return points, fit
+
+
+def heldout_stage(a, points: Points, fit: FitResult) -> dict:
+    """Predict the held-out budget's losses first (once: the file records whether the runs existed), then train
+    those runs and compare."""
+    held = grid([HELDOUT_BUDGET], HELDOUT_SIZES)
+    pred_path = RESULTS / "prediction.json"
+    if not pred_path.is_file():
+        preds = []
+        for name, _, cfg in held:
+            n, d = scaling_params(cfg.model), cfg.train.steps * TOKENS_PER_STEP
+            preds.append({"run": name, "params": n, "tokens": d, "flops": 6.0 * n * d,
+                          "predicted_loss": float(fit.approach3.loss(n, d)),
+                          "predicted_loss_vpnls": float(fit.vpnls.loss(n, d)),
+                          "trained_before_prediction": is_finished(cfg)})
+        write_atomic(pred_path, json.dumps({"made_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "fit": "fit.json",
+                                            "budget": HELDOUT_BUDGET, "runs": preds}, indent=2) + "\n")
+    run_all([(n, c.to_dict(), None) for n, _, c in held], a.jobs, "held-out")
+    pred = json.loads(pred_path.read_text())
+    held_rows = collect([(n, HELDOUT_BUDGET) for n, _, _ in held])
+    measured = {r["run"]: r["loss"] for r in held_rows if r["final"]}
+    for r in pred["runs"]:
+        r["measured_loss"] = measured[r["run"]]
+        r["relative_error"] = (r["predicted_loss"] - r["measured_loss"]) / r["measured_loss"]
+        r["relative_error_vpnls"] = (r["predicted_loss_vpnls"] - r["measured_loss"]) / r["measured_loss"]
+    pred["max_abs_relative_error"] = max(abs(r["relative_error"]) for r in pred["runs"])
+    write_atomic(pred_path, json.dumps(pred, indent=2) + "\n")
+    write_points(held_rows, RESULTS / "heldout_points.csv")
+    plot_fit(points, fit, RESULTS / "fit.png", title="IsoFLOP sweep (cosine), Austen corpus; x: held-out budget",
+             heldout=points_from_rows(held_rows, where="heldout").finals())
+    for r in pred["runs"]:
+        print(f"held out {r['run']}: predicted {r['predicted_loss']:.4f}, measured {r['measured_loss']:.4f} "
+              f"({100 * r['relative_error']:+.2f}%)")
+    return pred
+
+
+def wsd_stage(a) -> tuple[Points, FitResult, dict]:
+    """Stable runs (with checkpoints at the branch points), then the cooldown branches; their fit, and the
+    compute they took against separate cosine runs for the same points."""
+    stable, branches = wsd_jobs()
+    run_all(stable, a.jobs, "wsd stable")
+    run_all(branches, a.jobs, "wsd branches")
+    wsd_rows = collect_finals(name for name, _, _ in stable + branches)
+    write_points(wsd_rows, RESULTS / "wsd_points.csv")
+    wsd_points = points_from_rows(wsd_rows, where=str(RESULTS / "wsd_points.csv"))
+    wsd_fit = fit_and_plot(wsd_points, "wsd_fit", "WSD cooldown branches, Austen corpus", a.bootstrap,
+                           ("3", "vpnls"))
+    print("WSD:", wsd_fit.summary())
+    cos_flops = sum(6.0 * scaling_params(model_for_params(t, VOCAB, SEQ)) * WSD_STEPS * f * TOKENS_PER_STEP
+                    for t in WSD_SIZES for f in WSD_BRANCH_FRACTIONS)
+    wsd_flops = sum(6.0 * scaling_params(RunConfig.from_dict(c).model) * TOKENS_PER_STEP *
+                    (RunConfig.from_dict(c).train.steps - (b[1] if b else 0)) for _, c, b in stable + branches)
+    return wsd_points, wsd_fit, {"wsd_flops": wsd_flops, "same_points_by_separate_cosine_runs_flops": cos_flops,
+                                 "wsd_compute_saved_fraction": 1 - wsd_flops / cos_flops}
+
+
+def write_summary(fit: FitResult, pred: dict, wsd_points: Points, wsd_fit: FitResult, compute: dict,
+                  seconds: float) -> None:
+    law = lambda f: {k: getattr(f, k) for k in ("E", "A", "B", "alpha", "beta", "a", "b")}  # noqa: E731
+    summary = {
+        "command": "python experiments/isoflop_sweep.py",
+        "cosine": law(fit.approach3),
+        "cosine_ci": fit.approach3.ci,
+        "approach2": {"a": fit.approach2.a, "b": fit.approach2.b, "ci": fit.approach2.ci},
+        "approach1": {"a": fit.approach1.a, "b": fit.approach1.b, "ci": fit.approach1.ci},
+        "vpnls": law(fit.vpnls),
+        "tokens_per_param_at_largest_fitted_budget": fit.approach3.tokens_per_param_at_ref,
+        "heldout_max_abs_relative_error": pred["max_abs_relative_error"],
+        "wsd": law(wsd_fit.approach3),
+        "wsd_ci": wsd_fit.approach3.ci,
+        "wsd_points": len(wsd_points),
+        **compute,
+        "fit_seconds": fit.timings_s,
+        "wall_seconds_this_invocation": seconds,
+    }
+    write_atomic(RESULTS / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_ci")}, indent=2))
 
 
 def main(argv=None) -> None:
@@ -237,105 +319,23 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--runs-dir", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    global BATCH, TOKENS_PER_STEP, RUNS
+    global BATCH, TOKENS_PER_STEP, RUNS, TOKENIZER
     if a.batch:
         BATCH, TOKENS_PER_STEP = a.batch, a.batch * SEQ
     if a.runs_dir:
         RUNS = Path(a.runs_dir)
-    from gptjax.scaling.points import points_from_rows, write_points
-
+        TOKENIZER = RunDir(RUNS)
     prepare_tokenizer()
     RESULTS.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    runs = grid(tuple(a.budgets) if a.budgets else BUDGETS)
-    run_all([(n, c.to_dict(), None) for n, _, c in runs], a.jobs, "isoflop")
-    rows = collect([(n, b) for n, b, _ in runs])
-    write_points(rows, RESULTS / "points.csv")
-    points = points_from_rows(rows, where=str(RESULTS / "points.csv"))
-    fit = _fit_and_plot(points, RESULTS / "fit.json", RESULTS / "fit.png", "IsoFLOP sweep (cosine), Austen corpus",
-                        a.bootstrap, ("1", "2", "3", "vpnls"))
-    from gptjax.cli.scaling import summary_text
-
-    print(summary_text(fit))
+    points, fit = cosine_stage(a)
     if a.only == "cosine":
         return
-
-    # held-out budget: predict first (once; the file records whether the runs existed), then train and compare
-    held = grid([HELDOUT_BUDGET], HELDOUT_SIZES)
-    pred_path = RESULTS / "prediction.json"
-    if not pred_path.is_file():
-        from gptjax.scaling.parametric import ParametricFit
-
-        pf, vp = ParametricFit.from_dict(fit["approach3"]), ParametricFit.from_dict(fit["vpnls"])
-        preds = []
-        for name, _, cfg in held:
-            n, d = scaling_params(cfg.model), cfg.train.steps * TOKENS_PER_STEP
-            preds.append({"run": name, "params": n, "tokens": d, "flops": 6.0 * n * d,
-                          "predicted_loss": float(pf.loss(n, d)), "predicted_loss_vpnls": float(vp.loss(n, d)),
-                          "trained_before_prediction": is_finished(cfg)})
-        pred_path.write_text(json.dumps({"made_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "fit": "fit.json",
-                                         "budget": HELDOUT_BUDGET, "runs": preds}, indent=2) + "\n")
-    run_all([(n, c.to_dict(), None) for n, _, c in held], a.jobs, "held-out")
-    pred = json.loads(pred_path.read_text())
-    held_rows = collect([(n, HELDOUT_BUDGET) for n, _, _ in held])
-    measured = {r["run"]: r["loss"] for r in held_rows if r["final"]}
-    for r in pred["runs"]:
-        r["measured_loss"] = measured[r["run"]]
-        r["relative_error"] = (r["predicted_loss"] - r["measured_loss"]) / r["measured_loss"]
-        r["relative_error_vpnls"] = (r["predicted_loss_vpnls"] - r["measured_loss"]) / r["measured_loss"]
-    pred["max_abs_relative_error"] = max(abs(r["relative_error"]) for r in pred["runs"])
-    pred_path.write_text(json.dumps(pred, indent=2) + "\n")
-    write_points(held_rows, RESULTS / "heldout_points.csv")
-    held_points = points_from_rows(held_rows, where="heldout").finals()
-    from gptjax.scaling.plots import plot_fit
-
-    plot_fit(points, fit, RESULTS / "fit.png", title="IsoFLOP sweep (cosine), Austen corpus; x: held-out budget",
-             heldout=held_points)
-    for r in pred["runs"]:
-        print(f"held out {r['run']}: predicted {r['predicted_loss']:.4f}, measured {r['measured_loss']:.4f} "
-              f"({100 * r['relative_error']:+.2f}%)")
+    pred = heldout_stage(a, points, fit)
     if a.only == "heldout":
         return
-
-    # WSD: stable runs (with checkpoints at the branch points), then the cooldown branches
-    stable, branches = wsd_jobs()
-    run_all(stable, a.jobs, "wsd stable")
-    run_all(branches, a.jobs, "wsd branches")
-    wsd_rows = [r for name, _, _ in stable + branches for r in collect_run_final(RUNS / name)]
-    write_points(wsd_rows, RESULTS / "wsd_points.csv")
-    wsd_points = points_from_rows(wsd_rows, where=str(RESULTS / "wsd_points.csv"))
-    wsd_fit = _fit_and_plot(wsd_points, RESULTS / "wsd_fit.json", RESULTS / "wsd_fit.png",
-                            "WSD cooldown branches, Austen corpus", a.bootstrap, ("3", "vpnls"))
-    print("WSD:", summary_text(wsd_fit))
-    cos_flops = sum(6.0 * scaling_params(model_for_params(t, VOCAB, SEQ)) * WSD_STEPS * f * TOKENS_PER_STEP
-                    for t in WSD_SIZES for f in WSD_BRANCH_FRACTIONS)
-    wsd_flops = sum(6.0 * scaling_params(RunConfig.from_dict(c).model) * TOKENS_PER_STEP *
-                    (RunConfig.from_dict(c).train.steps - (b[1] if b else 0)) for _, c, b in stable + branches)
-    summary = {
-        "command": "python experiments/isoflop_sweep.py",
-        "cosine": {k: fit[k] for k in ("E", "A", "B", "alpha", "beta", "a", "b")},
-        "cosine_ci": fit["approach3"].get("ci"),
-        "approach2": {"a": fit["approach2"]["a"], "b": fit["approach2"]["b"], "ci": fit["approach2"].get("ci")},
-        "approach1": {"a": fit["approach1"]["a"], "b": fit["approach1"]["b"], "ci": fit["approach1"].get("ci")},
-        "vpnls": {k: fit["vpnls"][k] for k in ("E", "A", "B", "alpha", "beta", "a", "b")},
-        "tokens_per_param_at_largest_fitted_budget": fit["approach3"]["tokens_per_param_at_ref"],
-        "heldout_max_abs_relative_error": pred["max_abs_relative_error"],
-        "wsd": {k: wsd_fit[k] for k in ("E", "A", "B", "alpha", "beta", "a", "b")},
-        "wsd_ci": wsd_fit["approach3"].get("ci"),
-        "wsd_points": len(wsd_points),
-        "wsd_flops": wsd_flops, "same_points_by_separate_cosine_runs_flops": cos_flops,
-        "wsd_compute_saved_fraction": 1 - wsd_flops / cos_flops,
-        "fit_seconds": fit["timings_s"],
-        "wall_seconds_this_invocation": time.time() - t_start,
-    }
-    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_ci")}, indent=2))
-
-
-def collect_run_final(run_dir: Path) -> list[dict]:
-    from gptjax.scaling.points import collect_run
-
-    return [r for r in collect_run(run_dir) if r["final"]]
+    wsd_points, wsd_fit, compute = wsd_stage(a)
+    write_summary(fit, pred, wsd_points, wsd_fit, compute, time.time() - t_start)
 
 
 if __name__ == "__main__":

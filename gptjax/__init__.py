@@ -1,8 +1,9 @@
 """gptjax: pretraining GPT-family decoder-only language models with JAX and Flax NNX.
 
 Layers (each imports only those before it; ``tests/test_layering.py`` enforces it):
-``config`` -> ``sharding`` -> ``model`` -> {``checkpoint``, ``inference``, ``evals``} -> ``training`` -> ``cli``;
-``data`` and ``reporting`` need only ``config``; ``planning`` consumes the others and nothing imports it.
+``config`` -> ``sharding`` -> ``model`` -> {``checkpoint``, ``inference``, ``evals``, ``interop``} -> ``training``
+-> ``cli``; ``runs`` (the run directory) needs only ``config``, ``data`` and ``reporting`` only ``config`` and
+``runs``; ``planning`` and ``scaling`` consume the others and only the CLI imports them.
 """
 
 from gptjax.config import (MODEL_PRESETS, ConfigError, DataConfig, MeshConfig, ModelConfig, OptimConfig,

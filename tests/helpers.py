@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gptjax.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from gptjax.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, model_preset
 from gptjax.sharding.mesh import single_device_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,8 +19,8 @@ ONE_DEVICE_ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "
 
 
 def nano_model(**kw) -> ModelConfig:
-    base = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64)
-    return ModelConfig(**{**base, **kw})
+    """The ``nano`` preset (the smallest model that trains with the default run), fields overridden by ``kw``."""
+    return model_preset("nano", **kw)
 
 
 def small_run(run_dir: Path, corpus: Path, **train_kw) -> RunConfig:

@@ -10,8 +10,10 @@ from helpers import nano_model
 from gptjax.config import ConfigError, ModelConfig
 from gptjax.model import flash
 from gptjax.model.decoder import Decoder
-from gptjax.model.kernels import (DENSE_MAX_LEN_CPU, MaskSpec, balanced_block, causal_mask, choose,
-                                  cudnn_attention, dense_attention, splash_attention)
+from gptjax.model.kernel_api import KernelOptions, MaskSpec, causal_mask
+from gptjax.model.kernels import (DENSE_MAX_LEN_CPU, KERNELS, balanced_block, choose_kernel, cudnn_attention,
+                                  dense_attention, splash_attention)
+from gptjax.sharding.context import ContextLayout
 from flax import nnx
 
 # fp32: the blockwise kernel sums in another order than the dense one; measured differences are ~1e-6
@@ -27,10 +29,10 @@ def qkv(B, K, G, L, S, H, seed=0, dtype=jnp.float32):
 
 def both(q, k, v, window, mask, block_q, block_k, lanes=1):
     """(blockwise, dense) outputs and their VJPs for one random cotangent."""
-    blockwise = lambda q, k, v: flash.blockwise_attention(
-        q, k, v, window=window, offset=mask.offset, q_segment_ids_BxL=mask.q_segment_ids_BxL,
-        k_segment_ids_BxS=mask.k_segment_ids_BxS, block_q=block_q, block_k=block_k, lanes=lanes)
-    dense = lambda q, k, v: dense_attention(q, k, v, window, mask, jnp.float32)
+    mask = mask.with_window(window)
+    blockwise = lambda q, k, v: flash.blockwise_attention(q, k, v, mask, KernelOptions(block_q=block_q,
+                                                                                       block_k=block_k, lanes=lanes))
+    dense = lambda q, k, v: dense_attention(q, k, v, mask, KernelOptions())
     return [output_and_grads(f, q, k, v) for f in (blockwise, dense)]
 
 
@@ -87,7 +89,7 @@ def test_ring_attention_matches_dense_outputs_and_gradients(name):
     divide a slice) sit before the queries and must be masked explicitly. In the zig-zag layout the sequence is
     reordered before the split (device d holds chunks d and 7 - d of 8) and the output restored after it."""
     from jax.sharding import PartitionSpec as P
-    from gptjax.model.ring import ring_attention, zigzag_order
+    from gptjax.model.ring import ring_attention
 
     K, G, per, window, seg, block, zigzag = RING_CASES[name]
     C = 4
@@ -95,12 +97,13 @@ def test_ring_attention_matches_dense_outputs_and_gradients(name):
     q, k, v = qkv(2, K, G, L, L, 8)
     ids = segments(2, L, 5) if seg else None
     mesh = jax.make_mesh((C,), ("context",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:C])
-    order = zigzag_order(L, C) if zigzag else np.arange(L)
+    layout = ContextLayout(("context",), C, "zigzag" if zigzag else "ring")
+    order = layout.order(L) if zigzag else np.arange(L)
     assert sorted(order) == list(range(L))
 
     def body(q, k, v, ids):
-        return ring_attention(q, k, v, window=window, axes=("context",), size=C, q_segment_ids_BxL=ids,
-                              k_segment_ids_BxL=ids, zigzag=zigzag, block_q=block, block_k=block)
+        return ring_attention(q, k, v, MaskSpec(0, ids, ids, window=window, context=layout),
+                              KernelOptions(block_q=block, block_k=block))
 
     q_spec, kv_spec = P(None, None, None, "context"), P(None, None, "context")
     seg_spec = None if ids is None else P(None, "context")
@@ -111,8 +114,8 @@ def test_ring_attention_matches_dense_outputs_and_gradients(name):
         return o[:, :, :, np.argsort(order)]
 
     o1, g1 = output_and_grads(laid_out, q, k, v)
-    o2, g2 = output_and_grads(lambda q, k, v: dense_attention(q, k, v, window, MaskSpec(0, ids, ids), jnp.float32),
-                              q, k, v)
+    o2, g2 = output_and_grads(lambda q, k, v: dense_attention(q, k, v, MaskSpec(0, ids, ids, window=window),
+                                                              KernelOptions()), q, k, v)
     np.testing.assert_allclose(o1, o2, atol=ATOL, rtol=0)
     for a, b, what in zip(g1, g2, "qkv"):
         np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=f"d{what}")
@@ -146,8 +149,9 @@ def test_the_ring_passes_each_slice_only_where_it_is_needed(zigzag):
     C, per, H = 4, 16, 8
     q, k, v = qkv(1, 2, 2, C * per, C * per, H)
     mesh = jax.make_mesh((C,), ("context",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:C])
-    ring = jax.shard_map(lambda q, k, v: ring_attention(q, k, v, window=C * per, axes=("context",), size=C,
-                                                        zigzag=zigzag, block_q=8, block_k=8),
+    layout = ContextLayout(("context",), C, "zigzag" if zigzag else "ring")
+    ring = jax.shard_map(lambda q, k, v: ring_attention(q, k, v, MaskSpec(window=C * per, context=layout),
+                                                        KernelOptions(block_q=8, block_k=8)),
                          mesh=mesh, in_specs=(P(None, None, None, "context"),) + (P(None, None, "context"),) * 2,
                          out_specs=P(None, None, None, "context"))
     kv = 2 * k.size // C * 4  # one device's K and V slices, float32
@@ -165,7 +169,8 @@ def test_the_zigzag_layout_balances_the_rings_work():
     from gptjax.model.ring import tiles_per_step
 
     for C in (4, 8):
-        flat, zz = tiles_per_step(C, 4096, 128), tiles_per_step(C, 4096, 128, zigzag=True)
+        flat = tiles_per_step(ContextLayout(("context",), C, "ring"), 4096, 128)
+        zz = tiles_per_step(ContextLayout(("context",), C, "zigzag"), 4096, 128)
         assert flat.sum() == zz.sum()
         assert (zz.max(axis=1) == zz.min(axis=1)).all() and not (flat.max(axis=1) == flat.min(axis=1)).all()
         assert flat.max(axis=1).sum() / zz.max(axis=1).sum() > 1.7
@@ -194,8 +199,9 @@ def test_blockwise_with_an_offset_matches_dense():
 
 def test_blockwise_bf16_is_close_to_fp32():
     q, k, v = qkv(1, 2, 2, 96, 96, 16)
-    ref = flash.blockwise_attention(q, k, v, window=96, block_q=32, block_k=32)
-    low = flash.blockwise_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), window=96, block_q=32, block_k=32)
+    mask = MaskSpec(window=96)
+    ref = flash.blockwise_attention(q, k, v, mask, KernelOptions(block_q=32, block_k=32))
+    low = flash.blockwise_attention(q, k, v, mask, KernelOptions(dtype=jnp.bfloat16, block_q=32, block_k=32))
     assert low.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(low, np.float32), ref, atol=3e-2, rtol=0)
 
@@ -204,7 +210,7 @@ def test_blockwise_bf16_is_close_to_fp32():
     (16, 16, 64, 0, 4, 4), (16, 32, 9, 0, 5, 3), (32, 16, 17, 0, 3, 6), (8, 16, 48, 24, 2, 3), (64, 50, 4, 0, 2, 2)])
 def test_tiles_visited_are_exactly_those_with_a_visible_pair(bq, bk, window, offset, nq, nk):
     """The loop bounds skip every tile above the diagonal or outside the band, and no tile with a visible pair."""
-    t = flash._Tiles(bq, bk, nq, nk, window, offset, False)
+    t = flash.TileBounds(bq, bk, nq, nk, window, offset, False)
     allowed = np.asarray(causal_mask(nq * bq, nk * bk, window, offset))
     needed = {(i, j) for i in range(nq) for j in range(nk) if allowed[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk].any()}
     by_rows = {(i, j) for i in range(nq) for j in range(*map(int, t.k_range(i)))}
@@ -222,7 +228,7 @@ def test_banded_work_is_linear_in_length():
     """A banded layer visits O(L) tiles, a causal one O(L^2)."""
     def visited(L, window):
         n = L // 16
-        t = flash._Tiles(16, 16, n, n, window, 0, False)
+        t = flash.TileBounds(16, 16, n, n, window, 0, False)
         return sum(int(t.k_range(i)[1] - t.k_range(i)[0]) for i in range(n))
     assert visited(1024, 32) <= 2 * visited(512, 32) + 3  # 3 tiles per query block
     assert visited(1024, 1024) >= 3.9 * visited(512, 512)
@@ -232,8 +238,9 @@ def test_banded_work_is_linear_in_length():
 def test_cudnn_call_layout_and_band_match_dense(window):
     """The cuDNN path's call (layout, GQA grouping, band) run through XLA's implementation on CPU."""
     q, k, v = qkv(2, 2, 3, 256, 256, 8)
-    out = cudnn_attention(q, k, v, window, implementation="xla")
-    np.testing.assert_allclose(out, dense_attention(q, k, v, window, MaskSpec(), jnp.float32), atol=ATOL, rtol=0)
+    out = cudnn_attention(q, k, v, MaskSpec(window=window), KernelOptions(portable=True))
+    np.testing.assert_allclose(out, dense_attention(q, k, v, MaskSpec(window=window), KernelOptions()), atol=ATOL,
+                               rtol=0)
 
 
 @pytest.mark.parametrize("window, seg", [(256, False), (64, True)])
@@ -241,9 +248,9 @@ def test_splash_kernel_in_interpret_mode_matches_dense(window, seg):
     """JAX's TPU splash kernel, run by the Pallas interpreter: the mask, segment ids and GQA plumbing."""
     q, k, v = qkv(1, 2, 2, 256, 256, 16)
     ids = segments(1, 256, 2) if seg else None
-    mask = MaskSpec(0, ids, ids)
-    f = lambda q, k, v: splash_attention(q, k, v, window, mask, 128, interpret=True)
-    g = lambda q, k, v: dense_attention(q, k, v, window, mask, jnp.float32)
+    mask = MaskSpec(0, ids, ids, window=window)
+    f = lambda q, k, v: splash_attention(q, k, v, mask, KernelOptions(block_q=128, block_k=128, portable=True))
+    g = lambda q, k, v: dense_attention(q, k, v, mask, KernelOptions())
     np.testing.assert_allclose(f(q, k, v), g(q, k, v), atol=ATOL, rtol=0)
     loss = lambda fn: lambda q: jnp.sum(fn(q, k, v) ** 2)
     np.testing.assert_allclose(jax.grad(loss(f))(q), jax.grad(loss(g))(q), atol=1e-4, rtol=0)
@@ -260,13 +267,13 @@ def test_balanced_tiles_are_equal_at_least_two_and_never_wider_than_the_block(le
 
 
 def test_kernel_choice():
-    assert choose("auto", "cpu", DENSE_MAX_LEN_CPU, True, False) == "dense"
-    assert choose("auto", "cpu", DENSE_MAX_LEN_CPU + 1, True, False) == "blockwise"
-    assert choose("auto", "gpu", 128, True, False) == "cudnn"
-    assert choose("auto", "gpu", 4096, True, True) == "blockwise"  # cuDNN here takes no segment mask
-    assert choose("auto", "tpu", 4096, True, True) == "splash"
-    assert choose("splash", "tpu", 4096, False, False) == "blockwise"  # a cache offset / context slice
-    assert choose("dense", "gpu", 65536, True, False) == "dense"  # an explicit choice is kept
+    assert choose_kernel("auto", "cpu", DENSE_MAX_LEN_CPU, True, False) == "dense"
+    assert choose_kernel("auto", "cpu", DENSE_MAX_LEN_CPU + 1, True, False) == "blockwise"
+    assert choose_kernel("auto", "gpu", 128, True, False) == "cudnn"
+    assert choose_kernel("auto", "gpu", 4096, True, True) == "blockwise"  # cuDNN here takes no segment mask
+    assert choose_kernel("auto", "tpu", 4096, True, True) == "splash"
+    assert choose_kernel("splash", "tpu", 4096, False, False) == "blockwise"  # a cache offset / context slice
+    assert choose_kernel("dense", "gpu", 65536, True, False) == "dense"  # an explicit choice is kept
     with pytest.raises(ConfigError, match="attention_impl='flash' is not valid"):
         ModelConfig(attention_impl="flash")
 
@@ -313,18 +320,21 @@ def test_compiled_memory_grows_linearly_with_blockwise_and_quadratically_with_de
 def test_on_a_mesh_without_context_split_the_chosen_kernel_is_kept(monkeypatch):
     """Under shard_map (data parallel over 8 devices) a self-attention call keeps a static zero offset, so a
     kernel that needs self-attention (here the cuDNN call, run through XLA on CPU) is still the one used."""
+    import dataclasses
+
     from gptjax.model import kernels
     from gptjax.sharding import make_mesh, make_rules
     from gptjax.config import MeshConfig
     from gptjax.sharding.rules import activation_sharding
 
     calls = []
-    real = kernels.cudnn_attention
-    monkeypatch.setattr(kernels, "cudnn_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = KERNELS["cudnn"]
+    monkeypatch.setitem(KERNELS, "cudnn", dataclasses.replace(real, run=lambda *a: calls.append(1) or real.run(*a)))
     q, k, v = qkv(8, 2, 2, 32, 32, 8)
     mesh = make_mesh(MeshConfig(data=8))
     with activation_sharding(mesh, make_rules()):
-        out = jax.jit(lambda q, k, v: kernels.attend(q, k, v, 32, MaskSpec(), impl="cudnn", block=16, windows=(32,),
-                                                     dtype=jnp.float32))(q, k, v)
+        out = jax.jit(lambda q, k, v: kernels.attend(q, k, v, MaskSpec(window=32, windows=(32,)), impl="cudnn",
+                                                     block=16, dtype=jnp.float32))(q, k, v)
     assert calls, "fell back to another kernel"
-    np.testing.assert_allclose(out, dense_attention(q, k, v, 32, MaskSpec(), jnp.float32), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(out, dense_attention(q, k, v, MaskSpec(window=32), KernelOptions()), atol=ATOL,
+                               rtol=0)

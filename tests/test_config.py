@@ -1,9 +1,11 @@
+import dataclasses
 import json
 
 import pytest
 
-from gptjax.config import (MODEL_PRESETS, ConfigError, MeshConfig, ModelConfig, RunConfig, apply_overrides,
-                           build_run_config, model_preset, run_preset)
+from gptjax.config import (MODEL_PRESETS, AttentionImpl, ConfigError, ContextStrategy, DataConfig, MeshConfig,
+                           ModelConfig, OptimConfig, Remat, Role, RunConfig, TrainConfig, apply_overrides,
+                           build_run_config, choices, model_preset, role_of, run_preset)
 
 
 @pytest.mark.parametrize("kw, words", [
@@ -108,3 +110,71 @@ def test_config_files_are_type_checked_and_overrides_parsed_by_type():
 def test_the_nano_preset_works_with_the_default_run():
     cfg = build_run_config(model_preset_name="nano")  # the default run's seq_len and data with the nano model
     assert cfg.model.max_seq_len >= cfg.train.seq_len and cfg.model.vocab_size >= 262
+
+
+def test_every_config_field_declares_its_role():
+    """Resume, parameter loading and HF import derive what may differ from the roles, so every field needs one."""
+    for section in (ModelConfig, DataConfig, OptimConfig, TrainConfig, MeshConfig):
+        instance = section()
+        for f in dataclasses.fields(section):
+            assert isinstance(role_of(instance, f.name), Role), f"{section.__name__}.{f.name} declares no role"
+    assert set(RunConfig().roles()) == {f"{k}.{n}" for k, v in RunConfig().to_dict().items() for n in v}
+
+
+def test_a_field_without_a_role_is_refused():
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        size: int = 1
+
+    with pytest.raises(ConfigError, match="Section.size declares no role"):
+        role_of(Section(), "size")
+
+
+def test_what_may_differ_is_derived_from_the_roles():
+    from gptjax.interop.hf_import import SETTABLE_FIELDS
+    from gptjax.training.checkpointing import RESUMABLE_ROLES
+
+    roles = RunConfig().roles()
+    resumable = {k for k, r in roles.items() if r in RESUMABLE_ROLES}
+    # the mesh (context included), kernels, remat, cadence and the run's place may change on resume ...
+    assert {"mesh.context", "mesh.context_strategy", "mesh.data", "model.remat", "model.attention_impl",
+            "train.log_every", "train.checkpoint_every", "train.run_dir"} <= resumable
+    # ... the parameters, their function and layout, and the optimizer trajectory may not
+    assert not {"model.d_model", "model.rope_theta", "model.window", "model.scan_layers", "model.dtype",
+                "optim.lr", "data.corpus", "train.seed", "train.batch_size"} & resumable
+    # parameters load into a model whose only differences are not parameter-defining
+    other = ModelConfig(d_model=128, rope_theta=500.0, remat="full", scan_layers=True, dtype="bfloat16")
+    assert set(ModelConfig().parameter_differences(other)) == {"d_model"}
+    assert not ModelConfig().parameter_differences(ModelConfig(max_seq_len=512))  # RoPE: no position table
+    learned = ModelConfig(positions="learned")
+    assert set(learned.parameter_differences(ModelConfig(positions="learned", max_seq_len=512))) == {"max_seq_len"}
+    # HF import: what an HF config does not carry may be chosen anew
+    assert set(SETTABLE_FIELDS) == {"z_loss", "dtype", "init_std", "scan_layers", "remat", "attention_impl",
+                                    "attention_block"}
+
+
+def test_context_strategy_moved_to_the_mesh_settings_and_old_configs_migrate():
+    old = {"model": {"context_strategy": "ring"}, "mesh": {"context": 2}}
+    cfg = RunConfig.from_dict(old)
+    assert cfg.mesh.context_strategy == ContextStrategy.RING and "context_strategy" not in cfg.to_dict()["model"]
+    assert cfg.to_dict()["mesh"]["context_strategy"] == "ring"  # plain data again: JSON-ready
+    assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    with pytest.raises(ConfigError, match="disagree; keep mesh.context_strategy"):
+        RunConfig.from_dict({"model": {"context_strategy": "ring"}, "mesh": {"context_strategy": "zigzag"}})
+    d = apply_overrides(RunConfig().to_dict(), ["model.context_strategy=zigzag"])  # an old command line
+    assert d["mesh"]["context_strategy"] == "zigzag"
+    with pytest.raises(ConfigError, match="context_strategy='spiral' is not valid; choose one of 'gather'"):
+        MeshConfig(context_strategy="spiral")
+
+
+def test_choice_types_are_the_one_definition_the_command_lines_read():
+    from gptjax.cli.plan import main as plan_main  # noqa: F401  (builds its parser from the types)
+    from gptjax.model import KERNELS
+
+    assert set(choices(AttentionImpl)) == {"auto", *KERNELS}  # every kernel of the table is a config choice
+    from gptjax.model.decoder import REMAT_POLICIES
+
+    assert choices(Remat) == ("none", *REMAT_POLICIES)  # each policy of the model is a config choice
+    assert choices(ContextStrategy) == ("gather", "ring", "zigzag")
+    with pytest.raises(ConfigError, match="remat='some' is not valid; choose one of 'none', 'full', 'save_dots'"):
+        ModelConfig(remat="some")

@@ -3,9 +3,9 @@ import pytest
 
 from gptjax.config import DataConfig
 from gptjax.data.corpus import CorpusError, read_corpus, split_documents
-from gptjax.data.pipeline import (PackedWindows, eval_batches, prepare_corpus, train_dataset,
-                                  unigram_cross_entropy)
+from gptjax.data.pipeline import PackedWindows, eval_batches, prepare_corpus, train_dataset
 from gptjax.data.tokenizer import Tokenizer, TokenizerError, encode_documents
+from gptjax.evals import unigram_cross_entropy
 
 
 def test_empty_and_whitespace_corpus_errors(tmp_path):

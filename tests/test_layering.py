@@ -2,6 +2,8 @@
 inside a function) must be an edge this table allows; a new edge is a design decision, made here."""
 
 import ast
+import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -11,22 +13,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gptjax"
 # layer -> the layers it may import (besides itself)
 ALLOWED = {
     "config": set(),
-    "data": {"config"},
-    "reporting": {"config"},
+    "runs": {"config"},  # the run directory: its file names, reading and writing them
+    "data": {"config", "runs"},
+    "reporting": {"config", "runs"},
     "sharding": {"config"},
     "model": {"config", "sharding"},
-    "checkpoint": {"config", "sharding", "model"},
+    "checkpoint": {"config", "runs", "sharding", "model"},
     "inference": {"config", "sharding", "model", "checkpoint"},
     "evals": {"config", "sharding", "model", "checkpoint", "inference", "data"},
-    "interop": {"config", "sharding", "model", "checkpoint", "data"},
-    "training": {"config", "sharding", "model", "checkpoint", "inference", "evals", "data", "reporting"},
-    "finetune": {"config", "sharding", "model", "checkpoint", "inference", "evals", "data", "reporting",
-                 "training"},
+    "interop": {"config", "runs", "sharding", "model", "checkpoint", "data"},
+    "training": {"config", "runs", "sharding", "model", "checkpoint", "inference", "evals", "data", "reporting"},
     # consumers: nothing but the CLI imports them
     "planning": {"config", "sharding", "model", "training"},
-    "scaling": {"config", "model", "reporting"},
-    "cli": {"config", "sharding", "model", "checkpoint", "inference", "evals", "interop", "data", "reporting",
-            "training", "finetune", "planning", "scaling"},
+    "scaling": {"config", "runs", "model", "reporting"},
+    "cli": {"config", "runs", "sharding", "model", "checkpoint", "inference", "evals", "interop", "data",
+            "reporting", "training", "planning", "scaling"},
     "__init__": {"config"},  # the package root re-exports the config API only
 }
 
@@ -76,6 +77,16 @@ def test_nothing_but_the_cli_imports_the_consumers():
     assert {src for src, _ in users} <= {"cli"}, users
 
 
+def test_the_consumers_reach_the_model_through_its_public_names():
+    """The planner and the scaling fits use what ``gptjax.model`` exports (e.g. ``abstract_layer``), never its
+    modules, so a change inside the model cannot break them silently."""
+    problems = []
+    for layer in ("planning", "scaling"):
+        for path in sorted((PACKAGE / layer).rglob("*.py")):
+            problems += public_api_problems(path.read_text(), str(path.relative_to(PACKAGE.parent)), "gptjax.model")
+    assert not problems, "\n".join(problems)
+
+
 def test_the_table_has_no_cycles():
     done = set()
 
@@ -98,3 +109,65 @@ def test_the_checker_sees_a_bad_edge(tmp_path, src, dst):
     path.parent.mkdir(parents=True)
     path.write_text(f"def f():\n    from gptjax.{dst}.x import y\n")
     assert (dst, 2) in imported_layers(path) and dst not in ALLOWED[src]
+
+
+# ---- the users of the library: experiments, notebooks, benchmarks --------------------------------------------
+ROOT = PACKAGE.parent
+USER_CODE = ("experiments", "bench", "notebooks")
+
+
+def user_sources() -> list[tuple[str, str]]:
+    """``(where, source)`` of every experiment and benchmark file and every notebook's code cells."""
+    out = []
+    for folder in USER_CODE:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            out.append((str(path.relative_to(ROOT)), path.read_text()))
+        for path in sorted((ROOT / folder).rglob("*.ipynb")):
+            cells = json.loads(path.read_text())["cells"]
+            code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+            code = ["\n".join(ln for ln in cell.splitlines() if not ln.lstrip().startswith(("%", "!")))
+                    for cell in code]
+            out.append((str(path.relative_to(ROOT)), "\n\n".join(code)))
+    return out
+
+
+def public_api_problems(source: str, where: str, only: str = "gptjax") -> list[str]:
+    """Imports of gptjax (of ``only``) that are not its public API: a module below a package's top
+    (``gptjax.scaling.plots``), a name outside that package's ``__all__``, the console scripts (``gptjax.cli``);
+    and edits of ``sys.path``."""
+    problems = []
+    for node in ast.walk(ast.parse(source, where)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and not any(
+                n.startswith(only) for n in ([a.name for a in node.names] if isinstance(node, ast.Import)
+                                             else [node.module or ""])):
+            continue
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                name = alias.name
+                if name.startswith("gptjax.") and name.count(".") > 1 or name.startswith("gptjax.cli"):
+                    problems.append(f"{where}:{node.lineno}: import {name}")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "gptjax":
+            module = node.module
+            if module.count(".") > 1 or module.startswith("gptjax.cli"):
+                problems.append(f"{where}:{node.lineno}: from {module} import ... (use the package's public names)")
+                continue
+            public = set(getattr(importlib.import_module(module), "__all__", ()))
+            problems += [f"{where}:{node.lineno}: {a.name} is not in {module}.__all__" for a in node.names
+                         if a.name not in public]
+        elif isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys":
+            problems.append(f"{where}:{node.lineno}: sys.path (install the package: pip install -e .)")
+    return problems
+
+
+def test_experiments_notebooks_and_benchmarks_use_the_public_api():
+    sources = user_sources()
+    assert {w.split("/")[0] for w, _ in sources} == set(USER_CODE)  # every folder was read
+    problems = [p for where, source in sources for p in public_api_problems(source, where)]
+    assert not problems, "imports past the public API:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("line", ["from gptjax.scaling.plots import plot_fit", "from gptjax.cli.scaling import x",
+                                  "from gptjax.scaling import _interval", "import gptjax.model.flash",
+                                  "import sys\nsys.path.insert(0, '.')"])
+def test_the_public_api_checker_sees_a_private_import(line):
+    assert public_api_problems(line, "x.py")

@@ -18,6 +18,7 @@ import pytest
 from helpers import small_run
 from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound, CheckpointWriteError
 from gptjax.config import ConfigError
+from gptjax.runs import RunDir
 from gptjax.sharding.mesh import single_device_mesh
 from gptjax.training import trainer as trainer_module
 from gptjax.training.hooks import NonFiniteStop
@@ -59,6 +60,29 @@ def test_resume_with_conflicting_overrides_lists_them_and_leaves_config_json(sma
     # cadence fields may change on resume
     done = train(cfg.replace(train={"log_every": 3, "eval_every": 3}), resume=True, devices=ONE)
     assert done.final_step == 12
+
+
+def test_a_run_written_before_context_strategy_moved_resumes_and_execution_may_change(small_corpus, tmp_path):
+    """Run directories of earlier versions hold ``model.context_strategy``; reading their config.json moves it to
+    the mesh settings, and the run resumes. The kernel and remat, execution fields, may change on resume (they do
+    not change the trajectory); the resumed steps then match the uninterrupted run's."""
+    cfg = small_run(tmp_path / "r", small_corpus, steps=8, log_every=1)
+    train(cfg, devices=ONE, stop_after=4)
+    path = tmp_path / "r" / "config.json"
+    old = json.loads(path.read_text())
+    old["model"]["context_strategy"] = old["mesh"].pop("context_strategy")
+    path.write_text(json.dumps(old))
+    stored = RunDir(tmp_path / "r").read_config()
+    assert stored == cfg
+    done = train(stored.replace(model={"remat": "full", "attention_impl": "blockwise"}), resume=True, devices=ONE)
+    assert done.final_step == 8
+    rewritten = json.loads(path.read_text())
+    assert "context_strategy" not in rewritten["model"] and rewritten["mesh"]["context_strategy"] == "gather"
+    whole = train(small_run(tmp_path / "w", small_corpus, steps=8, log_every=1), devices=ONE)
+    assert whole.final_step == 8
+    resumed, uninterrupted = losses(tmp_path / "r")["train"], losses(tmp_path / "w")["train"]
+    assert [s for s, _ in resumed] == [s for s, _ in uninterrupted] == list(range(1, 9))
+    np.testing.assert_allclose([x for _, x in resumed], [x for _, x in uninterrupted], rtol=1e-4)
 
 
 def test_cli_resume_reads_config_json_and_extends_without_restretching(small_corpus, tmp_path):

@@ -62,20 +62,20 @@ def test_every_approach_recovers_known_law_from_noisy_points():
                              loss=law(n, d) * np.exp(rng.normal(0, 0.002))))
     fit = fit_points(points_from_rows(rows), bootstrap=40)
     for key in ("approach3", "vpnls"):
-        s = fit[key]
-        assert abs(s["alpha"] - TRUTH["alpha"]) < 0.06 and abs(s["beta"] - TRUTH["beta"]) < 0.04, (key, s)
-        assert abs(s["E"] - TRUTH["E"]) < 0.1 and abs(s["a"] - A_TRUE) < 0.04, (key, s)
-        lo, hi = s["ci"]["a"]
-        assert lo < s["a"] < hi and hi - lo < 0.15
-    assert abs(fit["approach2"]["a"] - A_TRUE) < 0.03 and abs(fit["approach2"]["b"] - (1 - A_TRUE)) < 0.03
-    assert abs(fit["approach1"]["a"] - A_TRUE) < 0.06
-    assert fit["warnings"] == []
+        s = getattr(fit, key)
+        assert abs(s.alpha - TRUTH["alpha"]) < 0.06 and abs(s.beta - TRUTH["beta"]) < 0.04, (key, s)
+        assert abs(s.E - TRUTH["E"]) < 0.1 and abs(s.a - A_TRUE) < 0.04, (key, s)
+        lo, hi = s.ci["a"]
+        assert lo < s.a < hi and hi - lo < 0.15
+    assert abs(fit.approach2.a - A_TRUE) < 0.03 and abs(fit.approach2.b - (1 - A_TRUE)) < 0.03
+    assert abs(fit.approach1.a - A_TRUE) < 0.06
+    assert fit.warnings == []
     # top-level approach-3 keys of fit.json
-    assert {"E", "A", "B", "alpha", "beta", "a", "b", "objective", "n_points"} <= set(fit)
+    assert {"E", "A", "B", "alpha", "beta", "a", "b", "objective", "n_points"} <= set(fit.to_dict())
     # the frontier: C = 6 N_opt D_opt, and tokens per parameter = D/N
     p = predict(fit, flops=1e22)
-    assert 6 * p["params"] * p["tokens"] == pytest.approx(1e22, rel=1e-9)
-    assert p["tokens_per_param"] == pytest.approx(p["tokens"] / p["params"])
+    assert 6 * p.params * p.tokens == pytest.approx(1e22, rel=1e-9)
+    assert p.tokens_per_param == pytest.approx(p.tokens / p.params)
 
 
 def test_isoflop_recovers_a_known_exponent_and_flags_unbracketed_profiles():
@@ -87,16 +87,16 @@ def test_isoflop_recovers_a_known_exponent_and_flags_unbracketed_profiles():
             rows.append(dict(params=n_opt * np.exp(k), tokens=c / (6 * n_opt * np.exp(k)), budget=c,
                              loss=2 + 0.05 * k * k))
     r = fit_isoflop(points_from_rows(rows))
-    assert r["a"] == pytest.approx(0.6, abs=1e-9) and r["b"] == pytest.approx(0.4, abs=1e-9)
-    assert r["warnings"] == []
+    assert r.a == pytest.approx(0.6, abs=1e-9) and r.b == pytest.approx(0.4, abs=1e-9)
+    assert r.warnings == []
     # one budget sampled only on the large side of its optimum: warned about and left out
     c = 1e21
     n_opt = 0.1 * c ** 0.6
     rows += [dict(params=n_opt * np.exp(k), tokens=c / (6 * n_opt * np.exp(k)), budget=c, loss=2 + 0.05 * k * k)
              for k in (0.8, 1.2, 1.6, 2.0)]
     r = fit_isoflop(points_from_rows(rows))
-    assert len(r["warnings"]) == 1 and "1e+21" in r["warnings"][0] and "bracket" in r["warnings"][0]
-    assert r["a"] == pytest.approx(0.6, abs=1e-9)
+    assert len(r.warnings) == 1 and "1e+21" in r.warnings[0] and "bracket" in r.warnings[0]
+    assert r.a == pytest.approx(0.6, abs=1e-9)
 
 
 def test_envelope_uses_curves():
@@ -105,7 +105,7 @@ def test_envelope_uses_curves():
         for d in np.geomspace(1e7, 1e11, 40):
             rows.append(dict(run=f"r{n:.3g}", params=n, tokens=d, loss=law(n, d), final=0))
     r = fit_envelope(points_from_rows(rows))
-    assert abs(r["a"] - A_TRUE) < 0.03
+    assert abs(r.a - A_TRUE) < 0.03
     with pytest.raises(ScalingInputError, match="approach 1 needs loss curves"):
         fit_envelope(points_from_rows([dict(run="x", params=1e6, tokens=1e7, loss=3.0)] * 3))
 
@@ -193,3 +193,21 @@ def test_fit_and_predict_cli(tmp_path):
     r = run_cli("scaling", "fit", str(path), "--approach", "2", "--out", str(out))
     r = run_cli("scaling", "predict", str(out), "--flops", "1e21")
     assert r.returncode == 2 and "no approach3 section" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["fit.json", "wsd_fit.json"])
+def test_committed_fit_files_round_trip_through_the_typed_result(name):
+    """fit.json is a FitResult's data: reading the committed sweep's files and writing them again changes nothing,
+    and the typed sections answer what the dicts did (approach 3's values are also at the top level)."""
+    from gptjax.scaling import FitResult
+    from helpers import ROOT
+
+    data = json.loads((ROOT / "experiments" / "results" / "isoflop" / name).read_text())
+    fit = FitResult.from_dict(data)
+    assert json.dumps(fit.to_dict(), sort_keys=True) == json.dumps(data, sort_keys=True)
+    assert fit.approach3.alpha == data["alpha"] == data["approach3"]["alpha"]
+    assert fit.approach3.ci["a"] == data["approach3"]["ci"]["a"]
+    if fit.approach2 is not None:
+        assert [p.bracketed for p in fit.approach2.profiles] == [p["bracketed"] for p in data["approach2"]["profiles"]]
+    with pytest.raises(ScalingInputError, match="no approach3 section"):
+        FitResult(n_points=0, n_rows=0, source="none").parametric("3")

@@ -20,10 +20,11 @@ MESHES = {"ddp 8x1x1": dict(data=8, fsdp=1, tensor=1), "fsdp 1x8x1": dict(data=1
 PARAM_ATOL = 2e-5
 
 
-def program(mesh_kw, devices=None, **model_kw):
+def program(mesh_kw, devices=None, context_strategy="gather", **model_kw):
     model_kw.setdefault("scan_layers", True)  # the stacked layout of large runs; unrolled is tested below
     cfg = RunConfig(model=nano_model(**model_kw), optim=OptimConfig(lr=3e-3, warmup_steps=0),
-                    mesh=MeshConfig(**mesh_kw), train=TrainConfig(batch_size=8, seq_len=32, steps=10))
+                    mesh=MeshConfig(**mesh_kw, context_strategy=context_strategy),
+                    train=TrainConfig(batch_size=8, seq_len=32, steps=10))
     return Program(cfg, make_mesh(cfg.mesh, devices))
 
 

@@ -7,6 +7,7 @@ import pytest
 from helpers import batch_for, small_run, tiny_program
 from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound
 from gptjax.config import OptimConfig
+from gptjax.runs import RunDir
 from gptjax.training.optimizer import lr_schedule
 from gptjax.training.trainer import train
 
@@ -41,6 +42,10 @@ def test_train_end_to_end_then_resume_matches_uninterrupted(small_corpus, tmp_pa
     assert Checkpointer(tmp_path / "full" / "checkpoints").all_steps() == [6, 12]
     png = (tmp_path / "full" / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000  # the loss/throughput picture
+    # everything the run wrote is a name the run-directory module declares (one home for each file name)
+    declared = {v for k, v in vars(RunDir).items() if k.isupper()}
+    assert {p.name for p in (tmp_path / "full").iterdir()} <= declared
+    assert RunDir(tmp_path / "full").read_summary()["final_step"] == 12
 
     with pytest.raises(CheckpointNotFound, match="--resume: no checkpoint in"):
         train(small_run(tmp_path / "part", small_corpus, steps=12), devices=one, resume=True)

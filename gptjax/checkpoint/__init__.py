@@ -2,7 +2,8 @@
 and params-only restore for sampling, evaluation, export and ``init_from``."""
 
 from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound, CheckpointWriteError
-from gptjax.checkpoint.restore import init_params_from, load_run_config, params_for, restore_params
+from gptjax.checkpoint.restore import init_params_from, params_for, restore_params
+from gptjax.checkpoint.tensors import CheckpointTensors
 
-__all__ = ["CheckpointNotFound", "CheckpointWriteError", "Checkpointer", "init_params_from", "load_run_config",
+__all__ = ["CheckpointNotFound", "CheckpointTensors", "CheckpointWriteError", "Checkpointer", "init_params_from",
            "params_for", "restore_params"]

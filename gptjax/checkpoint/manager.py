@@ -23,14 +23,12 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from gptjax.runs import CheckpointNotFound
+
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data")
 COMMIT_MARKER = "commit_success.txt"
-
-
-class CheckpointNotFound(FileNotFoundError):
-    pass
 
 
 class CheckpointWriteError(OSError):

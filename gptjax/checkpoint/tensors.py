@@ -16,6 +16,7 @@ import numpy as np
 import tensorstore as ts
 
 from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound
+from gptjax.runs import RunDir
 
 # No cache: a slice is decoded, returned and forgotten (a cache would keep every chunk read).
 _CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
@@ -26,7 +27,8 @@ class CheckpointTensors:
     ``read(name, layer=None)``; ``layer`` takes one index along the leading (layers) axis."""
 
     def __init__(self, run_dir: str | Path, step: int | None = None):
-        checkpointer = Checkpointer(Path(run_dir) / "checkpoints", create=False)
+        run = RunDir(run_dir)
+        checkpointer = Checkpointer(run.checkpoints, create=False)
         try:
             self.step = checkpointer._existing_step(step)
             why = checkpointer.problem(self.step, items=("state",))
@@ -34,7 +36,7 @@ class CheckpointTensors:
             checkpointer.close()
         if why is not None:
             raise CheckpointNotFound(f"checkpoint step {self.step} in {run_dir} cannot be read: {why}")
-        self.directory = Path(run_dir).absolute() / "checkpoints" / str(self.step) / "state"
+        self.directory = run.checkpoints.absolute() / str(self.step) / "state"
         meta = json.loads((self.directory / "_METADATA").read_text())
         if not meta.get("use_ocdbt", False):
             raise CheckpointNotFound(f"{self.directory}: not an OCDBT checkpoint (gptjax writes OCDBT)")

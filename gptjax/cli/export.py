@@ -12,19 +12,24 @@ import argparse
 import sys
 
 from gptjax.cli.common import setup_logging, user_errors
+from gptjax.config import DTYPE_NAMES
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptjax-export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", required=True, help="the gptjax run directory to export")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--out", required=True, help="the directory to write (a previous export there is replaced)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="tensor dtype in the files")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="tensor dtype in the files")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file before sharding (e.g. 5GB, "
                                                            "500MB, 2GiB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     setup_logging()
     _unmap_large_buffers()
     from gptjax.checkpoint import CheckpointNotFound

@@ -18,14 +18,18 @@ import sys
 from gptjax.cli.common import UserError, setup_logging, user_errors
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptjax-import", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("hf_dir", metavar="HF_DIR", help="a local transformers model directory")
     p.add_argument("--run-dir", required=True, help="the run directory to create")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a run setting (repeatable)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     setup_logging()
     import dataclasses
     from pathlib import Path

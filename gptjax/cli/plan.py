@@ -22,7 +22,7 @@ import subprocess
 import sys
 
 from gptjax.cli.common import add_config_args, config_args, user_errors
-from gptjax.config import ATTENTION_IMPLS, RunConfig, build_config_dict
+from gptjax.config import DTYPE_NAMES, AttentionImpl, Remat, RunConfig, build_config_dict, choices
 
 GB = 1e9
 
@@ -72,7 +72,23 @@ def run_aot(a: argparse.Namespace) -> dict[int, dict]:
     return {int(k): v for k, v in json.loads(lines[-1][4:]).items()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _mesh_shape(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+        if len(shape) == 3 and all(x > 0 for x in shape):
+            return shape
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"--mesh must be three positive integers data,fsdp,tensor, got {text!r}")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def parser() -> argparse.ArgumentParser:
     from gptjax.config import MODEL_PRESETS
     from gptjax.planning.memory import DEVICE_MEMORY_GB
 
@@ -81,33 +97,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", nargs="?", choices=list(MODEL_PRESETS), metavar="MODEL_PRESET",
                    help="model preset (same as --model-preset)")
     add_config_args(p, default_preset=None)
-    p.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor (default 1,8,1)")
-    p.add_argument("--context", type=int, default=1,
+    p.add_argument("--mesh", default=(1, 8, 1), type=_mesh_shape, help="data,fsdp,tensor (default 1,8,1)")
+    p.add_argument("--context", type=_positive, default=1,
                    help="context-parallel devices: the sequence is split over them (default 1)")
-    p.add_argument("--attention", default=None, choices=ATTENTION_IMPLS,
+    p.add_argument("--attention", default=None, choices=choices(AttentionImpl),
                    help="attention kernel (model.attention_impl; default: the config's)")
     p.add_argument("--batch", type=int, default=None, help="global batch in sequences (default: devices)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's context)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="compute dtype")
+    p.add_argument("--param-dtype", default="float32", choices=DTYPE_NAMES)
+    p.add_argument("--remat", default="full", choices=choices(Remat))
     p.add_argument("--device", default="h100-80gb", help=f"{', '.join(DEVICE_MEMORY_GB)} or a size in GB")
     p.add_argument("--compile-layers", default="2,4", help="reduced depths to AOT-compile (default 2,4)")
     p.add_argument("--no-compile", action="store_true", help="analytic figures only")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--aot-child", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gptjax.planning.memory import DEVICE_MEMORY_GB
+
+    p = parser()
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     a.model_preset = a.model_preset or a.model
     if not (a.model_preset or a.config or a.preset):
         p.error("give a model preset (e.g. gptjax-plan gpt2-small) or --config / --preset")
-    try:
-        a.mesh = tuple(int(x) for x in a.mesh.split(","))
-        assert len(a.mesh) == 3 and all(x > 0 for x in a.mesh)
-    except (ValueError, AssertionError):
-        p.error(f"--mesh must be three positive integers data,fsdp,tensor, got {a.mesh!r}")
-    if a.context < 1:
-        p.error(f"--context must be a positive integer, got {a.context}")
     a.compile_layers = sorted({int(x) for x in a.compile_layers.split(",")})
     n_dev = math.prod(a.mesh) * a.context
     a.batch = a.batch or n_dev

@@ -8,24 +8,29 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from gptjax.cli.common import UserError, user_errors
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptjax-plot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+")
     p.add_argument("-o", "--out", help="PNG path (default: <first run>/curves.png)")
-    a = p.parse_args(argv)
-    from gptjax.reporting.plots import plot_runs
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    from gptjax.reporting.plots import plot_runs
+    from gptjax.runs import RunDir
+
+    runs = [RunDir(r) for r in a.runs]
     with user_errors():
-        missing = [r for r in a.runs if not (Path(r) / "metrics.jsonl").exists()]
+        missing = [str(r) for r in runs if not r.metrics.exists()]
         if missing:
-            raise UserError(f"no metrics.jsonl in {', '.join(missing)}")
-    print(plot_runs(a.runs, a.out or Path(a.runs[0]) / "curves.png"))
+            raise UserError(f"no {RunDir.METRICS} in {', '.join(missing)}")
+    print(plot_runs(runs, a.out or runs[0].curves))
     return 0
 
 

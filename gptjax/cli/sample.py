@@ -8,7 +8,7 @@ import sys
 from gptjax.cli.common import setup_logging, user_errors
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptjax-sample", description=__doc__)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--prompt", default="It is a truth universally acknowledged")
@@ -18,14 +18,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    a = p.parse_args(argv)
-    setup_logging()
-    from pathlib import Path
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    setup_logging()
     from gptjax.checkpoint import CheckpointNotFound, restore_params
     from gptjax.data.tokenizer import Tokenizer, TokenizerError
     from gptjax.inference.sample import check_sampling, generate
     from gptjax.model.sharded import ShardedModel
+    from gptjax.runs import RunDir
     from gptjax.sharding.mesh import single_device_mesh
 
     with user_errors(CheckpointNotFound, TokenizerError, ValueError):
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("the prompt is empty; give --prompt some text")
         mesh = single_device_mesh()
         cfg, params = restore_params(a.run_dir, a.step, mesh)
-        tok = Tokenizer.load(Path(a.run_dir) / "tokenizer.model")
+        tok = Tokenizer.load(RunDir(a.run_dir).tokenizer)
     model = ShardedModel(cfg.model, mesh, cfg.mesh.rules)
     prompt = tok.encode(a.prompt)
     ids = generate(model.forward, params, prompt, a.tokens, cfg.model.max_seq_len, a.temperature, a.top_k, a.top_p,

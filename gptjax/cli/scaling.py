@@ -18,61 +18,30 @@ import sys
 from pathlib import Path
 
 from gptjax.cli.common import user_errors
-from gptjax.reporting.files import write_atomic
 
 
 def _fit(a) -> int:
-    from gptjax.scaling.fit import APPROACHES, fit_points
-    from gptjax.scaling.points import read_points
+    from gptjax.scaling import APPROACHES, fit_points, read_points
 
     approaches = APPROACHES if a.approach == "all" else (a.approach,)
     points = read_points(a.points, params_col=a.params_col, tokens_col=a.tokens_col, loss_col=a.loss_col,
                          flops_col=a.flops_col)
     result = fit_points(points, approaches, bootstrap=a.bootstrap, drop_highest=a.drop_highest, seed=a.seed,
                         skip_inapplicable=a.approach == "all")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, json.dumps(result, indent=2) + "\n")
-    for w in result["warnings"]:
+    out = result.write(a.out)
+    for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(summary_text(result))
+    print(result.summary())
     if a.plot:
-        from gptjax.scaling.plots import plot_fit
+        from gptjax.scaling import plot_fit
 
         print(f"plot: {plot_fit(points, result, a.plot, title=Path(a.points).name)}")
     print(f"fit: {out}")
     return 0
 
 
-def _interval(section: dict, key: str) -> str:
-    ci = section.get("ci", {}).get(key)
-    return f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""
-
-
-def summary_text(result: dict) -> str:
-    lines = [f"{result['n_points']} points"]
-    for key, name in (("approach3", "approach 3 (Huber/L-BFGS)"), ("vpnls", "vpnls")):
-        s = result.get(key)
-        if s:
-            lines.append(f"{name}: E={s['E']:.4g}{_interval(s, 'E')} A={s['A']:.4g}{_interval(s, 'A')} "
-                         f"B={s['B']:.4g}{_interval(s, 'B')} alpha={s['alpha']:.4f}{_interval(s, 'alpha')} "
-                         f"beta={s['beta']:.4f}{_interval(s, 'beta')}")
-            lines.append(f"  N_opt ~ C^{s['a']:.4f}{_interval(s, 'a')}  D_opt ~ C^{s['b']:.4f}{_interval(s, 'b')}"
-                         f"  tokens/param at C={s['reference_flops']:.3g}: {s['tokens_per_param_at_ref']:.3g}"
-                         f"{_interval(s, 'tokens_per_param_at_ref')}  objective={s['objective']:.4g}")
-    for key, name in (("approach2", "approach 2 (IsoFLOP)"), ("approach1", "approach 1 (envelope)")):
-        s = result.get(key)
-        if s:
-            lines.append(f"{name}: N_opt ~ C^{s['a']:.4f}{_interval(s, 'a')}  D_opt ~ C^{s['b']:.4f}"
-                         f"{_interval(s, 'b')}")
-    if result.get("timings_s"):
-        lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result["timings_s"].items()))
-    return "\n".join(lines)
-
-
 def _collect(a) -> int:
-    from gptjax.scaling.flops import chinchilla_flops
-    from gptjax.scaling.points import ScalingInputError, collect_run, write_points
+    from gptjax.scaling import ScalingInputError, chinchilla_flops, collect_run, write_points
 
     flops_fn = None
     if a.flops == "chinchilla":
@@ -96,29 +65,24 @@ def _collect(a) -> int:
 
 
 def _predict(a) -> int:
-    from gptjax.scaling.fit import predict
-    from gptjax.scaling.points import ScalingInputError
+    from gptjax.scaling import FitResult, predict
 
-    path = Path(a.fit)
-    try:
-        fit = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ScalingInputError(f"cannot read fit file {path}: {e}") from None
-    out = predict(fit, flops=a.flops, params=a.params, tokens=a.tokens, approach=a.approach)
+    out = predict(FitResult.read(a.fit), flops=a.flops, params=a.params, tokens=a.tokens, approach=a.approach)
     if a.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(out.to_dict(), indent=2))
     elif a.flops is not None:
-        print(f"C={out['flops']:.4g} FLOPs (approach {a.approach}): N_opt={out['params']:.4g} "
-              f"D_opt={out['tokens']:.4g} tokens/param={out['tokens_per_param']:.3g} loss={out['loss']:.4f}")
-        if "approach2" in out:
-            print(f"  approach 2 power laws: N_opt={out['approach2']['params']:.4g} "
-                  f"D_opt={out['approach2']['tokens']:.4g}")
+        print(f"C={out.flops:.4g} FLOPs (approach {a.approach}): N_opt={out.params:.4g} D_opt={out.tokens:.4g} "
+              f"tokens/param={out.tokens_per_param:.3g} loss={out.loss:.4f}")
+        if out.approach2:
+            print(f"  approach 2 power laws: N_opt={out.approach2['params']:.4g} D_opt={out.approach2['tokens']:.4g}")
     else:
-        print(f"N={out['params']:.4g} D={out['tokens']:.4g}: loss={out['loss']:.4f}")
+        print(f"N={out.params:.4g} D={out.tokens:.4g}: loss={out.loss:.4f}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    from gptjax.scaling import APPROACHES, PARAMETRIC_APPROACHES
+
     p = argparse.ArgumentParser(prog="gptjax-scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -128,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--tokens-col", default="tokens")
     f.add_argument("--loss-col", default="loss")
     f.add_argument("--flops-col", default=None, help="compute column (default: C = 6 N D)")
-    f.add_argument("--approach", choices=["1", "2", "3", "vpnls", "all"], default="all",
+    f.add_argument("--approach", choices=[*APPROACHES, "all"], default="all",
                    help="all: every approach the points support (the others are skipped with a warning)")
     f.add_argument("--drop-highest", type=int, default=0, metavar="K", help="leave out the K highest-loss points")
     f.add_argument("--bootstrap", type=int, default=0, metavar="R", help="bootstrap resamples (e.g. 1000)")
@@ -146,10 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--flops", type=float)
     r.add_argument("--params", type=float)
     r.add_argument("--tokens", type=float)
-    r.add_argument("--approach", choices=["3", "vpnls"], default="3")
+    r.add_argument("--approach", choices=PARAMETRIC_APPROACHES, default="3")
     r.add_argument("--json", action="store_true")
-    a = p.parse_args(argv)
-    from gptjax.scaling.points import ScalingInputError
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    from gptjax.scaling import ScalingInputError
 
     with user_errors(ScalingInputError):
         return {"fit": _fit, "collect": _collect, "predict": _predict}[a.cmd](a)

@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--resume-step and --extend-steps go with --resume")
         cfg = config_from_args(a, *flags)
         if a.resume:  # the run's own config.json is the base; only what is given on the command line changes
-            from gptjax.checkpoint.restore import load_run_config
+            from gptjax.runs import RunDir
             from gptjax.training.checkpointing import extend_run
 
-            stored = load_run_config(cfg.train.run_dir)
+            stored = RunDir(cfg.train.run_dir).read_config()
             extend = extend_run(stored, a.extend_steps) if a.extend_steps else []
             explicit = a.config or a.model_preset
             cfg = config_from_args(a, *flags, *extend) if explicit else build_run_config(

@@ -13,12 +13,15 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from gptjax.config.presets import RUN_PRESETS, model_preset, run_preset
-from gptjax.config.schema import ConfigError, RunConfig, field_type
+from gptjax.config.schema import MOVED_FIELDS, ConfigError, RunConfig, field_type
+
+log = logging.getLogger("gptjax")
 
 DEFAULT_RUN = "austen"
 
@@ -76,6 +79,9 @@ def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
+        if key in MOVED_FIELDS:
+            log.warning("--set %s: the field is now %s", key, MOVED_FIELDS[key])
+            key = MOVED_FIELDS[key]
         parts = key.split(".")
         if len(parts) != 2:
             raise ConfigError(f"override {item!r}: the key must be section.field, e.g. model.d_model")

@@ -3,26 +3,95 @@
 Every config is a frozen dataclass validated in ``__post_init__``; a bad value raises :class:`ConfigError`
 naming the field, the value and what would be accepted. ``RunConfig.from_dict`` builds a config from plain
 data (JSON, a preset) and rejects unknown keys, so a typo never silently falls back to a default.
+
+Each choice set is one type (a ``Literal``, or an ``Enum`` where the choice carries behaviour): the validation,
+the error message and the command lines' ``choices=`` all read it (:func:`choices`).
+
+Each field declares its :class:`Role` where it is declared: what a change to it does. Which fields may differ
+between a checkpoint and the model that loads its parameters, on resume, or at HF import is derived from the roles
+(:func:`fields_with_role`), never listed by hand.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 from gptjax.config.axes import MESH_AXES
-from gptjax.config.dtypes import DTYPE_NAMES
+from gptjax.config.dtypes import DType
+
+# ---- choice sets ----------------------------------------------------------------------------------------------
+Positions = Literal["rope", "learned"]
+Norm = Literal["rmsnorm", "layernorm"]  # always pre-norm, with a final norm
+Mlp = Literal["swiglu", "gelu"]
+# dense: every layer attends to the whole causal context; alternating: GPT-3's even layers dense, odd layers banded
+AttentionPattern = Literal["dense", "alternating"]
+# the attention kernel: "auto" or one of gptjax/model/kernels.py's table (which the tests check against this)
+AttentionImpl = Literal["auto", "dense", "blockwise", "cudnn", "splash"]
+Remat = Literal["none", "full", "save_dots"]
+Schedule = Literal["cosine", "wsd"]  # warmup + cosine decay | warmup, constant, then linear decay
 
 
+class ContextStrategy(enum.StrEnum):
+    """How attention reaches the keys of the other devices' slices when the sequence is split over the mesh's
+    context axis (the layout itself: ``gptjax/sharding/context.py``)."""
 
-ATTENTION_IMPLS = ("auto", "dense", "blockwise", "cudnn", "splash")
-CONTEXT_STRATEGIES = ("gather", "ring", "zigzag")
-RING_STRATEGIES = ("ring", "zigzag")  # the strategies that pass key / value slices around (gptjax/model/ring.py)
+    GATHER = "gather"  # all-gather keys and values (each device then holds every slice's, every layer's)
+    RING = "ring"  # pass the slices around the devices (gptjax/model/ring.py): never more than two a device
+    ZIGZAG = "zigzag"  # the ring over the zig-zag layout: each device an early and a late chunk, the same work
+
+    @property
+    def passes_slices(self) -> bool:
+        """Keys / values travel around a ring of devices instead of being gathered."""
+        return self is not ContextStrategy.GATHER
+
+    @property
+    def chunks_per_device(self) -> int:
+        """Equal chunks of the sequence one device holds: 2 in the zig-zag layout (chunks d and 2C - 1 - d)."""
+        return 2 if self is ContextStrategy.ZIGZAG else 1
+
+
+def choices(choice_type: Any) -> tuple[str, ...]:
+    """The values of a choice type (a ``Literal`` or an ``Enum``), in declaration order."""
+    if isinstance(choice_type, type) and issubclass(choice_type, enum.Enum):
+        return tuple(m.value for m in choice_type)
+    return typing.get_args(choice_type)
+
+
+# ---- field roles ----------------------------------------------------------------------------------------------
+class Role(enum.Enum):
+    """What changing a field does; every field has one (``tests/test_config.py`` fails on a field without)."""
+
+    PARAMETERS = "defines the parameters"  # their shapes, meaning or storage dtype: must agree wherever they load
+    FUNCTION = "defines the function"  # what the same parameters compute (rope base, norm epsilon, attention band)
+    LAYOUT = "lays out the parameters"  # how they are stored (scan-stacked or per layer): converted on load
+    TRAJECTORY = "changes the optimizer trajectory"  # data, objective, optimizer, schedule, seeds, precision
+    CADENCE = "cadence"  # when the run observes or saves itself: logging, evaluation, checkpoints, samples
+    EXECUTION = "execution"  # how and where the same computation runs: mesh, kernels, remat, run directory
+
+
+RoleSpec = Role | Callable[[Any], Role]  # a role, or one that depends on the section's other fields
+
+
+def _f(default: Any, role: RoleSpec, *, factory: bool = False) -> Any:
+    """A dataclass field with its role (``factory``: ``default`` is a default factory)."""
+    kw = {"default_factory": default} if factory else {"default": default}
+    return field(metadata={"role": role}, **kw)
+
+
+def role_of(section: Any, name: str) -> Role:
+    """The role of field ``name`` of a config section instance (a role may depend on the section's values)."""
+    spec = {f.name: f for f in dataclasses.fields(section)}[name].metadata.get("role")
+    if spec is None:
+        raise ConfigError(f"{type(section).__name__}.{name} declares no role")
+    return spec(section) if callable(spec) else spec
 
 
 class ConfigError(ValueError):
@@ -34,10 +103,6 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _choice(name: str, value: Any, options: tuple) -> None:
-    _check(value in options, f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, options))}")
-
-
 def _positive(obj: Any, *names: str) -> None:
     for n in names:
         v = getattr(obj, n)
@@ -45,47 +110,76 @@ def _positive(obj: Any, *names: str) -> None:
                f"{type(obj).__name__}.{n} must be a positive integer, got {v!r}")
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _choice_type(hint: Any) -> Any | None:
+    """The choice type inside a field annotation (``Norm``, ``ContextStrategy``, ``DType | None``), or None."""
+    for h in (hint, *typing.get_args(hint)):
+        if typing.get_origin(h) is Literal or (isinstance(h, type) and issubclass(h, enum.Enum)):
+            return h
+    return None
+
+
+def _check_choices(obj: Any) -> None:
+    """Every choice field of ``obj`` holds one of its type's values (an ``Enum`` field is coerced to a member)."""
+    for name, hint in _hints(type(obj)).items():
+        kind = _choice_type(hint)
+        value = getattr(obj, name)
+        if kind is None or value is None:
+            continue
+        options = choices(kind)
+        _check(value in options, f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, options))}")
+        if isinstance(kind, type) and not isinstance(value, kind):
+            object.__setattr__(obj, name, kind(value))
+
+
+def _learned_positions_fix_the_table(m: "ModelConfig") -> Role:
+    """``max_seq_len`` sizes the position table of learned positions; with RoPE it only bounds the sequence."""
+    return Role.PARAMETERS if m.positions == "learned" else Role.FUNCTION
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """One config space for the GPT family (GPT-1/2/3, LLaMA-style stacks)."""
 
-    vocab_size: int = 4096
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int | None = None  # None: = n_heads (MHA); a divisor of n_heads: GQA; 1: MQA
-    head_dim: int | None = None  # None: d_model // n_heads
-    d_ff: int = 688
-    max_seq_len: int = 256
-    positions: str = "rope"  # rope | learned
-    rope_theta: float = 10000.0
-    norm: str = "rmsnorm"  # rmsnorm | layernorm (always pre-norm, with a final norm)
-    norm_eps: float = 1e-5
-    mlp: str = "swiglu"  # swiglu | gelu
-    use_bias: bool = False  # biases in attention/MLP projections (GPT-1/2/3 use them)
+    vocab_size: int = _f(4096, Role.PARAMETERS)
+    d_model: int = _f(256, Role.PARAMETERS)
+    n_layers: int = _f(4, Role.PARAMETERS)
+    n_heads: int = _f(8, Role.PARAMETERS)
+    n_kv_heads: int | None = _f(None, Role.PARAMETERS)  # None: = n_heads (MHA); a divisor of n_heads: GQA; 1: MQA
+    head_dim: int | None = _f(None, Role.PARAMETERS)  # None: d_model // n_heads
+    d_ff: int = _f(688, Role.PARAMETERS)
+    max_seq_len: int = _f(256, _learned_positions_fix_the_table)
+    positions: Positions = _f("rope", Role.PARAMETERS)
+    rope_theta: float = _f(10000.0, Role.FUNCTION)
+    norm: Norm = _f("rmsnorm", Role.PARAMETERS)
+    norm_eps: float = _f(1e-5, Role.FUNCTION)
+    mlp: Mlp = _f("swiglu", Role.PARAMETERS)
+    use_bias: bool = _f(False, Role.PARAMETERS)  # biases in attention/MLP projections (GPT-1/2/3 use them)
     # q/k/v projection biases; None: as use_bias. GPT-Neo has output and MLP biases but none on q/k/v.
-    qkv_bias: bool | None = None
-    tie_embeddings: bool = True
-    qk_norm: bool = False
-    z_loss: float = 0.0  # coefficient of the log(Z)^2 auxiliary loss (PaLM uses 1e-4)
-    attention: str = "dense"  # dense | alternating (GPT-3: even layers dense, odd layers banded)
-    window: int = 256  # band width of banded layers: a query sees itself and window-1 previous tokens
-    # attention kernel: auto | dense | blockwise | cudnn | splash (gptjax/model/kernels.py has the table and the
-    # rule "auto" follows); attention_block: query / key tile of the blockwise and splash kernels
-    attention_impl: str = "auto"
-    attention_block: int = 512
-    # with the sequence split over the mesh's context axis: all-gather keys / values for attention ("gather"), or
-    # pass the slices around the devices ("ring", gptjax/model/ring.py: never more than two slices a device), or
-    # the ring over the zig-zag layout ("zigzag": each device an early and a late chunk, the same causal work)
-    context_strategy: str = "gather"
-    dtype: str = "float32"  # compute dtype; softmax, norms and loss are always float32
-    param_dtype: str = "float32"
-    init_std: float = 0.02
-    scan_layers: bool = False  # lax.scan over the layer stack (compile time flat in depth) or unrolled (faster on CPU)
-    remat: str = "none"  # none | full | save_dots
+    qkv_bias: bool | None = _f(None, Role.PARAMETERS)
+    tie_embeddings: bool = _f(True, Role.PARAMETERS)
+    qk_norm: bool = _f(False, Role.PARAMETERS)
+    z_loss: float = _f(0.0, Role.TRAJECTORY)  # coefficient of the log(Z)^2 auxiliary loss (PaLM uses 1e-4)
+    attention: AttentionPattern = _f("dense", Role.FUNCTION)
+    window: int = _f(256, Role.FUNCTION)  # band width of banded layers: a query sees itself and window-1 before it
+    # attention kernel (gptjax/model/kernels.py has the table and the rule "auto" follows); attention_block: query /
+    # key tile of the blockwise and splash kernels
+    attention_impl: AttentionImpl = _f("auto", Role.EXECUTION)
+    attention_block: int = _f(512, Role.EXECUTION)
+    dtype: DType = _f("float32", Role.TRAJECTORY)  # compute dtype; softmax, norms and loss are always float32
+    param_dtype: DType = _f("float32", Role.PARAMETERS)
+    init_std: float = _f(0.02, Role.TRAJECTORY)
+    # lax.scan over the layer stack (compile time flat in depth) or unrolled (faster on CPU)
+    scan_layers: bool = _f(False, Role.LAYOUT)
+    remat: Remat = _f("none", Role.EXECUTION)
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
+        _check_choices(self)
         kv = self.kv_heads
         _check(isinstance(kv, int) and kv > 0 and self.n_heads % kv == 0,
                f"n_kv_heads={self.n_kv_heads!r} must divide n_heads={self.n_heads} "
@@ -94,27 +188,18 @@ class ModelConfig:
         _check(isinstance(hd, int) and hd > 0,
                f"head_dim={self.head_dim!r}: give a positive head_dim or a d_model divisible by n_heads "
                f"(d_model={self.d_model}, n_heads={self.n_heads})")
-        _choice("positions", self.positions, ("rope", "learned"))
         if self.positions == "rope":
             _check(hd % 2 == 0, f"RoPE needs an even head_dim, got {hd}")
             _check(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
-        _choice("norm", self.norm, ("rmsnorm", "layernorm"))
         _check(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
-        _choice("mlp", self.mlp, ("swiglu", "gelu"))
         _check(not (self.qkv_bias and not self.use_bias),
                "qkv_bias=true needs use_bias=true (q/k/v biases without the output and MLP biases are not modelled)")
-        _choice("attention", self.attention, ("dense", "alternating"))
         if self.attention == "alternating":
             _check(isinstance(self.window, int) and self.window >= 1,
                    f"window must be a positive integer for banded attention, got {self.window!r}")
-        _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _positive(self, "attention_block")
-        _choice("context_strategy", self.context_strategy, CONTEXT_STRATEGIES)
         _check(self.z_loss >= 0, f"z_loss must be >= 0, got {self.z_loss}")
-        _choice("dtype", self.dtype, DTYPE_NAMES)
-        _choice("param_dtype", self.param_dtype, DTYPE_NAMES)
         _check(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
-        _choice("remat", self.remat, ("none", "full", "save_dots"))
 
     @property
     def kv_heads(self) -> int:
@@ -141,15 +226,22 @@ class ModelConfig:
             return (dense,) * self.n_layers
         return tuple(dense if i % 2 == 0 else min(self.window, dense) for i in range(self.n_layers))
 
+    def parameter_differences(self, other: "ModelConfig") -> dict[str, tuple[Any, Any]]:
+        """The fields that define the parameters (:attr:`Role.PARAMETERS`) and differ in ``other``:
+        ``{name: (here, there)}``. Parameters load from one model into the other iff this is empty."""
+        return {f.name: (getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)
+                if role_of(self, f.name) is Role.PARAMETERS and getattr(self, f.name) != getattr(other, f.name)}
+
 
 @dataclass(frozen=True)
 class DataConfig:
-    corpus: str = "default"  # a UTF-8 text file, or "default" for the embedded Jane Austen corpus
-    doc_pattern: str | None = None  # regex (multiline) whose matches start a new document; None: blank lines
-    val_fraction: float = 0.05
-    seed: int = 0
-    tokenizer: str | None = None  # an existing sentencepiece .model; None: train one into the run dir
-    tokenizer_sample_chars: int = 20_000_000  # train the tokenizer on at most this many characters
+    corpus: str = _f("default", Role.TRAJECTORY)  # a UTF-8 text file, or "default" for the embedded Austen corpus
+    # regex (multiline) whose matches start a new document; None: blank lines
+    doc_pattern: str | None = _f(None, Role.TRAJECTORY)
+    val_fraction: float = _f(0.05, Role.TRAJECTORY)
+    seed: int = _f(0, Role.TRAJECTORY)
+    tokenizer: str | None = _f(None, Role.TRAJECTORY)  # an existing sentencepiece .model; None: train one
+    tokenizer_sample_chars: int = _f(20_000_000, Role.TRAJECTORY)  # train the tokenizer on at most this many chars
 
     def __post_init__(self) -> None:
         _check(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
@@ -157,24 +249,24 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    schedule: str = "cosine"  # cosine (warmup + cosine decay) | wsd (warmup, constant, then linear decay)
-    warmup_steps: int = 50
-    decay_fraction: float = 0.2  # wsd: the last fraction of steps that decay
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    lr: float = _f(3e-3, Role.TRAJECTORY)
+    min_lr_ratio: float = _f(0.1, Role.TRAJECTORY)
+    schedule: Schedule = _f("cosine", Role.TRAJECTORY)
+    warmup_steps: int = _f(50, Role.TRAJECTORY)
+    decay_fraction: float = _f(0.2, Role.TRAJECTORY)  # wsd: the last fraction of steps that decay
+    b1: float = _f(0.9, Role.TRAJECTORY)
+    b2: float = _f(0.95, Role.TRAJECTORY)
+    eps: float = _f(1e-8, Role.TRAJECTORY)
+    weight_decay: float = _f(0.1, Role.TRAJECTORY)
+    grad_clip: float = _f(1.0, Role.TRAJECTORY)  # global-norm clip; 0 disables
     # Steps the lr schedule spans; None: train.steps. Extending a finished run pins it to the original length, so
     # the schedule is not re-stretched: past its end the lr stays at its final value (lr * min_lr_ratio).
-    schedule_steps: int | None = None
+    schedule_steps: int | None = _f(None, Role.TRAJECTORY)
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _choice("schedule", self.schedule, ("cosine", "wsd"))
         _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(0 < self.decay_fraction <= 1, f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"b1, b2 must be in [0, 1), got {self.b1}, {self.b2}")
@@ -192,19 +284,21 @@ class MeshConfig:
     parallelism (tensor=N), or hybrids: data=G, fsdp=N/G is FSDP inside groups of N/G devices with
     replication across the G groups (the "sharding factor" of hybrid sharding). ``context=C`` splits every
     activation along the sequence over C devices (context parallelism, for long sequences); attention gathers the
-    keys and values over that axis, or passes them around it (``ModelConfig.context_strategy``).
+    keys and values over that axis, or passes them around it (``context_strategy``).
     """
 
-    data: int = -1
-    fsdp: int = 1
-    context: int = 1  # context parallelism: the sequence is split over this many devices (long context)
-    tensor: int = 1
+    data: int = _f(-1, Role.EXECUTION)
+    fsdp: int = _f(1, Role.EXECUTION)
+    context: int = _f(1, Role.EXECUTION)  # context parallelism: the sequence is split over this many devices
+    tensor: int = _f(1, Role.EXECUTION)
     # Hybrid sharding: FSDP within groups of this many devices, replicated across groups (sets fsdp; data
     # becomes the number of groups). Equivalent to data=N/k, fsdp=k.
-    sharding_factor: int | None = None
-    rules: dict = field(default_factory=dict)  # overrides of the logical-axis rules, e.g. {"embed": None}
+    sharding_factor: int | None = _f(None, Role.EXECUTION)
+    rules: dict = _f(dict, Role.EXECUTION, factory=True)  # overrides of the logical-axis rules, e.g. {"embed": None}
+    context_strategy: ContextStrategy = _f(ContextStrategy.GATHER, Role.EXECUTION)
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         sizes = self.sizes()
         for name, v in zip(MESH_AXES, sizes):
             _check(isinstance(v, int) and (v > 0 or v == -1),
@@ -239,33 +333,40 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    run_dir: str = "runs/default"
-    steps: int = 300
-    batch_size: int = 16  # global batch, in sequences
-    seq_len: int = 256
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 8
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    peak_flops: float | None = None  # per device; None: measure with a short matmul benchmark at start
-    sample_tokens: int = 120
-    sample_prompt: str = "It is a truth universally acknowledged"
-    progress: bool = True
+    run_dir: str = _f("runs/default", Role.EXECUTION)  # where the run lives (a moved run directory resumes)
+    steps: int = _f(300, Role.TRAJECTORY)
+    batch_size: int = _f(16, Role.TRAJECTORY)  # global batch, in sequences
+    seq_len: int = _f(256, Role.TRAJECTORY)
+    seed: int = _f(0, Role.TRAJECTORY)
+    log_every: int = _f(10, Role.CADENCE)
+    eval_every: int = _f(100, Role.CADENCE)
+    eval_batches: int = _f(8, Role.CADENCE)
+    checkpoint_every: int = _f(100, Role.CADENCE)
+    keep_checkpoints: int = _f(3, Role.CADENCE)
+    # per device; None: measure with a short matmul benchmark at start
+    peak_flops: float | None = _f(None, Role.CADENCE)
+    sample_tokens: int = _f(120, Role.CADENCE)
+    sample_prompt: str = _f("It is a truth universally acknowledged", Role.CADENCE)
+    progress: bool = _f(True, Role.CADENCE)
     # Start from the parameters of another run directory (its latest checkpoint) with a fresh optimizer and
     # schedule; the model configs must agree (the scan / unrolled layout may differ).
-    init_from: str | None = None
+    init_from: str | None = _f(None, Role.TRAJECTORY)
     # Non-finite guard: a step whose loss or gradient norm is not finite does not update the state; after this
     # many such steps in a row the run stops (0: stop at the first). A non-finite state is never saved.
-    max_nonfinite_skips: int = 3
-    async_checkpoint: bool = True  # write checkpoints in the background (orbax async) instead of pausing training
+    max_nonfinite_skips: int = _f(3, Role.EXECUTION)
+    # write checkpoints in the background (orbax async) instead of pausing training
+    async_checkpoint: bool = _f(True, Role.EXECUTION)
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
                   "checkpoint_every", "keep_checkpoints")
         _check(self.sample_tokens >= 0, f"sample_tokens must be >= 0, got {self.sample_tokens}")
         _check(self.max_nonfinite_skips >= 0, f"max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
+
+
+# Fields that moved between sections: an old key found where a config is read is taken to the new place, so run
+# directories written before the move still load and resume.
+MOVED_FIELDS = {"model.context_strategy": "mesh.context_strategy"}
 
 
 @dataclass(frozen=True)
@@ -279,17 +380,19 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(self.train.seq_len <= self.model.max_seq_len,
                f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
-        chunks = 2 * self.mesh.context
-        _check(self.model.context_strategy != "zigzag" or self.mesh.context == 1 or self.train.seq_len % chunks == 0,
-               f"model.context_strategy=zigzag splits the sequence into 2 x mesh.context = {chunks} equal chunks; "
-               f"train.seq_len={self.train.seq_len} does not divide into {chunks}")
+        strategy, context = self.mesh.context_strategy, self.mesh.context
+        chunks = strategy.chunks_per_device * context  # an uneven contiguous split is refused with the mesh
+        _check(context == 1 or strategy.chunks_per_device == 1 or self.train.seq_len % chunks == 0,
+               f"mesh.context_strategy={strategy} splits the sequence into {strategy.chunks_per_device} x "
+               f"mesh.context = {chunks} equal chunks; train.seq_len={self.train.seq_len} does not divide into "
+               f"{chunks}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
-        return _from_dict(cls, d, "")
+        return _from_dict(cls, migrate(d), "")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self, dict_factory=_plain)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -302,12 +405,55 @@ class RunConfig:
             d[section].update(values)
         return RunConfig.from_dict(d)
 
+    def roles(self) -> dict[str, Role]:
+        """``{"section.field": role}`` for every field, as this config's values decide them."""
+        return {f"{s.name}.{f.name}": role_of(getattr(self, s.name), f.name)
+                for s in dataclasses.fields(self) for f in dataclasses.fields(getattr(self, s.name))}
+
+    def differences(self, other: "RunConfig") -> dict[str, tuple[Any, Any]]:
+        """``{"section.field": (here, there)}`` for every field whose value differs in ``other``."""
+        a, b = _flat(self), _flat(other)
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def fields_with_role(section: type, *roles: Role) -> tuple[str, ...]:
+    """Names of the fields of config class ``section`` (at its defaults) whose role is one of ``roles``."""
+    instance = section()
+    return tuple(f.name for f in dataclasses.fields(section) if role_of(instance, f.name) in roles)
+
+
+def _flat(cfg: RunConfig) -> dict[str, Any]:
+    return {f"{section}.{k}": v for section, fields in cfg.to_dict().items() for k, v in fields.items()}
+
+
+def _plain(items: list[tuple[str, Any]]) -> dict:
+    """A section as plain data: choice enums as their strings."""
+    return {k: v.value if isinstance(v, enum.Enum) else v for k, v in items}
+
+
+def migrate(d: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A copy of ``d`` with every field of :data:`MOVED_FIELDS` in its new section (a config written before the
+    move); an old and a new value that disagree are an error."""
+    if not isinstance(d, Mapping):
+        return d
+    d = {k: dict(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+    for old, new in MOVED_FIELDS.items():
+        (osec, oname), (nsec, nname) = old.split("."), new.split(".")
+        if isinstance(d.get(osec), dict) and oname in d[osec]:
+            value = d[osec].pop(oname)
+            target = d.setdefault(nsec, {})
+            if target.setdefault(nname, value) != value:
+                raise ConfigError(f"{old}={value!r} (the field's old place) and {new}={target[nname]!r} disagree; "
+                                  f"keep {new}")
+    return d
+
 
 def field_type(hint: Any) -> tuple[type, bool]:
-    """``(type, optional)`` of a field annotation: ``int | None`` -> ``(int, True)``, ``dict`` -> ``(dict, False)``."""
+    """``(type, optional)`` of a field annotation: ``int | None`` -> ``(int, True)``, ``dict`` -> ``(dict, False)``;
+    a choice type counts as ``str``."""
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     kinds = [a for a in args if a is not type(None)]
-    kind = typing.get_origin(kinds[0]) or kinds[0]
+    kind = str if _choice_type(kinds[0]) is not None else typing.get_origin(kinds[0]) or kinds[0]
     return kind, len(kinds) < len(args)
 
 
@@ -332,7 +478,7 @@ def _from_dict(cls: type, d: Mapping[str, Any], where: str) -> Any:
     if isinstance(d, cls):
         return d
     _check(isinstance(d, Mapping), f"{where or 'config'} must be a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(d) - set(fields))
     _check(not unknown, f"unknown field(s) {unknown} in {where or cls.__name__}; valid: {', '.join(fields)}")
@@ -345,4 +491,3 @@ def _from_dict(cls: type, d: Mapping[str, Any], where: str) -> Any:
             value = check_value(value, hint, f"{where}{name}")
         kwargs[name] = value
     return cls(**kwargs)
-

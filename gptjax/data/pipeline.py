@@ -22,6 +22,7 @@ import numpy as np
 from gptjax.config import DataConfig
 from gptjax.data.corpus import CorpusError, fingerprint, read_corpus, resolve_corpus, split_documents
 from gptjax.data.tokenizer import Tokenizer, TokenizerError, encode_documents
+from gptjax.runs import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,9 @@ class TokenizedCorpus:
     n_docs: tuple[int, int]
 
 
-def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: str | Path) -> TokenizedCorpus:
-    """Read, split, tokenize (training the tokenizer if needed); cached in ``run_dir/data`` by content hash."""
-    run_dir = Path(run_dir)
+def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Path) -> TokenizedCorpus:
+    """Read, split, tokenize (training the tokenizer if needed); cached in the run's ``data/`` by content hash."""
+    run = RunDir(run_dir)
     path, default_pattern = resolve_corpus(cfg.corpus)
     text = read_corpus(path)
     pattern = cfg.doc_pattern if cfg.doc_pattern is not None else default_pattern
@@ -44,7 +45,7 @@ def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: str | Path) -> Tok
     if len(docs) < 2:
         raise CorpusError(f"corpus {path} splits into {len(docs)} document(s); the train/validation split needs "
                           "at least 2 (set data.doc_pattern, or separate documents with blank lines)")
-    tok_path = run_dir / "tokenizer.model"
+    tok_path = run.tokenizer
     if cfg.tokenizer is not None:
         tok = Tokenizer.load(cfg.tokenizer)
     elif tok_path.exists():
@@ -55,12 +56,12 @@ def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: str | Path) -> Tok
     if tok.vocab_size != vocab_size:
         raise TokenizerError(f"tokenizer has {tok.vocab_size} pieces but model.vocab_size={vocab_size}; "
                          "make them equal (or remove the run's tokenizer.model to train a new one)")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run.path.mkdir(parents=True, exist_ok=True)
     if not tok_path.exists():
         tok.save(tok_path)
 
     key = fingerprint(text, pattern, cfg.val_fraction, cfg.seed, tok.proto)
-    cache = run_dir / "data"
+    cache = run.data
     meta_path = cache / "meta.json"
     if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:
         meta = json.loads(meta_path.read_text())
@@ -124,11 +125,3 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch: int, max_batches: int)
                           f"sequences of {seq_len + 1}; raise data.val_fraction or lower the batch size")
     n = min(max_batches, len(source) // batch)
     return [_split(np.stack([source[b * batch + i] for i in range(batch)])) for b in range(n)]
-
-
-def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
-    """Cross-entropy (nats/token) of the validation tokens under the train split's unigram distribution
-    (add-one smoothed): the loss of the best model that ignores context."""
-    counts = np.bincount(train.astype(np.int64), minlength=vocab_size).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    return float(-logp[val.astype(np.int64)].mean())

@@ -1,4 +1,5 @@
-"""Held-out loss: the token-weighted mean next-token loss of a model over fixed batches."""
+"""Held-out loss: the token-weighted mean next-token loss of a model over fixed batches, and the unigram baseline
+it is read against."""
 
 from __future__ import annotations
 
@@ -22,3 +23,11 @@ def evaluate(model: ShardedModel, params: Any, batches: Sequence[Mapping[str, np
     out = jax.device_get([model.eval_step(params, model.global_batch(local_rows(b))) for b in batches])
     tokens = sum(float(o["tokens"]) for o in out)
     return sum(float(o["nll_sum"]) for o in out) / max(tokens, 1.0)
+
+
+def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of the validation tokens under the train split's unigram distribution
+    (add-one smoothed): the loss of the best model that ignores context."""
+    counts = np.bincount(train.astype(np.int64), minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[val.astype(np.int64)].mean())

@@ -10,31 +10,29 @@ tensors are then read from the checkpoint one at a time (one layer's slice of a 
 ``checkpoint/tensors.py``), converted, written and dropped. Peak memory is the largest single tensor (times the
 small constant of a transpose and a dtype cast) plus the process's baseline, whatever the model or shard size.
 
-Everything is written into a temporary sibling of ``out`` and renamed into place at the end, so a failure leaves
-no half-written export; a previous gptjax export at ``out`` is replaced, any other non-empty directory is refused.
+Everything is written into a temporary sibling of ``out`` and renamed into place at the end
+(:func:`gptjax.runs.atomic_directory`), so a failure leaves no half-written export; a previous gptjax export at
+``out`` is replaced, any other non-empty directory is refused.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from gptjax.checkpoint.restore import load_run_config
 from gptjax.checkpoint.tensors import CheckpointTensors
+from gptjax.config.dtypes import DTYPES
 from gptjax.data.tokenizer import Tokenizer
-from gptjax.interop.families import HFTensor, family_for
+from gptjax.interop.families import HF_CONFIG, HF_TOKENIZER, HFTensor, family_for
 from gptjax.interop.safetensors import INDEX, StreamWriter, parse_size, plan_shards, shard_names
 from gptjax.interop.tokenizer import hf_tokenizer_files
+from gptjax.runs import RunDir, atomic_directory
 
-EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 MARKER = "gptjax"  # the config.json key that records where an export came from
 
 
@@ -69,7 +67,7 @@ def _check_target(out: Path) -> None:
         raise ExportError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         try:
-            previous = MARKER in json.loads((out / "config.json").read_text())
+            previous = MARKER in json.loads((out / HF_CONFIG).read_text())
         except (OSError, json.JSONDecodeError):
             previous = False
         if not previous:
@@ -79,18 +77,18 @@ def _check_target(out: Path) -> None:
 
 def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dtype: str = "float32",
                max_shard_size: str | int = "5GB", progress: bool = True) -> ExportResult:
-    run_dir, out = Path(run_dir), Path(out)
-    if dtype not in EXPORT_DTYPES:
-        raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
+    run, out = RunDir(run_dir), Path(out)
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     try:
         max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     except ValueError as e:
         raise ExportError(f"--max-shard-size: {e}") from None
     _check_target(out)
-    cfg = load_run_config(run_dir)
+    cfg = run.read_config()
     family = family_for(cfg.model)
-    reader = CheckpointTensors(run_dir, step)
-    tok_path = run_dir / "tokenizer.model"
+    reader = CheckpointTensors(run.path, step)
+    tok_path = run.tokenizer
     if not tok_path.is_file():
         raise ExportError(f"{tok_path} not found: the run's tokenizer is exported with its weights")
     tokenizer = Tokenizer.load(tok_path)
@@ -100,19 +98,16 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
     for t in tensors:  # config.json and the checkpoint must agree before anything is written
         for src in t.sources:
             if locate(reader, src, t.layer)[0] not in reader.shapes:
-                raise ExportError(f"checkpoint step {reader.step} of {run_dir} has no parameter "
-                                  f"{src.format(t.layer)} that {run_dir / 'config.json'} implies")
-    np_dtype = EXPORT_DTYPES[dtype]
+                raise ExportError(f"checkpoint step {reader.step} of {run} has no parameter "
+                                  f"{src.format(t.layer)} that {run.config} implies")
+    np_dtype = DTYPES[dtype]
     sizes = {t.name: int(np.prod(t.shape)) * np_dtype.itemsize for t in tensors}
     total = sum(sizes.values())
     shards = plan_shards(sizes.items(), max_bytes)
     files = shard_names(len(shards))
     by_name = {t.name: t for t in tensors}
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time())}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(out) as tmp:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"export {family.architecture}",
                    disable=not progress)
         for names, fname in zip(shards, files):
@@ -127,18 +122,14 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2))
         hf_cfg = family.hf_config(cfg.model, tokenizer.eos_id, dtype)
-        hf_cfg[MARKER] = {"run_dir": str(run_dir.absolute()), "step": reader.step, "model": cfg.to_dict()["model"]}
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        hf_cfg[MARKER] = {"run_dir": str(run.path.absolute()), "step": reader.step, "model": cfg.to_dict()["model"]}
+        (tmp / HF_CONFIG).write_text(json.dumps(hf_cfg, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
             {"eos_token_id": tokenizer.eos_id, "bos_token_id": None, "pad_token_id": None}, indent=2))
         for name, content in tok_files.items():
             (tmp / name).write_text(json.dumps(content, ensure_ascii=False, indent=None if name == "tokenizer.json"
                                                else 2))
-        shutil.copyfile(tok_path, tmp / "tokenizer.model")
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        shutil.copyfile(tok_path, tmp / HF_TOKENIZER)
     return ExportResult(out, family.architecture, reader.step, files, total)
 
 
@@ -148,14 +139,3 @@ def _convert(reader: CheckpointTensors, t: HFTensor, dtype: np.dtype) -> np.ndar
     if tuple(value.shape) != t.shape:
         raise ExportError(f"{t.name}: made shape {value.shape} from {t.sources}, expected {t.shape}")
     return value.astype(dtype, order="C")  # one copy: the cast and the layout of a transpose together
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """``tmp`` becomes ``out``; a previous ``out`` is removed only after the new one is in place."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{int(time.time())}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

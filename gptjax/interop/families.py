@@ -34,6 +34,10 @@ import numpy as np
 
 from gptjax.config import ModelConfig
 
+# The files of a Hugging Face model directory that export writes and import reads besides the weights.
+HF_CONFIG = "config.json"
+HF_TOKENIZER = "tokenizer.model"  # a sentencepiece model, as LLaMA-family directories ship it
+
 
 class UnsupportedArchitecture(ValueError):
     """A model that has no exact counterpart on the other side; the message names every feature in the way."""

@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from gptjax.config import ConfigError, ModelConfig
-from gptjax.interop.families import Family, UnsupportedArchitecture, family_of_hf
+from gptjax.config import ConfigError, ModelConfig, Role, fields_with_role
+from gptjax.interop.families import HF_CONFIG, HF_TOKENIZER, Family, UnsupportedArchitecture, family_of_hf
 from gptjax.interop.safetensors import Reader, SafetensorsError
 
-# Model fields an HF config does not determine: an export's recorded values are restored on import, and all but
-# the storage dtype may be chosen anew at import (``--set``).
-SETTABLE_FIELDS = ("z_loss", "dtype", "init_std", "scan_layers", "remat")
+# Model fields an HF config does not determine (it carries the parameters and their function): how a run trains
+# and executes, and its parameter layout. They may be chosen anew at import (``--set``); an export's recorded
+# values are restored, as is its storage dtype (the HF files' dtype is the export's choice, not the run's).
+SETTABLE_FIELDS = fields_with_role(ModelConfig, Role.TRAJECTORY, Role.LAYOUT, Role.EXECUTION)
 _FREE_FIELDS = SETTABLE_FIELDS + ("param_dtype",)
 
 
@@ -42,7 +43,7 @@ class ImportedModel:
 
 
 def read_hf_config(hf_dir: str | Path) -> dict:
-    path = Path(hf_dir) / "config.json"
+    path = Path(hf_dir) / HF_CONFIG
     if not path.is_file():
         raise HFImportError(f"{path} not found: is {hf_dir} a Hugging Face model directory?")
     try:
@@ -66,9 +67,9 @@ def read_hf(hf_dir: str | Path) -> ImportedModel:
     try:
         model = family.model_config(hf)
     except (KeyError, TypeError) as e:
-        raise HFImportError(f"{hf_dir / 'config.json'}: missing or malformed field {e}") from None
+        raise HFImportError(f"{hf_dir / HF_CONFIG}: missing or malformed field {e}") from None
     except ConfigError as e:
-        raise UnsupportedArchitecture(f"{hf_dir / 'config.json'} describes a model gptjax cannot build: {e}") from None
+        raise UnsupportedArchitecture(f"{hf_dir / HF_CONFIG} describes a model gptjax cannot build: {e}") from None
     try:
         reader = Reader(hf_dir)
     except SafetensorsError as e:
@@ -90,7 +91,7 @@ def read_hf(hf_dir: str | Path) -> ImportedModel:
         except _NonZero as e:
             problem = problem or e
             continue
-        proto = (hf_dir / "tokenizer.model").read_bytes() if (hf_dir / "tokenizer.model").is_file() else None
+        proto = (hf_dir / HF_TOKENIZER).read_bytes() if (hf_dir / HF_TOKENIZER).is_file() else None
         return ImportedModel(candidate, params, family, proto)
     raise UnsupportedArchitecture(str(problem))
 

@@ -12,7 +12,8 @@ from flax import nnx
 from gptjax.config import ModelConfig
 from gptjax.config import axes as ax
 from gptjax.config.dtypes import DTYPES
-from gptjax.model.kernels import MaskSpec, attend, causal_mask  # noqa: F401  (MaskSpec, causal_mask: re-exported)
+from gptjax.model.kernel_api import MaskSpec, causal_mask  # noqa: F401  (causal_mask: re-exported)
+from gptjax.model.kernels import attend
 from gptjax.model.layers import Norm, apply_rope, param
 from gptjax.model.ops import einsum
 from gptjax.sharding.rules import constrain
@@ -24,7 +25,6 @@ class Attention(nnx.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = h, k, hd
         self.dtype = DTYPES[cfg.dtype]
         self.impl, self.block, self.windows = cfg.attention_impl, cfg.attention_block, cfg.layer_windows()
-        self.context_strategy = cfg.context_strategy
         self.w_q = param(rngs, (d, h, hd), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), cfg, std)
         self.w_k = param(rngs, (d, k, hd), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), cfg, std)
         self.w_v = param(rngs, (d, k, hd), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), cfg, std)
@@ -71,8 +71,8 @@ class Attention(nnx.Module):
         q_BxKxGxLxH = (q_BxLxNxH.reshape(B, L, K, G, self.head_dim).transpose(0, 2, 3, 1, 4)
                        * jnp.asarray(1.0 / math.sqrt(self.head_dim), self.dtype))
         k_BxKxSxH, v_BxKxSxH = k_BxLxKxH.transpose(0, 2, 1, 3), v_BxLxKxH.transpose(0, 2, 1, 3)
-        o_BxKxGxLxH = attend(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, window, mask, impl=self.impl, block=self.block,
-                             windows=self.windows, dtype=self.dtype, context_strategy=self.context_strategy)
+        o_BxKxGxLxH = attend(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, mask.with_window(window, self.windows),
+                             impl=self.impl, block=self.block, dtype=self.dtype)
         # merging K and G is free (adjacent axes), and the projection then keeps for its backward pass the very
         # array the attention kernel keeps: one copy of the output a layer, not a second transposed one
         o_BxNxLxH = o_BxKxGxLxH.reshape(B, self.n_heads, L, self.head_dim)

@@ -22,7 +22,7 @@ from gptjax.config import axes as ax
 from gptjax.config.dtypes import DTYPES
 from gptjax.model.attention import Attention, MaskSpec
 from gptjax.model.cache import KVCache
-from gptjax.model.layers import MLP, Norm, param, rope_angles
+from gptjax.model.layers import MLP, Norm, param, param_metadata, rope_angles
 from gptjax.model.ops import einsum
 from gptjax.sharding.rules import constrain
 
@@ -186,3 +186,27 @@ def unstack_layers(params: dict, n_layers: int) -> dict:
 def abstract_decoder(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's graph definition and abstract state (``ShapeDtypeStruct`` values): nothing is allocated."""
     return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
+
+
+def abstract_params(cfg: ModelConfig) -> tuple[dict, dict]:
+    """``(shapes, logical_axes)``: the parameters as ``ShapeDtypeStruct`` leaves and, in the same structure,
+    the logical axis names of each (what the sharding rules map to mesh axes). Nothing is allocated."""
+    _, state = abstract_decoder(cfg)
+    return state.to_pure_dict(), param_metadata(state, "logical_axes")
+
+
+def abstract_layer(cfg: ModelConfig, batch: int, seq: int):
+    """One block of ``cfg`` on ``[batch, seq]`` tokens as a pure function, for tracing without allocating:
+    ``(f, params, x)`` with ``f(params, x_BxLxD) -> x_BxLxD`` (self-attention over the whole sequence,
+    rematerialised by ``cfg.remat`` as training does) and abstract ``params`` and ``x``. The memory planner reads
+    the residuals this function saves for its backward pass."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0))))
+    x = jax.ShapeDtypeStruct((batch, seq, cfg.d_model), DTYPES[cfg.dtype])
+
+    def f(state, x_BxLxD):
+        rope = rope_angles(seq, cfg.resolved_head_dim, cfg.rope_theta) if cfg.positions == "rope" else None
+        return nnx.merge(graphdef, state)(x_BxLxD, seq, rope, MaskSpec())[0]
+
+    if cfg.remat != "none":
+        f = jax.checkpoint(f, policy=REMAT_POLICIES[cfg.remat])
+    return f, state, x

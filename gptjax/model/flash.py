@@ -1,6 +1,6 @@
 """Blockwise (flash-style) attention in plain XLA, with a hand-written VJP.
 
-``blockwise_attention(q, k, v, ...)`` computes ``softmax(q k^T + mask) v`` one ``[block_q x block_k]`` tile of
+``blockwise_attention(q, k, v, mask, options)`` computes ``softmax(q k^T + mask) v`` one ``[block_q x block_k]`` tile of
 scores at a time with an online softmax (Rabe & Staats 2021; Dao et al. 2022), so neither pass ever holds more
 than one tile of scores per (batch, head). The forward pass saves only the output and the row log-sum-exp; the
 backward pass (FlashAttention-2's) recomputes each tile's probabilities from them. Memory is therefore linear in
@@ -20,6 +20,10 @@ the sequence length.
 
 Scores, the softmax statistics and every accumulator are float32; the two matmuls per tile take their inputs in
 the compute dtype (bf16 probabilities times bf16 values, float32 accumulation), as fused kernels do.
+
+The tile level is public, for kernels built from these tiles (the ring, ``gptjax/model/ring.py``): the layout
+(:func:`q_tiles`, :func:`k_tiles`, :func:`segment_tiles` and their inverses), the loop bounds
+(:class:`TileBounds`), and one pass over a set of tiles each way (:func:`forward_tiles`, :func:`backward_tiles`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from gptjax.model.kernel_api import KernelOptions, MaskSpec
 
 # Masked score: finite, so a row whose tile is entirely masked gets exp(MASKED - max) = 1 garbage that the next
 # tile's correction factor exp(MASKED - real max) = 0 wipes out; every real query sees itself, so a real maximum
@@ -55,7 +61,7 @@ def _unblock(x: jax.Array, axis: int, length: int) -> jax.Array:
     return jax.lax.slice_in_dim(x, 0, length, axis=axis)
 
 
-class _Tiles:
+class TileBounds:
     """Index arithmetic shared by both passes: which tiles are visited and each tile's mask."""
 
     def __init__(self, block_q: int, block_k: int, nq: int, nk: int, window, offset, segments: bool,
@@ -137,8 +143,8 @@ def _masked_step(step, masked, index, carry):
     return step(index, carry, masked)
 
 
-def _tile_mask(t: _Tiles, i, j, qseg, kseg, BK: int, G: int):
-    """:meth:`_Tiles.mask` for a tile whose rows are ``G`` query heads of ``Bq`` queries: ``[G*Bq, Bk]``, or
+def _tile_mask(t: TileBounds, i, j, qseg, kseg, BK: int, G: int):
+    """:meth:`TileBounds.mask` for a tile whose rows are ``G`` query heads of ``Bq`` queries: ``[G*Bq, Bk]``, or
     ``[BK, G*Bq, Bk]`` (``BK`` = batch x kv heads) with segment ids."""
     allowed = t.mask(i, j, qseg, kseg)
     if qseg is None:
@@ -151,13 +157,13 @@ def _tile_mask(t: _Tiles, i, j, qseg, kseg, BK: int, G: int):
 # (the backward pass accumulates dQ transposed, as K^T dS^T), so XLA:CPU never transposes a tile-sized array.
 # With 5-D tiles it did, for the contractions over the query-group axis and the dQ matmul: those copies were
 # about a third of the kernel's time (gpt2ish layer, forward + backward: 0.40 -> 0.27 s at 2k, 5.8 -> 3.6 s at 8k).
-def _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k, G, k_len=None, unseen_lse=-MASKED,
-             out_dtype=None):
+def forward_tiles(q, k, v, qseg, kseg, window, offset, block_q, block_k, G, k_len=None, unseen_lse=-MASKED,
+                  out_dtype=None):
     """Blocked rows q [nq, BK, G*Bq, H], k / v [nk, BK, Bk, H] -> (out [nq, BK, G*Bq, H] in ``out_dtype``
     (default q's), lse [nq, BK, G*Bq] f32). A row that saw no key gets output 0 and lse ``unseen_lse``; a row
     that saw only masked keys of a visited tile gets an lse near ``MASKED`` (both weigh 0 in a ring merge)."""
     nq, nk, BK = q.shape[0], k.shape[0], q.shape[1]
-    t = _Tiles(block_q, block_k, nq, nk, window, offset, qseg is not None, k_len)
+    t = TileBounds(block_q, block_k, nq, nk, window, offset, qseg is not None, k_len)
 
     def row(i):
         q_i = q[i]
@@ -187,10 +193,10 @@ def _forward(q, k, v, qseg, kseg, window, offset, block_q, block_k, G, k_len=Non
     return jax.lax.map(row, jnp.arange(nq))
 
 
-def _backward(q, k, v, qseg, kseg, window, offset, block_q, block_k, G, delta, lse, do, k_len=None):
-    """Blocked rows as :func:`_forward`; ``delta`` = rowsum(o * do) and ``lse`` as ``[nq, BK, G*Bq]``."""
+def backward_tiles(q, k, v, qseg, kseg, window, offset, block_q, block_k, G, delta, lse, do, k_len=None):
+    """Blocked rows as :func:`forward_tiles`; ``delta`` = rowsum(o * do) and ``lse`` as ``[nq, BK, G*Bq]``."""
     nq, nk, BK = q.shape[0], k.shape[0], q.shape[1]
-    t = _Tiles(block_q, block_k, nq, nk, window, offset, qseg is not None, k_len)
+    t = TileBounds(block_q, block_k, nq, nk, window, offset, qseg is not None, k_len)
 
     def column(j, carry):
         dqt, dk_all, dv_all = carry
@@ -245,7 +251,7 @@ def _lane_inputs(axis, lanes: int, q, k, v):
     return list(zip(qs, ks, vs))
 
 
-def _q_tiles(x: jax.Array, block: int, fill=0) -> jax.Array:
+def q_tiles(x: jax.Array, block: int, fill=0) -> jax.Array:
     """Unblocked ``[B, K, G, L, ...]`` -> tile rows ``[nq, B*K, G*Bq, ...]`` (after the blocking transpose, a free
     reshape): each tile is then one batched matmul over (batch, kv head) whose rows are the query heads sharing
     the key/value head."""
@@ -254,26 +260,26 @@ def _q_tiles(x: jax.Array, block: int, fill=0) -> jax.Array:
     return x.reshape((n, B * K, G * Bq) + x.shape[5:])
 
 
-def _segment_tiles(ids_BxL: jax.Array | None, block: int) -> jax.Array | None:
+def segment_tiles(ids_BxL: jax.Array | None, block: int) -> jax.Array | None:
     """Segment ids ``[B, L]`` -> ``[n, B, block]`` (``None`` stays ``None``). Padded queries and keys share
     segment -1: a padded row sees itself."""
     return None if ids_BxL is None else _blocks(ids_BxL.astype(jnp.int32), 1, block, fill=-1)
 
 
-def _k_tiles(x: jax.Array, block: int) -> jax.Array:
+def k_tiles(x: jax.Array, block: int) -> jax.Array:
     """Unblocked ``[B, K, S, H]`` -> ``[nk, B*K, Bk, H]``."""
     x = _blocks(x, 2, block)
     return x.reshape((x.shape[0], -1) + x.shape[3:])
 
 
-def _q_untile(x: jax.Array, like: jax.Array) -> jax.Array:
-    """Inverse of :func:`_q_tiles`, to ``like``'s leading ``[B, K, G, L]``."""
+def q_untile(x: jax.Array, like: jax.Array) -> jax.Array:
+    """Inverse of :func:`q_tiles`, to ``like``'s leading ``[B, K, G, L]``."""
     B, K, G, L = like.shape[:4]
     return _unblock(x.reshape((x.shape[0], B, K, G, x.shape[2] // G) + x.shape[3:]), 3, L)
 
 
-def _k_untile(x: jax.Array, like: jax.Array) -> jax.Array:
-    """Inverse of :func:`_k_tiles`, to ``like``'s ``[B, K, S, H]``."""
+def k_untile(x: jax.Array, like: jax.Array) -> jax.Array:
+    """Inverse of :func:`k_tiles`, to ``like``'s ``[B, K, S, H]``."""
     B, K, S = like.shape[:3]
     return _unblock(x.reshape((x.shape[0], B, K) + x.shape[2:]), 2, S)
 
@@ -283,10 +289,10 @@ def _forward_lanes(q, k, v, qseg, kseg, window, offset, block_q, block_k, lanes)
     axis = _split(lanes, q.shape[1], q.shape[2])
     saved, outs = [], []
     for q_i, k_i, v_i in _lane_inputs(axis, lanes, q, k, v):
-        o, lse = _forward(_q_tiles(q_i, block_q), _k_tiles(k_i, block_k), _k_tiles(v_i, block_k), qseg, kseg,
+        o, lse = forward_tiles(q_tiles(q_i, block_q), k_tiles(k_i, block_k), k_tiles(v_i, block_k), qseg, kseg,
                           window, offset, block_q, block_k, q_i.shape[2])
-        saved.append((q_i, k_i, v_i, _q_untile(lse, q_i)))
-        outs.append(_q_untile(o, q_i))
+        saved.append((q_i, k_i, v_i, q_untile(lse, q_i)))
+        outs.append(q_untile(o, q_i))
     return (outs[0] if axis is None else jnp.concatenate(outs, axis)), saved
 
 
@@ -311,10 +317,10 @@ def _attention_bwd(block_q, block_k, lanes, res, do):
     dos, deltas = ([do], [delta]) if axis is None else (jnp.split(do, lanes, axis), jnp.split(delta, lanes, axis))
     grads = []
     for (q, k, v, lse), do_i, delta_i in zip(saved, dos, deltas):
-        dq, dk, dv = _backward(_q_tiles(q, block_q), _k_tiles(k, block_k), _k_tiles(v, block_k), qseg, kseg,
-                               window, offset, block_q, block_k, q.shape[2], _q_tiles(delta_i, block_q),
-                               _q_tiles(lse, block_q, fill=-MASKED), _q_tiles(do_i, block_q))
-        grads.append((_q_untile(dq, q), _k_untile(dk, k), _k_untile(dv, k)))
+        dq, dk, dv = backward_tiles(q_tiles(q, block_q), k_tiles(k, block_k), k_tiles(v, block_k), qseg, kseg,
+                               window, offset, block_q, block_k, q.shape[2], q_tiles(delta_i, block_q),
+                               q_tiles(lse, block_q, fill=-MASKED), q_tiles(do_i, block_q))
+        grads.append((q_untile(dq, q), k_untile(dk, k), k_untile(dv, k)))
     if axis is None:
         dq, dk, dv = grads[0]
     elif axis == 1:
@@ -328,21 +334,19 @@ def _attention_bwd(block_q, block_k, lanes, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def blockwise_attention(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, *,
-                        window: jax.Array | int, offset: jax.Array | int = 0,
-                        q_segment_ids_BxL: jax.Array | None = None, k_segment_ids_BxS: jax.Array | None = None,
-                        block_q: int = 512, block_k: int = 512, lanes: int = 1) -> jax.Array:
-    """Attention output ``[B, K, G, L, H]`` (q's dtype). ``q`` must already carry the ``1/sqrt(H)`` scale.
+def blockwise_attention(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, mask: MaskSpec,
+                        options: KernelOptions) -> jax.Array:
+    """The kernel call (``gptjax/model/kernel_api.py``): attention output ``[B, K, G, L, H]`` in
+    ``options.dtype``, tiles of ``options.block_q`` x ``options.block_k`` (clipped to the lengths). Expresses
+    every mask: causal, banded (traced windows too), an offset, segment ids.
 
-    Query ``i`` sits in slot ``offset + i`` and sees key slot ``j`` iff ``j <= offset + i``,
-    ``offset + i - j < window`` and (with segment ids) its segment id equals key ``j``'s.
-
-    ``lanes > 1`` splits the heads (kv heads, else query groups) into that many independent kernels, which
-    XLA:CPU may run concurrently. The result does not change. Measured with 12 heads, forward + backward, 1 vs
-    2 lanes: 0.58 -> 0.47 s at 2k tokens with 5-D tiles; with 3-D tiles 292 vs 302 ms at 2k (noise)
-    and 3.88 -> 3.64 s at 8k (median of 6, interleaved)."""
-    L, S = q_BxKxGxLxH.shape[3], k_BxKxSxH.shape[2]
-    block_q, block_k = min(block_q, L), min(block_k, S)
-    qseg, kseg = _segment_tiles(q_segment_ids_BxL, block_q), _segment_tiles(k_segment_ids_BxS, block_k)
-    return _attention(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, qseg, kseg, jnp.asarray(window, jnp.int32),
-                      jnp.asarray(offset, jnp.int32), block_q, block_k, lanes)
+    ``options.lanes > 1`` splits the heads (kv heads, else query groups) into that many independent kernels,
+    which XLA:CPU may run concurrently. The result does not change. Measured with 12 heads, forward + backward, 1
+    vs 2 lanes: 0.58 -> 0.47 s at 2k tokens with 5-D tiles; with 3-D tiles 292 vs 302 ms at 2k (noise) and
+    3.88 -> 3.64 s at 8k (median of 6, interleaved)."""
+    q, k, v = (x.astype(options.dtype) for x in (q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH))
+    L, S = q.shape[3], k.shape[2]
+    block_q, block_k = min(options.block_q, L), min(options.block_k, S)
+    qseg, kseg = segment_tiles(mask.q_segment_ids_BxL, block_q), segment_tiles(mask.k_segment_ids_BxS, block_k)
+    return _attention(q, k, v, qseg, kseg, jnp.asarray(mask.window, jnp.int32), jnp.asarray(mask.offset, jnp.int32),
+                      block_q, block_k, options.lanes)

@@ -1,9 +1,8 @@
-"""Attention kernels, one signature, and the rule that picks one.
+"""Attention kernels behind one call, the table of them, and the rule that picks one.
 
-Every kernel takes queries grouped by the key/value head they share, ``q_BxKxGxLxH`` (already scaled by
-``1/sqrt(H)``), keys and values ``[B, K, S, H]`` (never repeated for GQA / MQA), the layer's ``window`` and a
-:class:`MaskSpec`, and returns ``o_BxKxGxLxH``. Query ``i`` sits in slot ``offset + i`` and sees key slot ``j``
-iff ``j <= offset + i``, ``offset + i - j < window`` and, with segment ids, the two segments are equal.
+Every kernel is ``kernel(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, mask, options) -> o_BxKxGxLxH`` (the call, the
+:class:`~gptjax.model.kernel_api.MaskSpec` and the :class:`~gptjax.model.kernel_api.KernelOptions` are in
+``kernel_api.py``). The table, :data:`KERNELS`:
 
 ==========  =====================================================================================================
 kernel      what it is
@@ -11,34 +10,36 @@ kernel      what it is
 dense       ``[L x S]`` scores and probabilities per head (saved for the backward pass): the fastest on CPU
             for short sequences, quadratic memory
 blockwise   :mod:`gptjax.model.flash`: tiles with an online softmax and a hand-written VJP, linear memory,
-            skips tiles above the diagonal and outside the band (any backend)
+            skips tiles above the diagonal and outside the band (any backend; expresses every mask)
 cudnn       ``jax.nn.dot_product_attention(implementation="cudnn")``: GPU, causal / banded without segments
 splash      JAX's Pallas splash-attention TPU kernel: causal / banded, segment ids
 ==========  =====================================================================================================
 
-``ModelConfig.attention_impl="auto"`` chooses (:func:`choose`): GPU -> cudnn where it supports the mask, TPU ->
-splash, CPU -> dense up to ``DENSE_MAX_LEN_CPU`` query tokens and blockwise beyond (measured by
-``bench/attention_bench.py``: see the README). A kernel that cannot express a call's mask falls back to
-blockwise, which expresses all of them.
+``ModelConfig.attention_impl="auto"`` chooses (:func:`choose_kernel`): GPU -> cudnn, TPU -> splash, CPU -> dense up to
+``DENSE_MAX_LEN_CPU`` query tokens and blockwise beyond (measured by ``bench/attention_bench.py``: see
+``docs/performance.md``). A kernel that cannot express a call's mask falls back to blockwise. Adding a kernel is
+one row of the table (its name is also a value of ``gptjax.config.AttentionImpl``; a test checks they agree).
+
+On a mesh, :func:`attend` runs the chosen kernel per device under ``shard_map``; with the sequence split over
+the context axis (the layout: ``gptjax/sharding/context.py``) it gathers the other slices' keys and values, or
+runs the ring (``gptjax/model/ring.py``), by ``mesh.context_strategy``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
 from jax.sharding import PartitionSpec as P
 
 from gptjax.config import axes as ax
-from gptjax.config.schema import RING_STRATEGIES
-from gptjax.model.flash import blockwise_attention
-from gptjax.model.ring import ring_attention, slice_chunks
+from gptjax.model import flash, ring
+from gptjax.model.kernel_api import KernelOptions, MaskSpec
 from gptjax.model.ops import einsum, softmax
-from gptjax.sharding.rules import current, logical_to_pspec
+from gptjax.sharding.context import ContextLayout
+from gptjax.sharding.rules import Placement, axes_size, current, logical_to_pspec, spec_axes
 
 NEG_INF = jnp.finfo(jnp.float32).min  # additive mask value of the dense kernel: exp underflows to exactly 0
 
@@ -61,213 +62,171 @@ def balanced_block(length: int, block: int) -> int:
     return max(8, -(-per_tile // 8) * 8)
 
 
-def causal_mask(q_len: int, k_len: int, window: jax.Array | int, offset: jax.Array | int | None = None) -> jax.Array:
-    """``[q_len, k_len]`` bool: query i (in slot ``offset + i``; default: the last ``q_len`` of ``k_len`` slots)
-    sees key slot j iff ``j <= slot`` and ``slot - j < window``."""
-    i = jnp.arange(q_len)[:, None] + (k_len - q_len if offset is None else offset)
-    j = jnp.arange(k_len)[None, :]
-    return (j <= i) & (i - j < window)
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskSpec:
-    """What a query may see besides causality and the window: its slot offset (the cache index, 0 without a
-    cache) and, for packed sequences, the segment ids of queries and keys (equal ids see each other)."""
-
-    offset: jax.Array | int = 0
-    q_segment_ids_BxL: jax.Array | None = None
-    k_segment_ids_BxS: jax.Array | None = None
-
-    def bias(self, q_len: int, k_len: int, window: jax.Array | int) -> jax.Array:
-        """Additive float32 mask: ``[L, S]``, or ``[B, L, S]`` with segment ids."""
-        allowed_LxS = causal_mask(q_len, k_len, window, self.offset)
-        if self.q_segment_ids_BxL is None:
-            return jnp.where(allowed_LxS, 0.0, NEG_INF)
-        same_BxLxS = self.q_segment_ids_BxL[:, :, None] == self.k_segment_ids_BxS[:, None, :]
-        return jnp.where(allowed_LxS[None] & same_BxLxS, 0.0, NEG_INF)
-
-    @property
-    def no_offset(self) -> bool:
-        return isinstance(self.offset, int) and self.offset == 0
-
-
-def dense_attention(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, window, mask: MaskSpec, dtype) -> jax.Array:
+def dense_attention(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, mask: MaskSpec, options: KernelOptions) -> jax.Array:
     """Scores for all ``L x S`` pairs; the G query heads sharing a key/value head are stacked along the query
     axis, so both matmuls are plain batched matmuls over (batch, kv head)."""
     B, K, G, L, H = q_BxKxGxLxH.shape
     S = k_BxKxSxH.shape[2]
+    dtype = options.dtype
     q_BxKxGLxH = q_BxKxGxLxH.reshape(B, K, G * L, H)
     s_BxKxGLxS = einsum("bkqh,bkmh->bkqm", q_BxKxGLxH, k_BxKxSxH, dtype, jnp.float32, name="attention")
     # additive mask (0 or the most negative float): cheaper on CPU than a select before the softmax
-    bias = mask.bias(L, S, window)
+    bias = jnp.where(mask.allowed(L, S), 0.0, NEG_INF)
     bias = jnp.tile(bias, (G, 1)) if bias.ndim == 2 else jnp.tile(bias, (1, G, 1))[:, None]
     p_BxKxGLxS = softmax(s_BxKxGLxS + bias).astype(dtype)
     o_BxKxGLxH = einsum("bkqm,bkmh->bkqh", p_BxKxGLxS, v_BxKxSxH, dtype, name="attention")
     return o_BxKxGLxH.reshape(B, K, G, L, H)
 
 
-def _static_windows(window, windows: tuple[int, ...], kernel):
-    """Run ``kernel(static_window)``: directly for a Python int, else by switching on the traced window over
-    the config's distinct ``windows`` (the scanned layer stack passes each layer's window as an array)."""
-    if isinstance(window, (int, np.integer)):
-        return kernel(int(window))
-    options = sorted(set(windows))
-    if len(options) == 1:
-        return kernel(options[0])
-    index = jnp.argmax(jnp.asarray(options) == window)
-    return jax.lax.switch(index, [functools.partial(kernel, w) for w in options])
+def cudnn_attention(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, mask: MaskSpec, options: KernelOptions) -> jax.Array:
+    """``jax.nn.dot_product_attention`` (self-attention, no segments); ``options.portable`` runs the same call
+    through XLA's implementation (the tests check the layout and the band that way on CPU)."""
+    q, k, v = (x.astype(options.dtype) for x in (q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH))
+    B, K, G, L, H = q.shape
+    q_BxLxNxH = q.transpose(0, 3, 1, 2, 4).reshape(B, L, K * G, H)
+    k_BxSxKxH, v_BxSxKxH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def call(window: int) -> jax.Array:
+        o_BxLxNxH = jax.nn.dot_product_attention(
+            q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, scale=1.0, is_causal=True,
+            local_window_size=None if window >= L else (window - 1, 0),
+            implementation="xla" if options.portable else "cudnn")
+        return o_BxLxNxH.reshape(B, L, K, G, H).transpose(0, 2, 3, 1, 4)
+
+    return mask.static_window(call)
 
 
-def cudnn_attention(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, window: int, implementation: str = "cudnn") -> jax.Array:
-    """``jax.nn.dot_product_attention`` (self-attention, no segments). ``implementation="xla"`` runs the same
-    call on any backend (the tests check the layout and the band that way)."""
-    B, K, G, L, H = q_BxKxGxLxH.shape
-    q_BxLxNxH = q_BxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(B, L, K * G, H)
-    k_BxSxKxH, v_BxSxKxH = k_BxKxSxH.transpose(0, 2, 1, 3), v_BxKxSxH.transpose(0, 2, 1, 3)
-    band = None if window >= L else (window - 1, 0)
-    o_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, scale=1.0, is_causal=True,
-                                             local_window_size=band, implementation=implementation)
-    return o_BxLxNxH.reshape(B, L, K, G, H).transpose(0, 2, 3, 1, 4)
-
-
-def splash_attention(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, window: int, mask: MaskSpec, block: int,
-                     interpret: bool = False) -> jax.Array:
-    """JAX's Pallas splash-attention kernel (TPU; ``interpret=True`` runs it anywhere, slowly): one MQA kernel
-    per key/value head, vmapped over batch and kv heads."""
+def splash_attention(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, mask: MaskSpec, options: KernelOptions) -> jax.Array:
+    """JAX's Pallas splash-attention kernel (TPU; ``options.portable`` runs it in the Pallas interpreter,
+    anywhere, slowly): one MQA kernel per key/value head, vmapped over batch and kv heads."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    B, K, G, L, H = q_BxKxGxLxH.shape
-    shape = (L, k_BxKxSxH.shape[2])
-    head = sm.CausalMask(shape) if window >= L else sm.LocalMask(shape, (window - 1, 0), offset=0)
-    bq, bk = min(block, L), min(block, shape[1])
+    q, k, v = (x.astype(options.dtype) for x in (q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH))
+    B, K, G, L, H = q.shape
+    shape = (L, k.shape[2])
+    bq, bk = min(options.block_q, L), min(options.block_k, shape[1])
     sizes = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                           block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
-    kernel = sk.make_splash_mqa(sm.MultiHeadMask([head] * G), block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                interpret=interpret)
-    if mask.q_segment_ids_BxL is None:
-        per_head = lambda q_GxLxH, k_SxH, v_SxH, seg: kernel(q_GxLxH, k_SxH, v_SxH)
-        segs = jnp.zeros((B,), jnp.int32)  # unused placeholder to vmap over
-    else:
-        per_head = lambda q_GxLxH, k_SxH, v_SxH, seg: kernel(q_GxLxH, k_SxH, v_SxH, segment_ids=seg)
+    if mask.segments:
         segs = sk.SegmentIds(q=mask.q_segment_ids_BxL.astype(jnp.int32), kv=mask.k_segment_ids_BxS.astype(jnp.int32))
-    over_heads = jax.vmap(per_head, in_axes=(0, 0, 0, None))
-    return jax.vmap(over_heads)(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, segs)
+    else:
+        segs = jnp.zeros((B,), jnp.int32)  # unused placeholder to vmap over
+
+    def call(window: int) -> jax.Array:
+        head = sm.CausalMask(shape) if window >= L else sm.LocalMask(shape, (window - 1, 0), offset=0)
+        kernel = sk.make_splash_mqa(sm.MultiHeadMask([head] * G), block_sizes=sizes, head_shards=1,
+                                    q_seq_shards=1, interpret=options.portable)
+
+        def per_head(q_GxLxH, k_SxH, v_SxH, seg):
+            return kernel(q_GxLxH, k_SxH, v_SxH, segment_ids=seg) if mask.segments else kernel(q_GxLxH, k_SxH, v_SxH)
+
+        return jax.vmap(jax.vmap(per_head, in_axes=(0, 0, 0, None)))(q, k, v, segs)
+
+    return mask.static_window(call)
 
 
-def choose(impl: str, backend: str, q_len: int, self_attention: bool, segments: bool) -> str:
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A row of the table: the kernel call, whether it can express a call's mask (``self_attention``: queries and
+    keys are the same slots, no cache offset or context slice; ``segments``: packed documents), the tile it takes
+    along an axis of a given length for the configured ``attention_block``, and the backends it runs natively on
+    (none: every backend; elsewhere it runs portably)."""
+
+    run: Callable[..., jax.Array]
+    expresses: Callable[[bool, bool], bool] = lambda self_attention, segments: True
+    tile: Callable[[int, int], int] = balanced_block
+    backends: tuple[str, ...] = ()
+
+    def options(self, backend: str, dtype, block: int, q_len: int, k_len: int) -> KernelOptions:
+        return KernelOptions(dtype=dtype, block_q=self.tile(q_len, block), block_k=self.tile(k_len, block),
+                             lanes=CPU_LANES if backend == "cpu" else 1,
+                             portable=bool(self.backends) and backend not in self.backends)
+
+
+KERNELS: dict[str, Kernel] = {
+    "dense": Kernel(dense_attention),
+    "blockwise": Kernel(flash.blockwise_attention),
+    "cudnn": Kernel(cudnn_attention, lambda self_attention, segments: self_attention and not segments,
+                    backends=("gpu", "cuda")),
+    "splash": Kernel(splash_attention, lambda self_attention, segments: self_attention,
+                     tile=lambda length, block: min(block, length), backends=("tpu",)),
+}
+FALLBACK = "blockwise"  # expresses every mask
+AUTO = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}  # by backend; CPU: dense or blockwise by length
+
+
+def choose_kernel(impl: str, backend: str, q_len: int, self_attention: bool, segments: bool) -> str:
     """The kernel a call runs: ``impl`` unless it cannot express the call (then blockwise); "auto" by backend
-    and length (module docstring). ``self_attention``: queries and keys are the same slots (no cache offset,
-    no context-parallel slice)."""
+    and length (module docstring)."""
     if impl == "auto":
-        impl = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(backend, "cpu")
-        if impl == "cpu":
-            return "dense" if q_len <= DENSE_MAX_LEN_CPU else "blockwise"
-    if impl == "cudnn" and (not self_attention or segments):
-        return "blockwise"
-    if impl == "splash" and not self_attention:
-        return "blockwise"
-    return impl
+        impl = AUTO.get(backend) or ("dense" if q_len <= DENSE_MAX_LEN_CPU else "blockwise")
+    return impl if KERNELS[impl].expresses(self_attention, segments) else FALLBACK
 
 
-def _local(q, k, v, window, mask: MaskSpec, impl: str, block: int, windows: tuple[int, ...], dtype,
-           self_attention: bool) -> jax.Array:
+def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, mask: MaskSpec, *, impl: str,
+           block: int, dtype) -> jax.Array:
+    """Scaled queries, keys and values -> attention output ``[B, K, G, L, H]`` in ``dtype``, by kernel ``impl``
+    (resolved with :func:`choose_kernel`) with tiles of about ``block``. Inside ``activation_sharding`` on a mesh the
+    kernel runs per device (:func:`_per_device`)."""
+    placement = current()
+    if placement is None:
+        return _local(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, mask, impl, block, dtype, self_attention=True)
+    return _per_device(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, mask, placement, impl, block, dtype)
+
+
+def _local(q, k, v, mask: MaskSpec, impl: str, block: int, dtype, self_attention: bool) -> jax.Array:
     """One device's attention (the whole call off a mesh)."""
     backend = jax.default_backend()
     self_attention = self_attention and mask.no_offset and q.shape[3] == k.shape[2]
-    kind = choose(impl, backend, q.shape[3], self_attention, mask.q_segment_ids_BxL is not None)
-    if kind == "dense":
-        return dense_attention(q, k, v, window, mask, dtype)
-    q, k, v = (x.astype(dtype) for x in (q, k, v))
-    if kind == "blockwise":
-        return blockwise_attention(q, k, v, window=window, offset=mask.offset, q_segment_ids_BxL=mask.q_segment_ids_BxL,
-                                   k_segment_ids_BxS=mask.k_segment_ids_BxS,
-                                   block_q=balanced_block(q.shape[3], block), block_k=balanced_block(k.shape[2], block),
-                                   lanes=CPU_LANES if backend == "cpu" else 1)
-    if kind == "cudnn":
-        implementation = "cudnn" if backend in ("gpu", "cuda") else "xla"
-        return _static_windows(window, windows, lambda w: cudnn_attention(q, k, v, w, implementation))
-    if kind == "splash":
-        interpret = backend != "tpu"
-        return _static_windows(window, windows, lambda w: splash_attention(q, k, v, w, mask, block, interpret))
-    raise ValueError(f"unknown attention kernel {kind!r}")
+    kernel = KERNELS[choose_kernel(impl, backend, q.shape[3], self_attention, mask.segments)]
+    return kernel.run(q, k, v, mask, kernel.options(backend, dtype, block, q.shape[3], k.shape[2]))
 
 
-def _axes(spec_entry) -> tuple[str, ...]:
-    return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry or ())
-
-
-def _mesh_size(mesh, axes: tuple[str, ...]) -> int:
-    return int(np.prod([mesh.shape[a] for a in axes]))
-
-
-def context_size(mesh, rules, shape_BxL: tuple[int, int]) -> int:
-    """How many devices a ``[B, L]`` sequence's length is split over on ``mesh`` by ``rules`` (1: none)."""
-    spec = tuple(logical_to_pspec(ax.TOKENS_BxL, rules, mesh, shape_BxL)) + (None, None)
-    return _mesh_size(mesh, _axes(spec[1]))
-
-
-def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, window, mask: MaskSpec, *,
-           impl: str, block: int, windows: tuple[int, ...], dtype, context_strategy: str = "gather") -> jax.Array:
-    """Scaled queries, keys and values -> attention output ``[B, K, G, L, H]`` in ``dtype``, by kernel ``impl``
-    (resolved with :func:`choose`; ``windows`` are the static windows the traced ``window`` can take).
-
-    On a mesh (inside ``activation_sharding``) the kernel runs per device under ``shard_map``: batch and heads
-    split as the rules say, and with context parallelism (the ``length`` rule on a mesh axis of size > 1) each
-    device keeps its slice of the queries, all-gathers keys, values and key segment ids over that axis (the
-    backward pass reduce-scatters their gradients) and attends with its slice's slot offset; with
-    ``context_strategy="ring"`` the slices are passed around the devices instead (:mod:`gptjax.model.ring`,
-    the blockwise kernel per slice), and with ``"zigzag"`` so are the slices of the zig-zag layout, which the
-    caller has laid the sequence out in (:meth:`gptjax.model.sharded.ShardedModel.layout`)."""
-    kw = dict(impl=impl, block=block, windows=windows, dtype=dtype)
-    ctx = current()
-    if ctx is None:
-        return _local(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, window, mask, self_attention=True, **kw)
-    mesh, rules = ctx
-    B, K, G, L, H = q_BxKxGxLxH.shape
-    S = k_BxKxSxH.shape[2]
-
-    def q_spec_of(names) -> tuple:  # all five entries, None where unsplit
-        return (tuple(logical_to_pspec(names, rules, mesh, q_BxKxGxLxH.shape)) + (None,) * 5)[:5]
-
-    q_spec = q_spec_of((ax.BATCH, ax.ACT_KV_HEADS, None, ax.LENGTH, None))
-    if q_spec[1] is None:  # fewer kv heads than tensor shards (MQA, narrow GQA): split the query groups
-        q_spec = q_spec_of((ax.BATCH, None, ax.ACT_HEADS, ax.LENGTH, None))
-    batch, heads, length = q_spec[0], q_spec[1], q_spec[3]
-    split = _axes(length)  # the mesh axes the queries' sequence is split over
-    self_attention = mask.no_offset and L == S
-    k_length = length if self_attention else None  # a KV cache is not split along its slots
-    kv_spec = P(batch, heads, k_length, None)
-    gather = _axes(k_length)
-    has_seg = mask.q_segment_ids_BxL is not None
-    size = _mesh_size(mesh, gather)
-    zigzag = context_strategy == "zigzag"
-    if gather and zigzag and size != context_size(mesh, rules, (B, L)):
-        raise ValueError(f"context_strategy=zigzag: attention splits the sequence over {gather} ({size} devices) "
-                         "but the tokens are laid out for another split")
+def _per_device(q, k, v, mask: MaskSpec, placement: Placement, impl: str, block: int, dtype) -> jax.Array:
+    """The kernel per device under ``shard_map``: batch and heads split as the rules say. With the sequence split
+    over the context axis each device keeps its slice of the queries and, for self-attention, reaches the other
+    slices' keys by the strategy: all-gathers keys, values and key segment ids (the backward pass
+    reduce-scatters their gradients) and attends with its slice's slot offset, or passes the slices around the
+    ring. A KV cache is never split along its slots."""
+    mesh, rules = placement.mesh, placement.rules
+    B, K, G, L, H = q.shape
+    spec = _query_spec(q.shape, mesh, rules)
+    batch, heads, length = spec[0], spec[1], spec[3]
+    layout = ContextLayout(spec_axes(length), axes_size(mesh, spec_axes(length)), placement.context_strategy)
+    if layout.chunks > 1 and layout != ContextLayout.of(mesh, rules, (B, L), placement.context_strategy):
+        raise ValueError(f"mesh.context_strategy={layout.strategy}: attention splits the sequence over "
+                         f"{layout.axes} but the tokens are laid out for another split")
+    self_attention = mask.no_offset and L == k.shape[2]
+    kv_length = length if self_attention else None
 
     def body(q, k, v, offset, q_seg, k_seg):
-        if gather and context_strategy in RING_STRATEGIES:
-            q, k, v = (x.astype(dtype) for x in (q, k, v))
-            chunk = q.shape[3] // slice_chunks(zigzag)
-            return ring_attention(q, k, v, window=window, axes=gather, size=size, q_segment_ids_BxL=q_seg,
-                                  k_segment_ids_BxL=k_seg, zigzag=zigzag,
-                                  block_q=balanced_block(chunk, block), block_k=balanced_block(chunk, block))
-        if gather:
-            k, v = (jax.lax.all_gather(x, gather, axis=2, tiled=True) for x in (k, v))
-            k_seg = None if k_seg is None else jax.lax.all_gather(k_seg, gather, axis=1, tiled=True)
-        if split:  # this device's slice of the sequence starts at slot offset + index * L_local
-            index = 0
-            for a in split:
-                index = index * mesh.shape[a] + jax.lax.axis_index(a)
-            offset = offset + index * q.shape[3]
+        local = dataclasses.replace(mask, offset=offset, q_segment_ids_BxL=q_seg, k_segment_ids_BxS=k_seg)
+        if self_attention and layout.passes_slices:
+            chunk = q.shape[3] // layout.chunks
+            options = KernelOptions(dtype, balanced_block(chunk, block), balanced_block(chunk, block))
+            return ring.ring_attention(q, k, v, dataclasses.replace(local, context=layout), options)
+        if self_attention and layout.split:
+            k, v = (jax.lax.all_gather(x, layout.axes, axis=2, tiled=True) for x in (k, v))
+            k_seg = None if k_seg is None else jax.lax.all_gather(k_seg, layout.axes, axis=1, tiled=True)
+            local = dataclasses.replace(local, k_segment_ids_BxS=k_seg)
+        if layout.split:  # this device's slice of the sequence starts at slot offset + index * L_local
+            local = dataclasses.replace(local, offset=offset + layout.device_index() * q.shape[3])
         elif self_attention:
-            offset = 0  # static: kernels that need self-attention (cudnn, splash) stay selectable
-        local = MaskSpec(offset, q_seg, k_seg)
-        return _local(q, k, v, window, local, self_attention=self_attention and not split, **kw)
+            local = dataclasses.replace(local, offset=0)  # static: kernels that need self-attention stay selectable
+        return _local(q, k, v, local, impl, block, dtype, self_attention=self_attention and not layout.split)
 
-    seg_specs = (P(batch, length), P(batch, k_length)) if has_seg else (None, None)
-    offset = jnp.asarray(mask.offset, jnp.int32)
-    f = jax.shard_map(body, mesh=mesh, in_specs=(P(*q_spec), kv_spec, kv_spec, P(), *seg_specs),
-                      out_specs=P(*q_spec))
-    return f(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, offset, mask.q_segment_ids_BxL, mask.k_segment_ids_BxS)
+    kv_spec = P(batch, heads, kv_length, None)
+    seg_specs = (P(batch, length), P(batch, kv_length)) if mask.segments else (None, None)
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P(*spec), kv_spec, kv_spec, P(), *seg_specs), out_specs=P(*spec))
+    return f(q, k, v, jnp.asarray(mask.offset, jnp.int32), mask.q_segment_ids_BxL, mask.k_segment_ids_BxS)
+
+
+def _query_spec(shape, mesh, rules) -> tuple:
+    """All five entries of the queries' ``PartitionSpec`` (None where unsplit): batch, kv heads (or, with fewer
+    kv heads than tensor shards, as in MQA / narrow GQA, the query groups), length."""
+    def spec_of(names) -> tuple:
+        return (tuple(logical_to_pspec(names, rules, mesh, shape)) + (None,) * 5)[:5]
+
+    spec = spec_of((ax.BATCH, ax.ACT_KV_HEADS, None, ax.LENGTH, None))
+    return spec if spec[1] is not None else spec_of((ax.BATCH, None, ax.ACT_HEADS, ax.LENGTH, None))

@@ -15,23 +15,26 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gptjax.config import ModelConfig
+from gptjax.config import ContextStrategy, ModelConfig
 from gptjax.config import axes as ax
 from gptjax.model.cache import KVCache
 from gptjax.model.decoder import Decoder, abstract_decoder
-from gptjax.model.kernels import context_size
 from gptjax.model.layers import param_metadata
 from gptjax.model.loss import next_token_loss
-from gptjax.model.ring import zigzag_order
+from gptjax.sharding.context import ContextLayout
 from gptjax.sharding.rules import MeshAxes, activation_sharding, logical_sharding, make_rules, tree_shardings
 
 Batch = dict[str, jax.Array]  # inputs, targets, loss_mask [, positions, segment_ids]: each [B, L]
 
 
 class ShardedModel:
-    def __init__(self, cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None, *,
+                 context_strategy: ContextStrategy | str = ContextStrategy.GATHER):
+        """``rules``: overrides of the logical-axis rules; ``context_strategy``: how attention reaches the keys of
+        a sequence split over the mesh's context axis (``mesh.context_strategy``)."""
         self.cfg, self.mesh = cfg, mesh
         self.rules = make_rules(rules)
+        self.context_strategy = ContextStrategy(context_strategy)
         self.graphdef, abstract_vars = abstract_decoder(cfg)
         self.logical_axes = param_metadata(abstract_vars, "logical_axes")
         self.weight_decay = param_metadata(abstract_vars, "weight_decay")
@@ -61,13 +64,9 @@ class ShardedModel:
         return self._logits(params, laid["inputs"], laid["positions"], laid["segment_ids"])[:, np.argsort(order)]
 
     def layout(self, shape_BxL: tuple[int, int]) -> np.ndarray | None:
-        """The order the sequence runs in on this mesh: ``None`` (as given: each context device a contiguous
-        slice), or with ``context_strategy="zigzag"`` and a context split the zig-zag order
-        (:func:`gptjax.model.ring.zigzag_order`), which balances causal attention's work over the devices."""
-        if self.cfg.context_strategy != "zigzag":
-            return None
-        size = context_size(self.mesh, self.rules, shape_BxL)
-        return None if size == 1 else zigzag_order(shape_BxL[1], size)
+        """The order the sequence runs in on this mesh (``ContextLayout.order``): ``None`` (as given), or with
+        the zig-zag strategy and a context split the zig-zag order, which balances causal attention's work."""
+        return ContextLayout.of(self.mesh, self.rules, shape_BxL, self.context_strategy).order(shape_BxL[1])
 
     @staticmethod
     def _laid_out(batch: Batch, order: np.ndarray) -> Batch:
@@ -79,12 +78,12 @@ class ShardedModel:
         return {k: None if v is None else v[:, order] for k, v in batch.items()}
 
     def _logits(self, params: Any, tokens_BxL, positions_BxL, segment_ids_BxL) -> jax.Array:
-        with activation_sharding(self.mesh, self.rules):
+        with activation_sharding(self.mesh, self.rules, self.context_strategy):
             return nnx.merge(self.graphdef, params)(tokens_BxL, positions_BxL, segment_ids_BxL)
 
     def decode(self, params: Any, tokens_BxL: jax.Array, cache: KVCache, positions_BxL: jax.Array | None = None,
                segment_ids_BxL: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-        with activation_sharding(self.mesh, self.rules):
+        with activation_sharding(self.mesh, self.rules, self.context_strategy):
             return nnx.merge(self.graphdef, params).decode(tokens_BxL, cache, positions_BxL, segment_ids_BxL)
 
     def loss(self, params: Any, batch: Batch) -> tuple[jax.Array, dict]:

@@ -2,11 +2,11 @@
 
 ``analytic_plan`` needs no devices. Parameters, gradients and Adam moments are sharded by the same
 logical-axis rules the trainer uses, so DDP / FSDP / tensor meshes come out exactly. Activations are the
-residuals JAX saves for the backward pass of one block, read off the block's own jaxpr
-(``saved_residuals``) at the per-device shapes (batch / (data x fsdp), heads and MLP / tensor), under the
-configured remat policy, times the number of layers; with remat, one layer's un-checkpointed residuals are
-added for its recomputation. Logits add float32 logits and their gradient. Compute-dtype copies of each
-layer's weights that the backward keeps are counted at their sharded size.
+residuals JAX saves for the backward pass of one block, read off the block's own jaxpr (``saved_residuals`` of
+``gptjax.model.abstract_layer``, the model's public API) at the per-device shapes (batch / (data x fsdp), heads
+and MLP / tensor), under the configured remat policy, times the number of layers; with remat, one layer's
+un-checkpointed residuals are added for its recomputation. Logits add float32 logits and their gradient.
+Compute-dtype copies of each layer's weights that the backward keeps are counted at their sharded size.
 
 ``compiled_memory`` lowers and compiles the real jitted train step against abstract ``ShapeDtypeStruct``
 inputs on the current (possibly simulated) devices and reads XLA's per-device ``memory_analysis``; nothing is
@@ -26,12 +26,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from gptjax.config import ModelConfig, RunConfig
-from gptjax.config.schema import RING_STRATEGIES
 from gptjax.config.dtypes import dtype_bytes
-from gptjax.model.accounting import count_params
-from gptjax.model.decoder import abstract_decoder
-from gptjax.model.layers import param_metadata
-from gptjax.sharding.rules import logical_to_pspec, make_rules
+from gptjax.model import abstract_layer, abstract_params, choose_kernel, count_params
+from gptjax.sharding.context import ContextLayout
+from gptjax.sharding.rules import axes_size, logical_to_pspec, make_rules, spec_axes
+from gptjax.training import Program
 
 DEVICE_MEMORY_GB = {"h100-80gb": 80.0, "a100-80gb": 80.0, "a100-40gb": 40.0, "tpu-v5p": 95.0, "tpu-v5e": 16.0,
                     "tpu-v4": 32.0, "tpu-v6e": 32.0}
@@ -68,20 +67,13 @@ class MemoryPlan:
 
 def sharded_numel(shape: tuple[int, ...], spec, mesh_sizes: Mapping[str, int]) -> int:
     """Elements of one device's shard of an array of ``shape`` partitioned by ``spec``."""
-    n = 1
-    for dim, axes in zip(shape, list(spec) + [None] * (len(shape) - len(spec))):
-        factor = 1
-        for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())):
-            factor *= mesh_sizes[a]
-        n *= math.ceil(dim / factor)
-    return n
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    return math.prod(math.ceil(dim / axes_size(mesh_sizes, spec_axes(e))) for dim, e in zip(shape, entries))
 
 
 def param_bytes_per_device(cfg: RunConfig, mesh_sizes: Mapping[str, int]) -> int:
-    _, abstract = abstract_decoder(cfg.model)
-    axes = param_metadata(abstract, "logical_axes")
+    shapes, axes = abstract_params(cfg.model)
     rules = make_rules(cfg.mesh.rules)
-    shapes = abstract.to_pure_dict()
     nbytes = dtype_bytes(cfg.model.param_dtype)
     total = 0
     for names, s in zip(jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)), jax.tree.leaves(shapes)):
@@ -95,22 +87,8 @@ def _saved_residual_bytes(m: ModelConfig, batch: int, seq: int, remat: str) -> i
         from jax._src.ad_checkpoint import saved_residuals
     except ImportError as e:  # pragma: no cover - depends on the JAX version
         raise RuntimeError("this JAX version has no saved_residuals; use the AOT figures") from e
-    from flax import nnx
 
-    from gptjax.config.dtypes import DTYPES
-    from gptjax.model.attention import MaskSpec
-    from gptjax.model.decoder import REMAT_POLICIES, Block
-    from gptjax.model.layers import rope_angles
-
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Block(m, nnx.Rngs(0))))
-    x = jax.ShapeDtypeStruct((batch, seq, m.d_model), DTYPES[m.dtype])
-
-    def block(state, x):
-        rope = rope_angles(seq, m.resolved_head_dim, m.rope_theta) if m.positions == "rope" else None
-        return nnx.merge(graphdef, state)(x, seq, rope, MaskSpec())[0]
-
-    if remat != "none":
-        block = jax.checkpoint(block, policy=REMAT_POLICIES[remat])
+    block, state, x = abstract_layer(dataclasses.replace(m, remat=remat), batch, seq)
     total = 0
     for aval, where in saved_residuals(block, state, x):
         if "from the argument" in where and aval.shape != x.shape:
@@ -161,7 +139,7 @@ def analytic_plan(cfg: RunConfig, mesh_sizes: Mapping[str, int]) -> MemoryPlan:
     # values in the compute dtype and, in the backward pass, their float32 gradient accumulators
     local = local_block_config(m, mesh_sizes["tensor"])
     slice_elems = batch_per_device * seq * local.kv_heads * local.resolved_head_dim  # one of k / v, one slice
-    if context > 1 and m.context_strategy in RING_STRATEGIES:
+    if ContextLayout(("context",), context, cfg.mesh.context_strategy).passes_slices:
         gathered = slice_elems * 2 * 2 * (dtype_bytes(m.dtype) + 4)
     else:
         gathered = 2 * slice_elems * (context - 1) * dtype_bytes(m.dtype) * m.n_layers
@@ -181,15 +159,11 @@ def attention_kernel(m: ModelConfig, seq: int, context: int = 1) -> str:
     """The kernel the planned block runs (the rule of ``gptjax/model/kernels.py`` on this backend): with the
     sequence split over ``context`` devices a slice's queries attend over gathered keys (not self-attention),
     which the cuDNN / splash kernels cannot express, so those fall back to blockwise."""
-    from gptjax.model.kernels import choose
-
-    return choose(m.attention_impl, jax.default_backend(), seq, context == 1, False)
+    return choose_kernel(m.attention_impl, jax.default_backend(), seq, context == 1, False)
 
 
 def compiled_memory(cfg: RunConfig, mesh: Mesh) -> dict[str, int]:
     """XLA's per-device memory analysis of the compiled train step (abstract inputs; nothing allocated)."""
-    from gptjax.training.program import Program
-
     prog = Program(cfg, mesh)
     t = cfg.train
     tok = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=prog.model.batch_sharding)

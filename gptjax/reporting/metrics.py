@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gptjax.reporting.files import write_atomic
+from gptjax.runs import write_atomic
 
 
 def _clean(v: Any) -> Any:
@@ -20,10 +20,12 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsLog:
-    """Appends ``{"step": ..., "time": ..., **metrics}`` lines to ``path`` (append mode, so resumed runs continue)."""
+    """Appends ``{"step": ..., "time": ..., **metrics}`` lines to ``path`` (append mode, so resumed runs continue);
+    rows a resumed run replaces go to ``dropped``."""
 
-    def __init__(self, path: str | Path | None):
+    def __init__(self, path: str | Path | None, dropped: str | Path | None = None):
         self.path = Path(path) if path else None
+        self.dropped = Path(dropped) if dropped else None
         self.rows: list[dict] = []  # this session's rows
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,7 +41,7 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> int:
         """Keep the rows up to ``step`` (a resumed run writes the later ones again); the dropped rows are
-        appended to ``metrics.dropped.jsonl`` beside it. Returns how many were dropped."""
+        appended to ``dropped`` (if given). Returns how many were dropped."""
         if not (self.path and self.path.exists()):
             return 0
         lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
@@ -50,8 +52,9 @@ class MetricsLog:
             except (ValueError, KeyError, TypeError):
                 drop.append(ln)  # a line cut short by a crash
         if drop:
-            with self.path.with_name(self.path.stem + ".dropped.jsonl").open("a") as f:
-                f.write("\n".join(drop) + "\n")
+            if self.dropped:
+                with self.dropped.open("a") as f:
+                    f.write("\n".join(drop) + "\n")
             write_atomic(self.path, "".join(ln + "\n" for ln in keep))
         return len(drop)
 

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Sequence
 
 from gptjax.reporting.metrics import read_metrics
+from gptjax.runs import RunDir
 
 
-def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+def plot_runs(run_dirs: Sequence[RunDir | str | Path], out: str | Path) -> Path:
     """Write a PNG with one curve per run: loss vs tokens (left), tokens/s and MFU (right)."""
     import matplotlib
 
@@ -17,8 +18,8 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
 
     fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, run in enumerate(run_dirs):
-        run = Path(run)
-        rows = read_metrics(run / "metrics.jsonl")
+        run = RunDir(run)
+        rows = read_metrics(run.metrics)
         train = [r for r in rows if "loss" in r]
         val = [r for r in rows if "val_loss" in r]
         tokens_per_step = train[0]["tokens"] / train[0]["step"] if train else 1

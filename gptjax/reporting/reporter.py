@@ -13,22 +13,23 @@ from tqdm.auto import tqdm
 
 from gptjax.reporting.metrics import MetricsLog, format_row
 from gptjax.reporting.tensorboard import TensorBoardWriter
+from gptjax.runs import RunDir
 
 CONSOLE_TRAIN_KEYS = ("step", "loss", "tokens_per_sec", "mfu", "lr")
 
 
 class Reporter:
-    def __init__(self, run_dir: str | Path | None, *, enabled: bool = True, progress: bool = True,
+    def __init__(self, run_dir: RunDir | str | Path | None, *, enabled: bool = True, progress: bool = True,
                  total_steps: int = 0, initial_step: int = 0, tensorboard: bool = True):
         """``initial_step``: the step the run starts (or resumes) from; what an earlier attempt recorded after it
         is dropped from metrics.jsonl (kept in metrics.dropped.jsonl) and hidden in TensorBoard, so every step
         appears once."""
         self.enabled = enabled
-        run_dir = Path(run_dir) if run_dir is not None else None
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl" if enabled and run_dir else None)
+        run = RunDir(run_dir) if run_dir is not None and enabled else None
+        self.metrics = MetricsLog(run.metrics, run.dropped_metrics) if run else MetricsLog(None)
         self.metrics.truncate_after(initial_step)
-        self.tb = (TensorBoardWriter(run_dir / "tensorboard", purge_step=initial_step + 1 if initial_step else None)
-                   if enabled and run_dir and tensorboard else None)
+        self.tb = (TensorBoardWriter(run.tensorboard, purge_step=initial_step + 1 if initial_step else None)
+                   if run and tensorboard else None)
         show_bar = progress and enabled and sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=initial_step, disable=not show_bar, dynamic_ncols=True,
                         desc="train")

@@ -28,6 +28,14 @@ class PowerLaw:
         return cls(float(slope), float(math.exp(intercept)))
 
 
+ENVELOPE_POINTS = 250  # log-spaced compute values approach 1's envelope is read at
+
+
+def _without_none(d: dict) -> dict:
+    """A result as JSON-ready data: optional entries that were not computed (None) are left out."""
+    return {k: v for k, v in d.items() if v is not None}
+
+
 @dataclasses.dataclass
 class Profile:
     """One budget's IsoFLOP profile: loss = p0 + p1 u + p2 u^2 with u = log(x), x = N (or D)."""
@@ -39,6 +47,7 @@ class Profile:
     x_min: float
     x_max: float
     n_points: int
+    x_opt_ci: list[float] | None = None  # 95% bootstrap interval of x_opt (approach 2 with a bootstrap)
 
     @property
     def bracketed(self) -> bool:
@@ -46,7 +55,82 @@ class Profile:
         return self.coef[0] > 0 and self.x_min <= self.x_opt <= self.x_max
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "bracketed": self.bracketed}
+        d = dataclasses.asdict(self)
+        d["coef"] = list(self.coef)
+        ci = d.pop("x_opt_ci")
+        return _without_none({**d, "bracketed": self.bracketed, "x_opt_ci": ci})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Profile":
+        return cls(**{**{f.name: d.get(f.name) for f in dataclasses.fields(cls)}, "coef": tuple(d["coef"])})
+
+
+@dataclasses.dataclass
+class PowerLawFit:
+    """Approach 1 or 2's result: N_opt = k_params C^a and D_opt = k_tokens C^b, with 95% bootstrap intervals of
+    the exponents (``ci``: {"a": [lo, hi], "b": ...}) and the count of resamples that could not be fitted."""
+    a: float
+    b: float
+    k_params: float
+    k_tokens: float
+    ci: dict[str, list[float] | None] | None = None
+    bootstrap_failed: int | None = None
+
+    def optimal(self, flops) -> dict:
+        """N_opt and D_opt at compute ``flops`` by the power laws."""
+        c = np.asarray(flops, float)
+        return {"params": self.k_params * c ** self.a, "tokens": self.k_tokens * c ** self.b}
+
+
+@dataclasses.dataclass
+class IsoFLOPFit(PowerLawFit):
+    """Approach 2: each budget's profile in N (``profiles``) and in D (``token_profiles``) and the power laws
+    through the minima of those that bracket theirs (the others are named in ``warnings``)."""
+    profiles: list[Profile] = dataclasses.field(default_factory=list)
+    token_profiles: list[Profile] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return _without_none({"a": self.a, "b": self.b, "k_params": self.k_params, "k_tokens": self.k_tokens,
+                              "profiles": [p.to_dict() for p in self.profiles],
+                              "token_profiles": [p.to_dict() for p in self.token_profiles],
+                              "warnings": list(self.warnings), "ci": self.ci,
+                              "bootstrap_failed": self.bootstrap_failed})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IsoFLOPFit":
+        return cls(a=d["a"], b=d["b"], k_params=d["k_params"], k_tokens=d["k_tokens"], ci=d.get("ci"),
+                   bootstrap_failed=d.get("bootstrap_failed"),
+                   profiles=[Profile.from_dict(p) for p in d["profiles"]],
+                   token_profiles=[Profile.from_dict(p) for p in d["token_profiles"]],
+                   warnings=list(d.get("warnings", [])))
+
+
+@dataclasses.dataclass
+class EnvelopeFit(PowerLawFit):
+    """Approach 1: the minimum-loss envelope of the runs' curves (``envelope``: flops, params, tokens, loss at
+    each compute value where two curves meet) and the power laws through it."""
+    envelope: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    n_runs: int = 0
+
+    def to_dict(self) -> dict:
+        return _without_none({"a": self.a, "b": self.b, "k_params": self.k_params, "k_tokens": self.k_tokens,
+                              "envelope": self.envelope, "n_runs": self.n_runs, "ci": self.ci,
+                              "bootstrap_failed": self.bootstrap_failed})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EnvelopeFit":
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass
+class Bootstrap:
+    """Resampled exponents of approach 1 or 2 (and approach 2's per-budget N_opt); ``failed`` resamples gave no
+    fit."""
+    a: list[float]
+    b: list[float]
+    failed: int
+    n_opt: dict[float, list[float]] = dataclasses.field(default_factory=dict)
 
 
 def fit_profile(budget: float, x, loss) -> Profile:
@@ -81,7 +165,7 @@ def check_isoflop(points: Points) -> None:
                                 "give points of equal compute)")
 
 
-def fit_isoflop(points: Points, bootstrap: int = 0, seed: int = 0) -> dict:
+def fit_isoflop(points: Points) -> IsoFLOPFit:
     """Approach 2 on final points: a parabola per budget in log N (and in log D), its minimum, then power laws
     of the minima against compute. Warns for each profile whose minimum is outside its sampled range."""
     check_isoflop(points)
@@ -99,18 +183,13 @@ def fit_isoflop(points: Points, bootstrap: int = 0, seed: int = 0) -> dict:
         if len(good) < 2:
             raise ScalingInputError(f"{points.source}: approach 2 needs at least 2 budgets whose profile brackets "
                                     f"its minimum; {len(good)} of {len(profiles)} do")
-        law = PowerLaw.fit([p.budget for p in good], [p.x_opt for p in good])
-        out[var] = {"profiles": [p.to_dict() for p in profiles], "law": dataclasses.asdict(law)}
-    result = {"a": out["params"]["law"]["exponent"], "b": out["tokens"]["law"]["exponent"],
-              "k_params": out["params"]["law"]["k"], "k_tokens": out["tokens"]["law"]["k"],
-              "profiles": out["params"]["profiles"], "token_profiles": out["tokens"]["profiles"],
-              "warnings": warnings}
-    if bootstrap:
-        result["bootstrap"] = _bootstrap_isoflop(points, bootstrap, seed)
-    return result
+        out[var] = (profiles, PowerLaw.fit([p.budget for p in good], [p.x_opt for p in good]))
+    (profiles, law_n), (token_profiles, law_d) = out["params"], out["tokens"]
+    return IsoFLOPFit(a=law_n.exponent, b=law_d.exponent, k_params=law_n.k, k_tokens=law_d.k, profiles=profiles,
+                      token_profiles=token_profiles, warnings=warnings)
 
 
-def _bootstrap_isoflop(points: Points, n: int, seed: int) -> dict:
+def bootstrap_isoflop(points: Points, n: int, seed: int = 0) -> Bootstrap:
     """Resample the points within each budget (with replacement) and refit: samples of a, b, and each budget's
     N_opt. Resamples whose profiles do not give two bracketed minima are dropped (their count is reported)."""
     rng = np.random.default_rng(seed)
@@ -125,11 +204,11 @@ def _bootstrap_isoflop(points: Points, n: int, seed: int) -> dict:
         except ScalingInputError:
             failed += 1
             continue
-        a.append(r["a"])
-        b.append(r["b"])
-        for p in r["profiles"]:
-            nopt[p["budget"]].append(p["x_opt"])
-    return {"a": a, "b": b, "n_opt": {str(k): v for k, v in nopt.items()}, "failed": failed}
+        a.append(r.a)
+        b.append(r.b)
+        for p in r.profiles:
+            nopt[p.budget].append(p.x_opt)
+    return Bootstrap(a, b, failed, nopt)
 
 
 # ---- approach 1 -----------------------------------------------------------------------------------------------------
@@ -140,7 +219,7 @@ def check_envelope(points: Points) -> None:
                                 f"least 2 model sizes; found {len(curves)} such run(s)")
 
 
-def fit_envelope(points: Points, n_flops: int = 250, bootstrap: int = 0, seed: int = 0) -> dict:
+def fit_envelope(points: Points, n_flops: int = ENVELOPE_POINTS) -> EnvelopeFit:
     """Approach 1: at log-spaced compute values, the run whose (interpolated) curve has the lowest loss there
     gives (N_opt, D_opt); power laws are fitted to those. Curves are interpolated linearly in log compute and
     only inside their range; a compute value counts if at least two curves cover it."""
@@ -151,21 +230,24 @@ def fit_envelope(points: Points, n_flops: int = 250, bootstrap: int = 0, seed: i
         raise ScalingInputError(f"{points.source}: approach 1: the curves' compute ranges overlap too little "
                                 "(fewer than 2 compute values where two curves meet, or one size wins everywhere)")
     law_n, law_d = PowerLaw.fit(env["flops"], env["params"]), PowerLaw.fit(env["flops"], env["tokens"])
-    out = {"a": law_n.exponent, "b": law_d.exponent, "k_params": law_n.k, "k_tokens": law_d.k,
-           "envelope": {k: v.tolist() for k, v in env.items()}, "n_runs": len(curves)}
-    if bootstrap:
-        rng = np.random.default_rng(seed)
-        a, b, failed = [], [], 0
-        for _ in range(bootstrap):
-            pick = [curves[i] for i in rng.choice(len(curves), len(curves))]
-            e = _envelope(pick, n_flops)
-            if len(e["flops"]) < 2 or len(np.unique(e["params"])) < 2:
-                failed += 1
-                continue
-            a.append(PowerLaw.fit(e["flops"], e["params"]).exponent)
-            b.append(PowerLaw.fit(e["flops"], e["tokens"]).exponent)
-        out["bootstrap"] = {"a": a, "b": b, "failed": failed}
-    return out
+    return EnvelopeFit(a=law_n.exponent, b=law_d.exponent, k_params=law_n.k, k_tokens=law_d.k,
+                       envelope={k: v.tolist() for k, v in env.items()}, n_runs=len(curves))
+
+
+def bootstrap_envelope(points: Points, n: int, seed: int = 0, n_flops: int = ENVELOPE_POINTS) -> Bootstrap:
+    """Resample whole runs (with replacement) and refit the envelope's exponents."""
+    curves = _curves(points)
+    rng = np.random.default_rng(seed)
+    a, b, failed = [], [], 0
+    for _ in range(n):
+        pick = [curves[i] for i in rng.choice(len(curves), len(curves))]
+        e = _envelope(pick, n_flops)
+        if len(e["flops"]) < 2 or len(np.unique(e["params"])) < 2:
+            failed += 1
+            continue
+        a.append(PowerLaw.fit(e["flops"], e["params"]).exponent)
+        b.append(PowerLaw.fit(e["flops"], e["tokens"]).exponent)
+    return Bootstrap(a, b, failed)
 
 
 def _curves(points: Points) -> list[dict]:

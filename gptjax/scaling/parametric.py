@@ -86,6 +86,21 @@ class ParametricFit:
                    objective=float(objective), n_points=n_points, method=method)
 
 
+@dataclasses.dataclass(frozen=True)
+class ParametricResult(ParametricFit):
+    """A parametric fit as ``gptjax-scaling fit`` reports it: the fit, read at ``reference_flops`` (the largest
+    fitted budget: tokens per parameter there), with 95% bootstrap intervals of every quantity (``ci``: name ->
+    [lo, hi] or None) from ``bootstrap_n`` resamples."""
+
+    reference_flops: float = math.nan
+    tokens_per_param_at_ref: float = math.nan
+    ci: dict[str, list[float] | None] | None = None
+    bootstrap_n: int | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in super().to_dict().items() if v is not None}
+
+
 def huber(r, delta=HUBER_DELTA):
     abs_r = jnp.abs(r)
     return jnp.where(abs_r <= delta, 0.5 * r * r, delta * (abs_r - 0.5 * delta))

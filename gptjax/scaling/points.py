@@ -12,16 +12,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from gptjax.config import RunConfig
-from gptjax.reporting.files import write_atomic
 from gptjax.reporting.metrics import read_metrics
+from gptjax.runs import RunDir, write_atomic
 from gptjax.scaling.sizing import scaling_params
 
 
@@ -161,20 +159,19 @@ def collect_run(run_dir: str | Path, params_fn=None, flops_fn=None) -> list[dict
     """The rows of one finished run directory: every validation evaluation (tokens = step x batch x seq_len),
     the last flagged ``final``. ``params_fn(ModelConfig)`` gives N (default: non-embedding parameters);
     ``flops_fn(cfg, params, tokens)`` gives C (default 6 N D)."""
-    run_dir = Path(run_dir)
-    cfg_path, metrics_path = run_dir / "config.json", run_dir / "metrics.jsonl"
-    if not cfg_path.is_file() or not metrics_path.is_file():
-        raise ScalingInputError(f"{run_dir} is not a gptjax run directory (no config.json or metrics.jsonl)")
-    cfg = RunConfig.from_dict(json.loads(cfg_path.read_text()))
-    evals = [r for r in read_metrics(metrics_path) if "val_loss" in r]
+    run = RunDir(run_dir)
+    if not run.config.is_file() or not run.metrics.is_file():
+        raise ScalingInputError(f"{run} is not a gptjax run directory (no {run.CONFIG} or {run.METRICS})")
+    cfg = run.read_config()
+    evals = [r for r in read_metrics(run.metrics) if "val_loss" in r]
     if not evals:
-        raise ScalingInputError(f"{run_dir} has no validation loss yet (metrics.jsonl has no val_loss rows)")
+        raise ScalingInputError(f"{run} has no validation loss yet ({run.METRICS} has no val_loss rows)")
     n = (params_fn or scaling_params)(cfg.model)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     rows = []
     for i, r in enumerate(evals):
         d = r["step"] * tokens_per_step
         c = flops_fn(cfg, n, d) if flops_fn else 6.0 * n * d
-        rows.append({"run": run_dir.name, "params": n, "tokens": d, "flops": c, "loss": r["val_loss"],
+        rows.append({"run": run.name, "params": n, "tokens": d, "flops": c, "loss": r["val_loss"],
                      "final": int(i == len(evals) - 1 and r["step"] >= cfg.train.steps), "step": r["step"]})
     return rows

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 from gptjax.config import ModelConfig
-from gptjax.model.accounting import param_counts
+from gptjax.model import param_counts
 
 HEAD_DIM = 16
 WIDTH_STEP = 8  # widths are multiples of 8; heads are 16 wide where the width allows, else 8

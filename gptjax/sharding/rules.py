@@ -14,7 +14,7 @@ mesh (data,fsdp,ctx,tensor)  what the default rules give
 (G, N/G, 1, 1)             hybrid: FSDP inside groups of N/G devices, replicated across G groups
 (1, F, C, 1)               context parallelism: activations split along the sequence over C devices
                            (attention all-gathers keys and values over ``context``, or passes them
-                           around the ring: ``model.context_strategy``), FSDP over F
+                           around the ring: ``mesh.context_strategy``; ``sharding/context.py``), FSDP over F
 =========================  ======================================================================
 
 Override single entries through ``MeshConfig.rules`` (e.g. ``{"embed": None}`` turns the fsdp axis into
@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gptjax.config import ContextStrategy
 from gptjax.config import axes as ax
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,18 @@ def make_rules(overrides: Mapping[str, Any] | None = None) -> dict[str, MeshAxes
     return rules
 
 
+def spec_axes(entry: MeshAxes) -> tuple[str, ...]:
+    """The mesh axes of one rule or ``PartitionSpec`` entry, as a tuple: ``"fsdp"`` -> ``("fsdp",)``,
+    ``("data", "fsdp")`` as is, ``None`` -> ``()``."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def axes_size(mesh: Mesh | Mapping[str, int], axes: Sequence[str]) -> int:
+    """How many devices the mesh ``axes`` span together (1 for none)."""
+    sizes = mesh.shape if isinstance(mesh, Mesh) else mesh
+    return math.prod(sizes[a] for a in axes)
+
+
 def logical_to_pspec(names: Sequence[str | None], rules: Mapping[str, MeshAxes],
                      mesh: Mesh | Mapping[str, int] | None = None, shape: Sequence[int] | None = None,
                      what: str = "") -> P:
@@ -80,15 +94,12 @@ def logical_to_pspec(names: Sequence[str | None], rules: Mapping[str, MeshAxes],
     used: set[str] = set()
     out = []
     for i, name in enumerate(names):
-        axes = rules.get(name) if name is not None else None
         if name is not None and name not in rules:
             raise ValueError(f"logical axis {name!r} of {what or 'an array'} has no rule; add it to the rules table")
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = spec_axes(rules.get(name) if name is not None else None)
         axes = tuple(a for a in axes if a not in used and (sizes is None or sizes[a] > 1))
         if sizes is not None and shape is not None and axes:
-            size = 1
-            for a in axes:
-                size *= sizes[a]
+            size = axes_size(sizes, axes)
             if shape[i] % size:
                 log.warning("replicating dim %d (%s, size %d) of %s: not divisible by mesh axes %s (size %d)",
                             i, name, shape[i], what or "array", axes, size)
@@ -116,21 +127,32 @@ def tree_shardings(names_tree: Any, shapes_tree: Any, mesh: Mesh, rules: Mapping
 _ctx = threading.local()
 
 
+class Placement(NamedTuple):
+    """Where activations live while a model is traced: the mesh, the rules, and how attention reaches the keys
+    of a sequence split over the context axis (a mesh setting, not the model's)."""
+
+    mesh: Mesh
+    rules: Mapping[str, MeshAxes]
+    context_strategy: ContextStrategy = ContextStrategy.GATHER
+
+
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh | None, rules: Mapping[str, MeshAxes]) -> Iterator[None]:
-    """While tracing inside this context, ``constrain`` pins activations to the mesh by the rules."""
+def activation_sharding(mesh: Mesh | None, rules: Mapping[str, MeshAxes],
+                        context_strategy: ContextStrategy | str = ContextStrategy.GATHER) -> Iterator[None]:
+    """While tracing inside this context, ``constrain`` pins activations to the mesh by the rules (and attention
+    splits its work per :class:`Placement`)."""
     prev = getattr(_ctx, "value", None)
-    _ctx.value = (mesh, rules) if mesh is not None else None
+    _ctx.value = Placement(mesh, rules, ContextStrategy(context_strategy)) if mesh is not None else None
     try:
         yield
     finally:
         _ctx.value = prev
 
 
-def current() -> tuple[Mesh, Mapping[str, MeshAxes]] | None:
-    """The ``(mesh, rules)`` of the enclosing ``activation_sharding``, or None (also on a 1-device mesh)."""
+def current() -> Placement | None:
+    """The :class:`Placement` of the enclosing ``activation_sharding``, or None (also on a 1-device mesh)."""
     value = getattr(_ctx, "value", None)
-    return None if value is None or value[0].size == 1 else value
+    return None if value is None or value.mesh.size == 1 else value
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -138,5 +160,4 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     value = current()
     if value is None:
         return x
-    mesh, rules = value
-    return jax.lax.with_sharding_constraint(x, logical_sharding(names, mesh, rules, x.shape))
+    return jax.lax.with_sharding_constraint(x, logical_sharding(names, value.mesh, value.rules, x.shape))

@@ -1,15 +1,15 @@
 """The checkpoint policy of a run: where it starts (fresh, its own checkpoint, or another run's parameters via
 ``train.init_from``), what may change on resume, and when it saves.
 
-On resume the run directory's ``config.json`` is the source of truth: a config that differs from it in anything
-but the fields in ``RESUMABLE`` is refused with the list of differences, before any file is written. Training
+On resume the run directory's ``config.json`` is the source of truth: a config that differs from it in a field
+that defines the model or changes the optimizer trajectory (any role but cadence and execution,
+``gptjax/config/schema.py``) is refused with the list of differences, before any file is written. Training
 longer is the one documented way to change the length: ``extend_run`` keeps the lr schedule as it was (past its
 end the lr stays at its final value) instead of re-stretching it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,39 +18,30 @@ import jax
 from jax.experimental import multihost_utils
 
 from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound
-from gptjax.checkpoint.restore import init_params_from, load_run_config
-from gptjax.config import ConfigError, RunConfig
+from gptjax.checkpoint.restore import init_params_from
+from gptjax.config import ConfigError, Role, RunConfig
+from gptjax.runs import RunDir
 from gptjax.training.program import Program
 
 log = logging.getLogger("gptjax")
 
-# Fields that change neither the model nor the optimizer trajectory: they may differ on resume.
-RESUMABLE = {"train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
-             "train.keep_checkpoints", "train.progress", "train.peak_flops", "train.sample_tokens",
-             "train.sample_prompt", "train.max_nonfinite_skips", "train.async_checkpoint", "train.init_from",
-             "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.sharding_factor", "mesh.rules"}
+# What a resumed run may change: when it observes and saves itself, and how and where it runs.
+RESUMABLE_ROLES = (Role.CADENCE, Role.EXECUTION)
 
 
-def _flat(cfg: RunConfig) -> dict[str, Any]:
-    return {f"{section}.{k}": v for section, fields in cfg.to_dict().items() for k, v in fields.items()}
-
-
-def config_differences(stored: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
-    a, b = _flat(stored), _flat(new)
-    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
-
-
-def check_resume_config(stored: RunConfig, new: RunConfig, run_dir: Path) -> None:
+def check_resume_config(stored: RunConfig, new: RunConfig, run: RunDir) -> None:
     """A ``ConfigError`` listing every difference that would change the model or the optimizer trajectory."""
-    diff = config_differences(stored, new)
+    diff = stored.differences(new)
     schedule = lambda c: c.optim.schedule_steps or c.train.steps  # noqa: E731
     if schedule(stored) == schedule(new):  # a longer / shorter run on the same schedule is an extension
         diff.pop("train.steps", None)
         diff.pop("optim.schedule_steps", None)
-    bad = {k: v for k, v in diff.items() if k not in RESUMABLE and k != "train.run_dir"}
+    roles = stored.roles()
+    bad = {k: v for k, v in diff.items() if roles[k] not in RESUMABLE_ROLES}
     if bad:
-        lines = "\n".join(f"  {k}: {a!r} in config.json, {b!r} now" for k, (a, b) in sorted(bad.items()))
-        raise ConfigError(f"--resume: the config differs from {run_dir / 'config.json'} (which is unchanged):\n"
+        lines = "\n".join(f"  {k}: {a!r} in {run.CONFIG}, {b!r} now ({roles[k].value})"
+                          for k, (a, b) in sorted(bad.items()))
+        raise ConfigError(f"--resume: the config differs from {run.config} (which is unchanged):\n"
                           f"{lines}\nResume with the run's own config (no --set for these fields); to train longer "
                           "use --extend-steps N; for a different config choose another run directory "
                           "(train.init_from=<this run> starts a new run from its parameters).")
@@ -75,21 +66,19 @@ class CheckpointPolicy:
         none. ``"auto"``: continue if there is one, else start. ``False``: start; a directory that already holds
         checkpoints is refused, unless it holds this very run, finished (then ``RunComplete``)."""
         self.cfg, t = cfg, cfg.train
-        self.run_dir = Path(t.run_dir)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=t.keep_checkpoints,
+        self.run = RunDir(t.run_dir)
+        self.checkpointer = Checkpointer(self.run.checkpoints, keep=t.keep_checkpoints,
                                          async_save=t.async_checkpoint)
         latest = self.checkpointer.latest_step()
-        stored = load_run_config(self.run_dir) if latest is not None else None
+        stored = self.run.read_config() if latest is not None else None
         if latest is not None and latest >= t.steps and stored is not None and (
-                resume or not config_differences(stored, cfg)):
+                resume or not stored.differences(cfg)):
             if resume:
-                check_resume_config(stored, cfg, self.run_dir)
-            summary_path = self.run_dir / "summary.json"
-            raise RunComplete(self.run_dir, latest, json.loads(summary_path.read_text()) if summary_path.exists()
-                              else {"final_step": latest})
+                check_resume_config(stored, cfg, self.run)
+            raise RunComplete(self.run.path, latest, self.run.read_summary() or {"final_step": latest})
         if latest is not None and not resume:
-            same = stored is not None and not config_differences(stored, cfg)
-            raise FileExistsError(f"{self.run_dir} already holds checkpoints (latest step {latest} of "
+            same = stored is not None and not stored.differences(cfg)
+            raise FileExistsError(f"{self.run.path} already holds checkpoints (latest step {latest} of "
                                   f"{stored.train.steps if stored else '?'}); pass --resume to continue that run"
                                   + ("" if same else " (with its own config.json)") +
                                   ", or choose another train.run_dir")
@@ -100,7 +89,7 @@ class CheckpointPolicy:
             raise CheckpointNotFound(f"--resume-step {resume_step}: no such checkpoint in "
                                      f"{self.checkpointer.directory}; available: {self.checkpointer.all_steps()}")
         if latest is not None and resume:
-            check_resume_config(stored, cfg, self.run_dir)
+            check_resume_config(stored, cfg, self.run)
         self.resuming = latest is not None and bool(resume)
         self.resume_step = resume_step
         self.last_saved: int | None = None

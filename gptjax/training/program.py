@@ -30,7 +30,7 @@ class Program:
 
     def __init__(self, cfg: RunConfig, mesh: Mesh, total_steps: int | None = None):
         self.cfg, self.mesh = cfg, mesh
-        self.model = model = ShardedModel(cfg.model, mesh, cfg.mesh.rules)
+        self.model = model = ShardedModel(cfg.model, mesh, cfg.mesh.rules, context_strategy=cfg.mesh.context_strategy)
         self.tx, self.schedule = make_optimizer(cfg.optim, total_steps or cfg.optim.schedule_steps or cfg.train.steps,
                                                 model.weight_decay)
         opt_shapes = jax.eval_shape(self.tx.init, model.abstract_params)

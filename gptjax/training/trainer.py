@@ -13,12 +13,13 @@ import jax
 from jax.experimental import multihost_utils
 
 from gptjax.config import ConfigError, RunConfig
-from gptjax.data.pipeline import TokenizedCorpus, eval_batches, prepare_corpus, train_dataset, unigram_cross_entropy
+from gptjax.data.pipeline import TokenizedCorpus, eval_batches, prepare_corpus, train_dataset
+from gptjax.evals.loss import unigram_cross_entropy
 from gptjax.inference.sample import generate
 from gptjax.model.accounting import count_params, flops_per_token
-from gptjax.reporting.files import write_atomic
 from gptjax.reporting.plots import plot_runs
 from gptjax.reporting.reporter import Reporter
+from gptjax.runs import RunDir
 from gptjax.sharding.mesh import describe, make_mesh
 from gptjax.training.checkpointing import CheckpointPolicy, RunComplete
 from gptjax.training.hooks import CheckpointHook, Clock, EvalHook, LogHook, NonFiniteHook, PreemptionHook
@@ -43,12 +44,12 @@ class TrainResult:
     checkpoint_stalls: list[float] = field(default_factory=list)  # seconds training paused per save
 
 
-def prepare_data(cfg: RunConfig, run_dir: Path) -> TokenizedCorpus:
+def prepare_data(cfg: RunConfig, run: RunDir) -> TokenizedCorpus:
     """Process 0 tokenizes (training the tokenizer if needed); the others then load its cache."""
     is_main = jax.process_index() == 0
-    corpus = prepare_corpus(cfg.data, cfg.model.vocab_size, run_dir) if is_main else None
+    corpus = prepare_corpus(cfg.data, cfg.model.vocab_size, run) if is_main else None
     multihost_utils.sync_global_devices("gptjax:data")
-    return corpus if is_main else prepare_corpus(cfg.data, cfg.model.vocab_size, run_dir)
+    return corpus if is_main else prepare_corpus(cfg.data, cfg.model.vocab_size, run)
 
 
 def train(cfg: RunConfig, resume: bool | str = False, devices: list | None = None,
@@ -88,11 +89,11 @@ def train(cfg: RunConfig, resume: bool | str = False, devices: list | None = Non
 
 def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | None) -> TrainResult:
     t = cfg.train
-    run_dir = Path(t.run_dir)
+    run = RunDir(t.run_dir)
     is_main = jax.process_index() == 0
-    corpus = prepare_data(cfg, run_dir)
+    corpus = prepare_data(cfg, run)
     if is_main:
-        write_atomic(run_dir / "config.json", cfg.to_json())
+        run.write_config(cfg)
 
     program = Program(cfg, mesh)
     data_iter = iter(train_dataset(corpus.train, t.seq_len, t.batch_size, t.seed, jax.process_index(),
@@ -105,7 +106,7 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
     fpt = flops_per_token(cfg.model, t.seq_len)
     peak = t.peak_flops or measure_peak_flops(cfg.model.dtype)
     unigram = unigram_cross_entropy(corpus.train, corpus.val, cfg.model.vocab_size)
-    reporter = Reporter(run_dir, enabled=is_main, progress=t.progress, total_steps=t.steps, initial_step=start)
+    reporter = Reporter(run, enabled=is_main, progress=t.progress, total_steps=t.steps, initial_step=start)
     reporter.message(f"gptjax: {n_params / 1e6:.2f}M params ({cfg.model.attention_kind}, {cfg.model.positions}, "
                      f"{cfg.model.norm}, {cfg.model.mlp}, {cfg.model.dtype}) | mesh {describe(mesh)} | "
                      f"train {len(corpus.train):,} / val {len(corpus.val):,} tokens | unigram baseline "
@@ -124,7 +125,7 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
         preemption.close()
         reporter.close()
 
-    result = TrainResult(run_dir=run_dir, final_step=final_step, train_loss=log_hook.last_loss,
+    result = TrainResult(run_dir=run.path, final_step=final_step, train_loss=log_hook.last_loss,
                          val_loss=eval_hook.last if eval_hook.last is not None else eval_hook(state["params"]),
                          unigram_loss=unigram, history=reporter.metrics.rows, state=state,
                          checkpoint_stalls=policy.stalls)
@@ -137,9 +138,9 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
         print("\n--- sample (temperature 0.8, top-k 50) ---\n" + result.sample + "\n---", flush=True)
     if is_main and final_step > start:  # a call that trained nothing leaves the run's summary as it was
         summary = {"final_step": result.final_step, "train_loss": result.train_loss, "val_loss": result.val_loss,
-                   "unigram_loss": unigram, "params": n_params, "checkpoints": str(run_dir / "checkpoints")}
-        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+                   "unigram_loss": unigram, "params": n_params, "checkpoints": str(run.checkpoints)}
+        run.write_summary(summary)
         if result.history:
-            summary["curves"] = str(plot_runs([run_dir], run_dir / "curves.png"))
+            summary["curves"] = str(plot_runs([run], run.curves))
         print("summary: " + json.dumps(summary), flush=True)
     return result

@@ -1,0 +1,34 @@
+"""The run-directory module's writes: a file or a directory is written whole or not at all."""
+
+import pytest
+
+from gptjax.runs import RunDir, atomic_directory, write_atomic
+
+
+def test_a_directory_is_built_beside_its_destination_and_replaces_it_only_when_complete(tmp_path):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(dest) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("killed mid-way")
+    assert [p.name for p in dest.iterdir()] == ["old.txt"]  # as it was
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary sibling left
+    with atomic_directory(dest) as tmp:
+        (tmp / "new.txt").write_text("whole")
+    assert [p.name for p in dest.iterdir()] == ["new.txt"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_file_is_replaced_whole(tmp_path):
+    path = write_atomic(tmp_path / "summary.json", "{}")
+    write_atomic(path, b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_a_run_directory_names_its_files_and_a_missing_config_is_one_clear_error(tmp_path):
+    run = RunDir(tmp_path / "r")
+    assert run.config == tmp_path / "r" / RunDir.CONFIG and run.metrics.name == "metrics.jsonl"
+    assert str(run) == str(tmp_path / "r") and run.read_summary() is None and not run.is_finished(1)
+    with pytest.raises(FileNotFoundError, match="is .* a gptjax run directory"):
+        run.read_config()
