@@ -14,6 +14,9 @@ file or a directory is written so that a crash never leaves half of it (a tempor
       summary.json            what the finished run reported
       curves.png              loss and throughput curves
       import.json             where an imported run's parameters came from
+      errors.log              tracebacks of faults (the error line names it) and the storage layer's messages
+      writer.lock             held by the one process writing the run (WriterLock)
+      .readers/               readers' copy-free snapshots of the checkpoint they read (gptjax.checkpoint.pinned)
 
 Everything that reads or writes these (training, checkpointing, interop, ``gptjax-scaling collect``, the
 experiments) names them through :class:`RunDir`.
@@ -22,16 +25,29 @@ experiments) names them through :class:`RunDir`.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
 import json
+import logging
 import os
+import re
 import shutil
+import signal
+import socket
+import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator
 
 from gptjax.config import RunConfig
 
-__all__ = ["CheckpointNotFound", "RunDir", "atomic_directory", "write_atomic"]
+__all__ = ["CheckpointNotFound", "RunDir", "RunLocked", "WriterLock", "atomic_directory", "deferred_interrupt",
+           "fault_reason", "process_alive", "write_atomic"]
+
+log = logging.getLogger("gptjax")
+HOST = socket.gethostname()
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -56,6 +72,9 @@ class RunDir:
     SUMMARY = "summary.json"
     CURVES = "curves.png"
     IMPORT_RECORD = "import.json"
+    LOG = "errors.log"
+    LOCK = "writer.lock"
+    READERS = ".readers"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -83,6 +102,9 @@ class RunDir:
     summary = _entry(SUMMARY)
     curves = _entry(CURVES)
     import_record = _entry(IMPORT_RECORD)
+    log = _entry(LOG)
+    lock = _entry(LOCK)
+    readers = _entry(READERS)
 
     def read_config(self) -> RunConfig:
         """The ``config.json`` the run was trained with (migrated if it predates a field's move)."""
@@ -104,10 +126,80 @@ class RunDir:
         summary = self.read_summary()
         return summary is not None and summary.get("final_step") == steps
 
+    def remove_if_empty(self, directory: bool = True) -> None:
+        """Remove what a start that failed before writing anything left: an empty ``checkpoints/``, and (with
+        ``directory``) the run directory itself if nothing else is in it."""
+        for path in (self.checkpoints, self.path) if directory else (self.checkpoints,):
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only succeeds on an empty directory
+
+
+def fault_reason(e: BaseException) -> str:
+    """A storage fault in a few words: a full disk said as such, else the error's first line (orbax and
+    tensorstore messages run to hundreds of characters of paths)."""
+    text = str(e)
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text or "os_error_code='28'" in text:
+        return "the disk is full (No space left on device)"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first[:300]}{'...' if len(first) > 300 else ''}"
+
+
+def process_alive(host: str, pid: int) -> bool | None:
+    """Whether process ``pid`` of ``host`` still runs: True / False on this host (a zombie counts as gone), None
+    for another host (unknown)."""
+    if host != HOST or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Ctrl-C (SIGINT) during the block takes effect when it ends: for steps that must not stop half-way. A
+    checkpoint save (interrupting orbax mid-save abandoned its background writes: the process could abort, "FATAL:
+    exception not rethrown", exit 134, or flood "Event loop is closed"), and the rename that puts a directory
+    built beside its destination into place. The interrupt is then raised, or handed to the handler that was
+    installed (training's pre-emption hook)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, received[0])
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
 
 def _sibling(path: Path, kind: str) -> Path:
-    """A hidden name beside ``path`` that no other process or call uses."""
-    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{time.time_ns()}"
+    """A hidden name beside ``path`` that no other process or call uses (its host and pid in the name, so that a
+    later call can tell a leftover of a killed process)."""
+    return path.parent / f".{path.name}.{kind}-{HOST}-{os.getpid()}-{time.time_ns()}"
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove the temporary siblings of ``path`` left by processes of this host that no longer run (an
+    interrupted export or import killed before it could clean up)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:tmp|old)-(.+)-(\d+)-\d+$")
+    with contextlib.suppress(OSError):
+        for sibling in path.parent.iterdir():
+            m = pattern.match(sibling.name)
+            if m and process_alive(m.group(1), int(m.group(2))) is False:
+                log.warning("removing %s, left by an interrupted run of process %s", sibling, m.group(2))
+                shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
 
 
 def write_atomic(path: str | Path, content: str | bytes) -> Path:
@@ -131,6 +223,7 @@ def atomic_directory(dest: str | Path) -> Iterator[Path]:
     existing ``dest`` may be replaced is the caller's decision."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(dest)
     tmp = _sibling(dest, "tmp")
     tmp.mkdir()
     try:
@@ -138,15 +231,144 @@ def atomic_directory(dest: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = _sibling(dest, "old") if dest.exists() else None
-    if old is not None:
-        dest.rename(old)
-    try:
-        tmp.rename(dest)
-    except BaseException:
+    with deferred_interrupt():  # the swap and the removal of the previous one, whole
+        old = _sibling(dest, "old") if dest.exists() else None
         if old is not None:
-            old.rename(dest)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+        try:
+            tmp.rename(dest)
+        except BaseException:
+            if old is not None:
+                old.rename(dest)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class RunLocked(RuntimeError):
+    """Another process writes this run directory; the message names it."""
+
+
+class WriterLock:
+    """The one writer of a run directory (training, ``--extend-steps``, an import into it), across processes and
+    hosts sharing a filesystem.
+
+    Mechanism: ``<run>/writer.lock`` is created with ``O_CREAT | O_EXCL`` (atomic on local filesystems and on NFS
+    v3 and later) and holds the writer's host, pid, start time and command; while it is held a daemon thread
+    touches it every ``HEARTBEAT_S`` seconds. A lock whose holder is gone is stale: on the same host when its pid
+    no longer runs (taken over at once), from another host (or a pid reused since) when it has not been touched for
+    ``STALE_S`` seconds. A stale lock is taken over with a warning naming the old holder (takeovers are serialised
+    by a second ``O_EXCL`` file, so two newcomers never both win); a live one refuses the newcomer with
+    :class:`RunLocked`, never shared. Released (the file removed, if still this holder's) on any exit that runs
+    Python's cleanup; a SIGKILLed holder leaves a stale lock, which the next writer takes over."""
+
+    HEARTBEAT_S = 5.0
+    STALE_S = 60.0
+
+    def __init__(self, run: RunDir | str | Path, command: str | None = None):
+        self.run = run if isinstance(run, RunDir) else RunDir(run)
+        self.path = self.run.lock
+        self.info = {"host": HOST, "pid": os.getpid(), "since": _now(), "command": command or _command(),
+                     "token": uuid.uuid4().hex}
+        self.created_dir = False
+        self._stop: threading.Event | None = None
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> "WriterLock":
+        self.created_dir = not self.run.path.exists()
+        self.run.path.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read(self.path)
+                why = self._stale(holder, self.path)
+                if why is None:
+                    raise RunLocked(self.refusal(holder)) from None
+                self._take_over(holder, why)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.info))
+                f.flush()
+                os.fsync(f.fileno())
+            self._stop = threading.Event()
+            threading.Thread(target=self._beat, args=(self._stop,), daemon=True, name="gptjax-lock").start()
+            return self
+        raise RunLocked(f"{self.run}: could not take {self.path.name} (other processes keep taking it over)")
+
+    def release(self) -> None:
+        if self._stop is None:
+            return
+        self._stop.set()
+        self._stop = None
+        if (self._read(self.path) or {}).get("token") == self.info["token"]:
+            self.path.unlink(missing_ok=True)
+
+    def refusal(self, holder: dict | None) -> str:
+        who = (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')} "
+               f"({holder.get('command')})" if holder else "a process that is still creating its lock")
+        return (f"{self.run} is being written by {who}; wait for it to end or stop it (a lock left by a killed job is "
+                f"taken over once its holder is gone: at once on this host, from another host after "
+                f"{self.STALE_S:.0f} s without a heartbeat in {self.path})")
+
+    def _beat(self, stop: threading.Event) -> None:
+        while not stop.wait(self.HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    @staticmethod
+    def _read(path: Path) -> dict | None:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, holder: dict | None, path: Path) -> str | None:
+        """Why the lock at ``path`` is stale (None: it is held)."""
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return "it was just released"
+        if holder and process_alive(holder.get("host"), int(holder.get("pid", -1))) is False:
+            return f"process {holder['pid']} on {holder['host']} no longer runs"
+        if age > self.STALE_S:
+            return f"no heartbeat for {age:.0f} s"
+        return None
+
+    def _take_over(self, holder: dict | None, why: str) -> None:
+        guard = self.path.with_name(self.path.name + ".takeover")
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if time.time() - guard.stat().st_mtime > self.STALE_S:
+                guard.unlink(missing_ok=True)  # a takeover that died half-way
+            return
+        os.close(fd)
+        try:
+            current = self._read(self.path)
+            if current == holder and self._stale(current, self.path) is not None:  # not re-taken meanwhile
+                self.path.unlink(missing_ok=True)
+                if holder:
+                    log.warning("took over the lock of %s: %s held it since %s (%s), and %s", self.run,
+                                f"pid {holder.get('pid')} on {holder.get('host')}", holder.get("since"),
+                                holder.get("command"), why)
+        finally:
+            guard.unlink(missing_ok=True)
+
+
+def _command() -> str:
+    """This process's command line, as typed: ``gptjax-train ...`` or ``python -m gptjax.cli.train ...``."""
+    script = Path(sys.argv[0])
+    head = (f"python -m gptjax.cli.{script.stem}" if script.parent.name == "cli" and script.parent.parent.name ==
+            "gptjax" else script.name)
+    return " ".join([head, *sys.argv[1:]])
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")

@@ -143,7 +143,24 @@ def test_plan_tool_aot_check_on_simulated_devices():
     for row in plan["aot"]:
         assert row["peak"] > 0 and 0.6 < row["analytic"] / row["peak"] < 1.4
     assert plan["compiled_full_depth_peak"] > plan["aot"][-1]["peak"]
-    assert plan["verdict_from"] == "compiled" and plan["fits"] == plan["fits_compiled"]
+    # one verdict, from the analytic figure, with or without the compile check (it is shown beside it)
+    assert plan["verdict_from"] == "analytic" and plan["fits"] == plan["fits_analytic"] and "fits_compiled" in plan
+
+
+def test_plan_verdict_is_one_figure_and_an_exit_code_and_bad_devices_are_refused():
+    """The README's own example once said "DOES NOT FIT (99.5 GB)" from XLA:CPU's compiled bf16 figure and "fits"
+    with --no-compile, exit 0 both ways; --device h100 was a traceback, 0 a ZeroDivisionError, nan a verdict."""
+    example = ("llama2-70b", "--mesh", "1,64,8", "--batch", "512", "--seq", "4096", "--device", "h100-80gb")
+    quick = plan_cli(*example, "--no-compile", "--json")
+    assert quick.returncode == 0 and json.loads(quick.stdout)["fits"] is True
+    big = plan_cli("gpt3-175b", "--mesh", "1,8,1", "--batch", "8", "--no-compile")
+    assert big.returncode == 1 and "DOES NOT FIT" in big.stdout
+    for device in ("h100", "0", "-80", "nan"):
+        r = plan_cli("gpt2-small", "--device", device, "--no-compile")
+        assert r.returncode == 2 and "argument --device: --device" in r.stderr.splitlines()[-1], r.stderr
+        assert "Traceback" not in r.stderr
+    r = plan_cli("gpt2-small", "--mesh", "1,1,5", "--batch", "4", "--seq", "256", "--no-compile")
+    assert r.returncode == 0 and "warning: mesh axis tensor=5 divides no parameter dimension" in r.stderr
 
 
 def test_plan_tool_bad_mesh_is_a_clear_error():

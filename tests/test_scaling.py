@@ -211,3 +211,14 @@ def test_committed_fit_files_round_trip_through_the_typed_result(name):
         assert [p.bracketed for p in fit.approach2.profiles] == [p["bracketed"] for p in data["approach2"]["profiles"]]
     with pytest.raises(ScalingInputError, match="no approach3 section"):
         FitResult(n_points=0, n_rows=0, source="none").parametric("3")
+
+
+def test_degenerate_points_are_warned_about():
+    """One table holding every (N, D) twice, under two loss definitions, fitted to alpha ~ 0.01 and 2e-14 tokens
+    per parameter with exit 0 and no warning."""
+    rows = isoflop_rows(budgets=np.geomspace(1e19, 1e21, 4), sizes=7)
+    mixed = rows + [dict(r, loss=r["loss"] * 1.3, run=r["run"] + "-ppl") for r in rows]
+    fit = fit_points(points_from_rows(mixed), ("3", "vpnls"))
+    assert any("appears 2 times with losses" in w and "two loss definitions" in w for w in fit.warnings)
+    assert any(w.startswith("approach 3: alpha=") and "edge of the search space" in w for w in fit.warnings)
+    assert fit_points(points_from_rows(rows), ("3",)).warnings == []  # the clean table warns about nothing

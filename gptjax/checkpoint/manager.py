@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from gptjax.runs import CheckpointNotFound
+from gptjax.runs import CheckpointNotFound, deferred_interrupt, fault_reason
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,30 @@ COMMIT_MARKER = "commit_success.txt"
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; earlier checkpoints are untouched."""
+
+
+def step_problem(path: Path, items: tuple[str, ...] = ("state", "data")) -> str | None:
+    """Why the checkpoint step directory ``path`` cannot be restored, as far as its files tell (None: it looks
+    intact); ``items``: the items that must be there (readers of parameters only need ``("state",)``)."""
+    if not path.is_dir():
+        return "its directory is missing"
+    missing = [n for n in items if not (path / n).is_dir()]
+    if missing:
+        return f"item(s) {missing} missing"
+    if not any(path.iterdir()) or not (path / "_CHECKPOINT_METADATA").exists():
+        return "no checkpoint metadata (an incomplete or emptied step directory)"
+    unmarked = [n for n in ("", *items) if not (path / n / COMMIT_MARKER).exists()]
+    if unmarked:
+        return f"no commit marker in {[n or '.' for n in unmarked]} (the save did not finish)"
+    if not (path / "state" / "_METADATA").exists():
+        return "the state item has no metadata"
+    try:
+        ocdbt = json.loads((path / "state" / "_METADATA").read_text()).get("use_ocdbt", False)
+    except (OSError, ValueError):
+        return "the state item's metadata does not read"
+    if ocdbt and not (path / "state" / "manifest.ocdbt").exists():
+        return "the state item has no OCDBT manifest (state/manifest.ocdbt)"
+    return None
 
 
 class _IteratorSnapshot:
@@ -62,13 +87,16 @@ def _save_args(state: Any) -> Any:
 
 class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 3, create: bool = True, async_save: bool = False):
+        """``create=False``: a reader, which needs the directory to exist and never writes or deletes in it; a
+        writer (``create=True``) removes what interrupted saves left (``<step>.orbax-checkpoint-tmp``)."""
         self.directory = Path(directory).absolute()
         if not create and not self.directory.is_dir():
             raise CheckpointNotFound(f"no checkpoint in {self.directory}")
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                                 enable_async_checkpointing=async_save),
+                                                 enable_async_checkpointing=async_save,
+                                                 cleanup_tmp_directories=create, read_only=not create),
             item_names=ITEMS,
         )
         self.async_save = async_save
@@ -97,10 +125,11 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state, save_args=_save_args(state))}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
-        try:
-            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-        except Exception as e:
-            raise self._write_error(step, e) from e
+        with deferred_interrupt():
+            try:
+                self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+            except Exception as e:
+                raise self._write_error(step, e) from e
         self.pending = step
         if not self.async_save:
             self.wait()
@@ -109,34 +138,23 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until a background save is complete; a failed one raises ``CheckpointWriteError``."""
         step, self.pending = self.pending, None
-        try:
-            self.manager.wait_until_finished()
-        except Exception as e:
-            raise self._write_error(step, e) from e
+        with deferred_interrupt():
+            try:
+                self.manager.wait_until_finished()
+            except Exception as e:
+                raise self._write_error(step, e) from e
 
     def _write_error(self, step: int | None, e: Exception) -> CheckpointWriteError:
+        """The failed save's error, after removing what it left half-written (``<step>.orbax-checkpoint-tmp``)."""
+        for leftover in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         self.manager.reload()
         return CheckpointWriteError(f"could not write checkpoint step {step} in {self.directory}: "
-                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; the earlier "
-                                    f"checkpoints {self.all_steps()} are untouched")
+                                    f"{fault_reason(e)}; the earlier checkpoints {self.all_steps()} are untouched")
 
     def problem(self, step: int, items: tuple[str, ...] = ITEMS) -> str | None:
-        """Why step ``step`` cannot be restored, as far as its files tell (None: it looks intact); ``items``: the
-        items that must be there (readers of parameters only need ``("state",)``)."""
-        path = self.directory / str(step)
-        if not path.is_dir():
-            return "its directory is missing"
-        missing = [n for n in items if not (path / n).is_dir()]
-        if missing:
-            return f"item(s) {missing} missing"
-        if not any(path.iterdir()) or not (path / "_CHECKPOINT_METADATA").exists():
-            return "no checkpoint metadata (an incomplete or emptied step directory)"
-        unmarked = [n for n in ("", *items) if not (path / n / COMMIT_MARKER).exists()]
-        if unmarked:
-            return f"no commit marker in {[n or '.' for n in unmarked]} (the save did not finish)"
-        if not (path / "state" / "_METADATA").exists():
-            return "the state item has no metadata"
-        return None
+        """Why step ``step`` cannot be restored, as far as its files tell (None: it looks intact)."""
+        return step_problem(self.directory / str(step), items)
 
     def move_aside(self, step: int, why: str) -> Path:
         """Rename a damaged step out of orbax's sight (kept for inspection), so the step can be written again."""

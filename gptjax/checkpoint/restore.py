@@ -3,30 +3,49 @@ starting a new run from another (``TrainConfig.init_from``)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import jax
 from jax.sharding import Mesh
 
-from gptjax.checkpoint.manager import Checkpointer
+from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound
+from gptjax.checkpoint.pinned import pinned
 from gptjax.config import ConfigError, ModelConfig, RunConfig
 from gptjax.model.decoder import stack_layers, unstack_layers
 from gptjax.model.sharded import ShardedModel
-from gptjax.runs import RunDir
+from gptjax.runs import RunDir, fault_reason
 from gptjax.sharding.mesh import single_device_mesh
 
 
 def restore_params(run_dir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> tuple[RunConfig, Any]:
-    """``(RunConfig, params)`` of a run's checkpoint (latest, or ``step``), parameters only (no optimizer state is
-    read), sharded by the run's rules over ``mesh`` (default: this process's first device)."""
+    """``(RunConfig, params)`` of a run's checkpoint (latest intact one, or ``step``), parameters only (no
+    optimizer state is read), sharded by the run's rules over ``mesh`` (default: this process's first device). The
+    step is pinned while it is read (``checkpoint/pinned.py``), so a run writing this directory cannot delete it
+    mid-read; with several processes they read the step in place, together."""
     run = RunDir(run_dir)
     cfg = run.read_config()
     model = ShardedModel(cfg.model, mesh or single_device_mesh(), cfg.mesh.rules)
+    with (pinned(run, step) if jax.process_count() == 1 else _in_place(run, step)) as (found, root):
+        checkpointer = Checkpointer(root, create=False)
+        try:
+            return cfg, checkpointer.restore_params(model.abstract_params, found)
+        except (ValueError, OSError) as e:  # a file that fails to read: tensorstore / orbax errors vary
+            raise CheckpointNotFound(f"checkpoint step {found} in {run.checkpoints} cannot be read: {fault_reason(e)}; "
+                                     "read an earlier one with --step") from None
+        finally:
+            checkpointer.close()
+
+
+@contextlib.contextmanager
+def _in_place(run: RunDir, step: int | None) -> Iterator[tuple[int, Path]]:
     checkpointer = Checkpointer(run.checkpoints, create=False)
     try:
-        return cfg, checkpointer.restore_params(model.abstract_params, step)
+        found = checkpointer._existing_step(step)
     finally:
         checkpointer.close()
+    yield found, run.checkpoints
 
 
 def params_for(model: ShardedModel, src: ModelConfig, params: Any) -> Any:

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import tensorstore as ts
 
-from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound
-from gptjax.runs import RunDir
+from gptjax.checkpoint.manager import CheckpointNotFound
+from gptjax.checkpoint.pinned import pinned
+from gptjax.runs import RunDir, fault_reason
 
 # No cache: a slice is decoded, returned and forgotten (a cache would keep every chunk read).
 _CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
@@ -24,31 +25,41 @@ _CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
 
 class CheckpointTensors:
     """The parameters of one checkpoint step: ``shapes`` (``{"blocks.attn.w_q": (shape, dtype)}``) and
-    ``read(name, layer=None)``; ``layer`` takes one index along the leading (layers) axis."""
+    ``read(name, layer=None)``; ``layer`` takes one index along the leading (layers) axis. Use it as a context
+    manager: the step (default: the newest intact one) is pinned while it is open (``checkpoint/pinned.py``), so
+    a run's retention cannot delete it mid-read."""
 
     def __init__(self, run_dir: str | Path, step: int | None = None):
-        run = RunDir(run_dir)
-        checkpointer = Checkpointer(run.checkpoints, create=False)
+        self._pin = pinned(run_dir, step)
+        self.step, root = self._pin.__enter__()
         try:
-            self.step = checkpointer._existing_step(step)
-            why = checkpointer.problem(self.step, items=("state",))
-        finally:
-            checkpointer.close()
-        if why is not None:
-            raise CheckpointNotFound(f"checkpoint step {self.step} in {run_dir} cannot be read: {why}")
-        self.directory = run.checkpoints.absolute() / str(self.step) / "state"
-        meta = json.loads((self.directory / "_METADATA").read_text())
-        if not meta.get("use_ocdbt", False):
-            raise CheckpointNotFound(f"{self.directory}: not an OCDBT checkpoint (gptjax writes OCDBT)")
-        self._driver = "zarr3" if meta.get("use_zarr3") else "zarr"
-        self.shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-        self._stores: dict[str, ts.TensorStore] = {}  # open handles (no data: the context has no cache)
-        for key in meta["tree_metadata"]:
-            path = [k["key"] for k in meta["tree_metadata"][key]["key_metadata"]]
-            if path[0] == "params":
-                name = ".".join(path[1:])
-                self._stores[name] = store = self._open(name)
-                self.shapes[name] = (tuple(store.shape), np.dtype(store.dtype.numpy_dtype))
+            self.directory = root.absolute() / str(self.step) / "state"
+            meta = json.loads((self.directory / "_METADATA").read_text())
+            if not meta.get("use_ocdbt", False):
+                raise CheckpointNotFound(f"{self.directory}: not an OCDBT checkpoint (gptjax writes OCDBT)")
+            self._driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+            self.shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+            self._stores: dict[str, ts.TensorStore] = {}  # open handles (no data: the context has no cache)
+            for key in meta["tree_metadata"]:
+                path = [k["key"] for k in meta["tree_metadata"][key]["key_metadata"]]
+                if path[0] == "params":
+                    name = ".".join(path[1:])
+                    self._stores[name] = store = self._open(name)
+                    self.shapes[name] = (tuple(store.shape), np.dtype(store.dtype.numpy_dtype))
+        except (ValueError, OSError) as e:  # tensorstore reports a damaged store as ValueError
+            self.close()
+            raise CheckpointNotFound(f"checkpoint step {self.step} in {RunDir(run_dir).checkpoints} cannot be read: "
+                                     f"{fault_reason(e)}; read an earlier one with --step") from None
+
+    def __enter__(self) -> "CheckpointTensors":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stores = {}
+        self._pin.__exit__(None, None, None)
 
     def _open(self, name: str) -> ts.TensorStore:
         spec = {"driver": self._driver, "kvstore": {"driver": "ocdbt", "base": f"file://{self.directory}/",

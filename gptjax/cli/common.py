@@ -1,13 +1,19 @@
 """What every console script shares: the config arguments (``--config``, ``--preset``, ``--model-preset``,
-``--set``), logging set-up, and turning the errors users cause into one line and exit code 2."""
+``--set``), logging set-up, turning the errors users cause into one line and exit code 2, and Ctrl-C into one
+line and exit code 130 (:func:`console_script`)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
+import os
+import signal
 import sys
-from typing import Iterator
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
 
 from gptjax.config import MODEL_PRESETS, RUN_PRESETS, ConfigError, RunConfig, build_run_config
 
@@ -43,10 +49,98 @@ class UserError(Exception):
 
 
 @contextlib.contextmanager
-def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
-    """Turn ``ConfigError`` and ``kinds`` into ``error: <message>`` on stderr and ``SystemExit(2)``."""
+def user_errors(*kinds: type[BaseException], log: Path | None = None) -> Iterator[None]:
+    """Turn ``ConfigError`` and ``kinds`` into ``error: <message>`` on stderr and ``SystemExit(2)``. ``log``: where
+    what background threads still report while the process exits goes (a fault leaves orbax's writes abandoned)."""
     try:
         yield
     except (ConfigError, UserError, *kinds) as e:
         print(f"error: {e}", file=sys.stderr)
+        _exit_log[0] = log
         raise SystemExit(2) from None
+
+
+_exit_log: list[Path | None] = [None]  # where the failing command's leftover reports go as the process exits
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+def console_script(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """The entry point of console script ``prog``: Ctrl-C anywhere is one line and exit code 130 (training saves
+    and exits 75 instead, see gptjax-train), after the script's own cleanup (temporary directories are removed on
+    the way out); reports of abandoned background work after a failure go to the run's log, not the console."""
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def entry(argv: list[str] | None = None) -> int:
+            sys.unraisablehook = _forward_interrupts(sys.unraisablehook)
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, _on_interrupt)
+            try:
+                code = main(argv)
+                if threading.current_thread() is threading.main_thread():
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a late Ctrl-C does not turn it into 130
+                return code
+            except KeyboardInterrupt:
+                if threading.current_thread() is threading.main_thread():
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)  # one interrupt is enough: later ones are ignored
+                print(f"{prog}: interrupted; nothing half-written was left", file=sys.stderr)
+                quiet_exit(_exit_log[0])
+                return EXIT_INTERRUPTED
+            except SystemExit as e:
+                if e.code not in (0, None):
+                    quiet_exit(_exit_log[0])
+                raise
+
+        return entry
+
+    return wrap
+
+
+def _on_interrupt(signum, frame) -> None:
+    """Ctrl-C as KeyboardInterrupt, but not inside an import (a C extension interrupted half-way through its
+    initialisation aborted the process at exit: "SetTimeZone() has already been called", exit 134) or a garbage
+    collection callback (which would swallow it): there it is signalled again, shortly, from outside."""
+    inner = frame
+    while inner is not None:
+        code = inner.f_code
+        if code.co_filename.startswith("<frozen importlib") or code.co_name.endswith("gc_callback"):
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+            return
+        inner = inner.f_back
+    raise KeyboardInterrupt
+
+
+def _forward_interrupts(hook):
+    """An unraisable-exception hook that re-raises a Ctrl-C where it can be handled: a KeyboardInterrupt that lands
+    in a callback (JAX's garbage-collection hook runs at any allocation) is otherwise printed as "Exception
+    ignored" and lost."""
+    def forward(unraisable) -> None:
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):  # signalled again, from outside the callback
+            threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
+        else:
+            hook(unraisable)
+
+    return forward
+
+
+def quiet_exit(log: Path | None) -> None:
+    """From now on (the process is about to exit), reports of background threads that lost their event loop or
+    were abandoned mid-write go to ``log`` (created only if one comes), or nowhere, not over the one line already
+    printed."""
+    target = log if log is not None and Path(log).parent.is_dir() else os.devnull
+    handler = logging.FileHandler(target, delay=True)
+    for name in ("asyncio", "absl"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+
+    def to_log(*info) -> None:
+        import traceback
+
+        with open(target, "a") as f:
+            f.write("".join(traceback.format_exception(*info)))
+
+    sys.excepthook = to_log
+    threading.excepthook = lambda a: to_log(a.exc_type, a.exc_value, a.exc_traceback)
+    sys.unraisablehook = lambda u: to_log(u.exc_type, u.exc_value, u.exc_traceback)

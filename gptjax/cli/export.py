@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptjax.cli.common import setup_logging, user_errors
+from gptjax.cli.common import console_script, setup_logging, user_errors
 from gptjax.config import DTYPE_NAMES
 
 
@@ -28,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@console_script("gptjax-export")
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     setup_logging()

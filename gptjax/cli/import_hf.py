@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptjax.cli.common import UserError, setup_logging, user_errors
+from gptjax.cli.common import UserError, console_script, setup_logging, user_errors
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,18 +28,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@console_script("gptjax-import")
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     setup_logging()
     import dataclasses
     from pathlib import Path
 
+    from gptjax.checkpoint import CheckpointWriteError
     from gptjax.config import build_run_config
     from gptjax.interop.families import UnsupportedArchitecture
     from gptjax.interop.hf_import import SETTABLE_FIELDS, HFImportError, read_hf
+    from gptjax.runs import RunLocked
     from gptjax.training.seed import AlreadySeeded, seed_run
 
-    with user_errors(HFImportError, UnsupportedArchitecture, FileExistsError):
+    with user_errors(HFImportError, UnsupportedArchitecture, FileExistsError, RunLocked, CheckpointWriteError):
         imported = read_hf(a.hf_dir)
         fields = dataclasses.asdict(imported.model)
         seq = [f"train.seq_len={imported.model.max_seq_len}"] if imported.model.max_seq_len < 256 else []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptjax.cli.common import UserError, user_errors
+from gptjax.cli.common import UserError, console_script, user_errors
 
 
 def parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@console_script("gptjax-plot")
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     from gptjax.reporting.plots import plot_runs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptjax.cli.common import setup_logging, user_errors
+from gptjax.cli.common import console_script, setup_logging, user_errors
 
 
 def parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@console_script("gptjax-sample")
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     setup_logging()

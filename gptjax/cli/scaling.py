@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from gptjax.cli.common import user_errors
+from gptjax.cli.common import console_script, user_errors
 
 
 def _fit(a) -> int:
@@ -115,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@console_script("gptjax-scaling")
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     from gptjax.scaling import ScalingInputError

@@ -20,7 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptjax.cli.common import UserError, add_config_args, config_from_args, setup_logging, user_errors
+from gptjax.cli.common import (UserError, add_config_args, config_from_args, console_script, setup_logging,
+                               user_errors)
 from gptjax.config import build_run_config
 
 
@@ -44,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@console_script("gptjax-train")
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     setup_logging()
@@ -68,13 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from gptjax.data.corpus import CorpusError
     from gptjax.data.tokenizer import TokenizerError
+    from gptjax.runs import RunDir, RunLocked
     from gptjax.sharding.distributed import maybe_initialize
     from gptjax.training.hooks import StopTraining
-    from gptjax.training.trainer import train
+    from gptjax.training.trainer import RunWriteError, train
 
     maybe_initialize(a.coordinator, a.num_processes, a.process_id)
     try:
-        with user_errors(CorpusError, TokenizerError, CheckpointNotFound, CheckpointWriteError, FileExistsError):
+        with user_errors(CorpusError, TokenizerError, CheckpointNotFound, CheckpointWriteError, FileExistsError,
+                         RunLocked, RunWriteError, log=RunDir(cfg.train.run_dir).log):
             train(cfg, resume=a.resume, stop_after=a.stop_after, resume_step=a.resume_step)
     except StopTraining as stop:
         print(f"gptjax-train: {stop}", file=sys.stderr)

@@ -40,10 +40,15 @@ def load_config_file(path: str | Path) -> dict:
         spec = importlib.util.spec_from_file_location(p.stem, p)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        if not hasattr(mod, "config"):
-            raise ConfigError(f"{p} must define config() returning a RunConfig or a dict")
+        if not callable(getattr(mod, "config", None)):
+            what = "has no config" if not hasattr(mod, "config") else f"has config = {mod.config!r}, not a function"
+            raise ConfigError(f"{p} {what}: an experiment file defines config() returning a RunConfig or a dict")
         cfg = mod.config()
-        return cfg.to_dict() if isinstance(cfg, RunConfig) else cfg
+        if isinstance(cfg, RunConfig):
+            return cfg.to_dict()
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"{p}: config() returned {type(cfg).__name__} {cfg!r}; return a RunConfig or a dict")
+        return dict(cfg)
     raise ConfigError(f"config file {p}: expected .json or .py")
 
 

@@ -405,6 +405,16 @@ class RunConfig:
             d[section].update(values)
         return RunConfig.from_dict(d)
 
+    def warnings(self) -> list[str]:
+        """What is valid but probably not meant: a warmup as long as the run (the lr never reaches its peak and
+        never decays)."""
+        steps = self.optim.schedule_steps or self.train.steps
+        out = []
+        if self.optim.warmup_steps >= steps:
+            out.append(f"optim.warmup_steps={self.optim.warmup_steps} is not shorter than the schedule's {steps} "
+                       "steps: the lr never reaches optim.lr and never decays; lower optim.warmup_steps")
+        return out
+
     def roles(self) -> dict[str, Role]:
         """``{"section.field": role}`` for every field, as this config's values decide them."""
         return {f"{s.name}.{f.name}": role_of(getattr(self, s.name), f.name)

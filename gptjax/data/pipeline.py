@@ -10,6 +10,7 @@ only its rows of the global batch), batched; its iterator state is saved in chec
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
@@ -22,7 +23,7 @@ import numpy as np
 from gptjax.config import DataConfig
 from gptjax.data.corpus import CorpusError, fingerprint, read_corpus, resolve_corpus, split_documents
 from gptjax.data.tokenizer import Tokenizer, TokenizerError, encode_documents
-from gptjax.runs import RunDir
+from gptjax.runs import RunDir, fault_reason, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Pat
                          "make them equal (or remove the run's tokenizer.model to train a new one)")
     run.path.mkdir(parents=True, exist_ok=True)
     if not tok_path.exists():
-        tok.save(tok_path)
+        _write(tok_path, tok.proto)
 
     key = fingerprint(text, pattern, cfg.val_fraction, cfg.seed, tok.proto)
     cache = run.data
@@ -74,11 +75,22 @@ def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Pat
     train_docs = [docs[i] for i in sorted(order[n_val:])]
     train, val = encode_documents(tok, train_docs), encode_documents(tok, val_docs)
     cache.mkdir(parents=True, exist_ok=True)
-    np.save(cache / "train.npy", train)
-    np.save(cache / "val.npy", val)
-    meta_path.write_text(json.dumps({"key": key, "n_docs": [len(train_docs), len(val_docs)],
-                                     "tokens": [len(train), len(val)], "corpus": str(path)}))
+    for name, tokens in (("train.npy", train), ("val.npy", val)):
+        buf = io.BytesIO()
+        np.save(buf, tokens)
+        _write(cache / name, buf.getvalue())
+    _write(meta_path, json.dumps({"key": key, "n_docs": [len(train_docs), len(val_docs)],
+                                  "tokens": [len(train), len(val)], "corpus": str(path)}))
     return TokenizedCorpus(tok, train, val, (len(train_docs), len(val_docs)))
+
+
+def _write(path: Path, content: str | bytes) -> None:
+    """A file of the run's data, whole or not at all; a failed write (a full disk) is one clear error."""
+    try:
+        write_atomic(path, content)
+    except OSError as e:
+        raise CorpusError(f"could not write {path}: {fault_reason(e)}; nothing partial was left, free space and "
+                          "run again") from None
 
 
 class PackedWindows:

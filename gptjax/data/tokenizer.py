@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -77,8 +78,14 @@ class Tokenizer:
                 split_digits=True, max_sentence_length=1 << 16, num_threads=2, minloglevel=2,
                 hard_vocab_limit=True)
         except RuntimeError as e:
+            needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+            if needed:
+                raise TokenizerError(
+                    f"model.vocab_size={vocab_size} is too small for this corpus: its byte-fallback BPE tokenizer "
+                    f"needs at least {needed.group(1)} pieces (256 bytes, the special pieces and each of the "
+                    f"{n_chars} distinct characters); set model.vocab_size={needed.group(1)} or more") from None
             raise TokenizerError(f"sentencepiece could not train a {vocab_size}-piece vocabulary on this corpus "
-                             f"({total} characters, {n_chars} distinct): {e}") from None
+                                 f"({total} characters, {n_chars} distinct): {e}") from None
         return cls(out.getvalue())
 
 

@@ -31,7 +31,7 @@ from gptjax.data.tokenizer import Tokenizer
 from gptjax.interop.families import HF_CONFIG, HF_TOKENIZER, HFTensor, family_for
 from gptjax.interop.safetensors import INDEX, StreamWriter, parse_size, plan_shards, shard_names
 from gptjax.interop.tokenizer import hf_tokenizer_files
-from gptjax.runs import RunDir, atomic_directory
+from gptjax.runs import RunDir, atomic_directory, fault_reason
 
 MARKER = "gptjax"  # the config.json key that records where an export came from
 
@@ -87,20 +87,30 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
     _check_target(out)
     cfg = run.read_config()
     family = family_for(cfg.model)
-    reader = CheckpointTensors(run.path, step)
-    tok_path = run.tokenizer
-    if not tok_path.is_file():
-        raise ExportError(f"{tok_path} not found: the run's tokenizer is exported with its weights")
-    tokenizer = Tokenizer.load(tok_path)
-    tok_files = hf_tokenizer_files(tokenizer.proto, cfg.model.max_seq_len)
+    with CheckpointTensors(run.path, step) as reader:  # the step is pinned: retention cannot delete it meanwhile
+        if not run.tokenizer.is_file():
+            raise ExportError(f"{run.tokenizer} not found: the run's tokenizer is exported with its weights")
+        tokenizer = Tokenizer.load(run.tokenizer)
+        try:
+            return _write(run, cfg, family, reader, tokenizer, out, dtype, max_bytes, progress)
+        except (ValueError, OSError) as e:  # tensorstore reports a damaged chunk as ValueError
+            if isinstance(e, ExportError):
+                raise
+            raise ExportError(f"reading checkpoint step {reader.step} of {run} failed: {fault_reason(e)}; nothing was "
+                              f"written to {out} (an earlier step: --step)") from None
 
+
+def _write(run: RunDir, cfg, family, reader: CheckpointTensors, tokenizer: Tokenizer, out: Path, dtype: str,
+           max_bytes: int, progress: bool) -> ExportResult:
+    """Stream the pinned checkpoint into ``out`` (built beside it, renamed into place when complete)."""
+    np_dtype = DTYPES[dtype]
+    tok_files = hf_tokenizer_files(tokenizer.proto, cfg.model.max_seq_len)
     tensors = family.tensors(cfg.model)
     for t in tensors:  # config.json and the checkpoint must agree before anything is written
         for src in t.sources:
             if locate(reader, src, t.layer)[0] not in reader.shapes:
                 raise ExportError(f"checkpoint step {reader.step} of {run} has no parameter "
                                   f"{src.format(t.layer)} that {run.config} implies")
-    np_dtype = DTYPES[dtype]
     sizes = {t.name: int(np.prod(t.shape)) * np_dtype.itemsize for t in tensors}
     total = sum(sizes.values())
     shards = plan_shards(sizes.items(), max_bytes)
@@ -129,7 +139,7 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
         for name, content in tok_files.items():
             (tmp / name).write_text(json.dumps(content, ensure_ascii=False, indent=None if name == "tokenizer.json"
                                                else 2))
-        shutil.copyfile(tok_path, tmp / HF_TOKENIZER)
+        shutil.copyfile(run.tokenizer, tmp / HF_TOKENIZER)
     return ExportResult(out, family.architecture, reader.step, files, total)
 
 

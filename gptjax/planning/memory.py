@@ -82,6 +82,20 @@ def param_bytes_per_device(cfg: RunConfig, mesh_sizes: Mapping[str, int]) -> int
     return total
 
 
+def idle_axes(cfg: RunConfig, mesh_sizes: Mapping[str, int]) -> list[str]:
+    """Warnings for the mesh axes that shard parameters (fsdp, tensor) but divide none of this model's parameter
+    dimensions: every device then holds those parameters whole, and the axis only replicates work."""
+    shapes, axes = abstract_params(cfg.model)
+    rules = make_rules(cfg.mesh.rules)
+    used = set()
+    for names, s in zip(jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)), jax.tree.leaves(shapes)):
+        used.update(a for entry in logical_to_pspec(names, rules, mesh_sizes, s.shape) for a in spec_axes(entry))
+    idle = [a for a in ("fsdp", "tensor") if mesh_sizes.get(a, 1) > 1 and a not in used]
+    return [f"mesh axis {a}={mesh_sizes[a]} divides no parameter dimension of this model (e.g. "
+            f"{'heads, kv heads, d_ff, vocab' if a == 'tensor' else 'd_model'}): every device holds the parameters "
+            f"it should shard whole" for a in idle]
+
+
 def _saved_residual_bytes(m: ModelConfig, batch: int, seq: int, remat: str) -> int:
     try:
         from jax._src.ad_checkpoint import saved_residuals

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
 from gptjax.reporting.metrics import read_metrics
-from gptjax.runs import RunDir
+from gptjax.runs import RunDir, write_atomic
 
 
 def plot_runs(run_dirs: Sequence[RunDir | str | Path], out: str | Path) -> Path:
@@ -43,6 +44,7 @@ def plot_runs(run_dirs: Sequence[RunDir | str | Path], out: str | Path) -> Path:
     ax_speed.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
     plt.close(fig)
-    return out
+    return write_atomic(out, buf.getvalue())  # whole or not at all: a full disk leaves no 0-byte picture

@@ -189,6 +189,7 @@ def fit_points(points: Points, approaches=APPROACHES, bootstrap: int = 0, drop_h
     rng = np.random.default_rng(seed)
     out = FitResult(n_points=len(finals), n_rows=len(points), source=points.source, drop_highest=drop_highest,
                     bootstrap=bootstrap)
+    out.warnings += duplicate_points(finals)
     if "3" in approaches or "vpnls" in approaches:
         check_parametric(finals)
     weights = rng.multinomial(len(finals), np.full(len(finals), 1 / len(finals)), size=bootstrap).astype(float) \
@@ -204,6 +205,7 @@ def fit_points(points: Points, approaches=APPROACHES, bootstrap: int = 0, drop_h
             samples = parametric.refit_weighted(starts, finals.params, finals.tokens, finals.loss, weights)
             out.timings_s["approach3_bootstrap"] = time.perf_counter() - t
         out.approach3 = _parametric_result(fit, c_ref, samples)
+        out.warnings += at_a_bound(out.approach3, "approach 3")
     if "vpnls" in approaches:
         t = time.perf_counter()
         fit = parametric.fit_vpnls(finals.params, finals.tokens, finals.loss)
@@ -211,6 +213,7 @@ def fit_points(points: Points, approaches=APPROACHES, bootstrap: int = 0, drop_h
                                                                      weights)
         out.timings_s["vpnls"] = time.perf_counter() - t
         out.vpnls = _parametric_result(fit, c_ref, samples)
+        out.warnings += at_a_bound(out.vpnls, "vpnls")
     if "2" in approaches and _applicable(check_isoflop, finals, "2", skip_inapplicable, out):
         t = time.perf_counter()
         fit = fit_isoflop(finals)
@@ -229,6 +232,39 @@ def fit_points(points: Points, approaches=APPROACHES, bootstrap: int = 0, drop_h
             fit = _with_intervals(fit, bootstrap_envelope(points, bootstrap, seed))
         out.timings_s["approach1"] = time.perf_counter() - t
         out.approach1 = fit
+    return out
+
+
+# The exponents' search space: the paper's grid of initial values for approach 3 (0 to 2), the grid vpnls searches.
+EXPONENT_RANGE = (0.02, 2.0)
+
+
+def at_a_bound(fit: ParametricFit, name: str) -> list[str]:
+    """Warnings for exponents at the edge of the search space: the points do not pin them (a degenerate fit,
+    e.g. one (N, D) measured under two loss definitions, lands there), so nothing derived from them can be read."""
+    lo, hi = EXPONENT_RANGE
+    return [f"{name}: {k}={v:.4g} is at the edge of the search space [{lo}, {hi}]; the points do not determine "
+            f"it (and N_opt, D_opt, tokens per parameter follow from it): check the points for duplicates or "
+            f"mixed loss definitions" for k, v in (("alpha", fit.alpha), ("beta", fit.beta))
+            if not lo * 1.01 < v < hi * 0.99]
+
+
+def duplicate_points(points: Points) -> list[str]:
+    """Warnings for an (N, D) that appears with different losses (relative spread above 1%): two runs of one
+    size and length differ by noise, not by that; two loss definitions (nats and bits, with and without the
+    z-loss) in one table do."""
+    groups: dict[tuple[float, float], list[int]] = {}
+    for i, key in enumerate(zip(points.params.round(6), points.tokens.round(6))):
+        groups.setdefault(key, []).append(i)
+    out = []
+    for (n, d), rows in groups.items():
+        losses = points.loss[rows]
+        if len(rows) > 1 and (losses.max() - losses.min()) / losses.min() > 0.01:
+            out.append(f"{points.source}: N={n:.4g}, D={d:.4g} appears {len(rows)} times with losses "
+                       f"{losses.min():.4g} to {losses.max():.4g}: two loss definitions in one table? The fits take "
+                       "the difference for noise")
+    if len(out) > 3:
+        out = out[:3] + [f"... and {len(out) - 3} more (N, D) with different losses"]
     return out
 
 

@@ -13,10 +13,12 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import numpy as np
 
+from gptjax.runs import write_atomic
 from gptjax.scaling.fit import FitResult
 from gptjax.scaling.points import Points
 
@@ -57,9 +59,10 @@ def plot_fit(points: Points, fit: FitResult, out: str | Path, title: str | None 
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
     plt.close(fig)
-    return out
+    return write_atomic(out, buf.getvalue())
 
 
 def _profiles(fig, ax, f: _Figure) -> None:

@@ -71,8 +71,8 @@ class CheckpointPolicy:
                                          async_save=t.async_checkpoint)
         latest = self.checkpointer.latest_step()
         stored = self.run.read_config() if latest is not None else None
-        if latest is not None and latest >= t.steps and stored is not None and (
-                resume or not stored.differences(cfg)):
+        if latest is not None and latest >= t.steps and stored is not None and resume_step is None and (
+                resume or not stored.differences(cfg)):  # (--resume-step re-branches a finished run from a step)
             if resume:
                 check_resume_config(stored, cfg, self.run)
             raise RunComplete(self.run.path, latest, self.run.read_summary() or {"final_step": latest})

@@ -21,7 +21,7 @@ from gptjax.checkpoint.manager import Checkpointer
 from gptjax.checkpoint.restore import params_for
 from gptjax.config import RunConfig
 from gptjax.data.pipeline import train_dataset
-from gptjax.runs import RunDir, atomic_directory
+from gptjax.runs import RunDir, WriterLock, atomic_directory
 from gptjax.sharding.mesh import single_device_mesh
 from gptjax.training.program import Program
 
@@ -34,10 +34,24 @@ def seed_run(cfg: RunConfig, params: Any, tokenizer_proto: bytes | None, source:
     """Write run directory ``cfg.train.run_dir`` from per-layer ``params`` of ``cfg.model``'s architecture;
     ``source`` (JSON-able) says where they came from."""
     run = RunDir(cfg.train.run_dir)
-    if run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir())):
+    _check_empty(run, source)
+    lock = WriterLock(run, command="gptjax-import").acquire()  # no training or other import starts meanwhile
+    try:
+        _check_empty(run, source)
+        return _seed(cfg, params, tokenizer_proto, source, run)
+    finally:
+        lock.release()
+        run.remove_if_empty(directory=lock.created_dir)
+
+
+def _check_empty(run: RunDir, source: dict) -> None:
+    if run.path.exists() and (not run.path.is_dir() or {p.name for p in run.path.iterdir()} - {run.LOCK}):
         if run.import_record.is_file() and json.loads(run.import_record.read_text()) == source:
             raise AlreadySeeded(f"{run} already holds this import (step 0); nothing to do")
         raise FileExistsError(f"{run} exists and is not empty; choose another --run-dir")
+
+
+def _seed(cfg: RunConfig, params: Any, tokenizer_proto: bytes | None, source: dict, run: RunDir) -> Path:
     t = cfg.train
     program = Program(cfg, single_device_mesh())
     model = program.model

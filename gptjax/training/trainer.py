@@ -3,13 +3,18 @@ finishes it (summary, a sample, curves). Each part lives in its own module; this
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from gptjax.config import ConfigError, RunConfig
@@ -19,7 +24,8 @@ from gptjax.inference.sample import generate
 from gptjax.model.accounting import count_params, flops_per_token
 from gptjax.reporting.plots import plot_runs
 from gptjax.reporting.reporter import Reporter
-from gptjax.runs import RunDir
+from gptjax.checkpoint.manager import CheckpointWriteError
+from gptjax.runs import RunDir, RunLocked, WriterLock, fault_reason
 from gptjax.sharding.mesh import describe, make_mesh
 from gptjax.training.checkpointing import CheckpointPolicy, RunComplete
 from gptjax.training.hooks import CheckpointHook, Clock, EvalHook, LogHook, NonFiniteHook, PreemptionHook
@@ -28,6 +34,7 @@ from gptjax.training.perf import measure_peak_flops
 from gptjax.training.program import Program
 
 log = logging.getLogger("gptjax")
+faults = logging.getLogger("gptjax.faults")  # tracebacks of faults: into the run's errors.log (fault_log)
 
 
 @dataclass
@@ -73,18 +80,102 @@ def train(cfg: RunConfig, resume: bool | str = False, devices: list | None = Non
     if t.seq_len % mesh.shape["context"]:
         raise ConfigError(f"train.seq_len={t.seq_len} must be divisible by mesh.context={mesh.shape['context']} "
                           "(each context-parallel device holds an equal slice of the sequence)")
+    run = RunDir(run_dir)
+    lock = lock_for_job(run)  # one writer per run directory: a second one is refused here, before any write
     try:
-        policy = CheckpointPolicy(cfg, resume, resume_step)  # refuses a conflicting run dir before writing to it
-    except RunComplete as done:
-        if is_main:
-            print(f"{done}\nsummary: {json.dumps(done.summary)}", flush=True)
-        return TrainResult(run_dir=run_dir, final_step=done.step, train_loss=done.summary.get("train_loss"),
-                           val_loss=done.summary.get("val_loss"), unigram_loss=done.summary.get("unigram_loss"),
-                           complete_already=True)
-    try:
-        return _train(cfg, policy, mesh, stop_after)
+        with fault_log(run):
+            try:
+                policy = CheckpointPolicy(cfg, resume, resume_step)  # refuses a conflicting run dir before writing
+            except RunComplete as done:
+                if is_main:
+                    print(f"{done}\nsummary: {json.dumps(done.summary)}", flush=True)
+                return TrainResult(run_dir=run_dir, final_step=done.step, train_loss=done.summary.get("train_loss"),
+                                   val_loss=done.summary.get("val_loss"),
+                                   unigram_loss=done.summary.get("unigram_loss"), complete_already=True)
+            try:
+                result = _train(cfg, policy, mesh, stop_after)
+                policy.close()  # completes a background save
+            except CheckpointWriteError as e:
+                faults.error("checkpoint write failed", exc_info=True)
+                _close_after_fault(policy)
+                raise CheckpointWriteError(f"{e} (details in {run.log})") from None
+            except OSError as e:
+                if e.errno not in STORAGE_FAULTS:  # a missing file the user named, an existing run: as they are
+                    _close_after_fault(policy)
+                    raise
+                faults.error("writing the run failed", exc_info=True)
+                _close_after_fault(policy)
+                raise RunWriteError(f"could not write {e.filename or run}: {fault_reason(e)}; the checkpoints "
+                                    f"{policy.checkpointer.all_steps()} are intact (details in {run.log})") from None
+            except BaseException:
+                _close_after_fault(policy)  # the error on its way out is the one to report
+                raise
+            return result
     finally:
-        policy.close()  # completes a background save, also when training stopped with an error
+        if lock is not None:
+            lock.release()
+            run.remove_if_empty(directory=lock.created_dir)  # a start that failed before writing leaves nothing
+
+
+STORAGE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)  # the disk, not the request
+
+
+class RunWriteError(OSError):
+    """A file of the run (metrics, TensorBoard events, the summary, the curves) could not be written."""
+
+
+def _close_after_fault(policy: CheckpointPolicy) -> None:
+    try:
+        policy.close()
+    except Exception:  # noqa: BLE001 - the first fault is the one reported; this one goes to errors.log
+        faults.error("closing the checkpointer after a fault failed too", exc_info=True)
+
+
+def lock_for_job(run: RunDir) -> WriterLock | None:
+    """The run directory's writer lock, taken once for the job by process 0 (the others learn whether it got it):
+    a second writer is refused with one line naming the holder (``RunLocked``)."""
+    lock, refusal = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = WriterLock(run).acquire()
+        except RunLocked as e:
+            refusal = str(e)
+    if jax.process_count() > 1:
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(refusal is None))):
+            raise RunLocked(refusal or f"{run} is being written by another job (see {run.lock})")
+    elif refusal:
+        raise RunLocked(refusal)
+    return lock
+
+
+@contextlib.contextmanager
+def fault_log(run: RunDir) -> Iterator[None]:
+    """While a run trains, the storage layer's messages (orbax and grain log through absl: a full disk is dozens
+    of tracebacks) and the tracebacks of faults go to the run's ``errors.log``, not the console; the error line
+    names the file. After a fault, asyncio's reports of the writes orbax abandoned (printed when the process exits)
+    go there too."""
+    handler = logging.FileHandler(run.log, delay=True)  # the file exists only once something is written
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("absl", "gptjax.faults", "asyncio")]
+    before = [lg.propagate for lg in loggers]
+    hooks = sys.excepthook, threading.excepthook, sys.unraisablehook
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.propagate = False
+    # orbax's background threads report through these when its event loop is gone (a fault, an interrupt)
+    sys.excepthook = lambda *info: faults.error("uncaught", exc_info=info)
+    threading.excepthook = lambda a: faults.error("in thread %s", a.thread, exc_info=(a.exc_type, a.exc_value,
+                                                                                    a.exc_traceback))
+    sys.unraisablehook = lambda u: faults.error("unraisable in %r", u.object, exc_info=(u.exc_type, u.exc_value,
+                                                                                        u.exc_traceback))
+    try:
+        yield
+    finally:
+        sys.excepthook, threading.excepthook, sys.unraisablehook = hooks
+        for lg, propagate in zip(loggers, before):
+            lg.removeHandler(handler)
+            lg.propagate = propagate
+        handler.close()
 
 
 def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | None) -> TrainResult:
@@ -112,6 +203,8 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
                      f"train {len(corpus.train):,} / val {len(corpus.val):,} tokens | unigram baseline "
                      f"{unigram:.3f} nats | peak {peak / 1e9:.0f} GFLOP/s/device | steps {start}->{t.steps}")
 
+    for warning in cfg.warnings():
+        reporter.message(f"warning: {warning}")
     clock = Clock()
     log_hook = LogHook(t.log_every, reporter, clock, t.batch_size * t.seq_len, fpt, peak, mesh.size)
     eval_hook = EvalHook(t.eval_every, program.model, eval_batches(corpus.val, t.seq_len, t.batch_size,
@@ -136,6 +229,7 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
                        temperature=0.8, top_k=50, seed=t.seed)
         result.sample = tok.decode(prompt + ids)  # decoded together so the joining space survives
         print("\n--- sample (temperature 0.8, top-k 50) ---\n" + result.sample + "\n---", flush=True)
+    policy.checkpointer.wait()  # the summary describes a run whose final checkpoint is written
     if is_main and final_step > start:  # a call that trained nothing leaves the run's summary as it was
         summary = {"final_step": result.final_step, "train_loss": result.train_loss, "val_loss": result.val_loss,
                    "unigram_loss": unigram, "params": n_params, "checkpoints": str(run.checkpoints)}
