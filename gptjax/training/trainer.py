@@ -151,9 +151,9 @@ def lock_for_job(run: RunDir) -> WriterLock | None:
 @contextlib.contextmanager
 def fault_log(run: RunDir) -> Iterator[None]:
     """While a run trains, the storage layer's messages (orbax and grain log through absl: a full disk is dozens
-    of tracebacks) and the tracebacks of faults go to the run's ``errors.log``, not the console; the error line
-    names the file. After a fault, asyncio's reports of the writes orbax abandoned (printed when the process exits)
-    go there too."""
+    of tracebacks), asyncio's and background threads' reports of the writes orbax abandons after a fault, and the
+    tracebacks of faults go to the run's ``errors.log``, not the console; the error line names the file (the CLI
+    keeps routing them there while the process exits)."""
     handler = logging.FileHandler(run.log, delay=True)  # the file exists only once something is written
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     loggers = [logging.getLogger(name) for name in ("absl", "gptjax.faults", "asyncio")]
