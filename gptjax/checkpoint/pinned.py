@@ -55,8 +55,8 @@ def pinned(run_dir: RunDir | str | Path, step: int | None = None,
 
 
 def _pin(run: RunDir, step: int | None, items: tuple[str, ...], root: Path) -> int:
-    skipped: list[str] = []
     for _ in range(ATTEMPTS):
+        skipped: list[str] = []
         steps = steps_in(run.checkpoints)
         if step is not None and step not in steps:
             raise CheckpointNotFound(f"no checkpoint for step {step} in {run.checkpoints}; available: {steps}")
@@ -80,6 +80,9 @@ def _pin(run: RunDir, step: int | None, items: tuple[str, ...], root: Path) -> i
             if step is not None:
                 raise CheckpointNotFound(f"checkpoint step {s} in {run.checkpoints} cannot be read: {why}; "
                                          f"available: {steps}")
+            now = steps_in(run.checkpoints)
+            if s not in now or now[-1:] != steps[-1:]:
+                break  # being deleted by retention, a newer step saved meanwhile: list again (not damage)
             skipped.append(f"step {s} is damaged ({why})")
         else:
             raise CheckpointNotFound(f"no intact checkpoint in {run.checkpoints}: " + ("; ".join(skipped) or
