@@ -21,7 +21,7 @@ from gptjax.checkpoint.manager import Checkpointer
 from gptjax.checkpoint.restore import params_for
 from gptjax.config import RunConfig
 from gptjax.data.pipeline import train_dataset
-from gptjax.runs import RunDir, WriterLock, atomic_directory
+from gptjax.runs import RunDir, WriterLock, atomic_directory, deferred_interrupt
 from gptjax.sharding.mesh import single_device_mesh
 from gptjax.training.program import Program
 
@@ -35,13 +35,16 @@ def seed_run(cfg: RunConfig, params: Any, tokenizer_proto: bytes | None, source:
     ``source`` (JSON-able) says where they came from."""
     run = RunDir(cfg.train.run_dir)
     _check_empty(run, source)
-    lock = WriterLock(run, command="gptjax-import").acquire()  # no training or other import starts meanwhile
+    lock = WriterLock(run, command="gptjax-import")  # no training or other import starts meanwhile
     try:
+        with deferred_interrupt():  # taken whole, so that the cleanup below always knows what it holds
+            lock.acquire()
         _check_empty(run, source)
         return _seed(cfg, params, tokenizer_proto, source, run)
     finally:
-        lock.release()
-        run.remove_if_empty(directory=lock.created_dir)
+        with deferred_interrupt():
+            lock.release()
+            run.remove_if_empty(directory=lock.created_dir)
 
 
 def _check_empty(run: RunDir, source: dict) -> None:

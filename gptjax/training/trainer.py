@@ -25,7 +25,7 @@ from gptjax.model.accounting import count_params, flops_per_token
 from gptjax.reporting.plots import plot_runs
 from gptjax.reporting.reporter import Reporter
 from gptjax.checkpoint.manager import CheckpointWriteError
-from gptjax.runs import RunDir, RunLocked, WriterLock, fault_reason
+from gptjax.runs import RunDir, RunLocked, WriterLock, deferred_interrupt, fault_reason
 from gptjax.sharding.mesh import describe, make_mesh
 from gptjax.training.checkpointing import CheckpointPolicy, RunComplete
 from gptjax.training.hooks import CheckpointHook, Clock, EvalHook, LogHook, NonFiniteHook, PreemptionHook
@@ -81,8 +81,10 @@ def train(cfg: RunConfig, resume: bool | str = False, devices: list | None = Non
         raise ConfigError(f"train.seq_len={t.seq_len} must be divisible by mesh.context={mesh.shape['context']} "
                           "(each context-parallel device holds an equal slice of the sequence)")
     run = RunDir(run_dir)
-    lock = lock_for_job(run)  # one writer per run directory: a second one is refused here, before any write
+    lock = None
     try:
+        with deferred_interrupt():  # taken whole, so that the cleanup below always knows what it holds
+            lock = lock_for_job(run)  # one writer per run directory: a second one is refused, before any write
         with fault_log(run):
             try:
                 policy = CheckpointPolicy(cfg, resume, resume_step)  # refuses a conflicting run dir before writing
@@ -113,8 +115,9 @@ def train(cfg: RunConfig, resume: bool | str = False, devices: list | None = Non
             return result
     finally:
         if lock is not None:
-            lock.release()
-            run.remove_if_empty(directory=lock.created_dir)  # a start that failed before writing leaves nothing
+            with deferred_interrupt():
+                lock.release()
+                run.remove_if_empty(directory=lock.created_dir)  # a start that failed before writing leaves nothing
 
 
 STORAGE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)  # the disk, not the request
