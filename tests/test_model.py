@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -262,6 +264,31 @@ def test_kv_cache_decoding_equals_the_full_forward_pass(variant):
         logits, cache = step(TOKENS[:, t:t + 1], cache)
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=2e-5, rtol=1e-5)
     assert int(cache.index) == 24 and cache.k_LxBxSxKxH.shape == (2, 2, 32, cfg.kv_heads, cfg.resolved_head_dim)
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "gpt2-learned", "banded-scan"])
+def test_a_per_row_cache_decodes_each_row_at_its_own_length(variant):
+    """An index per row (continuous batching, speculative decoding): rows at different lengths, fed one token or
+    several at a time, each get the logits of their own sequence's full forward pass; rewinding a row (setting its
+    index back) makes the slots after it free again."""
+    from gptjax.model.cache import KVCache
+
+    cfg = nano_model(**{"llama-gqa": {}, "gpt2-learned": dict(positions="learned", norm="layernorm", mlp="gelu",
+                                                              n_kv_heads=None),
+                        "banded-scan": dict(attention="alternating", window=4, scan_layers=True)}[variant])
+    model = Decoder(cfg, nnx.Rngs(0))
+    full = model(TOKENS)
+    cache = KVCache.init(cfg, 2, 32, per_row=True)
+    _, cache = model.decode(TOKENS[:, :6], cache)
+    cache = dataclasses.replace(cache, index=jnp.asarray([6, 3], jnp.int32))  # row 1 rewound to 3 tokens
+    pos = np.asarray([6, 3])
+    for width in (1, 3, 1, 2):  # single steps and multi-token (verify) steps, each row at its own slot
+        feed = np.stack([np.asarray(TOKENS[r, p:p + width]) for r, p in enumerate(pos)])
+        logits, cache = model.decode(jnp.asarray(feed), cache)
+        for r, p in enumerate(pos):
+            np.testing.assert_allclose(logits[r], full[r, p:p + width], atol=2e-5, rtol=1e-5)
+        pos = pos + width
+    np.testing.assert_array_equal(cache.index, pos)
 
 
 def test_kv_cache_with_segments_and_left_padding():

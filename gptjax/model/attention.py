@@ -12,6 +12,7 @@ from flax import nnx
 from gptjax.config import ModelConfig
 from gptjax.config import axes as ax
 from gptjax.config.dtypes import DTYPES
+from gptjax.model.cache import write_at
 from gptjax.model.kernel_api import MaskSpec, causal_mask  # noqa: F401  (causal_mask: re-exported)
 from gptjax.model.kernels import attend
 from gptjax.model.layers import Norm, apply_rope, param
@@ -61,9 +62,8 @@ class Attention(nnx.Module):
         q_BxLxNxH = constrain(q_BxLxNxH, (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None))
         k_BxLxKxH = constrain(k_BxLxKxH, (ax.BATCH, ax.LENGTH, ax.ACT_KV_HEADS, None))
         if kv is not None:  # write this call's keys / values into the cache, then attend over every slot
-            start = (0, mask.offset, 0, 0)
-            k_BxSxKxH = jax.lax.dynamic_update_slice(kv[0], k_BxLxKxH.astype(kv[0].dtype), start)
-            v_BxSxKxH = jax.lax.dynamic_update_slice(kv[1], v_BxLxKxH.astype(kv[1].dtype), start)
+            k_BxSxKxH = write_at(kv[0], k_BxLxKxH, mask.offset)
+            v_BxSxKxH = write_at(kv[1], v_BxLxKxH, mask.offset)
             kv = (k_BxSxKxH, v_BxSxKxH)
             k_BxLxKxH, v_BxLxKxH = k_BxSxKxH.astype(self.dtype), v_BxSxKxH.astype(self.dtype)
         # Heads-major layout, the G query heads that share a key/value head grouped under it (N = K * G):

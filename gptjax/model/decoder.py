@@ -21,7 +21,7 @@ from gptjax.config import ModelConfig
 from gptjax.config import axes as ax
 from gptjax.config.dtypes import DTYPES
 from gptjax.model.attention import Attention, MaskSpec
-from gptjax.model.cache import KVCache
+from gptjax.model.cache import KVCache, write_at
 from gptjax.model.layers import MLP, Norm, param, param_metadata, rope_angles
 from gptjax.model.ops import einsum
 from gptjax.sharding.rules import constrain
@@ -103,7 +103,8 @@ class Decoder(nnx.Module):
         cfg = self.cfg
         B, L = tokens_BxL.shape
         if positions_BxL is None and cache is not None:
-            positions_BxL = jnp.broadcast_to(cache.index + jnp.arange(L, dtype=jnp.int32), (B, L))
+            start = cache.index[:, None] if cache.per_row else cache.index
+            positions_BxL = jnp.broadcast_to(start + jnp.arange(L, dtype=jnp.int32), (B, L))
         # The lookup reads a replicated table: a gather from a vocab/embed-sharded table makes XLA's SPMD
         # partitioner rematerialise it inefficiently anyway (FSDP all-gathers weights before use regardless).
         table_VxD = constrain(self.embedding[...], (None, None))
@@ -121,7 +122,7 @@ class Decoder(nnx.Module):
         else:  # the cache remembers every slot's segment (1 when none is given), so later calls mask by it
             q_seg_BxL = (jnp.ones((B, L), jnp.int32) if segment_ids_BxL is None
                          else segment_ids_BxL.astype(jnp.int32))
-            k_seg_BxS = jax.lax.dynamic_update_slice(cache.segment_ids_BxS, q_seg_BxL, (0, cache.index))
+            k_seg_BxS = write_at(cache.segment_ids_BxS, q_seg_BxL, cache.index)
             mask = MaskSpec(cache.index, q_seg_BxL, k_seg_BxS)
         x_BxLxD = constrain(x_BxLxD, ax.ACT_BxLxD)
         x_BxLxD, kv = self._run_blocks(x_BxLxD, rope, mask, cache)

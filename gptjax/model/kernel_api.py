@@ -26,9 +26,12 @@ NO_BAND = 1 << 30
 
 
 def causal_mask(q_len: int, k_len: int, window: jax.Array | int, offset: jax.Array | int | None = None) -> jax.Array:
-    """``[q_len, k_len]`` bool: query i (in slot ``offset + i``; default: the last ``q_len`` of ``k_len`` slots)
-    sees key slot j iff ``j <= slot`` and ``slot - j < window``."""
-    i = jnp.arange(q_len)[:, None] + (k_len - q_len if offset is None else offset)
+    """``[q_len, k_len]`` bool (``[B, q_len, k_len]`` for an offset per row): query i (in slot ``offset + i``;
+    default: the last ``q_len`` of ``k_len`` slots) sees key slot j iff ``j <= slot`` and ``slot - j < window``."""
+    offset = k_len - q_len if offset is None else offset
+    if jnp.ndim(offset) == 1:
+        offset = offset[:, None, None]
+    i = jnp.arange(q_len)[:, None] + offset
     j = jnp.arange(k_len)[None, :]
     return (j <= i) & (i - j < window)
 
@@ -58,16 +61,21 @@ class MaskSpec:
         return isinstance(self.offset, int) and self.offset == 0
 
     @property
+    def row_offsets(self) -> bool:
+        """Each row's queries start at its own slot (a per-row KV cache index)."""
+        return jnp.ndim(self.offset) == 1
+
+    @property
     def segments(self) -> bool:
         return self.q_segment_ids_BxL is not None
 
     def allowed(self, q_len: int, k_len: int) -> jax.Array:
         """``[L, S]`` bool, or ``[B, L, S]`` with segment ids: may query row see key column."""
-        allowed_LxS = causal_mask(q_len, k_len, self.window, self.offset)
+        allowed = causal_mask(q_len, k_len, self.window, self.offset)  # [L, S], or [B, L, S] per row
         if not self.segments:
-            return allowed_LxS
+            return allowed
         same_BxLxS = self.q_segment_ids_BxL[:, :, None] == self.k_segment_ids_BxS[:, None, :]
-        return allowed_LxS[None] & same_BxLxS
+        return (allowed if allowed.ndim == 3 else allowed[None]) & same_BxLxS
 
     def static_window(self, kernel: Callable[[int], jax.Array]) -> jax.Array:
         """``kernel(window)`` with the window as a Python int: directly, or by switching on a traced window over

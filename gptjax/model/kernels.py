@@ -156,9 +156,13 @@ FALLBACK = "blockwise"  # expresses every mask
 AUTO = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}  # by backend; CPU: dense or blockwise by length
 
 
-def choose_kernel(impl: str, backend: str, q_len: int, self_attention: bool, segments: bool) -> str:
+def choose_kernel(impl: str, backend: str, q_len: int, self_attention: bool, segments: bool,
+                  row_offsets: bool = False) -> str:
     """The kernel a call runs: ``impl`` unless it cannot express the call (then blockwise); "auto" by backend
-    and length (module docstring)."""
+    and length (module docstring). Queries at a different offset per row (a per-row KV cache: continuous batching,
+    speculative decoding) are the dense kernel's, whose mask is an array."""
+    if row_offsets:
+        return "dense"
     if impl == "auto":
         impl = AUTO.get(backend) or ("dense" if q_len <= DENSE_MAX_LEN_CPU else "blockwise")
     return impl if KERNELS[impl].expresses(self_attention, segments) else FALLBACK
@@ -179,7 +183,7 @@ def _local(q, k, v, mask: MaskSpec, impl: str, block: int, dtype, self_attention
     """One device's attention (the whole call off a mesh)."""
     backend = jax.default_backend()
     self_attention = self_attention and mask.no_offset and q.shape[3] == k.shape[2]
-    kernel = KERNELS[choose_kernel(impl, backend, q.shape[3], self_attention, mask.segments)]
+    kernel = KERNELS[choose_kernel(impl, backend, q.shape[3], self_attention, mask.segments, mask.row_offsets)]
     return kernel.run(q, k, v, mask, kernel.options(backend, dtype, block, q.shape[3], k.shape[2]))
 
 
@@ -218,7 +222,9 @@ def _per_device(q, k, v, mask: MaskSpec, placement: Placement, impl: str, block:
 
     kv_spec = P(batch, heads, kv_length, None)
     seg_specs = (P(batch, length), P(batch, kv_length)) if mask.segments else (None, None)
-    f = jax.shard_map(body, mesh=mesh, in_specs=(P(*spec), kv_spec, kv_spec, P(), *seg_specs), out_specs=P(*spec))
+    offset_spec = P(batch) if mask.row_offsets else P()
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P(*spec), kv_spec, kv_spec, offset_spec, *seg_specs),
+                      out_specs=P(*spec))
     return f(q, k, v, jnp.asarray(mask.offset, jnp.int32), mask.q_segment_ids_BxL, mask.k_segment_ids_BxS)
 
 

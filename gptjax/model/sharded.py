@@ -99,8 +99,8 @@ class ShardedModel:
         return self.loss(params, batch)[1]
 
     # ---- host helpers -------------------------------------------------------------------------------------
-    def init_cache(self, batch: int, slots: int | None = None) -> KVCache:
-        cache = KVCache.init(self.cfg, batch, slots)
+    def init_cache(self, batch: int, slots: int | None = None, per_row: bool = False) -> KVCache:
+        cache = KVCache.init(self.cfg, batch, slots, per_row=per_row)
         return jax.device_put(cache, cache.shardings(self.mesh, self.rules))
 
     def global_batch(self, local: Mapping[str, Any]) -> Batch:
