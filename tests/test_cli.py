@@ -13,7 +13,7 @@ def test_console_scripts_are_registered():
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     modules = {"train": "train", "sample": "sample", "plan": "plan", "plot": "plot", "scaling": "scaling",
-               "export": "export", "import": "import_hf"}
+               "export": "export", "import": "import_hf", "serve": "serve"}
     assert scripts == {f"gptjax-{name}": f"gptjax.cli.{module}:main" for name, module in modules.items()}
     for module in modules.values():
         assert (ROOT / "gptjax" / "cli" / f"{module}.py").exists()
@@ -44,7 +44,7 @@ def test_train_print_config_through_the_shared_builder(tmp_path):
 def test_sampling_arguments_are_checked(tmp_path):
     for args, words in ((["--temperature", "-1"], "temperature must be >= 0"), (["--top-p", "1.5"], "top_p must be in"),
                         (["--top-p", "0"], "top_p must be in"), (["--top-k", "-2"], "top_k must be an integer >= 0"),
-                        (["--prompt", ""], "the prompt is empty")):
+                        (["--prompt", ""], "a --prompt is empty")):
         r = run_cli("sample", "--run-dir", str(tmp_path), *args, env=ENV)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 

@@ -23,7 +23,7 @@ from gptjax.checkpoint import restore_params  # noqa: E402
 from gptjax.config import RunConfig, TrainConfig  # noqa: E402
 from gptjax.data.corpus import default_corpus_path, read_corpus, split_documents  # noqa: E402
 from gptjax.data.tokenizer import Tokenizer  # noqa: E402
-from gptjax.inference.sample import generate  # noqa: E402
+from gptjax.inference import Engine, GenerationConfig  # noqa: E402
 from gptjax.interop.export import ExportError, export_run  # noqa: E402
 from gptjax.interop.families import UnsupportedArchitecture, family_for  # noqa: E402
 from gptjax.interop.hf_import import HFImportError, read_hf  # noqa: E402
@@ -120,8 +120,9 @@ def test_export_logits_and_greedy_generation_match_transformers(tmp_path, tokeni
     np.testing.assert_allclose(hf_logits(hf_model, tokens), ours, atol=1e-4, rtol=0)
 
     prompt = tokens[0, :8].tolist()
-    ours_ids = generate(model.forward, layout(model, params), prompt, 32, cfg.model.max_seq_len, temperature=0.0)
-    assert hf_greedy(hf_model, prompt, 32) == ours_ids
+    engine = Engine(model, layout(model, params), slots=1)
+    [ours] = engine.generate([prompt], GenerationConfig(max_new_tokens=32, temperature=0.0, stop_at_eos=False))
+    assert hf_greedy(hf_model, prompt, 32) == ours.token_ids
 
     # import(export(y)) gives y's parameters back exactly (and its config, layout included)
     back = read_hf(tmp_path / "hf")

@@ -263,7 +263,9 @@ def test_kv_cache_decoding_equals_the_full_forward_pass(variant):
     for t in range(12, 24):
         logits, cache = step(TOKENS[:, t:t + 1], cache)
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=2e-5, rtol=1e-5)
-    assert int(cache.index) == 24 and cache.k_LxBxSxKxH.shape == (2, 2, 32, cfg.kv_heads, cfg.resolved_head_dim)
+    assert int(cache.index) == 24 and len(cache.k_BxKxHxS) == len(cache.v_BxKxSxH) == 2
+    assert cache.k_BxKxHxS[0].shape == (2, cfg.kv_heads, cfg.resolved_head_dim, 32)
+    assert cache.v_BxKxSxH[0].shape == (2, cfg.kv_heads, 32, cfg.resolved_head_dim)
 
 
 @pytest.mark.parametrize("variant", ["llama-gqa", "gpt2-learned", "banded-scan"])

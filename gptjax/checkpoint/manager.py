@@ -32,6 +32,13 @@ ITEMS = ("state", "data")
 COMMIT_MARKER = "commit_success.txt"
 
 
+def _not_a_read_only_notice(record: logging.LogRecord) -> bool:
+    """Orbax warns that a read-only manager keeps nothing and saves nothing, and that its directory is read-only:
+    what a reader asked for, noise on every ``gptjax-sample`` / ``gptjax-serve`` start."""
+    message = record.getMessage()
+    return not ("read_only=True" in message or message.startswith("Given directory is read only"))
+
+
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; earlier checkpoints are untouched."""
 
@@ -92,6 +99,8 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         if not create and not self.directory.is_dir():
             raise CheckpointNotFound(f"no checkpoint in {self.directory}")
+        if not create and _not_a_read_only_notice not in logging.getLogger("absl").filters:
+            logging.getLogger("absl").addFilter(_not_a_read_only_notice)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,

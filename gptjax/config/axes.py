@@ -39,4 +39,6 @@ CACHE_LENGTH = "cache_length"
 # ---- named shapes used in more than one module -------------------------------------------------------------
 TOKENS_BxL = (BATCH, LENGTH)
 ACT_BxLxD = (BATCH, LENGTH, ACT_EMBED)
-KV_CACHE_LxBxSxKxH = (LAYERS, BATCH, CACHE_LENGTH, ACT_KV_HEADS, HEAD_DIM)
+# one layer's cache buffers: keys with head_dim before slots (the layout the score matmul reads), values not
+KEY_CACHE_BxKxHxS = (BATCH, ACT_KV_HEADS, HEAD_DIM, CACHE_LENGTH)
+VALUE_CACHE_BxKxSxH = (BATCH, ACT_KV_HEADS, CACHE_LENGTH, HEAD_DIM)

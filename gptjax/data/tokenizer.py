@@ -43,6 +43,15 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
+    def token_text(self, ids: Sequence[int]) -> list[str]:
+        """Each token's own text, as OpenAI's API shows tokens: its piece with the word-start mark as a space, a
+        byte-fallback piece as ``bytes:\\xNN``."""
+        out = []
+        for i in ids:
+            piece = self.sp.id_to_piece(int(i))
+            out.append(f"bytes:\\x{piece[3:5].lower()}" if self.sp.is_byte(int(i)) else piece.replace("\u2581", " "))
+        return out
+
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.proto)
 

@@ -47,9 +47,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array, window: jax.Array | int, rope: tuple | None, mask: MaskSpec,
                  kv: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, tuple | None]:
-        """``(out_BxLxD, kv)``. With ``kv`` (this layer's cache buffers ``[B, S, K, H]``), the new keys and values
-        are written at slot ``mask.offset`` and the queries attend over all S slots; the updated buffers are
-        returned (``None`` without a cache)."""
+        """``(out_BxLxD, kv)``. With ``kv`` (this layer's cache buffers, keys ``[B, K, H, S]`` and values
+        ``[B, K, S, H]``), the new keys and values are written at slot ``mask.offset`` and the queries attend over
+        all S slots; the updated buffers are returned (``None`` without a cache)."""
         B, L, _ = x_BxLxD.shape
         K, G = self.n_kv_heads, self.n_heads // self.n_kv_heads
         q_BxLxNxH = self._project(x_BxLxD, self.w_q, self.b_q)
@@ -61,20 +61,26 @@ class Attention(nnx.Module):
             q_BxLxNxH, k_BxLxKxH = apply_rope(q_BxLxNxH, *rope), apply_rope(k_BxLxKxH, *rope)
         q_BxLxNxH = constrain(q_BxLxNxH, (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None))
         k_BxLxKxH = constrain(k_BxLxKxH, (ax.BATCH, ax.LENGTH, ax.ACT_KV_HEADS, None))
+        k_BxKxLxH, v_BxKxLxH = k_BxLxKxH.transpose(0, 2, 1, 3), v_BxLxKxH.transpose(0, 2, 1, 3)
         if kv is not None:  # write this call's keys / values into the cache, then attend over every slot
-            k_BxSxKxH = write_at(kv[0], k_BxLxKxH, mask.offset)
-            v_BxSxKxH = write_at(kv[1], v_BxLxKxH, mask.offset)
-            kv = (k_BxSxKxH, v_BxSxKxH)
-            k_BxLxKxH, v_BxLxKxH = k_BxSxKxH.astype(self.dtype), v_BxSxKxH.astype(self.dtype)
+            kv = (write_at(kv[0], k_BxKxLxH.transpose(0, 1, 3, 2), mask.offset, axis=3),
+                  write_at(kv[1], v_BxKxLxH, mask.offset, axis=2))
+            keys, v_BxKxSxH = kv[0].astype(self.dtype), kv[1].astype(self.dtype)  # keys: [B, K, H, S]
+        else:  # S = L: the call's own tokens
+            keys, v_BxKxSxH = k_BxKxLxH, v_BxKxLxH
         # Heads-major layout, the G query heads that share a key/value head grouped under it (N = K * G):
         # every kernel takes q [B, K, G, L, H] and k / v [B, K, S, H], so K/V are never repeated.
         q_BxKxGxLxH = (q_BxLxNxH.reshape(B, L, K, G, self.head_dim).transpose(0, 2, 3, 1, 4)
                        * jnp.asarray(1.0 / math.sqrt(self.head_dim), self.dtype))
-        k_BxKxSxH, v_BxKxSxH = k_BxLxKxH.transpose(0, 2, 1, 3), v_BxLxKxH.transpose(0, 2, 1, 3)
-        o_BxKxGxLxH = attend(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, mask.with_window(window, self.windows),
-                             impl=self.impl, block=self.block, dtype=self.dtype)
-        # merging K and G is free (adjacent axes), and the projection then keeps for its backward pass the very
-        # array the attention kernel keeps: one copy of the output a layer, not a second transposed one
-        o_BxNxLxH = o_BxKxGxLxH.reshape(B, self.n_heads, L, self.head_dim)
-        out_BxLxD = einsum("bnlh,nhd->bld", o_BxNxLxH, self.w_o[...], self.dtype)
+        o_BxKxGxLxH = attend(q_BxKxGxLxH, keys, v_BxKxSxH, mask.with_window(window, self.windows),
+                             impl=self.impl, block=self.block, dtype=self.dtype, keys_transposed=kv is not None)
+        if kv is None:
+            # merging K and G is free (adjacent axes), and the projection then keeps for its backward pass the very
+            # array the attention kernel keeps: one copy of the output a layer, not a second transposed one
+            o_BxNxLxH = o_BxKxGxLxH.reshape(B, self.n_heads, L, self.head_dim)
+            out_BxLxD = einsum("bnlh,nhd->bld", o_BxNxLxH, self.w_o[...], self.dtype)
+        else:  # decoding: transpose the (few) outputs, not w_o, which XLA:CPU otherwise copied at every step
+            NH = self.n_heads * self.head_dim
+            o_BxLxNH = o_BxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(B, L, NH)
+            out_BxLxD = einsum("blf,fd->bld", o_BxLxNH, self.w_o[...].reshape(NH, -1), self.dtype)
         return (out_BxLxD if self.b_o is None else out_BxLxD + self.b_o[...].astype(self.dtype)), kv

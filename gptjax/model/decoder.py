@@ -142,23 +142,23 @@ class Decoder(nnx.Module):
         remat = cfg.remat if cache is None else "none"  # decoding takes no gradients
         if cfg.scan_layers:
             graphdef, stacked = nnx.split(self.blocks)
-            block = _block_fn(cfg, graphdef, rope, mask, remat)
-            windows = jnp.asarray(windows, jnp.int32)
             if cache is None:
-                x_BxLxD, _ = jax.lax.scan(lambda x, layer: (block(x, *layer)[0], None), x_BxLxD, (stacked, windows))
+                block = _block_fn(cfg, graphdef, rope, mask, remat)
+                x_BxLxD, _ = jax.lax.scan(lambda x, layer: (block(x, *layer)[0], None), x_BxLxD,
+                                          (stacked, jnp.asarray(windows, jnp.int32)))
                 return x_BxLxD, None
-            x_BxLxD, kv = jax.lax.scan(lambda x, layer: block(x, *layer[:2], layer[2:]), x_BxLxD,
-                                       (stacked, windows, cache.k_LxBxSxKxH, cache.v_LxBxSxKxH))
-            return x_BxLxD, kv
+            # decoding unrolls the layers over the cache's per-layer buffers (see gptjax/model/cache.py)
+            layers = [(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(cfg.n_layers)]
+        else:
+            layers = [nnx.split(layer) for layer in self.blocks]
         ks, vs = [], []
-        for i, (layer, window) in enumerate(zip(self.blocks, windows)):
-            graphdef, state = nnx.split(layer)
-            kv = None if cache is None else (cache.k_LxBxSxKxH[i], cache.v_LxBxSxKxH[i])
+        for i, ((graphdef, state), window) in enumerate(zip(layers, windows)):
+            kv = None if cache is None else (cache.k_BxKxHxS[i], cache.v_BxKxSxH[i])
             x_BxLxD, kv = _block_fn(cfg, graphdef, rope, mask, remat)(x_BxLxD, state, window, kv)
             if kv is not None:
                 ks.append(kv[0])
                 vs.append(kv[1])
-        return x_BxLxD, (None if cache is None else (jnp.stack(ks), jnp.stack(vs)))
+        return x_BxLxD, (None if cache is None else (tuple(ks), tuple(vs)))
 
 
 def _block_fn(cfg: ModelConfig, graphdef: nnx.GraphDef, rope: tuple | None, mask: MaskSpec, remat: str):

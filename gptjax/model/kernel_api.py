@@ -94,10 +94,13 @@ class KernelOptions:
     """How a kernel computes: the compute ``dtype`` (scores, softmax statistics and accumulators stay float32),
     the tiles of the tiled kernels (``block_q`` queries x ``block_k`` keys), independent ``lanes`` (heads split
     into that many kernels, which XLA:CPU may run concurrently), and ``portable``: run a platform kernel on any
-    backend (cuDNN's call through XLA, splash in the Pallas interpreter), slowly, as the tests do."""
+    backend (cuDNN's call through XLA, splash in the Pallas interpreter), slowly, as the tests do.
+    ``keys_transposed``: the keys arrive ``[B, K, H, S]``, as a KV cache holds them (only the dense kernel is
+    called so; see ``attend``)."""
 
     dtype: Any = jnp.float32
     block_q: int = 512
     block_k: int = 512
     lanes: int = 1
     portable: bool = False
+    keys_transposed: bool = False

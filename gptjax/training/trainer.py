@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from gptjax.config import ConfigError, RunConfig
 from gptjax.data.pipeline import TokenizedCorpus, eval_batches, prepare_corpus, train_dataset
 from gptjax.evals.loss import unigram_cross_entropy
-from gptjax.inference.sample import generate
+from gptjax.inference import Engine, GenerationConfig
 from gptjax.model.accounting import count_params, flops_per_token
 from gptjax.reporting.plots import plot_runs
 from gptjax.reporting.reporter import Reporter
@@ -127,6 +127,20 @@ class RunWriteError(OSError):
     """A file of the run (metrics, TensorBoard events, the summary, the curves) could not be written."""
 
 
+def end_of_training_sample(model, params, tokenizer, t) -> str:
+    """A sample of ``train.sample_tokens`` tokens after ``train.sample_prompt`` (temperature 0.8, top-k 50) from the
+    generation engine; cut to what fits the context after the prompt (it is a look at the model, not a request)."""
+    engine = Engine(model, params, tokenizer, slots=1)
+    prompt = tokenizer.encode(t.sample_prompt)
+    room = engine.max_len - len(prompt)
+    if room < 1:
+        return f"(no sample: the prompt has {len(prompt)} tokens, the context {engine.max_len})"
+    config = GenerationConfig(max_new_tokens=min(t.sample_tokens, room), temperature=0.8, top_k=50, seed=t.seed,
+                              stop_at_eos=False)
+    completion = engine.generate([prompt], config)[0]
+    return tokenizer.decode(prompt + completion.token_ids)  # decoded together so the joining space survives
+
+
 def _close_after_fault(policy: CheckpointPolicy) -> None:
     try:
         policy.close()
@@ -226,11 +240,7 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
                          unigram_loss=unigram, history=reporter.metrics.rows, state=state,
                          checkpoint_stalls=policy.stalls)
     if t.sample_tokens > 0 and is_main and jax.process_count() == 1:
-        tok = corpus.tokenizer
-        prompt = tok.encode(t.sample_prompt)
-        ids = generate(program.model.forward, state["params"], prompt, t.sample_tokens, cfg.model.max_seq_len,
-                       temperature=0.8, top_k=50, seed=t.seed)
-        result.sample = tok.decode(prompt + ids)  # decoded together so the joining space survives
+        result.sample = end_of_training_sample(program.model, state["params"], corpus.tokenizer, t)
         print("\n--- sample (temperature 0.8, top-k 50) ---\n" + result.sample + "\n---", flush=True)
     policy.checkpointer.wait()  # the summary describes a run whose final checkpoint is written
     if is_main and final_step > start:  # a call that trained nothing leaves the run's summary as it was

@@ -1,0 +1,65 @@
+"""What ``gptjax-sample`` and ``gptjax-serve`` share: the run (and draft run) to load, the engine's slots, and the
+generation settings as flags."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gptjax.cli.common import UserError
+
+
+def add_engine_args(p: argparse.ArgumentParser, slots: int) -> None:
+    p.add_argument("--run-dir", required=True, help="the run whose checkpoint generates")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest intact one)")
+    p.add_argument("--draft-run-dir", help="a smaller run with the same tokenizer: speculative decoding with it as "
+                                           "the draft model")
+    p.add_argument("--draft-step", type=int, help="the draft run's checkpoint step (default: its latest)")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step (default 4)")
+    p.add_argument("--slots", type=int, default=slots, help=f"rows decoded together (default {slots})")
+
+
+def add_generation_args(p: argparse.ArgumentParser, tokens: int) -> None:
+    p.add_argument("--tokens", type=int, default=tokens, help=f"new tokens at most (default {tokens})")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the top-p nucleus (1: all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL's penalty on seen tokens (1: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample where this text appears (repeatable; the text is cut)")
+
+
+def generation_config(a: argparse.Namespace):
+    from gptjax.inference import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=a.tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                            repetition_penalty=a.repetition_penalty, seed=a.seed, stop=tuple(a.stop))
+
+
+def load_engine(a: argparse.Namespace):
+    """The engine over ``--run-dir``'s checkpoint (and ``--draft-run-dir``'s), on this process's first device."""
+    from gptjax.checkpoint import restore_params
+    from gptjax.data.tokenizer import Tokenizer
+    from gptjax.inference import Engine
+    from gptjax.model import ShardedModel
+    from gptjax.runs import RunDir
+    from gptjax.sharding.mesh import single_device_mesh
+
+    mesh = single_device_mesh()
+    cfg, params = restore_params(a.run_dir, a.step, mesh)
+    tokenizer_file = RunDir(a.run_dir).tokenizer
+    tokenizer = Tokenizer.load(tokenizer_file)
+    draft = None
+    if a.draft_run_dir:
+        draft_tokenizer = RunDir(a.draft_run_dir).tokenizer
+        if not Path(draft_tokenizer).is_file():
+            raise UserError(f"{a.draft_run_dir} has no tokenizer ({draft_tokenizer}); is it a gptjax run directory?")
+        if Path(draft_tokenizer).read_bytes() != Path(tokenizer_file).read_bytes():
+            raise UserError(f"the draft run's tokenizer ({draft_tokenizer}) differs from the target's "
+                            f"({tokenizer_file}); speculative decoding needs the same tokenizer: train the draft "
+                            "with the target's (data.tokenizer)")
+        draft_cfg, draft_params = restore_params(a.draft_run_dir, a.draft_step, mesh)
+        draft = (ShardedModel(draft_cfg.model, mesh, draft_cfg.mesh.rules), draft_params)
+    model = ShardedModel(cfg.model, mesh, cfg.mesh.rules)
+    return Engine(model, params, tokenizer, slots=a.slots, draft=draft, draft_tokens=a.draft_tokens)
