@@ -34,7 +34,8 @@ class GenerationConfig:
     """What to generate: ``max_new_tokens`` at most (0: none, the prompt is only scored), sampled with
     ``temperature`` (0: greedy) from the ``top_k`` most likely tokens (0: all) within the ``top_p`` nucleus (1:
     all), repeated tokens' logits divided by ``repetition_penalty`` (CTRL's rule, 1: off); a row stops at the
-    end-of-sequence token (``stop_at_eos``) or when its text contains one of ``stop``, which is cut from the text. ``seed`` keys the draws."""
+    end-of-sequence token (``stop_at_eos``) or when its text contains one of ``stop``, which is cut from the text.
+    ``seed`` keys the draws."""
 
     max_new_tokens: int = 128
     temperature: float = 0.8

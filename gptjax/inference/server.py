@@ -12,8 +12,8 @@ Parameters: ``prompt`` (a string, a list of strings, a list of token ids or a li
 (default 16), ``temperature`` (default 1; 0 is greedy), ``top_p``, ``n`` (samples per prompt, seeds ``seed``,
 ``seed + 1``, ...; without a seed each request draws afresh), ``stream``, ``logprobs`` (0-5 alternatives),
 ``echo``, ``stop``, ``seed``, and the common extensions ``top_k`` and ``repetition_penalty``; ``model`` must name
-the served model when given. Parameters this server does not implement (``presence_penalty``, ``logit_bias``, ``suffix``, ...) are refused when set to anything
-but their neutral value, never ignored.
+the served model when given. Parameters this server does not implement (``presence_penalty``, ``logit_bias``,
+``suffix``, ...) are refused when set to anything but their neutral value, never ignored.
 """
 
 from __future__ import annotations
