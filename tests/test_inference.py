@@ -158,8 +158,33 @@ def test_batched_and_continuous_batching_equal_one_prompt_at_a_time():
         assert r.completion.token_ids == one.token_ids and len(one.token_ids) == c.max_new_tokens
         np.testing.assert_allclose(r.completion.logprobs, one.logprobs, atol=1e-5)
     assert [r.completion.token_ids for r in requests[:2]] != [one.token_ids] * 2  # rows are not all alike
+    assert_nothing_recompiles(Engine(model, params, slots=2))
     # the greedy row is the full forward pass's greedy continuation
     assert requests[1].completion.token_ids == full_forward_greedy(model, params, prompts[1], 9)
+
+
+def test_prompts_prefilled_together_equal_prompts_prefilled_alone():
+    """Three prompts of one length bucket (16) are prefilled in one call (a batch of 4 whose last row is dropped);
+    with ``prefill_tokens=16``, one prompt a call. Either way each gets the tokens, log-probabilities and prompt
+    scores it gets alone."""
+    model, params = model_and_params()
+    prompts = [[5, 6, 7], [8] * 9, list(range(20, 32))]
+    config = GenerationConfig(max_new_tokens=6, temperature=1.0, seed=3)
+
+    def run(engine):
+        requests = [engine.submit(engine.request(p, config, prompt_logprobs=True)) for p in prompts]
+        while engine.busy:
+            engine.step()
+        return [r.completion for r in requests]
+
+    alone = [Engine(model, params, slots=1).generate([p], config)[0] for p in prompts]
+    for engine in (Engine(model, params, slots=4), Engine(model, params, slots=4, prefill_tokens=16)):
+        for got, one, p in zip(run(engine), alone, prompts):
+            assert got.token_ids == one.token_ids
+            np.testing.assert_allclose(got.logprobs, one.logprobs, atol=1e-5)
+            logp = np.asarray(jax.nn.log_softmax(model.forward(params, jnp.asarray([p]))[0]))
+            np.testing.assert_allclose(got.prompt_logprobs[1:], [logp[t, p[t + 1]] for t in range(len(p) - 1)],
+                                       atol=1e-4)
 
 
 def test_the_same_seed_draws_independently_for_different_prompts():
@@ -328,6 +353,19 @@ def test_generation_on_a_mesh_equals_one_device():
     assert [x.token_ids for x in a] == [y.token_ids for y in b]
     for x, y in zip(a, b):
         np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+    assert_nothing_recompiles(Engine(sharded, sharded_params, slots=4))
+
+
+def assert_nothing_recompiles(engine):
+    """A fresh engine's second batch of requests compiles nothing the first did not: neither the decode step, the
+    prefill nor the cache insert. (Both prompts share a length bucket, so each batch is one prefill and one insert;
+    the second insert gets the buffers the compiled steps placed, not those the engine started with.)"""
+    sizes = lambda: (engine._decode._cache_size(), engine._prefill._cache_size(), engine._insert._cache_size())  # noqa
+    prompts, config = [[1, 2, 3], [4, 5, 6, 7]], GenerationConfig(max_new_tokens=3, temperature=0.0)
+    engine.generate(prompts, config)
+    before = sizes()
+    engine.generate(prompts, config)
+    assert sizes() == before
 
 
 # ---- text: stop strings, end of sequence, streaming, cancellation ---------------------------------------------

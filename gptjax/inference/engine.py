@@ -3,12 +3,14 @@ slots, speculative decoding with a draft model, on one device or on a mesh.
 
 * **Slots.** The engine holds one KV cache of ``slots`` rows with an index per row (``KVCache(per_row=True)``):
   each row is its own sequence at its own length. A request waits until a slot is free; it is then prefilled
-  alone (a batch-1 forward pass over its prompt, which also gives its first token) and its keys and values are
-  written into the slot, while the other slots keep decoding; every step decodes one token for every busy slot.
-  Batched generation is the same loop with every prompt queued at once.
+  (a causal forward pass over its prompt into a cache of the prompt's padded length, which also gives its first
+  token; waiting prompts of one length bucket together, up to ``prefill_tokens`` a call) and its keys and values
+  are copied into the slot's row, while the other slots keep decoding; every step decodes one token for every busy
+  slot. Batched generation is the same loop with every prompt queued at once.
 * **No recompilation per request.** Prompts are padded on the right to a bucket (the powers of two from 16 up to
-  the cache length: at most ``log2(max_len)`` prefill compilations); the padding is written to the cache beyond the
-  row's index, where causality hides it until the row's own tokens overwrite it. The decode step (and the
+  the cache length) and prefilled in batches of 1, 2, 4, ... rows: at most ``log2(max_len) x log2(slots)`` prefill
+  compilations; the padding is written to the cache beyond the row's index, where causality hides it until the
+  row's own tokens overwrite it. The decode step (and the
   speculative step) compiles once; rows differ in their sampling settings as arrays, not as constants.
 * **Length.** A request whose prompt plus ``max_new_tokens`` does not fit the cache (``max_seq_len`` by default)
   is refused with one error naming the numbers; nothing is cut silently.
@@ -40,6 +42,7 @@ from gptjax.inference.sampling import (TOP_LOGPROBS, GenerationConfig, Generatio
                                        row_keys, sample)
 from gptjax.config import axes as ax
 from gptjax.model import KVCache, ShardedModel
+from gptjax.sharding import logical_sharding
 
 MIN_BUCKET = 16
 
@@ -108,10 +111,12 @@ class Engine:
     """Generation from ``model`` (a ``ShardedModel``, on one device or a mesh) with ``params``. ``tokenizer``
     (optional) turns text prompts into ids and ids into text; ``slots``: rows decoded together; ``max_len``: cache
     length per row (default ``max_seq_len``); ``draft``: ``(ShardedModel, params)`` of a draft model with the same
-    vocabulary for speculative decoding, proposing ``draft_tokens`` tokens a step."""
+    vocabulary for speculative decoding, proposing ``draft_tokens`` tokens a step; ``prefill_tokens``: the most prompt
+    tokens one prefill call takes (prompts of one length bucket are prefilled together)."""
 
     def __init__(self, model: ShardedModel, params: Any, tokenizer: Any = None, *, slots: int = 8,
-                 max_len: int | None = None, draft: tuple[ShardedModel, Any] | None = None, draft_tokens: int = 4):
+                 max_len: int | None = None, draft: tuple[ShardedModel, Any] | None = None, draft_tokens: int = 4,
+                 prefill_tokens: int = 1024):
         cfg = model.cfg
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.max_len = max_len or cfg.max_seq_len
@@ -124,6 +129,11 @@ class Engine:
         # cache's in-place update into each of its readers and copied every layer's buffers at every step (gpt2ish:
         # 57 ms a step at batch 1, 32 ms as one busy row of 2; the idle row's attention costs little).
         self.held = max(slots, 2)
+        # Prompts of one length bucket are prefilled together, up to this many tokens a call. On 2 CPU cores
+        # (tiny model, 512-token prompts) a call of 2 prompts took 31 ms a prompt, 1 took 38, 8 took 37 and 16
+        # took 73: past a few thousand tokens the attention's intermediates no longer fit the caches. An
+        # accelerator wants far larger calls: raise it there.
+        self.prefill_tokens = prefill_tokens
         self.eos_id = getattr(tokenizer, "eos_id", None)
         self.draft = draft
         self.draft_tokens = draft_tokens
@@ -141,7 +151,8 @@ class Engine:
         self.stats = SpeculativeStats(np.zeros(draft_tokens, np.int64), np.zeros(draft_tokens, np.int64))
         self.cache = model.init_cache(self.held, self.max_len, per_row=True)
         self.draft_cache = draft[0].init_cache(self.held, self.max_len, per_row=True) if draft else None
-        self.seen = jnp.zeros((self.held, self.vocab), bool)
+        self._seen_sharding = logical_sharding((ax.BATCH, None), model.mesh, model.rules, (self.held, self.vocab))
+        self.seen = self._no_tokens_seen()
         self.last_B = np.zeros(self.held, np.int32)  # the token each row feeds next
         self.rows: list[Request | None] = [None] * self.held
         self.settings = RowSettings.of([GenerationConfig()] * self.held, [[0]] * self.held)
@@ -155,6 +166,16 @@ class Engine:
         self._insert = jax.jit(self._insert_fn, donate_argnums=(0, 1))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2))
         self._speculate = jax.jit(self._speculate_fn, donate_argnums=(1, 2, 3))
+
+    def _no_tokens_seen(self) -> jax.Array:
+        """The seen-token mask of empty rows, placed as every compiled step returns it (rows by the batch rule,
+        the vocabulary whole): left to XLA, the placement changed between the start and the first step (an
+        uncommitted array; on a mesh the vocabulary split over ``tensor``), and each change compiled the cache
+        insert again."""
+        return jax.device_put(np.zeros((self.held, self.vocab), bool), self._seen_sharding)
+
+    def _placed(self, seen_BxV: jax.Array) -> jax.Array:
+        return jax.lax.with_sharding_constraint(seen_BxV, self._seen_sharding)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -250,44 +271,62 @@ class Engine:
                        list(top_ids[b, :n + 1]), list(top_lp[b, :n + 1]))
 
     def _admit(self) -> None:
+        """Prefill waiting requests into the free slots: those whose prompts share a length bucket together, as one
+        batch (its size rounded up to a power of two, the extra rows dropped), so a burst of requests is one
+        forward pass rather than one per prompt."""
+        taken: list[tuple[int, Request]] = []
         for b in range(self.slots):
             if self.rows[b] is not None:
                 continue
             with self.lock:
+                while self.waiting and self.waiting[0].cancelled:
+                    self._end(self.waiting.popleft(), "cancelled")
                 if not self.waiting:
-                    return
-                request = self.waiting.popleft()
-            if request.cancelled:
-                self._end(request, "cancelled")
-                continue
+                    break
+                taken.append((b, self.waiting.popleft()))
+        groups: dict[int, list[tuple[int, Request]]] = collections.defaultdict(list)
+        for b, request in taken:
+            groups[bucket(len(request.prompt_ids), self.max_len)].append((b, request))
+        for P, group in groups.items():
+            per_call = max(1, self.prefill_tokens // P)
+            for i in range(0, len(group), per_call):
+                self._prefill_group(P, group[i:i + per_call])
+
+    def _prefill_group(self, P: int, group: list[tuple[int, Request]]) -> None:
+        n = 1 << (len(group) - 1).bit_length()  # rows in the compiled batch: 1, 2, 4, ...
+        padded = np.zeros((n, P), np.int32)
+        lengths = np.ones(n, np.int32)
+        seen = np.zeros((n, self.vocab), bool)
+        slots = np.full(n, self.held, np.int32)  # rows past the group go to slot `held`: out of range, dropped
+        for i, (b, request) in enumerate(group):
             ids = request.prompt_ids
-            padded = np.zeros((1, bucket(len(ids), self.max_len)), np.int32)
-            padded[0, :len(ids)] = ids
-            settings = RowSettings.of([request.config], [ids])
-            seen_row = np.zeros((1, self.vocab), bool)
-            seen_row[0, ids] = True  # the prompt's tokens count as seen for the repetition penalty
-            out = self._prefill(self.model, self.params, padded, len(ids), settings, seen_row,
-                                request.prompt_logprobs)
-            row_cache, seen_row, tok, lp, top_ids, top_lp, prompt_lp, prompt_top_ids, prompt_top_lp = out
+            padded[i, :len(ids)], lengths[i], slots[i] = ids, len(ids), b
+            seen[i, ids] = True  # the prompt's tokens count as seen for the repetition penalty
+        requests = [r for _, r in group]
+        settings = RowSettings.of([r.config for r in requests] + [requests[0].config] * (n - len(group)),
+                                  [r.prompt_ids for r in requests] + [[0]] * (n - len(group)))
+        scored = any(r.prompt_logprobs for r in requests)
+        out = self._prefill(self.model, self.params, padded, lengths, settings, seen, scored)
+        rows_cache, seen, tok, lp, top_ids, top_lp, prompt_lp, prompt_top_ids, prompt_top_lp = out
+        self.cache, self.seen = self._insert(self.cache, self.seen, rows_cache, seen, slots)
+        if self.draft is not None:
+            draft_rows = self._prefill(self.draft[0], self.draft[1], padded, lengths, settings, seen, False)[0]
+            self.draft_cache, _ = self._insert(self.draft_cache, None, draft_rows, None, slots)
+        tok, lp, top_ids, top_lp = jax.device_get((tok, lp, top_ids, top_lp))
+        if scored:
+            prompt_lp, prompt_top_ids, prompt_top_lp = jax.device_get((prompt_lp, prompt_top_ids, prompt_top_lp))
+        for i, (b, request) in enumerate(group):
             self.rows[b] = request
+            self.settings.set_row(b, request.config, request.prompt_ids)
             if request.prompt_logprobs:
-                prompt_lp, prompt_top_ids, prompt_top_lp = jax.device_get((prompt_lp, prompt_top_ids, prompt_top_lp))
-                c = request.completion
-                c.prompt_logprobs = [None] + [float(x) for x in prompt_lp[1:len(ids)]]
-                c.prompt_top_logprobs = [None] + [dict(zip(map(int, i), map(float, x)))
-                                                  for i, x in zip(prompt_top_ids[:len(ids) - 1],
-                                                                  prompt_top_lp[:len(ids) - 1])]
+                L, c = len(request.prompt_ids), request.completion
+                c.prompt_logprobs = [None] + [float(x) for x in prompt_lp[i, 1:L]]
+                tops = zip(prompt_top_ids[i, :L - 1], prompt_top_lp[i, :L - 1])
+                c.prompt_top_logprobs = [None] + [dict(zip(map(int, ids), map(float, x))) for ids, x in tops]
             if request.config.max_new_tokens == 0:
-                self._finish(b, "length")
+                self._finish(b, "length")  # only scored: its row is free again (its cache row is never read)
                 continue
-            self.cache, self.seen = self._insert(self.cache, self.seen, row_cache, seen_row, b)
-            if self.draft is not None:
-                draft_cache = self._prefill(self.draft[0], self.draft[1], padded, len(ids), settings, seen_row,
-                                            False)[0]
-                self.draft_cache, _ = self._insert(self.draft_cache, None, draft_cache, None, b)
-            self.settings.set_row(b, request.config, ids)
-            tok, lp, top_ids, top_lp = jax.device_get((tok, lp, top_ids, top_lp))
-            self._emit(b, [int(tok[0])], [float(lp[0])], [top_ids[0]], [top_lp[0]])
+            self._emit(b, [int(tok[i])], [float(lp[i])], [top_ids[i]], [top_lp[i]])
 
     def _emit(self, b: int, tokens: list[int], logprobs: list[float], top_ids, top_lps) -> None:
         """Record row ``b``'s new tokens; finish its request at the end of sequence, a stop string or its length."""
@@ -334,7 +373,7 @@ class Engine:
         self.cache = self.model.init_cache(self.held, self.max_len, per_row=True)
         if self.draft is not None:
             self.draft_cache = self.draft[0].init_cache(self.held, self.max_len, per_row=True)
-        self.seen = jnp.zeros((self.held, self.vocab), bool)
+        self.seen = self._no_tokens_seen()
         for r in requests:
             self._end(r, "error", error)
 
@@ -369,38 +408,50 @@ class Engine:
             request.emitted = end
 
     # ---- compiled steps -------------------------------------------------------------------------------------
-    def _prefill_fn(self, model: ShardedModel, params, tokens_1xP, length, settings: RowSettings, seen_1xV,
+    def _prefill_fn(self, model: ShardedModel, params, tokens_NxP, length_N, settings: RowSettings, seen_NxV,
                     prompt_logprobs: bool = False):
-        """A prompt (padded on the right) through a fresh batch-1 cache row, and its first new token; with
+        """Prompts (padded on the right) through fresh cache rows, and each one's first new token; with
         ``prompt_logprobs`` also each prompt token's log-probability given the ones before it (position ``t``
         holds token ``t + 1``'s) and the most likely alternatives there."""
-        cache = KVCache.init(model.cfg, 1, self.max_len, per_row=True)
-        logits, cache = self._prefill_models[id(model)].decode(params, tokens_1xP, cache)
-        cache = dataclasses.replace(cache, index=jnp.full((1,), length, jnp.int32))
-        last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=True)
-        tok, lp, top_ids, top_lp = sample(last, settings, jnp.zeros((1,), jnp.int32), seen_1xV)
+        N, P = tokens_NxP.shape
+        # a cache of exactly the prompts' padded length: the prefill is causal self-attention over P tokens (not
+        # P queries against every one of max_len slots); _insert_fn moves the rows into the engine's cache
+        cache = KVCache.init(model.cfg, N, P)
+        logits_NxPxV, cache = self._prefill_models[id(model)].decode(
+            params, tokens_NxP, cache, logits_at_B=None if prompt_logprobs else length_N - 1)
+        cache = dataclasses.replace(cache, index=jnp.asarray(length_N, jnp.int32))
+        last_NxV = (jnp.take_along_axis(logits_NxPxV, (length_N - 1)[:, None, None], axis=1)[:, 0] if prompt_logprobs
+                    else logits_NxPxV[:, 0])
+        tok, lp, top_ids, top_lp = sample(last_NxV, settings, jnp.zeros((N,), jnp.int32), seen_NxV)
         scored = (None, None, None)
         if prompt_logprobs:
-            all_lp = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)
-            next_ids = jnp.concatenate([tokens_1xP[0, 1:], tokens_1xP[0, :1]])
-            scored = (jnp.concatenate([jnp.zeros((1,)), jnp.take_along_axis(all_lp, next_ids[:, None], -1)[:-1, 0]]),
+            all_lp = jax.nn.log_softmax(logits_NxPxV.astype(jnp.float32), axis=-1)
+            next_ids = jnp.roll(tokens_NxP, -1, axis=1)
+            taken = jnp.take_along_axis(all_lp, next_ids[..., None], -1)[..., 0]
+            scored = (jnp.concatenate([jnp.zeros((N, 1)), taken[:, :-1]], axis=1),
                       *jax.lax.top_k(all_lp, min(TOP_LOGPROBS, all_lp.shape[-1]))[::-1])
-        return cache, seen_1xV.at[0, tok[0]].set(True), tok, lp, top_ids, top_lp, *scored
+        return cache, seen_NxV.at[jnp.arange(N), tok].set(True), tok, lp, top_ids, top_lp, *scored
 
-    @staticmethod
-    def _insert_fn(cache: KVCache, seen_BxV, row: KVCache, seen_1xV, slot):
-        """Row ``slot`` of the engine's cache (and of its seen-token mask) becomes ``row`` (a prefilled batch-1
-        cache) (and ``seen_1xV``)."""
-        put = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), slot, axis)  # noqa
-        cache = jax.tree.map(lambda c, r: put(c, r, 0), cache, row)  # every buffer is batch-first
-        return cache, None if seen_BxV is None else put(seen_BxV, seen_1xV, 0)
+    def _insert_fn(self, cache: KVCache, seen_BxV, rows: KVCache, seen_NxV, slot_N):
+        """Rows ``slot_N`` of the engine's cache (and of its seen-token mask) take the prefilled ``rows`` (their
+        first P slots; the slots after hold an earlier request's entries, which the row overwrites before it
+        reads them) and ``seen_NxV``; a slot out of range drops its row."""
+        P = rows.segment_ids_BxS.shape[1]
+        put = lambda buf, new, at: buf.at[at].set(new.astype(buf.dtype), mode="drop")  # noqa: E731
+        cache = KVCache(tuple(put(c, r, (slot_N, slice(None), slice(None), slice(0, P)))
+                              for c, r in zip(cache.k_BxKxHxS, rows.k_BxKxHxS)),
+                        tuple(put(c, r, (slot_N, slice(None), slice(0, P)))
+                              for c, r in zip(cache.v_BxKxSxH, rows.v_BxKxSxH)),
+                        put(cache.segment_ids_BxS, rows.segment_ids_BxS, (slot_N, slice(0, P))),
+                        put(cache.index, rows.index, slot_N))
+        return cache, None if seen_BxV is None else self._placed(put(seen_BxV, seen_NxV, slot_N))
 
     def _decode_fn(self, params, cache: KVCache, seen, last_B, settings: RowSettings, position_B, active_B):
         logits, cache = self.model.decode(params, last_B[:, None], cache)
         tok, lp, top_ids, top_lp = sample(logits[:, 0], settings, position_B, seen)
         rows = jnp.arange(seen.shape[0])
         seen = seen.at[rows, tok].set(seen[rows, tok] | active_B)
-        return tok, lp, top_ids, top_lp, _park(cache, active_B), seen
+        return tok, lp, top_ids, top_lp, _park(cache, active_B), self._placed(seen)
 
     def _speculate_fn(self, params, cache: KVCache, draft_cache: KVCache, seen, last_B, settings: RowSettings,
                       position_B, active_B, draft_params):
@@ -453,7 +504,7 @@ class Engine:
         cache = dataclasses.replace(cache, index=start + n + 1)
         draft_cache = dataclasses.replace(draft_cache, index=draft_start + n + 1)
         return (tokens, logprobs, top_ids, top_lp, n, _park(cache, active_B), _park(draft_cache, active_B),
-                seen)
+                self._placed(seen))
 
 
 def _park(cache: KVCache, active_B) -> KVCache:

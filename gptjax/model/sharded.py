@@ -82,9 +82,11 @@ class ShardedModel:
             return nnx.merge(self.graphdef, params)(tokens_BxL, positions_BxL, segment_ids_BxL)
 
     def decode(self, params: Any, tokens_BxL: jax.Array, cache: KVCache, positions_BxL: jax.Array | None = None,
-               segment_ids_BxL: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+               segment_ids_BxL: jax.Array | None = None, logits_at_B: jax.Array | None = None
+               ) -> tuple[jax.Array, KVCache]:
         with activation_sharding(self.mesh, self.rules, self.context_strategy):
-            return nnx.merge(self.graphdef, params).decode(tokens_BxL, cache, positions_BxL, segment_ids_BxL)
+            return nnx.merge(self.graphdef, params).decode(tokens_BxL, cache, positions_BxL, segment_ids_BxL,
+                                                           logits_at_B)
 
     def loss(self, params: Any, batch: Batch) -> tuple[jax.Array, dict]:
         """``(nll + z_loss coefficient * z, aux)`` on a batch; ``aux["loss"]`` is the masked mean nll."""
