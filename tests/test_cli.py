@@ -13,7 +13,8 @@ def test_console_scripts_are_registered():
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     modules = {"train": "train", "sample": "sample", "plan": "plan", "plot": "plot", "scaling": "scaling",
-               "export": "export", "import": "import_hf", "serve": "serve"}
+               "export": "export", "import": "import_hf", "serve": "serve",
+               "eval": "evaluate"}
     assert scripts == {f"gptjax-{name}": f"gptjax.cli.{module}:main" for name, module in modules.items()}
     for module in modules.values():
         assert (ROOT / "gptjax" / "cli" / f"{module}.py").exists()
@@ -57,19 +58,48 @@ def test_sample_and_plot_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "no metrics.jsonl" in r.stderr
 
 
-def test_sample_restores_params_only(tmp_path):
-    """A run trained for a few steps: gptjax-sample loads its parameters and prints a continuation."""
-    run = tmp_path / "run"
-    corpus = tmp_path / "c.txt"
+def train_briefly(tmp_path, steps: int):
+    """A nano run trained for ``steps`` steps on the first 200 KB of the corpus (through gptjax-train)."""
+    run, corpus = tmp_path / "run", tmp_path / "c.txt"
     text = default_corpus_path().read_text()
     corpus.write_text(text[: text.index("CHAPTER", 200_000)])
     r = run_cli("train", "--model-preset", "nano", "--set", "model.vocab_size=512", "--set", "train.seq_len=64",
-                "--set", f"data.corpus={corpus}", "--steps", "4", "--run-dir", str(run), "--set",
-                "train.batch_size=4", "--set", "train.eval_every=4", "--set", "train.sample_tokens=0",
+                "--set", f"data.corpus={corpus}", "--steps", str(steps), "--run-dir", str(run), "--set",
+                "train.batch_size=4", "--set", f"train.eval_every={steps}", "--set", "train.sample_tokens=0",
                 "--set", "train.peak_flops=1e11", env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
+    return run
+
+
+def test_sample_restores_params_only(tmp_path):
+    """A run trained for a few steps: gptjax-sample loads its parameters and prints a continuation."""
+    run = train_briefly(tmp_path, 4)
     assert (run / "tensorboard").is_dir() and (run / "curves.png").exists()
     r = run_cli("sample", "--run-dir", str(run), "--prompt", "Emma", "--tokens", "12", "--temperature", "0",
                 env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("Emma") and len(r.stdout.strip()) > len("Emma")
+
+
+def test_eval_perplexity_of_a_file_and_of_the_validation_split(tmp_path):
+    """gptjax-eval on a short trained run: a text file (every token scored once, its bytes counted) and the run's
+    own validation split; bad input is one line."""
+    run = train_briefly(tmp_path, 2)
+    text = default_corpus_path().read_text()
+    sample = tmp_path / "emma.txt"
+    sample.write_text(text[5000:8000], encoding="utf-8")
+    r = run_cli("evaluate", "perplexity", "--run-dir", str(run), "--file", str(sample), "--stride", "32", "--json",
+                env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line, figures = r.stdout.strip().splitlines()
+    got = json.loads(figures)
+    assert got["bytes"] == len(text[5000:8000].encode()) and got["stride"] == 32 and "bits/byte" in line
+    # windows of the model's context every 32 tokens, until one reaches the last token
+    assert 0 < got["bits_per_byte"] < 12 and got["windows"] == -(-(got["tokens"] - got["context"]) // 32) + 1
+    r = run_cli("evaluate", "perplexity", "--run-dir", str(run), "--split", "val", env=ENV)
+    assert r.returncode == 0 and "the validation split" in r.stdout, r.stderr[-2000:]
+    for args, words in ((["--file", str(tmp_path / "nope.txt")], "cannot read"),
+                        (["--file", str(sample), "--stride", "0"], "stride must be in"),
+                        (["--file", str(sample), "--context", "4096"], "longer than the model's max_seq_len")):
+        r = run_cli("evaluate", "perplexity", "--run-dir", str(run), *args, env=ENV)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

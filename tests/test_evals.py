@@ -40,3 +40,45 @@ def test_evaluate_weights_batches_by_their_tokens():
     # the training loss and the evaluation loss are the same function of (params, batch)
     _, m = prog.train_step(prog.init(jax.random.key(0)), prog.global_batch(a))
     assert float(m["loss"]) == pytest.approx(evaluate(prog.model, params, [a]), rel=1e-6)
+
+
+# ---- perplexity and bits-per-byte with a sliding window ------------------------------------------------------
+def test_sliding_windows_score_every_token_once_with_the_stated_context():
+    from gptjax.evals.perplexity import windows
+
+    for n, context, stride in ((1, 8, 8), (40, 16, 5), (40, 16, 16), (100, 32, 7), (16, 16, 3)):
+        scored = []
+        for i, (start, first) in enumerate(windows(n, context, stride)):
+            end = min(start + context, n)
+            scored += range(first, end)
+            if i:  # after the first window each scored target has at least context - stride tokens before it
+                assert first - start >= context - stride
+        assert scored == list(range(n))
+    with pytest.raises(ValueError, match="stride must be in"):
+        windows(10, 8, 9)
+
+
+def test_sliding_window_log_loss_is_the_full_forward_pass_over_each_window():
+    """Against brute force: each target's log-probability from a forward pass over exactly the tokens its window
+    gives it, summed; bits-per-byte are that sum over ln 2 times the bytes."""
+    from gptjax.evals.perplexity import score_ids, windows
+    from gptjax.model import ShardedModel
+    from gptjax.sharding import single_device_mesh
+
+    from helpers import nano_model
+
+    model = ShardedModel(nano_model(max_seq_len=16), single_device_mesh())
+    params = model.init_params(jax.random.key(0))
+    ids = np.random.default_rng(0).integers(0, 512, 41)
+    for context, stride in ((16, 5), (16, 16), (8, 3)):
+        score = score_ids(model, params, ids, context, stride, batch_size=3, n_bytes=123)
+        expected = 0.0
+        for start, first in windows(len(ids) - 1, context, stride):
+            end = min(start + context, len(ids) - 1)
+            logp = jax.nn.log_softmax(model.forward(params, jnp.asarray(ids[None, start:end]))[0])
+            expected -= sum(float(logp[t - start, ids[t + 1]]) for t in range(first, end))
+        assert score.tokens == 40 and score.nll == pytest.approx(expected, rel=1e-5)
+        assert score.bits_per_byte == pytest.approx(expected / (np.log(2) * 123), rel=1e-5)
+        assert score.perplexity == pytest.approx(np.exp(expected / 40), rel=1e-5)
+    with pytest.raises(ValueError, match="longer than the model's max_seq_len"):
+        score_ids(model, params, ids, 32, 8)

@@ -1,8 +1,8 @@
 """Data: corpus reading, sentencepiece tokenizer, grain pipelines."""
 
 from gptjax.data.corpus import CorpusError, default_corpus_path, read_corpus, split_documents
-from gptjax.data.pipeline import TokenizedCorpus, eval_batches, prepare_corpus, train_dataset
+from gptjax.data.pipeline import TokenizedCorpus, eval_batches, prepare_corpus, split_file, train_dataset
 from gptjax.data.tokenizer import Tokenizer, TokenizerError
 
 __all__ = ["CorpusError", "TokenizedCorpus", "Tokenizer", "TokenizerError", "default_corpus_path", "eval_batches",
-           "prepare_corpus", "read_corpus", "split_documents", "train_dataset"]
+           "prepare_corpus", "split_file", "read_corpus", "split_documents", "train_dataset"]

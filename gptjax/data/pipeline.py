@@ -36,6 +36,11 @@ class TokenizedCorpus:
     n_docs: tuple[int, int]
 
 
+
+def split_file(run: RunDir, split: str) -> Path:
+    """The prepared token file of ``split`` ("train" or "val") in ``run``'s data directory."""
+    return run.data / f"{split}.npy"
+
 def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Path) -> TokenizedCorpus:
     """Read, split, tokenize (training the tokenizer if needed); cached in the run's ``data/`` by content hash."""
     run = RunDir(run_dir)
@@ -66,7 +71,7 @@ def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Pat
     meta_path = cache / "meta.json"
     if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:
         meta = json.loads(meta_path.read_text())
-        return TokenizedCorpus(tok, np.load(cache / "train.npy"), np.load(cache / "val.npy"),
+        return TokenizedCorpus(tok, np.load(split_file(run, "train")), np.load(split_file(run, "val")),
                                tuple(meta["n_docs"]))
     order = list(range(len(docs)))
     random.Random(cfg.seed).shuffle(order)
@@ -75,10 +80,10 @@ def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Pat
     train_docs = [docs[i] for i in sorted(order[n_val:])]
     train, val = encode_documents(tok, train_docs), encode_documents(tok, val_docs)
     cache.mkdir(parents=True, exist_ok=True)
-    for name, tokens in (("train.npy", train), ("val.npy", val)):
+    for split, tokens in (("train", train), ("val", val)):
         buf = io.BytesIO()
         np.save(buf, tokens)
-        _write(cache / name, buf.getvalue())
+        _write(split_file(run, split), buf.getvalue())
     _write(meta_path, json.dumps({"key": key, "n_docs": [len(train_docs), len(val_docs)],
                                   "tokens": [len(train), len(val)], "corpus": str(path)}))
     return TokenizedCorpus(tok, train, val, (len(train_docs), len(val_docs)))
