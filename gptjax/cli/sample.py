@@ -62,16 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         config = generation_config(a)
         prompts = prompts_of(a)
         engine = load_engine(a)
-        jobs = [(p, i) for p in prompts for i in range(a.num_samples)]
+        jobs = [(k, p, i) for k, p in enumerate(prompts) for i in range(a.num_samples)]
         pieces: list[list[str]] = [[] for _ in jobs]
         requests = [engine.request(p, config.replace(seed=a.seed + i), pieces[j].append)
-                    for j, (p, i) in enumerate(jobs)]
+                    for j, (_, p, i) in enumerate(jobs)]
     for r in requests:
         engine.submit(r)
     start, shown = time.perf_counter(), 0
-    for j, (request, (prompt, i)) in enumerate(zip(requests, jobs)):
+    for j, (request, (k, prompt, i)) in enumerate(zip(requests, jobs)):
         if len(jobs) > 1:
-            print(f"=== prompt {prompts.index(prompt) + 1}, sample {i + 1} (seed {a.seed + i}) ===")
+            print(f"=== prompt {k + 1}, sample {i + 1} (seed {a.seed + i}) ===")
         print(prompt, end="", flush=True)
         while True:
             done = request.done.is_set()  # read before the flush: what came before it is all printed
@@ -82,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
             engine.step()
         print("\n" if len(jobs) > 1 else "", flush=True)
         shown += len(request.completion.token_ids)
-    while engine.busy:
-        engine.step()
     seconds = time.perf_counter() - start
     summary = f"{shown} tokens in {seconds:.2f} s ({shown / seconds:.1f} tokens/s, prefill and compilation included)"
     if engine.draft is not None:

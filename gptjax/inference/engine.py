@@ -10,8 +10,8 @@ slots, speculative decoding with a draft model, on one device or on a mesh.
 * **No recompilation per request.** Prompts are padded on the right to a bucket (the powers of two from 16 up to
   the cache length) and prefilled in batches of 1, 2, 4, ... rows: at most ``log2(max_len) x log2(slots)`` prefill
   compilations; the padding is written to the cache beyond the row's index, where causality hides it until the
-  row's own tokens overwrite it. The decode step (and the
-  speculative step) compiles once; rows differ in their sampling settings as arrays, not as constants.
+  row's own tokens overwrite it. The decode step (and the speculative step) compiles once; rows differ in their
+  sampling settings as arrays, not as constants.
 * **Length.** A request whose prompt plus ``max_new_tokens`` does not fit the cache (``max_seq_len`` by default)
   is refused with one error naming the numbers; nothing is cut silently.
 * **Speculative decoding** (Leviathan et al. 2023; Chen et al. 2023): with a draft model, every step drafts
@@ -158,7 +158,8 @@ class Engine:
         self.settings = RowSettings.of([GenerationConfig()] * self.held, [[0]] * self.held)
         self.waiting: collections.deque[Request] = collections.deque()
         self.lock = threading.Lock()  # submit() may be called from other threads (the server)
-        # a prompt is prefilled as a batch of one: replicated over the batch's mesh axes (no rows to split)
+        # prompts are prefilled in batches of 1, 2, 4, ... rows, replicated over the batch's mesh axes (a batch
+        # that small need not divide among them); the rows are then inserted into the sharded cache
         self._prefill_models = {id(m): ShardedModel(m.cfg, m.mesh, {**m.rules, ax.BATCH: None},
                                                     context_strategy=m.context_strategy)
                                 for m in [model] + ([draft[0]] if draft else [])}

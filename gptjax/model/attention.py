@@ -63,7 +63,7 @@ class Attention(nnx.Module):
         k_BxLxKxH = constrain(k_BxLxKxH, (ax.BATCH, ax.LENGTH, ax.ACT_KV_HEADS, None))
         k_BxKxLxH, v_BxKxLxH = k_BxLxKxH.transpose(0, 2, 1, 3), v_BxLxKxH.transpose(0, 2, 1, 3)
         if kv is not None:  # write this call's keys / values into the cache, then attend over every slot
-            kv = (write_at(kv[0], k_BxKxLxH.transpose(0, 1, 3, 2), mask.offset, axis=3),
+            kv = (write_at(kv[0], k_BxLxKxH.transpose(0, 2, 3, 1), mask.offset, axis=3),  # keys as [B, K, H, L]
                   write_at(kv[1], v_BxKxLxH, mask.offset, axis=2))
             keys, v_BxKxSxH = kv[0].astype(self.dtype), kv[1].astype(self.dtype)  # keys: [B, K, H, S]
         else:  # S = L: the call's own tokens

@@ -7,9 +7,8 @@ head_dim]``. (Measured on the tiny model, 16 rows x 768 slots, 2 CPU cores: one 
 kv_heads, head_dim]`` array per tensor made every decode step copy each layer's slice out, transpose it to
 heads-major and stack the layers back: 47 ms a step; per-layer heads-major buffers 10 ms; with the keys
 transposed, the score matmul went from 0.94 to 0.3 ms a layer.) Scanned models decode with their layers unrolled
-over the same per-layer buffers. Slots are filled in order: a
-call that
-feeds ``L`` tokens writes slots ``index .. index+L-1`` and advances ``index``. A query in slot ``i`` sees key
+over the same per-layer buffers. Slots are filled in order: a call that feeds ``L`` tokens writes slots
+``index .. index+L-1`` and advances ``index``. A query in slot ``i`` sees key
 slot ``j`` iff ``j <= i``, ``i - j < window`` (banded layers) and both carry the same segment id, which is what
 the full forward pass computes, so prefill + decode equals one forward pass over the whole sequence.
 
@@ -81,10 +80,6 @@ def write_at(buffer: jax.Array, new: jax.Array, index: jax.Array, axis: int = 1)
     """``buffer`` (batch first) with ``new`` written at slot ``index`` along ``axis``: the same slot for every
     row (a scalar index) or each row's own (an index per row)."""
     new = new.astype(buffer.dtype)
-    if jnp.ndim(index) == 1 and buffer.shape[0] == 1:
-        # one row: a plain in-place update. (Vmapped, XLA:CPU lowered it to a select over the old slice and copied
-        # each of the row's buffers at every step: 20 ms of a gpt2ish decode step.)
-        index = index[0]
     if jnp.ndim(index) == 0:
         return jax.lax.dynamic_update_slice(buffer, new, (0,) * axis + (index,) + (0,) * (buffer.ndim - axis - 1))
     row = lambda b, n, i: jax.lax.dynamic_update_slice(  # noqa: E731
