@@ -19,7 +19,7 @@ def config(d_model: int, steps: int) -> RunConfig:
                      optim=OptimConfig(lr=2e-3, warmup_steps=steps // 10),
                      train=TrainConfig(run_dir=f"runs/gpt2-sweep/d{d_model}", steps=steps, batch_size=16,
                                        seq_len=256, eval_every=max(steps // 2, 1), checkpoint_every=steps,
-                                       sample_tokens=0))
+                                       sample_tokens=0, tasks=""))
 
 
 if __name__ == "__main__":

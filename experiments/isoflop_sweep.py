@@ -77,7 +77,7 @@ def run_config(name: str, target_n: float, tokens: float, schedule: str = "cosin
     optim = OptimConfig(lr=LR, warmup_steps=warmup or max(1, steps // 20), schedule=schedule, decay_fraction=WSD_DECAY)
     train = TrainConfig(run_dir=str(RUNS / name), steps=steps, batch_size=BATCH, seq_len=SEQ,
                         eval_every=max(1, steps // evals), eval_batches=EVAL_BATCHES,
-                        checkpoint_every=checkpoint_every or steps, keep_checkpoints=10, sample_tokens=0,
+                        checkpoint_every=checkpoint_every or steps, keep_checkpoints=10, sample_tokens=0, tasks="",
                         progress=False, peak_flops=1e11, log_every=max(1, steps // 4), async_checkpoint=False)
     return RunConfig(model=model, data=DataConfig(tokenizer=str(TOKENIZER.tokenizer)), optim=optim, train=train)
 

@@ -25,7 +25,8 @@ def nano_model(**kw) -> ModelConfig:
 
 def small_run(run_dir: Path, corpus: Path, **train_kw) -> RunConfig:
     train = dict(run_dir=str(run_dir), steps=12, batch_size=8, seq_len=64, log_every=4, eval_every=6,
-                 eval_batches=2, checkpoint_every=6, sample_tokens=0, progress=False, peak_flops=1e11)
+                 eval_batches=2, checkpoint_every=6, sample_tokens=0, tasks="", progress=False,
+                 peak_flops=1e11)
     train.update(train_kw)
     return RunConfig(model=nano_model(), data=DataConfig(corpus=str(corpus)),
                      optim=OptimConfig(lr=3e-3, warmup_steps=2), train=TrainConfig(**train))

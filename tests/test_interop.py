@@ -198,7 +198,8 @@ def test_import_cli_then_resume_training_and_sample(tmp_path, tokenizer, small_c
     run = tmp_path / "imported"
     args = ["import_hf", str(tmp_path / "hf"), "--run-dir", str(run), "--set", f"data.corpus={small_corpus}",
             "--set", "train.steps=3", "--set", "train.batch_size=4", "--set", "train.seq_len=32",
-            "--set", "train.progress=false", "--set", "train.sample_tokens=0", "--set", "train.peak_flops=1e11"]
+            "--set", "train.progress=false", "--set", "train.sample_tokens=0", "--set", "train.tasks=",
+            "--set", "train.peak_flops=1e11"]
     r = cli(*args)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json", "import.json", "tokenizer.model"]
@@ -219,7 +220,8 @@ def test_trained_default_run_exports_with_the_same_validation_loss(tmp_path, sma
     r = cli("train", "--run-dir", str(run), "--steps", "6", "--set", f"data.corpus={small_corpus}",
                 "--set", "data.val_fraction=0.2",
                 "--set", "train.progress=false",
-                "--set", "train.sample_tokens=0", "--set", "train.eval_every=6", "--set", "train.peak_flops=1e11")
+                "--set", "train.sample_tokens=0", "--set", "train.tasks=", "--set", "train.eval_every=6",
+                "--set", "train.peak_flops=1e11")
     assert r.returncode == 0, r.stderr[-2000:]
     assert cli("export", "--run-dir", str(run), "--out", str(tmp_path / "hf"), "--no-progress").returncode == 0
     from gptjax.data.pipeline import eval_batches

@@ -20,7 +20,7 @@ ALLOWED = {
     "model": {"config", "sharding"},
     "checkpoint": {"config", "runs", "sharding", "model"},
     "inference": {"config", "sharding", "model", "checkpoint"},
-    "evals": {"config", "sharding", "model", "checkpoint", "inference", "data"},
+    "evals": {"config", "runs", "sharding", "model", "checkpoint", "inference", "data"},
     "interop": {"config", "runs", "sharding", "model", "checkpoint", "data"},
     "training": {"config", "runs", "sharding", "model", "checkpoint", "inference", "evals", "data", "reporting"},
     # consumers: nothing but the CLI imports them

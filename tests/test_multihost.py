@@ -27,7 +27,7 @@ def write_config(tmp_path, corpus, run_dir) -> str:
            "optim": {"lr": 3e-3, "warmup_steps": 2},
            "mesh": {"data": 2, "fsdp": 2, "tensor": 1},
            "train": {"run_dir": str(run_dir), "steps": 8, "batch_size": 8, "seq_len": 64, "log_every": 2,
-                     "eval_every": 4, "eval_batches": 2, "checkpoint_every": 4, "sample_tokens": 0,
+                     "eval_every": 4, "eval_batches": 2, "checkpoint_every": 4, "sample_tokens": 0, "tasks": "",
                      "progress": False, "peak_flops": 1e11}}
     RunConfig.from_dict(cfg)  # valid
     path = tmp_path / f"{run_dir.name}.json"

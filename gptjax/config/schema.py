@@ -351,6 +351,14 @@ class TrainConfig:
     # Start from the parameters of another run directory (its latest checkpoint) with a fresh optimizer and
     # schedule; the model configs must agree (the scan / unrolled layout may differ).
     init_from: str | None = _f(None, Role.TRAJECTORY)
+    # In-context tasks (gptjax/evals/tasks.py; built-in names or task directories, comma-separated, "" for none):
+    # zero-shot on the first task_examples test examples of each every task_eval_every steps (0: never in the
+    # loop), and at the end of training zero- and task_shots-shot on the first final_task_examples.
+    tasks: str = _f("austen_cloze,austen_next_sentence", Role.CADENCE)
+    task_eval_every: int = _f(100, Role.CADENCE)
+    task_examples: int = _f(64, Role.CADENCE)
+    final_task_examples: int = _f(200, Role.CADENCE)
+    task_shots: int = _f(2, Role.CADENCE)
     # Non-finite guard: a step whose loss or gradient norm is not finite does not update the state; after this
     # many such steps in a row the run stops (0: stop at the first). A non-finite state is never saved.
     max_nonfinite_skips: int = _f(3, Role.EXECUTION)
@@ -362,6 +370,12 @@ class TrainConfig:
                   "checkpoint_every", "keep_checkpoints")
         _check(self.sample_tokens >= 0, f"sample_tokens must be >= 0, got {self.sample_tokens}")
         _check(self.max_nonfinite_skips >= 0, f"max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
+        for name in ("task_eval_every", "task_examples", "final_task_examples", "task_shots"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
 
 
 # Fields that moved between sections: an old key found where a config is read is taken to the new place, so run

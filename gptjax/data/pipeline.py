@@ -36,18 +36,31 @@ class TokenizedCorpus:
     n_docs: tuple[int, int]
 
 
-
 def split_file(run: RunDir, split: str) -> Path:
     """The prepared token file of ``split`` ("train" or "val") in ``run``'s data directory."""
     return run.data / f"{split}.npy"
 
-def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Path) -> TokenizedCorpus:
-    """Read, split, tokenize (training the tokenizer if needed); cached in the run's ``data/`` by content hash."""
-    run = RunDir(run_dir)
+def corpus_documents(cfg: DataConfig) -> tuple[Path, str, str | None, list[str]]:
+    """``(path, text, document pattern, documents)`` of the corpus ``cfg`` names, read and split."""
     path, default_pattern = resolve_corpus(cfg.corpus)
     text = read_corpus(path)
     pattern = cfg.doc_pattern if cfg.doc_pattern is not None else default_pattern
-    docs = split_documents(text, pattern)
+    return path, text, pattern, split_documents(text, pattern)
+
+
+def train_val_documents(docs: list[str], cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """The train/validation split by document: a seeded ``val_fraction`` of the documents (at least one) are
+    held out, both splits in corpus order. The evaluation tasks are built from the same split."""
+    order = list(range(len(docs)))
+    random.Random(cfg.seed).shuffle(order)
+    n_val = max(1, round(cfg.val_fraction * len(docs)))
+    return [docs[i] for i in sorted(order[n_val:])], [docs[i] for i in sorted(order[:n_val])]
+
+
+def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Path) -> TokenizedCorpus:
+    """Read, split, tokenize (training the tokenizer if needed); cached in the run's ``data/`` by content hash."""
+    run = RunDir(run_dir)
+    path, text, pattern, docs = corpus_documents(cfg)
     if len(docs) < 2:
         raise CorpusError(f"corpus {path} splits into {len(docs)} document(s); the train/validation split needs "
                           "at least 2 (set data.doc_pattern, or separate documents with blank lines)")
@@ -73,11 +86,7 @@ def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Pat
         meta = json.loads(meta_path.read_text())
         return TokenizedCorpus(tok, np.load(split_file(run, "train")), np.load(split_file(run, "val")),
                                tuple(meta["n_docs"]))
-    order = list(range(len(docs)))
-    random.Random(cfg.seed).shuffle(order)
-    n_val = max(1, round(cfg.val_fraction * len(docs)))
-    val_docs = [docs[i] for i in sorted(order[:n_val])]
-    train_docs = [docs[i] for i in sorted(order[n_val:])]
+    train_docs, val_docs = train_val_documents(docs, cfg)
     train, val = encode_documents(tok, train_docs), encode_documents(tok, val_docs)
     cache.mkdir(parents=True, exist_ok=True)
     for split, tokens in (("train", train), ("val", val)):

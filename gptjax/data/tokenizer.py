@@ -52,6 +52,19 @@ class Tokenizer:
             out.append(f"bytes:\\x{piece[3:5].lower()}" if self.sp.is_byte(int(i)) else piece.replace("\u2581", " "))
         return out
 
+    def piece_bytes(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(bytes_V, word_start_V)``: the UTF-8 length of each token's text (a byte-fallback piece is one byte,
+        control pieces none) and whether its piece begins with the word-start mark. sentencepiece adds that mark
+        at the start of every encoded text (its dummy prefix) and decoding drops it there, so a word-start token
+        right after ``</s>`` stands for one byte less (:func:`gptjax.evals.loss.target_bytes`)."""
+        sp = self.sp
+        n = sp.get_piece_size()
+        size = np.array([0 if sp.is_control(i) or sp.is_unknown(i) else 1 if sp.is_byte(i)
+                         else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")) for i in range(n)],
+                        np.int64)
+        start = np.array([sp.id_to_piece(i).startswith("\u2581") for i in range(n)], bool)
+        return size, start
+
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.proto)
 

@@ -25,6 +25,19 @@ def evaluate(model: ShardedModel, params: Any, batches: Sequence[Mapping[str, np
     return sum(float(o["nll_sum"]) for o in out) / max(tokens, 1.0)
 
 
+def target_bytes(batches: Sequence[Mapping[str, np.ndarray]], tokenizer: Any) -> int:
+    """UTF-8 bytes of the text the scored targets of ``batches`` stand for (``loss_mask`` set), so that
+    ``nll_sum / (ln 2 * bytes)`` is bits per byte: each token counts its piece's bytes, less the word-start space
+    sentencepiece adds at the start of a document (after ``</s>``), which is not in the text."""
+    size_V, word_start_V = tokenizer.piece_bytes()
+    total = 0
+    for b in batches:
+        t, mask = b["targets"], np.asarray(b["loss_mask"]) > 0
+        after_eos = np.asarray(b["inputs"]) == tokenizer.eos_id
+        total += int(((size_V[t] - (after_eos & word_start_V[t])) * mask).sum())
+    return total
+
+
 def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy (nats/token) of the validation tokens under the train split's unigram distribution
     (add-one smoothed): the loss of the best model that ignores context."""

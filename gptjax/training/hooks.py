@@ -19,6 +19,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from gptjax.evals.loss import evaluate
+from gptjax.evals.scoring import Scorer
+from gptjax.evals.tasks import Task, TaskScore, evaluate_task
 from gptjax.model.sharded import ShardedModel
 from gptjax.reporting.reporter import Reporter
 from gptjax.training.checkpointing import CheckpointPolicy
@@ -90,12 +92,13 @@ class LogHook(Hook):
 
 
 class EvalHook(Hook):
-    """Every ``every`` steps (and at the end): validation loss and perplexity, next to the unigram baseline."""
+    """Every ``every`` steps (and at the end): validation loss, perplexity and bits per byte (``bytes_per_token``:
+    the bytes of text the scored validation tokens stand for, per token), next to the unigram baseline."""
 
     def __init__(self, every: int, model: ShardedModel, batches: Sequence[dict[str, np.ndarray]], reporter: Reporter,
-                 clock: Clock, unigram_loss: float):
+                 clock: Clock, unigram_loss: float, bytes_per_token: float):
         self.every, self.model, self.batches, self.reporter, self.clock = every, model, batches, reporter, clock
-        self.unigram_loss, self.last = unigram_loss, None
+        self.unigram_loss, self.bytes_per_token, self.last = unigram_loss, bytes_per_token, None
 
     def __call__(self, params: Any) -> float:
         return evaluate(self.model, params, self.batches)
@@ -106,7 +109,34 @@ class EvalHook(Hook):
         with self.clock.paused(state):
             self.last = self(state["params"])
             self.reporter.eval(step, val_loss=self.last, val_ppl=float(np.exp(self.last)),
-                               unigram_loss=self.unigram_loss)
+                               val_bpb=self.last / (np.log(2) * self.bytes_per_token), unigram_loss=self.unigram_loss)
+
+
+class TaskEvalHook(Hook):
+    """Every ``every`` steps (not at the end, which the trainer scores in full): zero-shot accuracy on the first
+    ``examples`` test examples of each task (``<task>_acc``, ``<task>_acc_norm``) and the seconds it took
+    (``task_eval_s``), paused out of throughput. One :class:`Scorer` for the run, so the scoring compiles once."""
+
+    def __init__(self, every: int, model: ShardedModel, tokenizer: Any, tasks: Sequence[Task], examples: int,
+                 reporter: Reporter, clock: Clock):
+        self.every, self.tokenizer, self.tasks, self.examples = every, tokenizer, tasks, examples
+        self.reporter, self.clock = reporter, clock
+        self.scorer = Scorer(model, None)
+
+    def scores(self, params: Any, shots: int, examples: int) -> list[TaskScore]:
+        self.scorer.params = params
+        return [evaluate_task(self.scorer, self.tokenizer, t, shots, limit=examples) for t in self.tasks]
+
+    def after_step(self, step, end, state, metrics):
+        if not self.every or not self.tasks or step % self.every or step == end:
+            return
+        with self.clock.paused(state):
+            t = time.perf_counter()
+            scores = self.scores(state["params"], 0, self.examples)
+            took = time.perf_counter() - t
+        accuracies = {f"{s.task}_{name}": v for s in scores for name, v in (("acc", s.acc), ("acc_norm", s.acc_norm))
+                      if v is not None}
+        self.reporter.eval(step, **accuracies, task_eval_s=round(took, 3))
 
 
 class NonFiniteHook(Hook):

@@ -19,7 +19,8 @@ from jax.experimental import multihost_utils
 
 from gptjax.config import ConfigError, RunConfig
 from gptjax.data.pipeline import TokenizedCorpus, eval_batches, prepare_corpus, train_dataset
-from gptjax.evals.loss import unigram_cross_entropy
+from gptjax.evals.loss import target_bytes, unigram_cross_entropy
+from gptjax.evals.tasks import load_task
 from gptjax.inference import Engine, GenerationConfig
 from gptjax.model.accounting import count_params, flops_per_token
 from gptjax.reporting.plots import plot_runs
@@ -28,7 +29,8 @@ from gptjax.checkpoint.manager import CheckpointWriteError
 from gptjax.runs import RunDir, RunLocked, WriterLock, deferred_interrupt, fault_reason
 from gptjax.sharding.mesh import describe, make_mesh
 from gptjax.training.checkpointing import CheckpointPolicy, RunComplete
-from gptjax.training.hooks import CheckpointHook, Clock, EvalHook, LogHook, NonFiniteHook, PreemptionHook
+from gptjax.training.hooks import (CheckpointHook, Clock, EvalHook, LogHook, NonFiniteHook, PreemptionHook,
+                                   TaskEvalHook)
 from gptjax.training.loop import run_steps
 from gptjax.training.perf import measure_peak_flops
 from gptjax.training.program import Program
@@ -49,6 +51,7 @@ class TrainResult:
     state: Any = None
     complete_already: bool = False  # the run directory held this finished run; nothing was trained
     checkpoint_stalls: list[float] = field(default_factory=list)  # seconds training paused per save
+    tasks: list = field(default_factory=list)  # TaskScore of each in-context task at the end (0- and K-shot)
 
 
 def prepare_data(cfg: RunConfig, run: RunDir) -> TokenizedCorpus:
@@ -224,10 +227,14 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
         reporter.message(f"warning: {warning}")
     clock = Clock()
     log_hook = LogHook(t.log_every, reporter, clock, t.batch_size * t.seq_len, fpt, peak, mesh.size)
-    eval_hook = EvalHook(t.eval_every, program.model, eval_batches(corpus.val, t.seq_len, t.batch_size,
-                                                                   t.eval_batches), reporter, clock, unigram)
+    val_batches = eval_batches(corpus.val, t.seq_len, t.batch_size, t.eval_batches)
+    bytes_per_token = target_bytes(val_batches, corpus.tokenizer) / sum(float(b["loss_mask"].sum())
+                                                                         for b in val_batches)
+    eval_hook = EvalHook(t.eval_every, program.model, val_batches, reporter, clock, unigram, bytes_per_token)
+    task_hook = TaskEvalHook(t.task_eval_every, program.model, corpus.tokenizer,
+                             [load_task(name) for name in t.task_names], t.task_examples, reporter, clock)
     preemption = PreemptionHook(policy, data_iter, clock)
-    hooks = [log_hook, NonFiniteHook(t.max_nonfinite_skips, t.log_every, policy, reporter), eval_hook,
+    hooks = [log_hook, NonFiniteHook(t.max_nonfinite_skips, t.log_every, policy, reporter), eval_hook, task_hook,
              CheckpointHook(policy, data_iter, clock, reporter), preemption]
     try:
         state, final_step = run_steps(program, data_iter, state, start, end, hooks, reporter)
@@ -239,13 +246,23 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
                          val_loss=eval_hook.last if eval_hook.last is not None else eval_hook(state["params"]),
                          unigram_loss=unigram, history=reporter.metrics.rows, state=state,
                          checkpoint_stalls=policy.stalls)
+    task_scores = []
+    if task_hook.tasks and t.final_task_examples and final_step > start:
+        for shots in sorted({0, t.task_shots}):
+            task_scores += task_hook.scores(state["params"], shots, t.final_task_examples)
+        result.tasks = task_scores
+        if is_main:
+            print("--- in-context tasks ---\n" + "\n".join(s.line() for s in task_scores), flush=True)
     if t.sample_tokens > 0 and is_main and jax.process_count() == 1:
         result.sample = end_of_training_sample(program.model, state["params"], corpus.tokenizer, t)
         print("\n--- sample (temperature 0.8, top-k 50) ---\n" + result.sample + "\n---", flush=True)
     policy.checkpointer.wait()  # the summary describes a run whose final checkpoint is written
     if is_main and final_step > start:  # a call that trained nothing leaves the run's summary as it was
         summary = {"final_step": result.final_step, "train_loss": result.train_loss, "val_loss": result.val_loss,
-                   "unigram_loss": unigram, "params": n_params, "checkpoints": str(run.checkpoints)}
+                   "val_bpb": result.val_loss / (np.log(2) * bytes_per_token), "unigram_loss": unigram,
+                   "params": n_params, "checkpoints": str(run.checkpoints)}
+        if task_scores:
+            summary["tasks"] = [s.as_dict() for s in task_scores]
         run.write_summary(summary)
         if result.history:
             summary["curves"] = str(plot_runs([run], run.curves))
