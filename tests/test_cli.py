@@ -104,3 +104,17 @@ def test_eval_perplexity_of_a_file_and_of_the_validation_split(tmp_path):
                         (["--file", str(sample), "--context", "4096"], "longer than the model's max_seq_len")):
         r = run_cli("evaluate", "perplexity", "--run-dir", str(run), *args, env=ENV)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    # in-context tasks on the same run: each task and shot count a line, with JSON; on 2 devices the same numbers
+    r = run_cli("evaluate", "tasks", "--run-dir", str(run), "--shots", "0", "1", "--limit", "6", "--json", env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    scores = [json.loads(x) for x in lines[1::2]]
+    assert [(s["task"], s["shots"], s["n"]) for s in scores] == [("austen_cloze", 0, 6), ("austen_cloze", 1, 6),
+                                                                 ("austen_next_sentence", 0, 6),
+                                                                 ("austen_next_sentence", 1, 6)]
+    assert lines[0].startswith("austen_cloze 0-shot: acc") and "chance" in lines[0]
+    two = run_cli("evaluate", "tasks", "--run-dir", str(run), "--shots", "0", "1", "--limit", "6", "--json",
+                  "--devices", "2", env={**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert two.returncode == 0 and [json.loads(x) for x in two.stdout.strip().splitlines()[1::2]] == scores
+    r = run_cli("evaluate", "tasks", "--run-dir", str(run), "--task", str(tmp_path), env=ENV)
+    assert r.returncode == 2 and "no task.json there" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -169,7 +169,8 @@ def write_harness_yaml(task_dir: str | Path, out_dir: str | Path, name: str | No
               "training_split": "train", "test_split": "test", "doc_to_text": "{{context}}",
               "target_delimiter": "", "fewshot_delimiter": task.delimiter}
     if task.kind == "choice":
-        spec = {**common, "output_type": "multiple_choice", "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}",
+        spec = {**common, "output_type": "multiple_choice", "doc_to_choice": "{{choices}}",
+                "doc_to_target": "{{label}}",
                 "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
     else:
         spec = {**common, "output_type": "loglikelihood", "doc_to_target": "{{choices[0]}}",
