@@ -14,6 +14,7 @@ file or a directory is written so that a crash never leaves half of it (a tempor
       summary.json            what the finished run reported
       curves.png              loss and throughput curves
       import.json             where an imported run's parameters came from
+      finetune.json           a fine-tuning run's settings (gptjax-finetune; no config.json there)
       errors.log              tracebacks of faults (the error line names it) and the storage layer's messages
       writer.lock             held by the one process writing the run (WriterLock)
       .readers/               readers' copy-free snapshots of the checkpoint they read (gptjax.checkpoint.pinned)
@@ -72,6 +73,7 @@ class RunDir:
     SUMMARY = "summary.json"
     CURVES = "curves.png"
     IMPORT_RECORD = "import.json"
+    FINETUNE = "finetune.json"
     LOG = "errors.log"
     LOCK = "writer.lock"
     READERS = ".readers"
@@ -102,6 +104,7 @@ class RunDir:
     summary = _entry(SUMMARY)
     curves = _entry(CURVES)
     import_record = _entry(IMPORT_RECORD)
+    finetune_record = _entry(FINETUNE)
     log = _entry(LOG)
     lock = _entry(LOCK)
     readers = _entry(READERS)

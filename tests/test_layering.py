@@ -23,11 +23,12 @@ ALLOWED = {
     "evals": {"config", "runs", "sharding", "model", "checkpoint", "inference", "data"},
     "interop": {"config", "runs", "sharding", "model", "checkpoint", "data"},
     "training": {"config", "runs", "sharding", "model", "checkpoint", "inference", "evals", "data", "reporting"},
+    "finetune": {"config", "runs", "sharding", "model", "checkpoint", "data", "evals", "reporting", "training"},
     # consumers: nothing but the CLI imports them
     "planning": {"config", "sharding", "model", "training"},
     "scaling": {"config", "runs", "model", "reporting"},
     "cli": {"config", "runs", "sharding", "model", "checkpoint", "inference", "evals", "interop", "data",
-            "reporting", "training", "planning", "scaling"},
+            "reporting", "training", "finetune", "planning", "scaling"},
     "__init__": {"config"},  # the package root re-exports the config API only
 }
 

@@ -59,9 +59,13 @@ def parser() -> argparse.ArgumentParser:
     tasks.add_argument("--json", action="store_true", help="also print the scores as JSON lines")
 
     harness = sub.add_parser("harness", help="the lm-evaluation-harness command line with --model gptjax registered",
-                             description="lm_eval's own arguments follow (see `gptjax-eval harness --help`); the "
-                             "built-in tasks are found by name")
-    harness.add_argument("args", nargs=argparse.REMAINDER, help="lm_eval arguments")
+                             description="lm_eval's own command line (every lm_eval argument is passed on as "
+                             "given; the common ones are listed here), with --model gptjax registered and the "
+                             "built-in tasks found by name")
+    for flag in ("--model", "--model_args", "--tasks", "--num_fewshot", "--limit", "--output_path",
+                 "--include_path", "--batch_size", "--gen_kwargs", "--seed"):
+        harness.add_argument(flag, help="as lm_eval's")
+    harness.add_argument("--log_samples", action="store_true", help="as lm_eval's")
 
     build = sub.add_parser("build-tasks", help="write the built-in tasks' files from a corpus")
     build.add_argument("--out", required=True, help="directory to write one task directory per task into")

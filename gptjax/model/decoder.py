@@ -99,10 +99,18 @@ class Decoder(nnx.Module):
         time of a 16 x 512 prefill on CPU (a 134 MB float32 array for the tiny model's 4096-token vocabulary)."""
         return self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, cache, logits_at_B)
 
+    def features(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+                 segment_ids_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """``(hidden_BxLxD, logits_BxLxV)``: the final-normed hidden states, which a task head reads (GPT-1 §3.2),
+        and the next-token logits."""
+        logits_BxLxV, _, hidden_BxLxD = self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, None,
+                                                      with_hidden=True)
+        return hidden_BxLxD, logits_BxLxV
+
     def init_cache(self, batch: int, slots: int | None = None) -> KVCache:
         return KVCache.init(self.cfg, batch, slots)
 
-    def _forward(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache, logits_at_B=None):
+    def _forward(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache, logits_at_B=None, with_hidden=False):
         cfg = self.cfg
         B, L = tokens_BxL.shape
         if positions_BxL is None and cache is not None:
@@ -142,6 +150,8 @@ class Decoder(nnx.Module):
         logits_BxLxV = constrain(logits_BxLxV, (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
         if cache is not None:
             cache = KVCache(kv[0], kv[1], mask.k_segment_ids_BxS, cache.index + L)
+        if with_hidden:
+            return logits_BxLxV, cache, x_BxLxD
         return logits_BxLxV, cache
 
     def _run_blocks(self, x_BxLxD: jax.Array, rope: tuple | None, mask: MaskSpec, cache: KVCache | None):

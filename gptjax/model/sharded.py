@@ -81,6 +81,12 @@ class ShardedModel:
         with activation_sharding(self.mesh, self.rules, self.context_strategy):
             return nnx.merge(self.graphdef, params)(tokens_BxL, positions_BxL, segment_ids_BxL)
 
+    def features(self, params: Any, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+                 segment_ids_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """``(hidden_BxLxD, logits_BxLxV)`` (``Decoder.features``) on this mesh, the sequence as given."""
+        with activation_sharding(self.mesh, self.rules, self.context_strategy):
+            return nnx.merge(self.graphdef, params).features(tokens_BxL, positions_BxL, segment_ids_BxL)
+
     def decode(self, params: Any, tokens_BxL: jax.Array, cache: KVCache, positions_BxL: jax.Array | None = None,
                segment_ids_BxL: jax.Array | None = None, logits_at_B: jax.Array | None = None
                ) -> tuple[jax.Array, KVCache]:
