@@ -5,8 +5,8 @@
 
 Five fine-tuning runs with the same data, steps and seed: the pretrained model fine-tuned with and without the
 auxiliary LM loss (lm_coef 0.5 / 0), the same architecture from random initialisation (with and without), and a
-linear probe on the pretrained model's frozen features (their mean over the text, standardised; lr --probe-lr). Writes experiments/results/finetune_novels.json and prints
-the table. Runs that finished are not run again (each is a gptjax-finetune run directory under runs/novels/).
+linear probe on the pretrained model's frozen features (their mean over the text, standardised; lr --probe-lr).
+Writes experiments/results/finetune_novels.json and prints the table. Runs that finished are not run again (each is a gptjax-finetune run directory under runs/novels/).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def main() -> None:
                              epochs=a.epochs, batch_size=32)
         t = time.perf_counter()
         r = finetune(cfg)
-        rows.append({"mode": mode, "lm_coef": lm_coef, "lr": cfg.lr, "accuracy": r.accuracy, "stderr": r.accuracy_stderr,
+        rows.append({"mode": mode, "lm_coef": lm_coef, "lr": cfg.lr, "accuracy": r.accuracy,
+                     "stderr": r.accuracy_stderr,
                      "n_test": r.n_test, "chance": r.chance, "steps": r.step, "train_loss": r.train_loss,
                      "seconds": None if r.complete_already else round(time.perf_counter() - t, 1)})
         print(f"{mode:8s} lm_coef {lm_coef:.1f}: accuracy {r.accuracy:.3f} ± {r.accuracy_stderr:.3f} "

@@ -99,8 +99,8 @@ def _requests(n=23, seed=0):
     from gptjax.evals.scoring import Request
 
     rng = np.random.default_rng(seed)
-    out = [Request(rng.integers(0, 512, rng.integers(1, 30)).tolist(), rng.integers(0, 512, rng.integers(1, 6)).tolist())
-           for _ in range(n)]
+    out = [Request(rng.integers(0, 512, rng.integers(1, 30)).tolist(),
+                   rng.integers(0, 512, rng.integers(1, 6)).tolist()) for _ in range(n)]
     out.append(Request(rng.integers(0, 512, 70).tolist(), [5, 6, 7]))  # longer than the model: cut on the left
     return out
 

@@ -102,19 +102,19 @@ def test_heads_symmetries_and_the_extended_vocabulary():
     np.testing.assert_allclose(logits[1], logits[0][[2, 0, 1]], rtol=1e-5, atol=1e-6)
 
 
-def _keyword_task(tmp_path, corpus):
-    """Real sentences labelled by whether they name Emma: a rule a fine-tuned model can learn in a few steps."""
+def _question_task(tmp_path, corpus):
+    """Real sentences labelled by whether they are questions: a rule a fine-tuned model learns in a few steps."""
     from gptjax.evals.tasks import paragraphs, sentences
 
-    sents = [s for p in paragraphs(corpus.read_text()[:200_000]) for s in sentences(p) if 8 <= len(s.split()) <= 30]
-    rows = [{"text": s, "label": int("Emma" in s)} for s in sents]
+    sents = [s for p in paragraphs(corpus.read_text()) for s in sentences(p) if 4 <= len(s.split()) <= 30]
+    rows = [{"text": s.rstrip('"'), "label": int(s.rstrip('"').endswith("?"))} for s in sents]
     pos, neg = [r for r in rows if r["label"]], [r for r in rows if not r["label"]]
-    n = min(len(pos), len(neg), 240)
+    n = min(len(pos), len(neg), 200)
     rng = np.random.default_rng(0)
-    rows = [pos[i] for i in rng.permutation(len(pos))[:n]] + [neg[i] for i in rng.permutation(len(neg))[:n]]
-    rows = [rows[i] for i in rng.permutation(len(rows))]
-    split = int(0.75 * len(rows))
-    for name, part in (("train", rows[:split]), ("test", rows[split:])):
+    pos, neg = [pos[i] for i in rng.permutation(len(pos))[:n]], [neg[i] for i in rng.permutation(len(neg))[:n]]
+    cut = 3 * n // 4  # both splits balanced: chance is 1/2
+    for name, part in (("train", pos[:cut] + neg[:cut]), ("test", pos[cut:] + neg[cut:])):
+        part = [part[i] for i in rng.permutation(len(part))]
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     return tmp_path / "train.jsonl", tmp_path / "test.jsonl"
 
@@ -125,7 +125,7 @@ def pretrained(tmp_path_factory, small_corpus):
 
     run = tmp_path_factory.mktemp("pre") / "run"
     train(small_run(run, small_corpus, steps=30, eval_every=30, checkpoint_every=30))
-    train_f, test_f = _keyword_task(tmp_path_factory.mktemp("task"), small_corpus)
+    train_f, test_f = _question_task(tmp_path_factory.mktemp("task"), small_corpus)
     return run, train_f, test_f
 
 
@@ -134,16 +134,16 @@ def test_finetuning_learns_a_task_and_resumes_exactly(pretrained, tmp_path):
 
     run, train_f, test_f = pretrained
     cfg = FinetuneConfig(str(run), "classification", str(train_f), str(test_f), str(tmp_path / "a"), lr=3e-3,
-                         epochs=2, batch_size=16, checkpoint_every=100)
+                         epochs=10, batch_size=16, checkpoint_every=100)
     whole = Finetuner(cfg)
     result = whole.run()
-    assert result.chance == pytest.approx(0.5, abs=0.1) and result.accuracy > result.chance + 0.2
+    assert result.chance == 0.5 and result.accuracy > 0.7, result
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["accuracy"] == result.accuracy and (tmp_path / "a" / "finetune.json").is_file()
     assert finetune(cfg).complete_already  # the same run again: its summary, nothing trained
-    # interrupted at step 7 and resumed: the same final parameters as the uninterrupted run
+    # interrupted at step 37 and resumed: the same final parameters as the uninterrupted run
     cut = FinetuneConfig(**{**cfg.to_dict(), "run_dir": str(tmp_path / "b")})
-    assert finetune(cut, stop_after=7).step == 7
+    assert finetune(cut, stop_after=37).step == 37
     with pytest.raises(FinetuneError, match="already holds a fine-tuning run"):
         finetune(cut)
     with pytest.raises(FinetuneError, match="settings that differ"):

@@ -116,7 +116,7 @@ def encode(rows: Sequence[dict], task_type: str, tokenizer: Any, vocab_size: int
     """GPT-1's transformation of every row: ``start text ($ text) extract`` per sequence, padded to the longest
     sequence (at most ``max_len``); special token ids follow the pretrained vocabulary of ``vocab_size``."""
     start, delim, extract = vocab_size, vocab_size + 1, vocab_size + 2
-    seqs, lm, cut = [], [], 0
+    seqs, cut = [], 0
     for row in rows:
         per_row = []
         for texts in segments(row, task_type):

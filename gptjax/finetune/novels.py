@@ -70,7 +70,8 @@ def build(per_novel_train: int = 300, seed: int = 0) -> dict[str, list[dict]]:
         for d in chosen:
             by_novel.setdefault(novel[d], []).extend(passages(d, rng))
         per = per_novel_train if split == "train" else min(len(v) for v in by_novel.values())
-        rows = [{"text": p, "label": n} for n, ps in sorted(by_novel.items()) for p in rng.sample(ps, min(per, len(ps)))]
+        rows = [{"text": p, "label": n} for n, ps in sorted(by_novel.items())
+                for p in rng.sample(ps, min(per, len(ps)))]
         rng.shuffle(rows)
         splits[split] = rows
     return splits

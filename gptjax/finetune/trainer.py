@@ -8,8 +8,9 @@ similarity adds the two orders' representations before the head; multiple choice
 with a one-output head and takes a softmax over the choices (``gptjax/finetune/data.py``: the inputs).
 
 Three ways to start, for the comparisons GPT-1 makes (``mode``): ``finetune`` (the pretrained decoder, all of it
-trained), ``probe`` (the pretrained decoder frozen, only the head trained on the mean of its final hidden states over the
-text, the auxiliary loss off: a linear probe) and ``scratch`` (the same architecture from random initialisation, trained like ``finetune``).
+trained), ``probe`` (the pretrained decoder frozen, only the head trained, on the mean of the final hidden states over
+the text, standardised; no auxiliary loss: a linear probe) and ``scratch`` (the same architecture from random
+initialisation, trained like ``finetune``).
 
 The run directory works as in pretraining (:class:`gptjax.runs.RunDir`): ``finetune.json`` (this config; a
 resumed run must agree with it), ``checkpoints/`` (orbax, params + optimizer state; the batch order is a function of
