@@ -6,7 +6,8 @@
 Five fine-tuning runs with the same data, steps and seed: the pretrained model fine-tuned with and without the
 auxiliary LM loss (lm_coef 0.5 / 0), the same architecture from random initialisation (with and without), and a
 linear probe on the pretrained model's frozen features (their mean over the text, standardised; lr --probe-lr).
-Writes experiments/results/finetune_novels.json and prints the table. Runs that finished are not run again (each is a gptjax-finetune run directory under runs/novels/).
+Writes experiments/results/finetune_novels.json and prints the table. Runs that finished are not run again (each
+is a gptjax-finetune run directory under runs/novels/).
 """
 
 from __future__ import annotations
