@@ -41,6 +41,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
+from gptjax.data.jsonl import jsonl_rows
 from gptjax.evals.scoring import Request, Scorer
 
 KINDS = ("cloze", "choice")
@@ -122,16 +123,8 @@ def load_task(name_or_dir: str | Path, kind: str | None = None) -> Task:
 
 
 def read_examples(path: Path, kind: str) -> list[Example]:
-    if not path.is_file():
-        raise TaskError(f"{path} does not exist")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path} line {n}: not JSON ({e.msg})") from None
+    for n, row, line in jsonl_rows(path, TaskError):
         ok = (isinstance(row, dict) and isinstance(row.get("context"), str) and isinstance(row.get("choices"), list)
               and row["choices"] and all(isinstance(c, str) and c for c in row["choices"])
               and isinstance(row.get("label"), int) and 0 <= row["label"] < len(row["choices"]))

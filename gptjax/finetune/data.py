@@ -24,11 +24,12 @@ of its longest text until it fits (the extract token always stays last).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from gptjax.data.jsonl import jsonl_rows
 
 TASK_TYPES = ("classification", "entailment", "similarity", "multiple_choice")
 FIELDS = {"classification": ("text",), "entailment": ("premise", "hypothesis"), "similarity": ("text_a", "text_b"),
@@ -65,17 +66,9 @@ def read_rows(path: str | Path, task_type: str) -> list[dict]:
     if task_type not in TASK_TYPES:
         raise FinetuneDataError(f"task type must be one of {TASK_TYPES}, got {task_type!r}")
     path = Path(path)
-    if not path.is_file():
-        raise FinetuneDataError(f"{path} does not exist")
     rows, n_choices = [], None
     schema = ", ".join(f'"{f}"' for f in FIELDS[task_type]) + ', "label"'
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FinetuneDataError(f"{path} line {n}: not JSON ({e.msg})") from None
+    for n, row, line in jsonl_rows(path, FinetuneDataError):
         if not isinstance(row, dict) or any(f not in row for f in (*FIELDS[task_type], "label")):
             raise FinetuneDataError(f"{path} line {n}: a {task_type} row needs {schema}; got {line[:120]}")
         label = row["label"]
