@@ -44,11 +44,29 @@ from typing import Iterator
 
 from gptjax.config import RunConfig
 
-__all__ = ["CheckpointNotFound", "RunDir", "RunLocked", "WriterLock", "atomic_directory", "deferred_interrupt",
-           "fault_reason", "process_alive", "write_atomic"]
+__all__ = ["CheckpointNotFound", "FaultLogHandler", "RunDir", "RunLocked", "WriterLock", "atomic_directory",
+           "deferred_interrupt", "fault_reason", "process_alive", "write_atomic"]
 
 log = logging.getLogger("gptjax")
 HOST = socket.gethostname()
+
+
+class FaultLogHandler(logging.FileHandler):
+    """Log records into a file (a run's ``errors.log``), created only once something is written, and silent when
+    writing it fails: on a full disk the fault's one error line already says what happened, and logging's default
+    would print a traceback of the failed write over it (seen: orbax's report of the failed save, 30 lines)."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(path, delay=True)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+    def close(self) -> None:
+        try:
+            super().close()  # flushes what a full disk did not take
+        except OSError:
+            pass
 
 
 class CheckpointNotFound(FileNotFoundError):

@@ -32,3 +32,22 @@ def test_a_run_directory_names_its_files_and_a_missing_config_is_one_clear_error
     assert str(run) == str(tmp_path / "r") and run.read_summary() is None and not run.is_finished(1)
     with pytest.raises(FileNotFoundError, match="is .* a gptjax run directory"):
         run.read_config()
+
+
+def test_a_fault_log_that_cannot_be_written_stays_silent(capsys, tmp_path):
+    """On a full disk, errors.log cannot take the record either: nothing may print over the fault's one line
+    (logging's default printed the failed write's traceback, 30 lines, in the full-disk test)."""
+    import logging
+
+    from gptjax.runs import FaultLogHandler
+
+    logger = logging.getLogger("gptjax.test.fault_log")
+    logger.propagate = False
+    for path, written in (("/dev/full", False), (tmp_path / "errors.log", True)):
+        handler = FaultLogHandler(path)
+        logger.handlers[:] = [handler]
+        logger.error("the save failed")
+        handler.close()
+        assert capsys.readouterr().err == ""
+    assert "the save failed" in (tmp_path / "errors.log").read_text()
+    logger.handlers[:] = []

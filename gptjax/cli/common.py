@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from gptjax.config import MODEL_PRESETS, RUN_PRESETS, ConfigError, RunConfig, build_run_config
+from gptjax.runs import FaultLogHandler
 
 
 def add_config_args(p: argparse.ArgumentParser, default_preset: str | None = "austen") -> None:
@@ -129,7 +130,7 @@ def quiet_exit(log: Path | None) -> None:
     were abandoned mid-write go to ``log`` (created only if one comes), or nowhere, not over the one line already
     printed."""
     target = log if log is not None and Path(log).parent.is_dir() else os.devnull
-    handler = logging.FileHandler(target, delay=True)
+    handler = FaultLogHandler(target)
     for name in ("asyncio", "absl"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]

@@ -26,7 +26,7 @@ from gptjax.model.accounting import count_params, flops_per_token
 from gptjax.reporting.plots import plot_runs
 from gptjax.reporting.reporter import Reporter
 from gptjax.checkpoint.manager import CheckpointWriteError
-from gptjax.runs import RunDir, RunLocked, WriterLock, deferred_interrupt, fault_reason
+from gptjax.runs import FaultLogHandler, RunDir, RunLocked, WriterLock, deferred_interrupt, fault_reason
 from gptjax.sharding.mesh import describe, make_mesh
 from gptjax.training.checkpointing import CheckpointPolicy, RunComplete
 from gptjax.training.hooks import (CheckpointHook, Clock, EvalHook, LogHook, NonFiniteHook, PreemptionHook,
@@ -174,7 +174,7 @@ def fault_log(run: RunDir) -> Iterator[None]:
     of tracebacks), asyncio's and background threads' reports of the writes orbax abandons after a fault, and the
     tracebacks of faults go to the run's ``errors.log``, not the console; the error line names the file (the CLI
     keeps routing them there while the process exits)."""
-    handler = logging.FileHandler(run.log, delay=True)  # the file exists only once something is written
+    handler = FaultLogHandler(run.log)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     loggers = [logging.getLogger(name) for name in ("absl", "gptjax.faults", "asyncio")]
     before = [lg.propagate for lg in loggers]
