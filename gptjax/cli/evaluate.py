@@ -10,7 +10,7 @@ sliding window of ``--context`` tokens (default the model's) every ``--stride`` 
 is scored once, with at least context - stride tokens before it after the first window. Bits-per-byte do not
 depend on the tokenizer: runs with different vocabularies compare. Prints one line and, with ``--json``, the
 figures as JSON on stdout. (Of the split, the end-of-sequence tokens between documents are scored too and count
-no bytes.)
+no bytes; the bytes are those of each document's text, as training's ``val_bpb`` counts them.)
 
 ``tasks``: in-context accuracy (zero- and few-shot, log-likelihood scoring packed many requests to a row) on the
 built-in tasks or task directories (``gptjax/evals/tasks.py`` documents the format and how the built-in ones are
@@ -83,17 +83,18 @@ def main(argv: list[str] | None = None) -> int:
         return run_harness(argv[1:])
     a = parser().parse_args(argv)
     setup_logging()
+    if a.command == "tasks":
+        return run_tasks(a)
+    if a.command == "build-tasks":
+        return build_tasks(a)
     from gptjax.checkpoint import CheckpointNotFound, restore_params
     from gptjax.data import Tokenizer, TokenizerError, split_file
+    from gptjax.evals.loss import target_bytes
     from gptjax.evals.perplexity import score_ids, score_text
     from gptjax.model import ShardedModel
     from gptjax.runs import RunDir
     from gptjax.sharding import single_device_mesh
 
-    if a.command == "tasks":
-        return run_tasks(a)
-    if a.command == "build-tasks":
-        return build_tasks(a)
     with user_errors(CheckpointNotFound, TokenizerError, ValueError):
         text = None
         if a.file:
@@ -115,10 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             split = split_file(run, a.split)
             if not split.is_file():
                 raise UserError(f"{split} not found: the run has no prepared validation split")
-            ids = np.load(split)
-            n_bytes = len(tokenizer.decode([int(t) for t in ids]).encode("utf-8"))
-            score = score_ids(model, params, [tokenizer.eos_id, *ids.tolist()], a.context, a.stride, a.batch_size,
-                              n_bytes)
+            ids = np.concatenate([[tokenizer.eos_id], np.load(split)])
+            whole = {"inputs": ids[None, :-1], "targets": ids[None, 1:], "loss_mask": np.ones((1, len(ids) - 1))}
+            score = score_ids(model, params, ids, a.context, a.stride, a.batch_size, target_bytes([whole], tokenizer))
             what = "the validation split"
     print(f"{what}: {score.tokens} tokens, {score.bytes} bytes, {score.windows} windows of {score.context} "
           f"(stride {score.stride}): loss {score.loss:.4f} nats/token, perplexity {score.perplexity:.2f}, "

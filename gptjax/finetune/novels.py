@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from gptjax.config import DataConfig
-from gptjax.data import default_corpus_path, read_corpus, split_documents, train_val_documents
-from gptjax.data.corpus import DEFAULT_DOC_PATTERN
+from gptjax.data import corpus_documents, train_val_documents
 from gptjax.evals.tasks import paragraphs, sentences
 
 NOVELS = ("Emma", "Mansfield Park", "Northanger Abbey", "Persuasion", "Pride and Prejudice",
@@ -59,8 +58,7 @@ def build(per_novel_train: int = 300, seed: int = 0) -> dict[str, list[dict]]:
     novel as the rarest novel of the validation chapters has (the default split's 14 validation chapters come from
     four of the six novels, so chance there is 1/4 of the test passages, not 1/6)."""
     data = DataConfig()
-    text = read_corpus(default_corpus_path())
-    docs = split_documents(text, DEFAULT_DOC_PATTERN)
+    _, text, _, docs = corpus_documents(data)
     novel = dict(zip(docs, novel_of_each_document(text, docs)))
     train_docs, val_docs = train_val_documents(docs, data)
     rng = random.Random(seed)

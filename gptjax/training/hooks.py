@@ -103,13 +103,17 @@ class EvalHook(Hook):
     def __call__(self, params: Any) -> float:
         return evaluate(self.model, params, self.batches)
 
+    def bits_per_byte(self, loss: float) -> float:
+        """``loss`` (nats per validation token) as bits per byte of the text those tokens stand for."""
+        return loss / (np.log(2) * self.bytes_per_token)
+
     def after_step(self, step, end, state, metrics):
         if step % self.every and step != end:
             return
         with self.clock.paused(state):
             self.last = self(state["params"])
             self.reporter.eval(step, val_loss=self.last, val_ppl=float(np.exp(self.last)),
-                               val_bpb=self.last / (np.log(2) * self.bytes_per_token), unigram_loss=self.unigram_loss)
+                               val_bpb=self.bits_per_byte(self.last), unigram_loss=self.unigram_loss)
 
 
 class TaskEvalHook(Hook):

@@ -259,7 +259,7 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
     policy.checkpointer.wait()  # the summary describes a run whose final checkpoint is written
     if is_main and final_step > start:  # a call that trained nothing leaves the run's summary as it was
         summary = {"final_step": result.final_step, "train_loss": result.train_loss, "val_loss": result.val_loss,
-                   "val_bpb": result.val_loss / (np.log(2) * bytes_per_token), "unigram_loss": unigram,
+                   "val_bpb": eval_hook.bits_per_byte(result.val_loss), "unigram_loss": unigram,
                    "params": n_params, "checkpoints": str(run.checkpoints)}
         if task_scores:
             summary["tasks"] = [s.as_dict() for s in task_scores]
