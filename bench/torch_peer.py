@@ -1,8 +1,14 @@
-"""The PyTorch peer of the training benchmark: the same model, written as a careful eager PyTorch loop.
+"""The PyTorch peer of the training benchmarks: the same model, written as a careful PyTorch loop.
 
-LLaMA-style decoder (RMSNorm, RoPE, GQA through ``F.scaled_dot_product_attention`` with its fused causal CPU
-kernel, SwiGLU, tied embeddings), AdamW (foreach) with gradient clipping, bf16 through ``torch.autocast``.
-Same parameter count and FLOPs as gptjax's model for the same config.
+Two architectures, as gptjax builds them (same parameter count and FLOPs for the same config):
+
+* ``llama`` (default): RMSNorm, RoPE, GQA through ``F.scaled_dot_product_attention``, SwiGLU, tied embeddings
+  unless ``tie_embeddings=False``;
+* ``gpt2``: LayerNorm, learned positions, biases, GELU (tanh) MLP, tied embeddings.
+
+AdamW with gradient clipping, bf16 through ``torch.autocast``. On CPU (``bench/train_bench.py``) an eager loop
+with foreach AdamW and SDPA's fused causal CPU kernel; on CUDA (``tools/gpu_check.py``) what a careful PyTorch user
+runs there: ``torch.compile`` of the model, fused AdamW, SDPA's flash kernel.
 """
 
 from __future__ import annotations
@@ -35,14 +41,15 @@ def apply_rope(x, cos, sin):  # x: [B, N, L, H]
 
 
 class Block(nn.Module):
-    def __init__(self, d, n_heads, n_kv, d_ff):
+    def __init__(self, d, n_heads, n_kv, d_ff, gpt2: bool = False):
         super().__init__()
-        self.n_heads, self.n_kv, self.hd = n_heads, n_kv, d // n_heads
-        self.attn_norm, self.mlp_norm = RMSNorm(d), RMSNorm(d)
-        self.wqkv = nn.Linear(d, (n_heads + 2 * n_kv) * self.hd, bias=False)
-        self.wo = nn.Linear(n_heads * self.hd, d, bias=False)
-        self.w_gate_up = nn.Linear(d, 2 * d_ff, bias=False)
-        self.w_down = nn.Linear(d_ff, d, bias=False)
+        self.n_heads, self.n_kv, self.hd, self.gpt2 = n_heads, n_kv, d // n_heads, gpt2
+        norm = (lambda: nn.LayerNorm(d)) if gpt2 else (lambda: RMSNorm(d))
+        self.attn_norm, self.mlp_norm = norm(), norm()
+        self.wqkv = nn.Linear(d, (n_heads + 2 * n_kv) * self.hd, bias=gpt2)
+        self.wo = nn.Linear(n_heads * self.hd, d, bias=gpt2)
+        self.w_gate_up = nn.Linear(d, (1 if gpt2 else 2) * d_ff, bias=gpt2)
+        self.w_down = nn.Linear(d_ff, d, bias=gpt2)
 
     def forward(self, x, cos, sin):
         B, L, _ = x.shape
@@ -51,19 +58,25 @@ class Block(nn.Module):
         q = q.view(B, L, self.n_heads, self.hd).transpose(1, 2)
         k = k.view(B, L, self.n_kv, self.hd).transpose(1, 2)
         v = v.view(B, L, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if not self.gpt2:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         x = x + self.wo(o.transpose(1, 2).reshape(B, L, -1))
+        if self.gpt2:
+            return x + self.w_down(F.gelu(self.w_gate_up(self.mlp_norm(x)), approximate="tanh"))
         gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.w_down(F.silu(gate) * up)
 
 
 class TorchGPT(nn.Module):
-    def __init__(self, vocab, d, n_layers, n_heads, n_kv, d_ff, seq):
+    def __init__(self, vocab, d, n_layers, n_heads, n_kv, d_ff, seq, arch: str = "llama", tie_embeddings=True):
         super().__init__()
+        gpt2 = arch == "gpt2"
         self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(Block(d, n_heads, n_kv, d_ff) for _ in range(n_layers))
-        self.norm = RMSNorm(d)
+        self.pos = nn.Embedding(seq, d) if gpt2 else None
+        self.blocks = nn.ModuleList(Block(d, n_heads, n_kv, d_ff, gpt2) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d) if gpt2 else RMSNorm(d)
+        self.unembed = None if tie_embeddings else nn.Linear(d, vocab, bias=False)
         cos, sin = rope_tables(seq, d // n_heads)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -73,30 +86,38 @@ class TorchGPT(nn.Module):
 
     def forward(self, tokens):
         x = self.embed(tokens)
+        if self.pos is not None:
+            x = x + self.pos.weight[: tokens.shape[1]]
         for b in self.blocks:
             x = b(x, self.cos, self.sin)
-        return F.linear(self.norm(x), self.embed.weight)
+        return F.linear(self.norm(x), self.embed.weight if self.unembed is None else self.unembed.weight)
 
 
-def make_step(cfg: dict, dtype: str):
+def make_step(cfg: dict, dtype: str, device: str = "cpu", compile: bool = False):
+    """One training step (forward, loss, backward, clip, AdamW) of the peer for ``cfg`` (the benchmark's config
+    dict; optional ``arch`` and ``tie_embeddings``) and its parameter count. ``step`` returns the loss as a tensor
+    (reading it synchronises a CUDA device)."""
     torch.manual_seed(0)
     model = TorchGPT(cfg["vocab_size"], cfg["d_model"], cfg["n_layers"], cfg["n_heads"], cfg["n_kv_heads"],
-                     cfg["d_ff"], cfg["seq_len"])
-    decay = [p for p in model.parameters() if p.dim() >= 2 and p is not model.embed.weight]
+                     cfg["d_ff"], cfg["seq_len"], cfg.get("arch", "llama"), cfg.get("tie_embeddings", True)).to(device)
+    tables = [model.embed.weight] + ([model.pos.weight] if model.pos is not None else [])  # lookups: no decay
+    decay = [p for p in model.parameters() if p.dim() >= 2 and not any(p is t for t in tables)]
     no_decay = [p for p in model.parameters() if not any(p is q for q in decay)]
+    cuda = device.startswith("cuda")
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=3e-4, betas=(0.9, 0.95), foreach=True)
+                            lr=3e-4, betas=(0.9, 0.95), **({"fused": True} if cuda else {"foreach": True}))
     n_params = sum(p.numel() for p in model.parameters())
+    forward = torch.compile(model) if compile else model
 
     def step(inputs, targets):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            logits = model(inputs)
+        with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = forward(inputs)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        return loss.item()
+        return loss.detach()
 
     return step, n_params
 
@@ -129,7 +150,7 @@ def run(cfg: dict, dtype: str, steps: int, warmup: int, budget: float = 0.0):
         step(data[i, :, :-1], data[i, :, 1:])
     t, losses = time.perf_counter(), []
     for i in range(steps):
-        losses.append(step(data[warmup + i, :, :-1], data[warmup + i, :, 1:]))
+        losses.append(step(data[warmup + i, :, :-1], data[warmup + i, :, 1:]).item())
         if budget and time.perf_counter() - t > budget:
             break
     return (time.perf_counter() - t) / len(losses), len(losses), n_params, losses[-1]

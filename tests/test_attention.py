@@ -270,6 +270,8 @@ def test_kernel_choice():
     assert choose_kernel("auto", "cpu", DENSE_MAX_LEN_CPU, True, False) == "dense"
     assert choose_kernel("auto", "cpu", DENSE_MAX_LEN_CPU + 1, True, False) == "blockwise"
     assert choose_kernel("auto", "gpu", 128, True, False) == "cudnn"
+    assert choose_kernel("auto", "gpu", 128, True, False, dtype="bfloat16") == "cudnn"
+    assert choose_kernel("auto", "gpu", 128, True, False, dtype=jnp.float32) == "blockwise"  # cuDNN: no fp32 kernel
     assert choose_kernel("auto", "gpu", 4096, True, True) == "blockwise"  # cuDNN here takes no segment mask
     assert choose_kernel("auto", "tpu", 4096, True, True) == "splash"
     assert choose_kernel("splash", "tpu", 4096, False, False) == "blockwise"  # a cache offset / context slice
@@ -334,7 +336,7 @@ def test_on_a_mesh_without_context_split_the_chosen_kernel_is_kept(monkeypatch):
     mesh = make_mesh(MeshConfig(data=8))
     with activation_sharding(mesh, make_rules()):
         out = jax.jit(lambda q, k, v: kernels.attend(q, k, v, MaskSpec(window=32, windows=(32,)), impl="cudnn",
-                                                     block=16, dtype=jnp.float32))(q, k, v)
+                                                     block=16, dtype=jnp.bfloat16))(q, k, v)
     assert calls, "fell back to another kernel"
-    np.testing.assert_allclose(out, dense_attention(q, k, v, MaskSpec(window=32), KernelOptions()), atol=ATOL,
-                               rtol=0)
+    np.testing.assert_allclose(out.astype(jnp.float32), dense_attention(q, k, v, MaskSpec(window=32), KernelOptions()),
+                               atol=3e-2, rtol=0)

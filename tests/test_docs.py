@@ -3,6 +3,7 @@ every script and subcommand named answers --help), every file named by a `python
 link and anchor resolves, and the README stays a front door."""
 
 import importlib
+import os
 import re
 import shlex
 import subprocess
@@ -68,6 +69,9 @@ def problem(argv: list[str]) -> str | None:
         return None if notebooks and all((ROOT / n).is_file() for n in notebooks) else f"no notebook in {args}"
     if head == "tensorboard":
         return None
+    if head.startswith("tools/"):  # the operations scripts, run from the checkout
+        path = ROOT / head
+        return None if path.is_file() and os.access(path, os.X_OK) else f"{head} is not an executable script"
     return f"{head} is not a command this project provides"
 
 
@@ -86,6 +90,7 @@ def test_the_checker_sees_a_bad_command():
     assert problem(["gptjax-train", "--no-such-flag"]) and problem(["gptjax-plan", "gpt2-small", "--mesh", "1,x"])
     assert problem(["gptjax-scaling", "fit", "points.csv"])  # --out is required
     assert problem(["python", "bench/no_such_bench.py"]) and problem(["make", "deploy"])
+    assert problem(["tools/no_such_tool"]) and problem(["tools/gpu_check.py"]) is None
     assert problem(["gptjax-train", "--set", "model.d_model=64"]) is None
 
 

@@ -333,3 +333,28 @@ def test_a_warmup_as_long_as_the_run_is_warned_about():
     assert any("optim.warmup_steps=30 is not shorter than the schedule's 20 steps" in w
                for w in build_run_config(overrides=["train.steps=20"]).warnings())
     assert build_run_config().warnings() == []
+
+
+def test_a_ctrl_c_that_comes_back_wrapped_is_still_one_line_and_130(capsys):
+    """A KeyboardInterrupt raised inside a library callback can surface as another exception caused by it (seen once
+    in the Ctrl-C test above: exit 1 and a JAX-filtered traceback while flax built the blocks)."""
+    from gptjax.cli.common import EXIT_INTERRUPTED, console_script
+
+    def wrapped(argv=None):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("callback failed") from e
+
+    def broken(argv=None):
+        raise ValueError("a real error")
+
+    handler, hook = signal.getsignal(signal.SIGINT), sys.unraisablehook  # the entry point sets both
+    try:
+        assert console_script("gptjax-x")(wrapped)([]) == EXIT_INTERRUPTED
+        assert capsys.readouterr().err.splitlines()[-1] == "gptjax-x: interrupted; nothing half-written was left"
+        with pytest.raises(ValueError, match="a real error"):
+            console_script("gptjax-x")(broken)([])
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        sys.unraisablehook = hook

@@ -112,9 +112,9 @@ def test_the_checker_sees_a_bad_edge(tmp_path, src, dst):
     assert (dst, 2) in imported_layers(path) and dst not in ALLOWED[src]
 
 
-# ---- the users of the library: experiments, notebooks, benchmarks --------------------------------------------
+# ---- the users of the library: experiments, notebooks, benchmarks, operations tools ------------------------------
 ROOT = PACKAGE.parent
-USER_CODE = ("experiments", "bench", "notebooks")
+USER_CODE = ("experiments", "bench", "notebooks", "tools")
 
 
 def user_sources() -> list[tuple[str, str]]:

@@ -1,5 +1,6 @@
 """Memory planning: analytic per-device bytes, checked against XLA's compiled figures on simulated devices."""
 
+import dataclasses
 import json
 import subprocess
 
@@ -174,9 +175,10 @@ def test_planner_names_the_kernel_a_context_slice_falls_back_to(monkeypatch):
     """A context-parallel slice attends over gathered keys: cuDNN / splash cannot express it, blockwise runs."""
     from gptjax.planning import memory
 
-    m = nano_model(attention_impl="auto")
+    m = nano_model(attention_impl="auto", dtype="bfloat16")
     monkeypatch.setattr(memory.jax, "default_backend", lambda: "gpu")
     assert memory.attention_kernel(m, 4096) == "cudnn"
+    assert memory.attention_kernel(dataclasses.replace(m, dtype="float32"), 4096) == "blockwise"  # cuDNN: bf16 only
     assert memory.attention_kernel(m, 1024, context=4) == "blockwise"
     monkeypatch.setattr(memory.jax, "default_backend", lambda: "tpu")
     assert memory.attention_kernel(m, 4096) == "splash"

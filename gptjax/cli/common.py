@@ -82,12 +82,12 @@ def console_script(prog: str) -> Callable[[Callable[..., int]], Callable[..., in
                 if threading.current_thread() is threading.main_thread():
                     signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a late Ctrl-C does not turn it into 130
                 return code
+            except Exception as e:
+                if not _interrupt_inside(e):
+                    raise
+                return _interrupted(prog)
             except KeyboardInterrupt:
-                if threading.current_thread() is threading.main_thread():
-                    signal.signal(signal.SIGINT, signal.SIG_IGN)  # one interrupt is enough: later ones are ignored
-                print(f"{prog}: interrupted; nothing half-written was left", file=sys.stderr)
-                quiet_exit(_exit_log[0])
-                return EXIT_INTERRUPTED
+                return _interrupted(prog)
             except SystemExit as e:
                 if e.code not in (0, None):
                     quiet_exit(_exit_log[0])
@@ -96,6 +96,27 @@ def console_script(prog: str) -> Callable[[Callable[..., int]], Callable[..., in
         return entry
 
     return wrap
+
+
+def _interrupted(prog: str) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # one interrupt is enough: later ones are ignored
+    print(f"{prog}: interrupted; nothing half-written was left", file=sys.stderr)
+    quiet_exit(_exit_log[0])
+    return EXIT_INTERRUPTED
+
+
+def _interrupt_inside(error: BaseException) -> bool:
+    """``error`` was caused by a Ctrl-C: a KeyboardInterrupt raised inside a library callback comes back wrapped
+    (seen once in the suite: an exception JAX re-raised while flax built the model's blocks, exit 1 and a
+    traceback instead of the one line)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, KeyboardInterrupt) or "KeyboardInterrupt" in f"{type(error).__name__}: {error}":
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _on_interrupt(signum, frame) -> None:

@@ -11,7 +11,8 @@ dense       ``[L x S]`` scores and probabilities per head (saved for the backwar
             for short sequences, quadratic memory
 blockwise   :mod:`gptjax.model.flash`: tiles with an online softmax and a hand-written VJP, linear memory,
             skips tiles above the diagonal and outside the band (any backend; expresses every mask)
-cudnn       ``jax.nn.dot_product_attention(implementation="cudnn")``: GPU, causal / banded without segments
+cudnn       ``jax.nn.dot_product_attention(implementation="cudnn")``: GPU, causal / banded without segments, bf16 /
+            fp16 only (cuDNN's fused attention has no float32 kernel: float32 runs blockwise)
 splash      JAX's Pallas splash-attention TPU kernel: causal / banded, segment ids
 ==========  =====================================================================================================
 
@@ -134,13 +135,17 @@ def splash_attention(q_BxKxGxLxH, k_BxKxSxH, v_BxKxSxH, mask: MaskSpec, options:
 class Kernel:
     """A row of the table: the kernel call, whether it can express a call's mask (``self_attention``: queries and
     keys are the same slots, no cache offset or context slice; ``segments``: packed documents), the tile it takes
-    along an axis of a given length for the configured ``attention_block``, and the backends it runs natively on
-    (none: every backend; elsewhere it runs portably)."""
+    along an axis of a given length for the configured ``attention_block``, the backends it runs natively on
+    (none: every backend; elsewhere it runs portably) and the compute dtypes it has (none: every dtype)."""
 
     run: Callable[..., jax.Array]
     expresses: Callable[[bool, bool], bool] = lambda self_attention, segments: True
     tile: Callable[[int, int], int] = balanced_block
     backends: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = ()
+
+    def computes(self, dtype) -> bool:
+        return not self.dtypes or dtype is None or jnp.dtype(dtype).name in self.dtypes
 
     def options(self, backend: str, dtype, block: int, q_len: int, k_len: int) -> KernelOptions:
         return KernelOptions(dtype=dtype, block_q=self.tile(q_len, block), block_k=self.tile(k_len, block),
@@ -152,7 +157,7 @@ KERNELS: dict[str, Kernel] = {
     "dense": Kernel(dense_attention),
     "blockwise": Kernel(flash.blockwise_attention),
     "cudnn": Kernel(cudnn_attention, lambda self_attention, segments: self_attention and not segments,
-                    backends=("gpu", "cuda")),
+                    backends=("gpu", "cuda"), dtypes=("bfloat16", "float16")),
     "splash": Kernel(splash_attention, lambda self_attention, segments: self_attention,
                      tile=lambda length, block: min(block, length), backends=("tpu",)),
 }
@@ -161,15 +166,17 @@ AUTO = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}  # by backend; CPU: de
 
 
 def choose_kernel(impl: str, backend: str, q_len: int, self_attention: bool, segments: bool,
-                  row_offsets: bool = False) -> str:
-    """The kernel a call runs: ``impl`` unless it cannot express the call (then blockwise); "auto" by backend
-    and length (module docstring). Queries at a different offset per row (a per-row KV cache: continuous batching,
-    speculative decoding) are the dense kernel's, whose mask is an array."""
+                  row_offsets: bool = False, dtype=None) -> str:
+    """The kernel a call runs: ``impl`` unless it cannot express the call or has no kernel for the compute
+    ``dtype`` (then blockwise); "auto" by backend and length (module docstring). Queries at a different offset per
+    row (a per-row KV cache: continuous batching, speculative decoding) are the dense kernel's, whose mask is an
+    array."""
     if row_offsets:
         return "dense"
     if impl == "auto":
         impl = AUTO.get(backend) or ("dense" if q_len <= DENSE_MAX_LEN_CPU else "blockwise")
-    return impl if KERNELS[impl].expresses(self_attention, segments) else FALLBACK
+    kernel = KERNELS[impl]
+    return impl if kernel.expresses(self_attention, segments) and kernel.computes(dtype) else FALLBACK
 
 
 def attend(q_BxKxGxLxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, mask: MaskSpec, *, impl: str,
@@ -191,7 +198,7 @@ def _local(q, k, v, mask: MaskSpec, impl: str, block: int, dtype, self_attention
     backend = jax.default_backend()
     S = k.shape[3] if keys_transposed else k.shape[2]
     self_attention = self_attention and mask.no_offset and q.shape[3] == S
-    name = choose_kernel(impl, backend, q.shape[3], self_attention, mask.segments, mask.row_offsets)
+    name = choose_kernel(impl, backend, q.shape[3], self_attention, mask.segments, mask.row_offsets, dtype)
     kernel = KERNELS[name]
     options = kernel.options(backend, dtype, block, q.shape[3], S)
     if keys_transposed and name == "dense":

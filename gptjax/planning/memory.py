@@ -173,7 +173,7 @@ def attention_kernel(m: ModelConfig, seq: int, context: int = 1) -> str:
     """The kernel the planned block runs (the rule of ``gptjax/model/kernels.py`` on this backend): with the
     sequence split over ``context`` devices a slice's queries attend over gathered keys (not self-attention),
     which the cuDNN / splash kernels cannot express, so those fall back to blockwise."""
-    return choose_kernel(m.attention_impl, jax.default_backend(), seq, context == 1, False)
+    return choose_kernel(m.attention_impl, jax.default_backend(), seq, context == 1, False, dtype=m.dtype)
 
 
 def compiled_memory(cfg: RunConfig, mesh: Mesh) -> dict[str, int]:
