@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine (Python 3.11+):
 #   make train   install into .venv and train the default model on the embedded corpus
-#   make test    install into .venv (with the interop and eval extras: transformers + torch, lm-evaluation-harness)
+#   make test    install into .venv (with the interop, eval and data extras: transformers + torch,
+#                lm-evaluation-harness, zstandard + pyarrow)
 #                and run the whole test suite
 #                (what CI runs)
 PY ?= python3
@@ -20,7 +21,7 @@ train: install
 	$(BIN)/python -m gptjax.cli.train $(ARGS)
 
 test: install
-	$(BIN)/python -m pip install -q -e '.[dev,interop,eval]'
+	$(BIN)/python -m pip install -q -e '.[dev,interop,eval,data]'
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: install

@@ -1,3 +1,4 @@
+import json
 import jax
 import pytest
 
@@ -79,3 +80,35 @@ def test_init_from_a_different_architecture_is_a_clear_error(tmp_path):
     other = tiny_program(d_ff=96, use_bias=True)
     with pytest.raises(ConfigError, match=r"model.d_ff: 128 there, 96 here.*model.use_bias: False there, True here"):
         init_params_from(tmp_path / "src", other.model)
+
+
+def test_iterator_states_of_another_process_count_are_shared_or_refused(tmp_path):
+    """A step written by N processes resumes on any count when they all saved one data position; differing
+    positions are refused by name, and an empty data item is damage."""
+    from gptjax.checkpoint.manager import CheckpointMismatch, data_files, shared_iterator_state, step_problem
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        (data / f"process_{i}-of-2.json").write_text(json.dumps({"next_index": 7}))
+    assert shared_iterator_state(data) == (2, {"next_index": 7})
+    (data / "process_1-of-2.json").write_text(json.dumps({"next_index": 6}))
+    with pytest.raises(CheckpointMismatch, match="different data positions"):
+        shared_iterator_state(data)
+    (data / "process_1-of-2.json").unlink()
+    with pytest.raises(CheckpointMismatch, match="lacks iterator states"):
+        shared_iterator_state(data)
+    (data / "process_0-of-2.json").unlink()
+    assert data_files(data) == {}
+    assert "no iterator state" in (step_problem_with_data(tmp_path, step_problem) or "")
+
+
+def step_problem_with_data(tmp_path, step_problem):
+    """step_problem of a step directory whose files are all there but the data item's iterator states."""
+    step = tmp_path / "step"
+    for item in ("", "state", "data"):
+        (step / item).mkdir(parents=True, exist_ok=True)
+        (step / item / "commit_success.txt").write_text("ok")
+    (step / "_CHECKPOINT_METADATA").write_text("{}")
+    (step / "state" / "_METADATA").write_text("{}")
+    return step_problem(step)

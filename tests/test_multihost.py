@@ -135,3 +135,24 @@ def test_two_process_sigterm_agrees_on_a_step_saves_and_resumes(tmp_path, small_
     outs = run_processes(path, 2, 2, "--resume", "--steps", str(step + 4), "--set", "optim.schedule_steps=400")
     assert f"steps {step}->{step + 4}" in outs[0]
     assert summary(run)["final_step"] == step + 4
+
+
+def test_a_checkpoint_resumes_on_another_process_count(tmp_path, small_corpus):
+    """Saved by 2 processes, resumed by 1 (and the other way): the global batches do not depend on the process
+    count, so the run continues with the losses of an uninterrupted one; the checkpoint is never taken for
+    damaged (it used to be moved aside: "process_0-of-1.json does not exist")."""
+    full_dir = tmp_path / "full"
+    run_processes(write_config(tmp_path, small_corpus, full_dir), 1, 4)
+    full = summary(full_dir)
+    for first, then in ((2, 1), (1, 2)):
+        run_dir = tmp_path / f"from{first}to{then}"
+        cfg = write_config(tmp_path, small_corpus, run_dir)
+        run_processes(cfg, first, 4 // first, "--stop-after", "4")
+        assert len(list((run_dir / "checkpoints" / "4" / "data").glob(f"process_*-of-{first}.json"))) == first
+        outs = run_processes(cfg, then, 4 // then, "--resume")
+        assert "steps 4->8" in outs[0]
+        assert not list((run_dir / "checkpoints").glob("*.damaged-*"))
+        resumed = summary(run_dir)
+        assert resumed["final_step"] == 8
+        assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-4)
+        assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-4)

@@ -190,7 +190,8 @@ def section_kernels(size: dict) -> None:
     x = jax.random.normal(ka, (size["copy_mib"] * 2**18,), jnp.float32)
     cp = jax.jit(lambda x: x * 1.0001)
     tc = timed(lambda: cp(x).block_until_ready(), 10)
-    emit({"section": "ceilings", "matmul_bf16_tflops": round(2 * n ** 3 / t / 1e12, 1), "matmul_n": n,
+    emit({"section": "ceilings", "matmul_bf16_tflops": round(2 * n ** 3 / t / 1e12, 1), "matmul_flops": 2 * n ** 3 / t,
+          "matmul_n": n,
           "copy_gbs": round(2 * x.nbytes / tc / 1e9, 1), "copy_bytes": 2 * x.nbytes,
           "note": "matmul: median of 5 x 20 queued products of 4 random bf16 pairs; copy: bytes read + written"})
 
@@ -481,7 +482,7 @@ def section_torch(size: dict, name: str, batch: int) -> None:
     emit({"section": "train", "impl": "torch", "shape": name, "params": n_params, "seq_len": L, "batch": batch,
           "steps": steps, "tokens_per_s": round(tps, 1), "step_ms": round(step_s * 1e3, 2),
           "tflops": round(tps * fpt / 1e12, 1), "mfu_datasheet": round(tps * fpt / (DATASHEET_BF16_TFLOPS * 1e12), 4),
-          "compile": cuda, "warmup_s": round(compile_s, 1), "loss": round(loss, 4),
+          "flops_per_token": fpt, "compile": cuda, "warmup_s": round(compile_s, 1), "loss": round(loss, 4),
           **({"measured_peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)} if cuda else {})})
 
 
@@ -648,9 +649,10 @@ def main() -> int:
         def record(new: list[dict]) -> None:
             for row in new:
                 if row.get("section") == "ceilings":
-                    ceiling["tflops"] = row["matmul_bf16_tflops"]
-                if row.get("section") == "train" and "tflops" in row and ceiling:
-                    row["mfu_measured_matmul"] = round(row["tflops"] / ceiling["tflops"], 4)
+                    ceiling["flops"] = row["matmul_flops"]
+                if row.get("section") == "train" and "flops_per_token" in row and ceiling:
+                    flops = row["tokens_per_s"] * row["flops_per_token"]
+                    row["mfu_measured_matmul"] = float(f"{flops / ceiling['flops']:.4g}")
                 row = {**row, **common}
                 rows.append(row)
                 sink.write(json.dumps(row) + "\n")

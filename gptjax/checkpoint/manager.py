@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -43,6 +44,41 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written; earlier checkpoints are untouched."""
 
 
+class CheckpointMismatch(ValueError):
+    """An intact checkpoint that cannot continue this run as asked (never moved aside as damaged)."""
+
+
+DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def data_files(data_dir: Path) -> dict[int, dict[int, Path]]:
+    """The data item's iterator-state files, by the process count that wrote them and then process index."""
+    out: dict[int, dict[int, Path]] = {}
+    for f in data_dir.glob("process_*-of-*.json") if data_dir.is_dir() else ():
+        m = DATA_FILE.fullmatch(f.name)
+        if m:
+            out.setdefault(int(m.group(2)), {})[int(m.group(1))] = f
+    return out
+
+
+def shared_iterator_state(data_dir: Path) -> tuple[int, dict]:
+    """The process count that wrote ``data_dir`` and the iterator state every one of its processes saved: the
+    pipeline's position is a global batch index (``gptjax.data.pipeline.train_dataset``), the same on every
+    process, so it restores on any process count. Differing states are a :class:`CheckpointMismatch`."""
+    by_count = data_files(data_dir)
+    if len(by_count) != 1:
+        raise CheckpointMismatch(f"{data_dir} holds iterator states of {sorted(by_count) or 'no'} process counts")
+    (count, files), = by_count.items()
+    if sorted(files) != list(range(count)):
+        raise CheckpointMismatch(f"{data_dir} lacks iterator states of some of its {count} processes: "
+                                 f"{sorted(p.name for p in files.values())}")
+    states = {i: json.loads(f.read_text()) for i, f in files.items()}
+    if any(st != states[0] for st in states.values()):
+        raise CheckpointMismatch(f"{data_dir}: the {count} processes that wrote it saved different data positions "
+                                 f"({states}); it can only resume on {count} processes")
+    return count, states[0]
+
+
 def step_problem(path: Path, items: tuple[str, ...] = ("state", "data")) -> str | None:
     """Why the checkpoint step directory ``path`` cannot be restored, as far as its files tell (None: it looks
     intact); ``items``: the items that must be there (readers of parameters only need ``("state",)``)."""
@@ -64,6 +100,8 @@ def step_problem(path: Path, items: tuple[str, ...] = ("state", "data")) -> str 
         return "the state item's metadata does not read"
     if ocdbt and not (path / "state" / "manifest.ocdbt").exists():
         return "the state item has no OCDBT manifest (state/manifest.ocdbt)"
+    if "data" in items and not data_files(path / "data"):
+        return "the data item holds no iterator state (process_<i>-of-<n>.json)"
     return None
 
 
@@ -175,13 +213,25 @@ class Checkpointer:
 
     def restore(self, abstract_state: Any, data_iterator: Any | None = None, step: int | None = None) -> Any:
         """Restore the train state onto ``abstract_state``'s shardings (and the iterator in place).
-        Returns the state."""
+        Returns the state. A checkpoint written by another number of processes restores too: the state is
+        resharded by orbax, and the iterator takes the position all the writing processes shared."""
         step = self._existing_step(step)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
+        other_count = None
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            data_dir = self.directory / str(step) / "data"
+            own = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+            if own.exists():
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            else:
+                other_count, iterator_state = shared_iterator_state(data_dir)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        log.info("restored step %d from %s", step, self.directory)
+        if other_count is not None:
+            data_iterator.set_state(iterator_state)
+            log.info("restored step %d from %s (written by %d processes, resumed on %d)", step, self.directory,
+                     other_count, jax.process_count())
+        else:
+            log.info("restored step %d from %s", step, self.directory)
         return restored["state"]
 
     def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:

@@ -235,13 +235,17 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    corpus: str = _f("default", Role.TRAJECTORY)  # a UTF-8 text file, or "default" for the embedded Austen corpus
+    # a UTF-8 text file, a directory prepared by gptjax-data prepare, or "default" for the embedded Austen corpus
+    corpus: str = _f("default", Role.TRAJECTORY)
     # regex (multiline) whose matches start a new document; None: blank lines
     doc_pattern: str | None = _f(None, Role.TRAJECTORY)
     val_fraction: float = _f(0.05, Role.TRAJECTORY)
     seed: int = _f(0, Role.TRAJECTORY)
     tokenizer: str | None = _f(None, Role.TRAJECTORY)  # an existing sentencepiece .model; None: train one
     tokenizer_sample_chars: int = _f(20_000_000, Role.TRAJECTORY)  # train the tokenizer on at most this many chars
+    # attention and positions restart at each document of a packed sequence (segment ids); None: on for prepared
+    # data (a directory made by gptjax-data prepare), off for a text corpus (GPT-2/3 practice; the default run)
+    document_masking: bool | None = _f(None, Role.TRAJECTORY)
 
     def __post_init__(self) -> None:
         _check(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")

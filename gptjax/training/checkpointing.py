@@ -17,7 +17,7 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
-from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound
+from gptjax.checkpoint.manager import Checkpointer, CheckpointMismatch, CheckpointNotFound
 from gptjax.checkpoint.restore import init_params_from
 from gptjax.config import ConfigError, Role, RunConfig
 from gptjax.runs import RunDir
@@ -114,6 +114,8 @@ class CheckpointPolicy:
             if why is None:
                 try:
                     state = ck.restore(program.abstract_state, data_iterator, step)
+                except CheckpointMismatch as e:  # intact, but not for this run as asked: never moved aside
+                    raise CheckpointNotFound(f"checkpoint step {step}: {e}") from None
                 except Exception as e:  # a truncated or unreadable file: orbax / tensorstore errors vary
                     why = f"restore failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
                 else:

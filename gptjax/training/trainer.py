@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from gptjax.config import ConfigError, RunConfig
-from gptjax.data.pipeline import TokenizedCorpus, eval_batches, prepare_corpus, train_dataset
+from gptjax.data.pipeline import PreparedCorpus, TokenizedCorpus, eval_batches, prepare_corpus, train_dataset
 from gptjax.evals.loss import target_bytes, unigram_cross_entropy
 from gptjax.evals.tasks import load_task
 from gptjax.inference import Engine, GenerationConfig
@@ -54,7 +54,7 @@ class TrainResult:
     tasks: list = field(default_factory=list)  # TaskScore of each in-context task at the end (0- and K-shot)
 
 
-def prepare_data(cfg: RunConfig, run: RunDir) -> TokenizedCorpus:
+def prepare_data(cfg: RunConfig, run: RunDir) -> TokenizedCorpus | PreparedCorpus:
     """Process 0 tokenizes (training the tokenizer if needed); the others then load its cache."""
     is_main = jax.process_index() == 0
     corpus = prepare_corpus(cfg.data, cfg.model.vocab_size, run) if is_main else None
@@ -207,7 +207,7 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
         run.write_config(cfg)
 
     program = Program(cfg, mesh)
-    data_iter = iter(train_dataset(corpus.train, t.seq_len, t.batch_size, t.seed, jax.process_index(),
+    data_iter = iter(train_dataset(corpus.windows(t.seq_len), t.seq_len, t.batch_size, t.seed, jax.process_index(),
                                    jax.process_count()))
     state = policy.initial_state(program, data_iter)
     start = int(jax.device_get(state["step"]))
@@ -216,18 +216,18 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
     n_params = count_params(cfg.model)
     fpt = flops_per_token(cfg.model, t.seq_len)
     peak = t.peak_flops or measure_peak_flops(cfg.model.dtype)
-    unigram = unigram_cross_entropy(corpus.train, corpus.val, cfg.model.vocab_size)
+    unigram = unigram_cross_entropy(*corpus.unigram_tokens(), cfg.model.vocab_size)
     reporter = Reporter(run, enabled=is_main, progress=t.progress, total_steps=t.steps, initial_step=start)
     reporter.message(f"gptjax: {n_params / 1e6:.2f}M params ({cfg.model.attention_kind}, {cfg.model.positions}, "
                      f"{cfg.model.norm}, {cfg.model.mlp}, {cfg.model.dtype}) | mesh {describe(mesh)} | "
-                     f"train {len(corpus.train):,} / val {len(corpus.val):,} tokens | unigram baseline "
+                     f"train {corpus.tokens[0]:,} / val {corpus.tokens[1]:,} tokens | unigram baseline "
                      f"{unigram:.3f} nats | peak {peak / 1e9:.0f} GFLOP/s/device | steps {start}->{t.steps}")
 
     for warning in cfg.warnings():
         reporter.message(f"warning: {warning}")
     clock = Clock()
     log_hook = LogHook(t.log_every, reporter, clock, t.batch_size * t.seq_len, fpt, peak, mesh.size)
-    val_batches = eval_batches(corpus.val, t.seq_len, t.batch_size, t.eval_batches)
+    val_batches = eval_batches(corpus.eval_windows(t.seq_len), t.seq_len, t.batch_size, t.eval_batches)
     bytes_per_token = target_bytes(val_batches, corpus.tokenizer) / sum(float(b["loss_mask"].sum())
                                                                          for b in val_batches)
     eval_hook = EvalHook(t.eval_every, program.model, val_batches, reporter, clock, unigram, bytes_per_token)

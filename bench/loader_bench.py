@@ -1,0 +1,114 @@
+"""The training input from prepared shards: tokens/s delivered to host batches against what a training step
+consumes, and peak memory for two corpora 10x apart in size.
+
+    python bench/loader_bench.py                  # prepares two corpora under /tmp/gptjax-loader-bench (once)
+    python bench/loader_bench.py --scale 2 20 --batches 300
+
+The corpora are the embedded Austen text repeated ``--scale`` times (paragraphs as documents), tokenized with a
+2,048-piece tokenizer by ``gptjax-data prepare``. Loader rows: a fresh process iterates ``--batches`` batches of
+16 x 256 tokens (document masking on, as training reads prepared data) through ``train_dataset`` on one grain
+thread, and reports tokens/s and its peak RSS. The step row: a gptjax train step of the gpt2ish shape (91M, fp32,
+2 x 512, the training benchmark's) on this machine, in the same run. JSON lines with the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path("/tmp/gptjax-loader-bench")
+
+
+def cpu() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+
+
+def prepared(scale: int) -> Path:
+    from gptjax.data import PrepareSettings, Tokenizer, default_corpus_path, prepare, read_corpus, split_documents
+
+    ROOT.mkdir(exist_ok=True)
+    tok = ROOT / "tok.model"
+    text = read_corpus(default_corpus_path())
+    if not tok.exists():
+        Tokenizer.train(split_documents(text, None), 2048, sample_chars=2_000_000).save(tok)
+    src = ROOT / f"austen-x{scale}.txt"
+    if not src.exists():
+        src.write_text("\n\n".join([text] * scale))
+    out = ROOT / f"austen-x{scale}"
+    prepare([src], tok, out, settings=PrepareSettings(docs_per_shard=4096, val_fraction=0.005), progress=False)
+    return out
+
+
+def child(directory: str, batches: int) -> None:
+    from gptjax.data import PreparedCorpus, PreparedData, Tokenizer, train_dataset
+
+    data = PreparedData(directory)
+    corpus = PreparedCorpus(data, Tokenizer.load(data.manifest["tokenizer"]["path"]))
+    it = iter(train_dataset(corpus.windows(256), 256, 16, 0))
+    next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        batch = next(it)
+    seconds = time.perf_counter() - t
+    assert set(batch) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
+    print(json.dumps({"corpus_tokens": corpus.tokens[0], "batches": batches,
+                      "tokens_per_s": round(batches * 16 * 256 / seconds),
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+
+
+def step_tokens_per_s() -> float:
+    import jax
+    import numpy as np
+
+    from gptjax.config import build_run_config
+    from gptjax.sharding import make_mesh
+    from gptjax.training import Program
+
+    cfg = build_run_config(model_preset_name="tiny", vocab_size=8192, d_model=768, n_layers=12, n_heads=12,
+                           n_kv_heads=12, d_ff=2048, max_seq_len=512,
+                           overrides=["train.batch_size=2", "train.seq_len=512", "train.steps=3"])
+    prog = Program(cfg, make_mesh(cfg.mesh))
+    state = prog.init(jax.random.key(0))
+    d = np.random.default_rng(0).integers(0, 8192, (2, 513)).astype(np.int32)
+    batch = prog.global_batch({"inputs": d[:, :-1], "targets": d[:, 1:], "loss_mask": np.ones((2, 512), np.float32)})
+    state, m = prog.train_step(state, batch)
+    jax.block_until_ready(m)
+    t = time.perf_counter()
+    for _ in range(2):
+        state, m = prog.train_step(state, batch)
+    jax.block_until_ready(m)
+    return 2 * 2 * 512 / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", type=int, nargs=2, default=[2, 20])
+    p.add_argument("--batches", type=int, default=300)
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        return child(a.child[0], int(a.child[1]))
+    machine = {"cpu": cpu(), "cores": os.cpu_count()}
+    rows = []
+    for scale in a.scale:
+        directory = prepared(scale)
+        r = subprocess.run([sys.executable, __file__, "--child", str(directory), str(a.batches)], capture_output=True,
+                           text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        rows.append({"bench": "loader", "scale": scale, **json.loads(r.stdout.strip().splitlines()[-1]), **machine})
+        print(json.dumps(rows[-1]), flush=True)
+    step = step_tokens_per_s()
+    print(json.dumps({"bench": "step", "config": "gpt2ish fp32 2 x 512", "tokens_per_s": round(step, 1),
+                      "loader_over_step": round(min(r["tokens_per_s"] for r in rows) / step, 1),
+                      "rss_ratio_for_10x_corpus": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3),
+                      **machine}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""Offline preparation: source files -> token documents in ArrayRecord shards, with a manifest.
+
+The documents of all sources are streamed in order and cut into chunks of ``docs_per_shard``; chunk ``i`` becomes
+shard ``i`` of each split (``train-00000.arecord``, ``val-00000.arecord``), one record per document: its token ids
+followed by ``</s>``, as little-endian ``uint16`` (``int32`` above 65,536 pieces). A document is in the validation
+split when a hash of its text says so (``val_fraction``): the split does not depend on the order, the shard size
+or the worker count. Chunks are tokenized in ``workers`` processes, a bounded number in flight (memory does not
+grow with the corpus); each shard is written under a temporary name and renamed whole, then recorded in
+``progress.jsonl``. Re-running with the same inputs skips the recorded shards, so a run killed at any moment
+resumes and ends with byte-identical shards; ``manifest.json`` is written last (its presence means complete):
+sources with sizes and content hashes and their document / skipped-row counts, the tokenizer's hash, the
+settings, and each shard's documents, tokens and hash. Inputs that differ from the ones a directory was prepared
+from are refused, naming what differs.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from gptjax.data.sources import SourceError, file_sha256, read_documents
+from gptjax.data.tokenizer import Tokenizer
+from gptjax.runs import write_atomic
+
+FORMAT = "gptjax-tokens/1"
+MANIFEST = "manifest.json"
+PROGRESS = "progress.jsonl"
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """What, besides the sources and the tokenizer, decides the shards' bytes."""
+
+    text_field: str = "text"
+    doc_pattern: str | None = None
+    bad_rows: str = "refuse"
+    docs_per_shard: int = 4096
+    val_fraction: float = 0.005
+    dedup: float | None = None  # drop exact and near duplicates at this Jaccard threshold (gptjax/data/dedup.py)
+    contamination: tuple[str, ...] = ()  # evaluation files: count documents sharing a 13-gram with them
+    drop_contaminated: bool = False  # ... and drop those documents
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.arecord"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<i4")
+
+
+def in_validation(text: str, val_fraction: float) -> bool:
+    """The document's split, from its text alone."""
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    return h % 1_000_000 < round(val_fraction * 1_000_000)
+
+
+# ---- workers -------------------------------------------------------------------------------------------------
+_TOKENIZER: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_proto: bytes) -> None:
+    global _TOKENIZER
+    _TOKENIZER = Tokenizer(tokenizer_proto)
+
+
+def lengths_file(shard: Path) -> Path:
+    """The shard's document lengths in tokens (``uint32``), for random access to a position in the token stream."""
+    return shard.with_name(shard.name.replace(".arecord", ".lengths.npy"))
+
+
+def _write_shard(path: Path, records: list[bytes], lengths: list[int]) -> dict:
+    """The shard and its lengths file, each under a temporary name, then renamed (the lengths first: a shard that
+    exists always has its lengths)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    ltmp = path.with_name(f".{lengths_file(path).name}.tmp-{os.getpid()}")
+    with open(ltmp, "wb") as f:
+        np.save(f, np.asarray(lengths, np.uint32))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    writer = ArrayRecordWriter(str(tmp), "group_size:64")
+    for r in records:
+        writer.write(r)
+    writer.close()
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    digest = file_sha256(tmp)
+    os.replace(ltmp, lengths_file(path))
+    os.replace(tmp, path)
+    return {"file": path.name, "sha256": digest}
+
+
+def _tokenize_chunk(out: str, index: int, texts: list[str], val_fraction: float) -> dict:
+    """Shard ``index`` of each split from one chunk of documents (runs in a worker process)."""
+    tok = _TOKENIZER
+    dtype = token_dtype(tok.vocab_size)
+    records: dict[str, list[bytes]] = {s: [] for s in SPLITS}
+    lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for text, ids in zip(texts, tok.encode_batch(texts)):
+        split = "val" if in_validation(text, val_fraction) else "train"
+        records[split].append(np.asarray([*ids, tok.eos_id], dtype).tobytes())
+        lengths[split].append(len(ids) + 1)
+    result = {"index": index}
+    for split in SPLITS:
+        if records[split]:
+            result[split] = {**_write_shard(Path(out) / shard_name(split, index), records[split], lengths[split]),
+                             "documents": len(records[split]), "tokens": sum(lengths[split])}
+    return result
+
+
+# ---- the driver ----------------------------------------------------------------------------------------------
+def _settings_fields(settings: PrepareSettings) -> dict:
+    """The settings as the manifest records them (evaluation files by content hash)."""
+    fields = dataclasses.asdict(settings)
+    fields["contamination"] = [file_sha256(p) if Path(p).is_file() else str(p) for p in settings.contamination]
+    return fields
+
+
+def _identity(sources: list[dict], tokenizer: dict, settings: PrepareSettings) -> dict:
+    fields = _settings_fields(settings)
+    return {"format": FORMAT, "sources": [{k: s[k] for k in ("path", "bytes", "sha256")} for s in sources],
+            "tokenizer": {k: tokenizer[k] for k in ("sha256", "vocab_size")}, "settings": fields}
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    out = []
+    if [s["sha256"] for s in old["sources"]] != [s["sha256"] for s in new["sources"]]:
+        out.append("the sources (their list or contents)")
+    if any(old["tokenizer"].get(k) != new["tokenizer"][k] for k in new["tokenizer"]):
+        out.append("the tokenizer")
+    defaults = _settings_fields(PrepareSettings())  # a setting added since ``old`` was written had its default
+    out += [f"{k} ({old['settings'].get(k, defaults[k])!r} -> {v!r})" for k, v in new["settings"].items()
+            if old["settings"].get(k, defaults[k]) != v]
+    return out
+
+
+def prepare(sources: Sequence[str | Path], tokenizer_path: str | Path, out: str | Path, *, workers: int = 1,
+            settings: PrepareSettings = PrepareSettings(), progress: bool = True) -> dict:
+    """Prepare ``sources`` into ``out`` (module docstring); the manifest. Safe to run again: it resumes, or, when
+    complete, returns the manifest at once."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    if workers < 1:
+        raise SourceError(f"workers={workers}: must be at least 1")
+    if settings.docs_per_shard < 1 or not 0 <= settings.val_fraction < 1:
+        raise SourceError(f"docs_per_shard={settings.docs_per_shard} must be >= 1 and val_fraction="
+                          f"{settings.val_fraction} in [0, 1)")
+    paths = [Path(s) for s in sources]
+    if not paths:
+        raise SourceError("no sources given")
+    for p in paths:
+        if not p.is_file():
+            raise SourceError(f"source {p} does not exist")
+    tok = Tokenizer.load(tokenizer_path)
+    tokenizer = {"path": str(tokenizer_path), "sha256": hashlib.sha256(tok.proto).hexdigest(),
+                 "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
+    src = [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in paths]
+    identity = _identity(src, tokenizer, settings)
+
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path, progress_path = out / MANIFEST, out / PROGRESS
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        diff = _differences(manifest, identity)
+        if diff:
+            raise SourceError(f"{out} was prepared from other inputs ({'; '.join(diff)}): prepare into another "
+                              "directory, or remove this one")
+        return manifest
+    for stale in out.glob(".*.tmp-*"):  # a killed run's half-written shard
+        stale.unlink()
+    done: dict[int, dict] = {}
+    if progress_path.exists():
+        lines = []
+        raw = [line for line in progress_path.read_text().splitlines() if line.strip()]
+        for n, line in enumerate(raw):
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                if n < len(raw) - 1:  # only the last line can be cut short, by a kill mid-write
+                    raise SourceError(f"{progress_path} line {n + 1} is damaged: remove {out} and prepare again") \
+                        from None
+        if lines:
+            diff = _differences(lines[0], identity)
+            if diff:
+                raise SourceError(f"{out} holds a preparation of other inputs ({'; '.join(diff)}): prepare into "
+                                  "another directory, or remove this one")
+            for rec in lines[1:]:
+                if all((out / rec[s]["file"]).is_file() and lengths_file(out / rec[s]["file"]).is_file()
+                       for s in SPLITS if s in rec):
+                    done[rec["index"]] = rec
+    if not done:
+        write_atomic(progress_path, json.dumps(identity) + "\n")
+    log = open(progress_path, "a")
+
+    counts = [{"documents": 0, "skipped": {}, "dropped": {}} for _ in paths]
+    contamination = None
+    if settings.contamination:
+        from gptjax.data.contamination import ContaminationCheck
+
+        contamination = ContaminationCheck(settings.contamination)
+
+    def chunks() -> Iterator[tuple[int, list[str]]]:
+        from gptjax.data.dedup import Deduplicator
+
+        dedup = Deduplicator(settings.dedup) if settings.dedup else None  # the same decisions on every pass
+        chunk, index = [], 0
+        for p, c in zip(paths, counts):
+            for doc in read_documents(p, text_field=settings.text_field, doc_pattern=settings.doc_pattern,
+                                      bad_rows=settings.bad_rows, counts=c):
+                why = dedup.check(doc.text) if dedup is not None else None
+                if why is None and contamination is not None and contamination.contaminated(doc.text):
+                    c["contaminated"] = c.get("contaminated", 0) + 1
+                    if len(c.setdefault("contaminated_examples", [])) < 5:
+                        c["contaminated_examples"].append(doc.where)
+                    why = "contaminated" if settings.drop_contaminated else None
+                if why is not None:
+                    c["dropped"][why] = c["dropped"].get(why, 0) + 1
+                    continue
+                chunk.append(doc.text)
+                if len(chunk) == settings.docs_per_shard:
+                    yield index, chunk
+                    chunk, index = [], index + 1
+        if chunk:
+            yield index, chunk
+
+    def record(result: dict) -> None:
+        done[result["index"]] = result
+        log.write(json.dumps(result) + "\n")
+        log.flush()
+        os.fsync(log.fileno())
+
+    bar = tqdm(desc=f"preparing {out.name}", unit=" docs", disable=not progress, file=sys.stderr, smoothing=0.1)
+    resumed = len(done)
+    try:
+        if workers == 1:
+            _init_worker(tok.proto)
+            for index, texts in chunks():
+                if index not in done:
+                    record(_tokenize_chunk(str(out), index, texts, settings.val_fraction))
+                bar.update(len(texts))
+        else:
+            import multiprocessing
+
+            with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tok.proto,)) as pool:
+                pending: collections.deque = collections.deque()
+                for index, texts in chunks():
+                    if index not in done:
+                        pending.append((len(texts), pool.apply_async(
+                            _tokenize_chunk, (str(out), index, texts, settings.val_fraction))))
+                    else:
+                        bar.update(len(texts))
+                    while len(pending) > 2 * workers:  # bounded: memory does not grow with the corpus
+                        n, job = pending.popleft()
+                        record(job.get())
+                        bar.update(n)
+                while pending:
+                    n, job = pending.popleft()
+                    record(job.get())
+                    bar.update(n)
+    finally:
+        bar.close()
+        log.close()
+
+    shards = [done[i] for i in sorted(done)]
+    totals = {s: {"documents": sum(r[s]["documents"] for r in shards if s in r),
+                  "tokens": sum(r[s]["tokens"] for r in shards if s in r)} for s in SPLITS}
+    manifest = {**identity, "tokenizer": tokenizer, "dtype": token_dtype(tok.vocab_size).str,
+                "sources": [{**s, **c} for s, c in zip(src, counts)],
+                "shards": {s: [{k: r[s][k] for k in ("file", "documents", "tokens", "sha256")}
+                               for r in shards if s in r] for s in SPLITS},
+                "totals": totals, "resumed_shards": resumed,
+                **({"contamination": {"n": contamination.n, "eval_files": contamination.files,
+                                      "contaminated": sum(c.get("contaminated", 0) for c in counts),
+                                      "dropped": settings.drop_contaminated}} if contamination else {})}
+    write_atomic(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    progress_path.unlink()
+    return manifest
+
+
+# ---- reading -------------------------------------------------------------------------------------------------
+class PreparedData:
+    """A prepared directory: its manifest, shard files and documents (token arrays, each ending with ``</s>``)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            why = "it is still being prepared (or was killed: run gptjax-data prepare again to finish it)" \
+                if (self.path / PROGRESS).exists() else "no manifest.json: prepare it with gptjax-data prepare"
+            raise SourceError(f"{self.path} is not a prepared data directory: {why}")
+        self.manifest = json.loads(manifest.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise SourceError(f"{manifest}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        self.dtype = np.dtype(self.manifest["dtype"])
+
+    def files(self, split: str) -> list[Path]:
+        return [self.path / s["file"] for s in self.manifest["shards"][split]]
+
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Refuse a tokenizer other than the one the shards were made with."""
+        want = self.manifest["tokenizer"]["sha256"]
+        got = hashlib.sha256(tokenizer.proto).hexdigest()
+        if got != want:
+            raise SourceError(f"{self.path} was prepared with tokenizer {self.manifest['tokenizer']['path']} "
+                              f"(sha256 {want[:12]}); this one is {got[:12]}: use that tokenizer, or prepare again")
+
+    def documents(self, split: str) -> Iterator[np.ndarray]:
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        for path in self.files(split):
+            reader = ArrayRecordReader(str(path))
+            try:
+                for i in range(0, reader.num_records(), 1024):
+                    for rec in reader.read(list(range(i, min(i + 1024, reader.num_records())))):
+                        yield np.frombuffer(rec, self.dtype)
+            finally:
+                reader.close()
+
+
+def train_tokenizer(sources: Sequence[str | Path], vocab_size: int, *, sample_docs: int = 100_000,
+                    sample_chars: int = 20_000_000, seed: int = 0, settings: PrepareSettings = PrepareSettings(),
+                    progress: bool = True) -> Tokenizer:
+    """A byte-fallback BPE tokenizer trained on a seeded uniform sample of the sources' documents (reservoir
+    sampling over the stream: at most ``sample_docs`` documents are held, whatever the corpus size)."""
+    import random
+
+    from tqdm import tqdm
+
+    rng = random.Random(seed)
+    reservoir: list[str] = []
+    seen = 0
+    with tqdm(desc="sampling documents", unit=" docs", disable=not progress, file=sys.stderr) as bar:
+        for p in sources:
+            for doc in read_documents(p, text_field=settings.text_field, doc_pattern=settings.doc_pattern,
+                                      bad_rows=settings.bad_rows):
+                seen += 1
+                if len(reservoir) < sample_docs:
+                    reservoir.append(doc.text)
+                else:
+                    j = rng.randrange(seen)
+                    if j < sample_docs:
+                        reservoir[j] = doc.text
+                bar.update()
+    return Tokenizer.train(reservoir, vocab_size, seed=seed, sample_chars=sample_chars)
