@@ -315,3 +315,50 @@ def test_global_batches_do_not_depend_on_the_process_count(tmp_path, tok):
             for key in ("inputs", "targets", "segment_ids", "positions"):
                 np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key])
     assert {json.dumps(it.get_state()) for parts in many.values() for it in parts} == {json.dumps(one.get_state())}
+
+
+# ---- the quality filter ----------------------------------------------------------------------------------------
+def junk(rng: random.Random, text: str) -> str:
+    """Low-quality text of four kinds: word salad, spam, random strings, navigation boilerplate."""
+    words = text.split()
+    kind = rng.randrange(4)
+    if kind == 0:
+        rng.shuffle(words)
+        return " ".join(words)
+    if kind == 1:
+        return " ".join(rng.choice(["click", "here", "subscribe", "free", "offer", "buy", "now", "login", "cookie",
+                                    "privacy", "share"]) for _ in words)
+    if kind == 2:
+        return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(rng.randint(2, 9)))
+                        for _ in words)
+    return "\n".join(f"Home | News | Sport | {w} | Contact" for w in words[:20])
+
+
+def test_quality_filter_separates_held_out_good_text_from_the_raw_pool(tmp_path, tok):
+    from gptjax.data import QualityClassifier
+
+    paras = [p for p in PARAS if len(p.split()) >= 20]
+    rng = random.Random(0)
+    rng.shuffle(paras)
+    good, good_test = paras[:800], paras[800:1100]
+    raw = [junk(rng, p) for p in paras[1100:1900]] + paras[1100:1250]  # the raw pool holds some good text too
+    raw_test = [junk(rng, p) for p in paras[1900:2200]]
+    clf = QualityClassifier.fit(good, raw)
+    sg, sr = clf.score(good_test), clf.score(raw_test)
+    accuracy = (np.sum(sg > 0.5) + np.sum(sr <= 0.5)) / (len(sg) + len(sr))
+    assert accuracy >= 0.88, accuracy
+    kept_good = np.mean([clf.keep(t, s) for t, s in zip(good_test, sg)])
+    kept_raw = np.mean([clf.keep(t, s) for t, s in zip(raw_test, sr)])
+    assert kept_good > 5 * kept_raw and kept_raw < 0.05
+    assert [clf.keep(t) for t in good_test[:20]] == [clf.keep(t) for t in good_test[:20]]  # seeded by the text
+    clf.save(tmp_path / "q.npz")
+    again = QualityClassifier.load(tmp_path / "q.npz")
+    np.testing.assert_allclose(again.score(good_test[:5]), sg[:5], rtol=1e-5)
+
+    # in preparation: the Pareto rule drops documents, counted per source
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in good_test + raw_test))
+    m = prepare([tmp_path / "pool.jsonl"], tok, tmp_path / "out", progress=False,
+                settings=PrepareSettings(quality=str(tmp_path / "q.npz"), val_fraction=0.0))
+    dropped = m["sources"][0]["dropped"]["quality"]
+    assert m["totals"]["train"]["documents"] == len(good_test) + len(raw_test) - dropped
+    assert dropped >= len(raw_test) * 0.95

@@ -58,8 +58,19 @@ def parser() -> argparse.ArgumentParser:
                       help="evaluation texts (plain text, or task JSONL: every string of a row): count the documents "
                       "sharing a 13-word n-gram with them, per source (GPT-3 §4)")
     prep.add_argument("--drop-contaminated", action="store_true", help="with --contamination: drop those documents")
+    prep.add_argument("--quality", metavar="CLASSIFIER", help="a classifier from quality-train: keep a document of "
+                      "score s when np.random.pareto(9) > 1 - s (GPT-3 Appendix A; the draw is seeded by the text)")
     prep.add_argument("--val-fraction", type=float, default=0.005,
                       help="share of documents in the validation split, chosen by a hash of the text (default 0.005)")
+    q = sub.add_parser("quality-train", help="fit GPT-3's quality classifier: good reference text against the raw pool")
+    q.add_argument("--good", nargs="+", required=True, help="sources of good reference text")
+    q.add_argument("--raw", nargs="+", required=True, help="sources of the raw pool")
+    q.add_argument("--out", required=True, help="the classifier file to write (.npz)")
+    q.add_argument("--text-field", default="text", help="JSONL field / Parquet column of the text (default text)")
+    q.add_argument("--held-out", type=float, default=0.2, help="share of each side held out for the accuracy "
+                   "printed (default 0.2)")
+    q.add_argument("--max-docs", type=int, default=50_000, help="documents read from each side (default 50000)")
+    q.add_argument("--seed", type=int, default=0)
     info = sub.add_parser("info", help="what a prepared directory holds")
     info.add_argument("dir")
     info.add_argument("--json", action="store_true", help="print the whole manifest")
@@ -74,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     from gptjax.data.tokenizer import TokenizerError
 
     with user_errors(SourceError, TokenizerError):
+        if a.command == "quality-train":
+            return quality_train(a)
         if a.command == "info":
             data = PreparedData(a.dir)
             if a.json:
@@ -84,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = PrepareSettings(text_field=a.text_field, doc_pattern=a.doc_pattern, bad_rows=a.bad_rows,
                                    **({"docs_per_shard": a.docs_per_shard, "val_fraction": a.val_fraction,
                                        "dedup": a.dedup, "contamination": tuple(a.contamination),
-                                       "drop_contaminated": a.drop_contaminated} if a.command == "prepare" else {}))
+                                       "drop_contaminated": a.drop_contaminated, "quality": a.quality}
+                                      if a.command == "prepare" else {}))
         if a.command == "train-tokenizer":
             tok = train_tokenizer(a.sources, a.vocab_size, sample_docs=a.sample_docs, sample_chars=a.sample_chars,
                                   seed=a.seed, settings=settings, progress=not a.no_progress)
@@ -94,6 +108,38 @@ def main(argv: list[str] | None = None) -> int:
         manifest = prepare(a.sources, a.tokenizer, a.out, workers=a.workers, settings=settings,
                            progress=not a.no_progress)
         summarize(manifest, a.out)
+    return 0
+
+
+def quality_train(a: argparse.Namespace) -> int:
+    """Fit on all but a held-out share of each side, print the held-out accuracy, write the classifier."""
+    import itertools
+    import random
+
+    import numpy as np
+
+    from gptjax.data.quality import QualityClassifier
+    from gptjax.data.sources import read_documents
+
+    def docs(paths):
+        texts = [d.text for p in paths for d in itertools.islice(read_documents(p, text_field=a.text_field),
+                                                                 a.max_docs)][:a.max_docs]
+        random.Random(a.seed).shuffle(texts)
+        cut = int(len(texts) * (1 - a.held_out))
+        return texts[:cut], texts[cut:]
+
+    (good, good_test), (raw, raw_test) = docs(a.good), docs(a.raw)
+    clf = QualityClassifier.fit(good, raw)
+    if good_test and raw_test:
+        sg, sr = clf.score(good_test), clf.score(raw_test)
+        clf.meta["held_out_accuracy"] = float((np.sum(sg > 0.5) + np.sum(sr <= 0.5)) / (len(sg) + len(sr)))
+        clf.meta["kept_by_pareto"] = {"good": float(np.mean([clf.keep(t, s) for t, s in zip(good_test, sg)])),
+                                      "raw": float(np.mean([clf.keep(t, s) for t, s in zip(raw_test, sr)]))}
+        print(f"held-out accuracy {clf.meta['held_out_accuracy']:.3f} ({len(good_test)} good, {len(raw_test)} raw); "
+              f"the Pareto rule keeps {clf.meta['kept_by_pareto']['good']:.1%} of good and "
+              f"{clf.meta['kept_by_pareto']['raw']:.1%} of raw")
+    clf.save(a.out)
+    print(f"wrote {a.out}")
     return 0
 
 

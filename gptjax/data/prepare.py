@@ -49,6 +49,7 @@ class PrepareSettings:
     dedup: float | None = None  # drop exact and near duplicates at this Jaccard threshold (gptjax/data/dedup.py)
     contamination: tuple[str, ...] = ()  # evaluation files: count documents sharing a 13-gram with them
     drop_contaminated: bool = False  # ... and drop those documents
+    quality: str | None = None  # a quality classifier (gptjax-data quality-train): GPT-3's Pareto rule drops documents
 
 
 def shard_name(split: str, index: int) -> str:
@@ -125,6 +126,8 @@ def _settings_fields(settings: PrepareSettings) -> dict:
     """The settings as the manifest records them (evaluation files by content hash)."""
     fields = dataclasses.asdict(settings)
     fields["contamination"] = [file_sha256(p) if Path(p).is_file() else str(p) for p in settings.contamination]
+    if settings.quality is not None:
+        fields["quality"] = file_sha256(settings.quality) if Path(settings.quality).is_file() else settings.quality
     return fields
 
 
@@ -206,6 +209,11 @@ def prepare(sources: Sequence[str | Path], tokenizer_path: str | Path, out: str 
     log = open(progress_path, "a")
 
     counts = [{"documents": 0, "skipped": {}, "dropped": {}} for _ in paths]
+    quality = None
+    if settings.quality is not None:
+        from gptjax.data.quality import QualityClassifier
+
+        quality = QualityClassifier.load(settings.quality)
     contamination = None
     if settings.contamination:
         from gptjax.data.contamination import ContaminationCheck
@@ -226,6 +234,8 @@ def prepare(sources: Sequence[str | Path], tokenizer_path: str | Path, out: str 
                     if len(c.setdefault("contaminated_examples", [])) < 5:
                         c["contaminated_examples"].append(doc.where)
                     why = "contaminated" if settings.drop_contaminated else None
+                if why is None and quality is not None and not quality.keep(doc.text):
+                    why = "quality"
                 if why is not None:
                     c["dropped"][why] = c["dropped"].get(why, 0) + 1
                     continue
