@@ -362,3 +362,18 @@ def test_quality_filter_separates_held_out_good_text_from_the_raw_pool(tmp_path,
     dropped = m["sources"][0]["dropped"]["quality"]
     assert m["totals"]["train"]["documents"] == len(good_test) + len(raw_test) - dropped
     assert dropped >= len(raw_test) * 0.95
+
+
+def test_a_text_corpus_keeps_document_masking_when_its_cache_is_read(tmp_path):
+    """The second call reads the run's token cache (as a resume does, and every process but the first of a
+    multi-process run): the setting must survive it."""
+    from gptjax.config import DataConfig
+    from gptjax.data import prepare_corpus
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(PARAS[:400]))
+    cfg = DataConfig(corpus=str(corpus), document_masking=True)
+    first = prepare_corpus(cfg, 512, tmp_path / "run")
+    second = prepare_corpus(cfg, 512, tmp_path / "run")
+    assert first.document_masking and second.document_masking
+    assert set(second.windows(32)[0]) == {"tokens", "segment_ids", "positions"}

@@ -152,7 +152,7 @@ def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Pat
     if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:
         meta = json.loads(meta_path.read_text())
         return TokenizedCorpus(tok, np.load(split_file(run, "train")), np.load(split_file(run, "val")),
-                               tuple(meta["n_docs"]))
+                               tuple(meta["n_docs"]), bool(cfg.document_masking))
     train_docs, val_docs = train_val_documents(docs, cfg)
     train, val = encode_documents(tok, train_docs), encode_documents(tok, val_docs)
     cache.mkdir(parents=True, exist_ok=True)
