@@ -14,19 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import resource
 import time
-from pathlib import Path
+
+from machine import cpu  # a sibling: bench/ is the script's directory
 
 from gptjax.data import default_corpus_path, read_corpus, split_documents
 from gptjax.data import Deduplicator, plant_near_duplicates, precision_recall
-
-
-def cpu() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
 
 
 def main() -> None:
@@ -35,7 +30,7 @@ def main() -> None:
     p.add_argument("--num-perm", type=int, default=256)
     a = p.parse_args()
     paras = split_documents(read_corpus(default_corpus_path()), None)
-    machine = {"cpu": cpu(), "cores": os.cpu_count()}
+    machine = cpu()
     bases = [x for x in paras if len(x.split()) >= 60][:300]
     docs, origin = plant_near_duplicates(bases, (0.0, 0.01, 0.03, 0.05, 0.1, 0.3), seed=0)
     for threshold in (0.7, 0.8):

@@ -44,16 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train_bench import CONFIGS  # a sibling (bench/ is the script's directory): the training benchmark's shapes
-
-
-def cpu() -> dict:
-    """The CPU's model name and the flags that decide kernel speed."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    keep = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"cpu": model, "cpu_flags": [f for f in keep if f in flags], "cores": os.cpu_count()}
+from machine import cpu  # siblings (bench/ is the script's directory): the machine probe,
+from train_bench import CONFIGS  # and the training benchmark's shapes
 
 
 def read_bandwidth_gbs() -> float:

@@ -22,12 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu  # a sibling: bench/ is the script's directory
+
 ROOT = Path("/tmp/gptjax-loader-bench")
-
-
-def cpu() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
 
 
 def prepared(scale: int) -> Path:
@@ -95,7 +92,7 @@ def main() -> None:
     a = p.parse_args()
     if a.child:
         return child(a.child[0], int(a.child[1]))
-    machine = {"cpu": cpu(), "cores": os.cpu_count()}
+    machine = cpu()
     rows = []
     for scale in a.scale:
         directory = prepared(scale)

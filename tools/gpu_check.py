@@ -113,12 +113,14 @@ def gpu_info() -> dict:
     return {"gpu": name, "driver": driver, "gpu_memory": memory, "sm_clock_max": clock}
 
 
-def cpu_info() -> dict:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    keep = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return {"cpu": model, "cpu_flags": [f for f in keep if f in flags], "cores": os.cpu_count()}
+def bench_module(name: str):
+    """A module of bench/ (the benchmarks' machine probe, the torch peer), loaded from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def install_wheels(wheels: Path) -> None:
@@ -446,12 +448,7 @@ def summarize_trace(events: list[dict], steps: int, wall: float) -> dict:
 def section_torch(size: dict, name: str, batch: int) -> None:
     import torch
 
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("torch_peer", ROOT / "bench" / "torch_peer.py")
-    torch_peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(torch_peer)
-    make_step = torch_peer.make_step
+    make_step = bench_module("torch_peer").make_step
 
     shape = size["shapes"][name]
     cfg = model_config(shape, batch, shape["steps"]).model
@@ -638,7 +635,8 @@ def main() -> int:
     out = a.out or ROOT / "bench" / "results" / f"gpu-{date}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = a.log or out.with_suffix(".log")
-    common = {"date": date, "mode": "cpu" if a.cpu else "gpu", **gpu_info(), **cpu_info(), "versions": versions()}
+    common = {"date": date, "mode": "cpu" if a.cpu else "gpu", **gpu_info(), **bench_module("machine").cpu(),
+              "versions": versions()}
     print(json.dumps(common), flush=True)
     env = child_env(a.cpu)
     flag = ["--cpu"] if a.cpu else []

@@ -12,7 +12,7 @@ from gptjax.data.sources import SourceError, read_documents
 from gptjax.data.tokenizer import Tokenizer, TokenizerError
 
 __all__ = ["ContaminationCheck", "CorpusError", "Deduplicator", "PrepareSettings", "PreparedCorpus", "PreparedData",
-           "PreparedWindows", "QualityClassifier", "SourceError", "TokenizedCorpus", "Tokenizer", "TokenizerError", "corpus_documents",
-           "default_corpus_path", "eval_batches", "plant_near_duplicates", "precision_recall", "prepare",
-           "prepare_corpus", "read_corpus", "read_documents", "split_documents", "split_file", "train_dataset",
-           "train_tokenizer", "train_val_documents"]
+           "PreparedWindows", "QualityClassifier", "SourceError", "TokenizedCorpus", "Tokenizer", "TokenizerError",
+           "corpus_documents", "default_corpus_path", "eval_batches", "plant_near_duplicates", "precision_recall",
+           "prepare", "prepare_corpus", "read_corpus", "read_documents", "split_documents", "split_file",
+           "train_dataset", "train_tokenizer", "train_val_documents"]

@@ -9,21 +9,26 @@ into one text per row. The n-grams are kept as 64-bit hashes.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from gptjax.data.jsonl import jsonl_rows
 from gptjax.data.sources import SourceError
 
 NGRAM = 13
 _WORD = re.compile(r"[a-z0-9]+")
 
 
+def words(text: str) -> list[str]:
+    """The text's lower-cased alphanumeric words (how contamination and the quality filter read text)."""
+    return _WORD.findall(text.lower())
+
+
 def ngram_hashes(text: str, n: int = NGRAM) -> set[int]:
-    words = _WORD.findall(text.lower())
-    return {int.from_bytes(hashlib.blake2b(" ".join(words[i:i + n]).encode(), digest_size=8).digest(), "little")
-            for i in range(len(words) - n + 1)}
+    words_ = words(text)
+    return {int.from_bytes(hashlib.blake2b(" ".join(words_[i:i + n]).encode(), digest_size=8).digest(), "little")
+            for i in range(len(words_) - n + 1)}
 
 
 def _strings(value: Any) -> Iterable[str]:
@@ -43,19 +48,11 @@ def eval_texts(path: str | Path) -> list[str]:
     if not path.is_file():
         raise SourceError(f"evaluation file {path} does not exist")
     try:
-        raw = path.read_text(encoding="utf-8")
+        if path.name.endswith((".jsonl", ".ndjson")):
+            return [" ".join(_strings(row)) for _, row, _ in jsonl_rows(path, SourceError)]
+        return [path.read_text(encoding="utf-8")]
     except UnicodeDecodeError as e:
         raise SourceError(f"evaluation file {path} is not UTF-8 ({e})") from None
-    if not path.name.endswith((".jsonl", ".ndjson")):
-        return [raw]
-    out = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(" ".join(_strings(json.loads(line))))
-            except json.JSONDecodeError as e:
-                raise SourceError(f"evaluation file {path} line {n}: not JSON ({e.msg})") from None
-    return out
 
 
 class ContaminationCheck:

@@ -1,29 +1,29 @@
 """A quality filter as GPT-3's (Brown et al. 2020, Appendix A): logistic regression on hashed n-gram features,
 "good" reference text against the raw pool, documents kept by the Pareto rule ``np.random.pareto(9) > 1 - score``.
 
-Features: lower-cased alphanumeric words and word pairs, hashed (CRC-32) into ``2**18`` buckets, counts scaled to
-unit length (GPT-3 used Spark's HashingTF). The classifier is L2-regularised logistic regression fitted with
-L-BFGS (scipy, which JAX already needs). The Pareto draw of a document is seeded by a hash of its text, so a
-preparation keeps the same documents every time it runs (and resumes). Most documents the classifier doubts are
-dropped, and some survive: the Pareto rule keeps a document of score ``s`` with probability ``(2 - s)^-9``.
+Features: lower-cased alphanumeric words (read as contamination reads them) and word pairs, hashed (CRC-32) into
+``2**18`` buckets, counts scaled to unit length (GPT-3 used Spark's HashingTF). The classifier is L2-regularised
+logistic regression fitted with L-BFGS (scipy, which JAX already needs). The Pareto draw of a document is seeded by
+a hash of its text, so a preparation keeps the same documents every time it runs (and resumes). Most documents the
+classifier doubts are dropped, and some survive: the Pareto rule keeps a document of score ``s`` with probability
+``(2 - s)^-9``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import zlib
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from gptjax.data.contamination import words
 from gptjax.data.sources import SourceError
 
 FEATURES = 1 << 18
 PARETO_ALPHA = 9.0
-_WORD = re.compile(r"[a-z0-9]+")
 
 
 def features(texts: Sequence[str], n_features: int = FEATURES):
@@ -32,8 +32,8 @@ def features(texts: Sequence[str], n_features: int = FEATURES):
 
     rows, cols, vals = [], [], []
     for i, text in enumerate(texts):
-        words = _WORD.findall(text.lower())
-        grams = words + [a + " " + b for a, b in zip(words, words[1:])]
+        words_ = words(text)
+        grams = words_ + [a + " " + b for a, b in zip(words_, words_[1:])]
         if not grams:
             continue
         idx, counts = np.unique([zlib.crc32(g.encode()) % n_features for g in grams], return_counts=True)
