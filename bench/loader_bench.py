@@ -44,10 +44,10 @@ def prepared(scale: int) -> Path:
 
 
 def child(directory: str, batches: int) -> None:
-    from gptjax.data import PreparedCorpus, PreparedData, Tokenizer, train_dataset
+    from gptjax.data import PreparedCorpus, PreparedData, train_dataset
 
     data = PreparedData(directory)
-    corpus = PreparedCorpus(data, Tokenizer.load(data.manifest["tokenizer"]["path"]))
+    corpus = PreparedCorpus(data, data.tokenizer())
     it = iter(train_dataset(corpus.windows(256), 256, 16, 0))
     next(it)
     t = time.perf_counter()

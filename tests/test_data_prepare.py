@@ -316,6 +316,18 @@ def test_global_batches_do_not_depend_on_the_process_count(tmp_path, tok):
                 np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key])
     assert {json.dumps(it.get_state()) for parts in many.values() for it in parts} == {json.dumps(one.get_state())}
 
+    # resumed on another count from a state saved on 2 processes: the stream goes on, nothing skipped or repeated
+    state = many[2][0].get_state()
+    for p in (1, 4):
+        later = [iter(train_dataset(corpus.windows(64), 64, 8, 0, i, p)) for i in range(p)]
+        for it in later:
+            it.set_state(state)
+        for _ in range(3):
+            want = next(one)
+            np.testing.assert_array_equal(np.concatenate([next(it)["inputs"] for it in later]), want["inputs"])
+        one = iter(train_dataset(corpus.windows(64), 64, 8, 0))
+        one.set_state(state)
+
 
 # ---- the quality filter ----------------------------------------------------------------------------------------
 def junk(rng: random.Random, text: str) -> str:

@@ -3,6 +3,7 @@
     gptjax-data train-tokenizer corpus/*.jsonl.zst books.txt --vocab-size 32000 --out tok.model
     gptjax-data prepare corpus/*.jsonl.zst books.txt --tokenizer tok.model --out data/web --workers 8
     gptjax-data info data/web
+    gptjax-data builtin stdlib --out stdlib.jsonl       # a real corpus every machine has (or: austen)
 
 Sources are plain text (documents split at blank lines, or at lines matching ``--doc-pattern``), JSONL with a text
 field (plain, ``.gz``, ``.zst``) and Parquet; none is read whole. ``train-tokenizer``: sentencepiece BPE with byte
@@ -20,6 +21,7 @@ import json
 import sys
 
 from gptjax.cli.common import console_script, user_errors
+from gptjax.data.builtin import BUILTIN, write_builtin
 
 
 def _source_options(p: argparse.ArgumentParser) -> None:
@@ -71,6 +73,10 @@ def parser() -> argparse.ArgumentParser:
                    "printed (default 0.2)")
     q.add_argument("--max-docs", type=int, default=50_000, help="documents read from each side (default 50000)")
     q.add_argument("--seed", type=int, default=0)
+    b = sub.add_parser("builtin", help="write a real corpus this machine has as JSONL: the embedded novels "
+                       "(austen) or the interpreter's standard library (stdlib)")
+    b.add_argument("name", choices=sorted(BUILTIN))
+    b.add_argument("--out", required=True, help="the JSONL file to write")
     info = sub.add_parser("info", help="what a prepared directory holds")
     info.add_argument("dir")
     info.add_argument("--json", action="store_true", help="print the whole manifest")
@@ -87,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     with user_errors(SourceError, TokenizerError):
         if a.command == "quality-train":
             return quality_train(a)
+        if a.command == "builtin":
+            n = write_builtin(a.name, a.out)
+            print(f"wrote {a.out}: {n} documents")
+            return 0
         if a.command == "info":
             data = PreparedData(a.dir)
             if a.json:

@@ -246,9 +246,18 @@ class DataConfig:
     # attention and positions restart at each document of a packed sequence (segment ids); None: on for prepared
     # data (a directory made by gptjax-data prepare), off for a text corpus (GPT-2/3 practice; the default run)
     document_masking: bool | None = _f(None, Role.TRAJECTORY)
+    # several prepared directories drawn by weight, {directory: weight} (GPT-3 Table 2.2); each is named by its
+    # directory's name in the metrics (tokens/<name>, epochs/<name>, val_loss/<name>). Replaces data.corpus.
+    mixture: dict = _f(dict, Role.TRAJECTORY, factory=True)
 
     def __post_init__(self) -> None:
         _check(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        for path, weight in self.mixture.items():
+            _check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
+                   f"data.mixture[{path!r}] = {weight!r}: a weight must be a positive number")
+        _check(not self.mixture or self.corpus == "default",
+               f"data.corpus={self.corpus!r} and data.mixture are both set; a mixture names its directories itself, "
+               "so leave data.corpus at its default")
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,14 @@
 """Tokenized corpus -> packed fixed-length sequences -> shuffled, sharded batches (grain).
 
 Packing: documents are concatenated, each followed by ``</s>``, and the stream is cut into windows of
-``seq_len + 1`` tokens (inputs = window[:-1], targets = window[1:]); attention is not reset at document
-boundaries (GPT-2/3 practice). Batches are ``{inputs, targets, loss_mask}``, each ``[batch, seq_len]``.
-The train/validation split is by document. The train pipeline is a grain
-``MapDataset``: globally shuffled with a seed, reshuffled every epoch, sharded by process (each process reads
-only its contiguous rows of each global batch, so the global batches do not depend on the process count),
-batched; its iterator state (the number of batches taken, the same on every process) is saved in checkpoints.
+``seq_len + 1`` tokens (inputs = window[:-1], targets = window[1:]). Without document masking attention is not
+reset at document boundaries (GPT-2/3 practice); with it (prepared data's default) each window carries segment ids
+and positions. Batches are ``{inputs, targets, loss_mask[, segment_ids, positions]}``, each ``[batch, seq_len]``.
+The train/validation split is by document. The train pipeline is a grain ``MapDataset``: globally shuffled with a
+seed, reshuffled every epoch (a mixture: each source so, then mixed by weight with ``MapDataset.mix``), sharded by
+process (each process reads only its contiguous rows of each global batch, so the global batches do not depend on
+the process count), batched; its iterator state (the number of batches taken, the same on every process) is saved
+in checkpoints.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import grain
 import numpy as np
@@ -84,6 +87,79 @@ class PreparedCorpus:
         return self.tokenizer.eos_id if self.document_masking else None
 
 
+class MixtureCorpus:
+    """Several prepared directories (``data.mixture``) drawn by weight: one tokenizer (each directory's must be the
+    same), the training windows mixed by grain (:class:`Mixture`), validation kept per source."""
+
+    def __init__(self, names: Sequence[str], parts: Sequence[PreparedCorpus], weights: Sequence[float]):
+        self.names, self.parts, self.weights = tuple(names), list(parts), tuple(float(w) for w in weights)
+        self.tokenizer = parts[0].tokenizer
+        self.tokens = tuple(sum(p.tokens[i] for p in parts) for i in (0, 1))
+        self.n_docs = tuple(sum(p.n_docs[i] for p in parts) for i in (0, 1))
+
+    def windows(self, seq_len: int) -> "Mixture":
+        return Mixture(self.names, [p.windows(seq_len) for p in self.parts], self.weights)
+
+    def eval_windows(self, seq_len: int) -> dict[str, "PreparedWindows"]:
+        """Each source's validation windows, by name."""
+        return {n: p.eval_windows(seq_len) for n, p in zip(self.names, self.parts)}
+
+    def unigram_tokens(self, limit: int = 10_000_000) -> tuple[np.ndarray, np.ndarray]:
+        per = [p.unigram_tokens(limit // len(self.parts)) for p in self.parts]
+        return tuple(np.concatenate([x[i] for x in per]) for i in (0, 1))
+
+
+def mixture_proportions(weights: Sequence[float]) -> tuple[int, ...]:
+    """Integer proportions for grain's mix, scaled as grain scales them (the smallest weight becomes 100), so that
+    grain uses them unchanged and :func:`mixture_counts` can count what it draws."""
+    return tuple(int(w * 100 / min(weights)) for w in weights)
+
+
+def mixture_counts(n: int, proportions: Sequence[int]) -> list[int]:
+    """How many of the first ``n`` elements of ``grain.MapDataset.mix(datasets, proportions)`` come from each
+    dataset: grain's own interleaving, counted in closed form (``tests/test_data_mixture.py`` checks it against
+    grain's draws)."""
+    remaining, out = sum(proportions), []
+    for p in proportions:
+        rest = (n * (remaining - p)) // remaining
+        out.append(n - rest)
+        remaining, n = remaining - p, rest
+    return out
+
+
+class Mixture:
+    """Window sources drawn by weight: element ``i`` of the mixed stream is a deterministic function of ``i``
+    (grain's ``MapDataset.mix`` over each source shuffled and repeated), so a global sample index is the whole
+    data position, as for one source; :meth:`drawn` says what each source has given after ``n`` elements."""
+
+    def __init__(self, names: Sequence[str], sources: Sequence, weights: Sequence[float]):
+        self.names, self.sources = tuple(names), list(sources)
+        self.proportions = mixture_proportions(weights)
+
+    def __len__(self) -> int:
+        return min(len(s) for s in self.sources)
+
+    def stream(self, seed: int) -> grain.MapDataset:
+        return grain.MapDataset.mix([grain.MapDataset.source(s).shuffle(seed=seed + k).repeat(None)
+                                     for k, s in enumerate(self.sources)], list(self.proportions))
+
+    def drawn(self, n: int) -> dict[str, int]:
+        """Windows taken from each source among the first ``n`` elements of the stream, by name."""
+        return dict(zip(self.names, mixture_counts(n, self.proportions)))
+
+
+def data_position(source: PackedWindows | PreparedWindows | Mixture, samples: int, seq_len: int
+                  ) -> dict[str, float]:
+    """Where the data stands after ``samples`` windows of the global stream: epochs of the training split, or in a
+    mixture each source's tokens (``tokens/<name>``, targets as in ``tokens``) and epochs (``epochs/<name>``)."""
+    if not isinstance(source, Mixture):
+        return {"epochs": samples / len(source)}
+    out = {}
+    for (name, n), windows in zip(source.drawn(samples).items(), source.sources):
+        out[f"tokens/{name}"], out[f"epochs/{name}"] = n * seq_len, n / len(windows)
+    return out
+
+
 def document_segments(window: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Segment ids and positions of a window of the token stream, where every document ends with ``</s>``: a
     segment starts after each ``</s>`` (and at the window's start), and positions count from 0 in each."""
@@ -121,11 +197,13 @@ def train_val_documents(docs: list[str], cfg: DataConfig) -> tuple[list[str], li
     return [docs[i] for i in sorted(order[n_val:])], [docs[i] for i in sorted(order[:n_val])]
 
 
-def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Path) -> TokenizedCorpus:
+def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Path
+                   ) -> TokenizedCorpus | PreparedCorpus | MixtureCorpus:
     """Read, split, tokenize (training the tokenizer if needed); cached in the run's ``data/`` by content hash. A
-    directory prepared by ``gptjax-data prepare`` is opened instead (:class:`PreparedCorpus`)."""
+    directory prepared by ``gptjax-data prepare`` is opened instead (:class:`PreparedCorpus`), and the directories
+    of ``data.mixture`` together (:class:`MixtureCorpus`)."""
     run = RunDir(run_dir)
-    if Path(cfg.corpus).expanduser().is_dir():
+    if cfg.mixture or Path(cfg.corpus).expanduser().is_dir():
         return open_prepared(cfg, vocab_size, run)
     path, text, pattern, docs = corpus_documents(cfg)
     if len(docs) < 2:
@@ -165,22 +243,33 @@ def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Pat
     return TokenizedCorpus(tok, train, val, (len(train_docs), len(val_docs)), bool(cfg.document_masking))
 
 
-def open_prepared(cfg: DataConfig, vocab_size: int, run: RunDir) -> PreparedCorpus:
-    """A prepared directory as the run's data: its tokenizer (or ``data.tokenizer``, which must be the same one) is
+def open_prepared(cfg: DataConfig, vocab_size: int, run: RunDir) -> PreparedCorpus | MixtureCorpus:
+    """``data.corpus`` (a prepared directory) or the directories of ``data.mixture`` as the run's data: their
+    tokenizer (or ``data.tokenizer``, which must be the same one; every directory of a mixture must share it) is
     copied into the run directory."""
-    try:
-        data = PreparedData(Path(cfg.corpus).expanduser())
-        tok = Tokenizer.load(cfg.tokenizer or data.manifest["tokenizer"]["path"])
-        data.check_tokenizer(tok)
-    except SourceError as e:
-        raise CorpusError(f"data.corpus={cfg.corpus}: {e}") from None
+    paths = list(cfg.mixture) or [cfg.corpus]
+    names = [Path(p).expanduser().resolve().name for p in paths]
+    if len(set(names)) < len(names):
+        raise CorpusError(f"data.mixture: the directories {paths} do not have distinct names, which name them in "
+                          "the metrics; rename (or link) one")
+    tok, parts = None, []
+    for path in paths:
+        field = f"data.mixture[{path!r}]" if cfg.mixture else f"data.corpus={path}"
+        try:
+            data = PreparedData(Path(path).expanduser())
+            if tok is None:
+                tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else data.tokenizer()
+            data.check_tokenizer(tok)
+        except SourceError as e:
+            raise CorpusError(f"{field}: {e}") from None
+        parts.append(PreparedCorpus(data, tok, cfg.document_masking is not False))
     if tok.vocab_size != vocab_size:
-        raise TokenizerError(f"{cfg.corpus} was prepared with a {tok.vocab_size}-piece tokenizer but "
+        raise TokenizerError(f"{paths[0]} was prepared with a {tok.vocab_size}-piece tokenizer but "
                              f"model.vocab_size={vocab_size}; set model.vocab_size={tok.vocab_size}")
     run.path.mkdir(parents=True, exist_ok=True)
     if not run.tokenizer.exists():
         _write(run.tokenizer, tok.proto)
-    return PreparedCorpus(data, tok, cfg.document_masking is not False)
+    return MixtureCorpus(names, parts, list(cfg.mixture.values())) if cfg.mixture else parts[0]
 
 
 def _write(path: Path, content: str | bytes) -> None:
@@ -272,8 +361,8 @@ def _split(batch: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"inputs": batch[:, :-1], "targets": batch[:, 1:], "loss_mask": np.ones(batch[:, 1:].shape, np.float32)}
 
 
-def train_dataset(tokens: np.ndarray | PackedWindows | PreparedWindows, seq_len: int, global_batch: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+def train_dataset(tokens: np.ndarray | PackedWindows | PreparedWindows | Mixture, seq_len: int, global_batch: int,
+                  seed: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Infinite iterator dataset of this process's share (``global_batch / process_count`` rows) of each batch,
     over a token array or a windows source (``corpus.windows(seq_len)``)."""
     if global_batch % process_count:
@@ -282,7 +371,10 @@ def train_dataset(tokens: np.ndarray | PackedWindows | PreparedWindows, seq_len:
     if len(source) < global_batch:
         raise CorpusError(f"the training split has {len(source)} sequences of {seq_len + 1} tokens, fewer than one "
                           f"batch of {global_batch}; use a larger corpus or smaller batch/seq_len")
-    stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    if isinstance(source, Mixture):
+        stream = source.stream(seed)
+    else:
+        stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
     per = global_batch // process_count
     # global batch b is elements [b * global_batch, (b + 1) * global_batch) of the shuffled stream, whatever the
     # process count; this process reads its contiguous slice of each. The iterator's state (batches taken) is

@@ -7,7 +7,8 @@ split when a hash of its text says so (``val_fraction``): the split does not dep
 or the worker count. Chunks are tokenized in ``workers`` processes, a bounded number in flight (memory does not
 grow with the corpus); each shard is written under a temporary name and renamed whole, then recorded in
 ``progress.jsonl``. Re-running with the same inputs skips the recorded shards, so a run killed at any moment
-resumes and ends with byte-identical shards; ``manifest.json`` is written last (its presence means complete):
+resumes and ends with byte-identical shards. The directory keeps a copy of the tokenizer (``tokenizer.model``), so
+that it is whole wherever it is moved; ``manifest.json`` is written last (its presence means complete):
 sources with sizes and content hashes and their document / skipped-row counts, the tokenizer's hash, the
 settings, and each shard's documents, tokens and hash. Inputs that differ from the ones a directory was prepared
 from are refused, naming what differs.
@@ -33,6 +34,7 @@ from gptjax.runs import write_atomic
 
 FORMAT = "gptjax-tokens/1"
 MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.model"  # a copy of the tokenizer, so that the directory is whole when moved
 PROGRESS = "progress.jsonl"
 SPLITS = ("train", "val")
 
@@ -109,7 +111,8 @@ def _tokenize_chunk(out: str, index: int, texts: list[str], val_fraction: float)
     dtype = token_dtype(tok.vocab_size)
     records: dict[str, list[bytes]] = {s: [] for s in SPLITS}
     lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
-    for text, ids in zip(texts, tok.encode_batch(texts)):
+    # one thread: a worker is one core (--workers sets the parallelism; bench/prepare_bench.py measures it)
+    for text, ids in zip(texts, tok.encode_batch(texts, threads=1)):
         split = "val" if in_validation(text, val_fraction) else "train"
         records[split].append(np.asarray([*ids, tok.eos_id], dtype).tobytes())
         lengths[split].append(len(ids) + 1)
@@ -174,6 +177,8 @@ def prepare(sources: Sequence[str | Path], tokenizer_path: str | Path, out: str 
     identity = _identity(src, tokenizer, settings)
 
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / TOKENIZER).exists() or (out / TOKENIZER).read_bytes() != tok.proto:
+        write_atomic(out / TOKENIZER, tok.proto)
     manifest_path, progress_path = out / MANIFEST, out / PROGRESS
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
@@ -318,6 +323,14 @@ class PreparedData:
 
     def files(self, split: str) -> list[Path]:
         return [self.path / s["file"] for s in self.manifest["shards"][split]]
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the shards were made with: the directory's copy (or, in a directory prepared before
+        copies were kept, the file the manifest names)."""
+        own = self.path / TOKENIZER
+        tok = Tokenizer.load(own if own.exists() else self.manifest["tokenizer"]["path"])
+        self.check_tokenizer(tok)
+        return tok
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
         """Refuse a tokenizer other than the one the shards were made with."""

@@ -37,8 +37,8 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.sp.encode(list(texts), num_threads=2)
+    def encode_batch(self, texts: Sequence[str], threads: int = 2) -> list[list[int]]:
+        return self.sp.encode(list(texts), num_threads=threads)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])

@@ -1,4 +1,5 @@
-"""Training curves as a picture: loss against tokens (train, validation, unigram baseline) and throughput."""
+"""Training curves as a picture: loss against tokens (train, validation, each source's validation in a mixture,
+unigram baseline) and throughput."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ def plot_runs(run_dirs: Sequence[RunDir | str | Path], out: str | Path) -> Path:
                          color=color, label=f"{run.name} validation" if len(run_dirs) > 1 else "validation")
             ax_loss.axhline(val[0]["unigram_loss"], color=color, ls="--", lw=1,
                             label="unigram baseline" if i == 0 else None)
+            # a mixture: each source's validation loss, dotted, marked by source
+            for j, key in enumerate(sorted({k for r in val for k in r if k.startswith("val_loss/")})):
+                per = [r for r in val if key in r]
+                ax_loss.plot([r["step"] * tokens_per_step for r in per], [r[key] for r in per], ":",
+                             marker="sdv^<>"[j % 6], color=color, label=f"{run.name + ' ' if len(run_dirs) > 1 else ''}"
+                             f"validation: {key.split('/', 1)[1]}")
         ax_speed.plot([r["step"] for r in train], [r["tokens_per_sec"] for r in train], color=color, label=label)
         if len(run_dirs) == 1 and train and train[0]["tokens_per_sec"] > 0:
             k = 100 * train[0]["mfu"] / train[0]["tokens_per_sec"]  # MFU is proportional to tokens/s

@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -68,11 +68,13 @@ class Hook:
 
 
 class LogHook(Hook):
-    """Every ``every`` steps (and at the end): loss, grad norm, lr, z-loss, tokens/s, step time, MFU."""
+    """Every ``every`` steps (and at the end): loss, grad norm, lr, z-loss, tokens/s, step time, MFU, and where the
+    data stands (``data_position(step)``: epochs, and each source's tokens and epochs in a mixture)."""
 
     def __init__(self, every: int, reporter: Reporter, clock: Clock, tokens_per_step: int, flops_per_token: float,
-                 peak_flops: float, n_devices: int):
+                 peak_flops: float, n_devices: int, data_position: Callable[[int], dict[str, float]] | None = None):
         self.every, self.reporter, self.clock = every, reporter, clock
+        self.data_position = data_position or (lambda step: {})
         self.tokens_per_step, self.fpt = tokens_per_step, flops_per_token
         self.peak, self.n_devices = peak_flops, n_devices
         self.window_steps, self.last_loss = 0, None
@@ -87,21 +89,35 @@ class LogHook(Hook):
         row = self.reporter.train(step, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), lr=float(m["lr"]),
                                   z_loss=float(m["z_loss"]), tokens_per_sec=tps, step_time=dt / self.window_steps,
                                   mfu=mfu(tps, self.fpt, self.peak, self.n_devices),
-                                  tokens=step * self.tokens_per_step)
+                                  tokens=step * self.tokens_per_step, **self.data_position(step))
         self.last_loss, self.window_steps = row["loss"], 0
 
 
 class EvalHook(Hook):
     """Every ``every`` steps (and at the end): validation loss, perplexity and bits per byte (``bytes_per_token``:
-    the bytes of text the scored validation tokens stand for, per token), next to the unigram baseline."""
+    the bytes of text the scored validation tokens stand for, per token), next to the unigram baseline. With a
+    mixture, ``batches`` maps each source's name to its batches: each source's loss is reported
+    (``val_loss/<name>``) and ``val_loss`` is their average under the mixture's ``weights`` (the loss on the
+    distribution the run trains on)."""
 
-    def __init__(self, every: int, model: ShardedModel, batches: Sequence[dict[str, np.ndarray]], reporter: Reporter,
-                 clock: Clock, unigram_loss: float, bytes_per_token: float):
-        self.every, self.model, self.batches, self.reporter, self.clock = every, model, batches, reporter, clock
-        self.unigram_loss, self.bytes_per_token, self.last = unigram_loss, bytes_per_token, None
+    def __init__(self, every: int, model: ShardedModel, batches: Sequence[dict] | Mapping[str, Sequence[dict]],
+                 reporter: Reporter, clock: Clock, unigram_loss: float, bytes_per_token: float,
+                 weights: Mapping[str, float] | None = None):
+        self.every, self.model, self.reporter, self.clock = every, model, reporter, clock
+        self.sources = dict(batches) if isinstance(batches, Mapping) else {"": batches}
+        total = sum((weights or {}).values()) or 1.0
+        self.weights = {n: (weights[n] / total if weights else 1.0) for n in self.sources}
+        self.unigram_loss, self.bytes_per_token, self.last, self.last_by_source = unigram_loss, bytes_per_token, \
+            None, {}
 
     def __call__(self, params: Any) -> float:
-        return evaluate(self.model, params, self.batches)
+        return self.losses(params)[0]
+
+    def losses(self, params: Any) -> tuple[float, dict[str, float]]:
+        """The validation loss, and each source's (empty for one source)."""
+        per = {n: evaluate(self.model, params, b) for n, b in self.sources.items()}
+        total = float(sum(self.weights[n] * loss for n, loss in per.items()))
+        return total, ({} if list(per) == [""] else per)
 
     def bits_per_byte(self, loss: float) -> float:
         """``loss`` (nats per validation token) as bits per byte of the text those tokens stand for."""
@@ -111,9 +127,10 @@ class EvalHook(Hook):
         if step % self.every and step != end:
             return
         with self.clock.paused(state):
-            self.last = self(state["params"])
+            self.last, self.last_by_source = self.losses(state["params"])
             self.reporter.eval(step, val_loss=self.last, val_ppl=float(np.exp(self.last)),
-                               val_bpb=self.bits_per_byte(self.last), unigram_loss=self.unigram_loss)
+                               val_bpb=self.bits_per_byte(self.last), unigram_loss=self.unigram_loss,
+                               **{f"val_loss/{n}": v for n, v in self.last_by_source.items()})
 
 
 class TaskEvalHook(Hook):

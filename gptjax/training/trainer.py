@@ -18,7 +18,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from gptjax.config import ConfigError, RunConfig
-from gptjax.data.pipeline import PreparedCorpus, TokenizedCorpus, eval_batches, prepare_corpus, train_dataset
+from gptjax.data.pipeline import (MixtureCorpus, PreparedCorpus, TokenizedCorpus, data_position, eval_batches,
+                                   prepare_corpus, train_dataset)
 from gptjax.evals.loss import target_bytes, unigram_cross_entropy
 from gptjax.evals.tasks import load_task
 from gptjax.inference import Engine, GenerationConfig
@@ -54,7 +55,7 @@ class TrainResult:
     tasks: list = field(default_factory=list)  # TaskScore of each in-context task at the end (0- and K-shot)
 
 
-def prepare_data(cfg: RunConfig, run: RunDir) -> TokenizedCorpus | PreparedCorpus:
+def prepare_data(cfg: RunConfig, run: RunDir) -> TokenizedCorpus | PreparedCorpus | MixtureCorpus:
     """Process 0 tokenizes (training the tokenizer if needed); the others then load its cache."""
     is_main = jax.process_index() == 0
     corpus = prepare_corpus(cfg.data, cfg.model.vocab_size, run) if is_main else None
@@ -207,7 +208,8 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
         run.write_config(cfg)
 
     program = Program(cfg, mesh)
-    data_iter = iter(train_dataset(corpus.windows(t.seq_len), t.seq_len, t.batch_size, t.seed, jax.process_index(),
+    windows = corpus.windows(t.seq_len)
+    data_iter = iter(train_dataset(windows, t.seq_len, t.batch_size, t.seed, jax.process_index(),
                                    jax.process_count()))
     state = policy.initial_state(program, data_iter)
     start = int(jax.device_get(state["step"]))
@@ -223,14 +225,24 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
                      f"train {corpus.tokens[0]:,} / val {corpus.tokens[1]:,} tokens | unigram baseline "
                      f"{unigram:.3f} nats | peak {peak / 1e9:.0f} GFLOP/s/device | steps {start}->{t.steps}")
 
+    if isinstance(corpus, MixtureCorpus):
+        total = sum(corpus.weights)
+        reporter.message("mixture: " + ", ".join(
+            f"{n} {w / total:.0%} of the windows ({p.tokens[0]:,} train tokens)"
+            for n, w, p in zip(corpus.names, corpus.weights, corpus.parts)))
     for warning in cfg.warnings():
         reporter.message(f"warning: {warning}")
     clock = Clock()
-    log_hook = LogHook(t.log_every, reporter, clock, t.batch_size * t.seq_len, fpt, peak, mesh.size)
-    val_batches = eval_batches(corpus.eval_windows(t.seq_len), t.seq_len, t.batch_size, t.eval_batches)
-    bytes_per_token = target_bytes(val_batches, corpus.tokenizer) / sum(float(b["loss_mask"].sum())
-                                                                         for b in val_batches)
-    eval_hook = EvalHook(t.eval_every, program.model, val_batches, reporter, clock, unigram, bytes_per_token)
+    log_hook = LogHook(t.log_every, reporter, clock, t.batch_size * t.seq_len, fpt, peak, mesh.size,
+                       lambda step: data_position(windows, step * t.batch_size, t.seq_len))
+    val = corpus.eval_windows(t.seq_len)
+    val_batches = ({n: eval_batches(w, t.seq_len, t.batch_size, t.eval_batches) for n, w in val.items()}
+                   if isinstance(val, dict) else eval_batches(val, t.seq_len, t.batch_size, t.eval_batches))
+    every_batch = [b for bs in val_batches.values() for b in bs] if isinstance(val, dict) else val_batches
+    bytes_per_token = target_bytes(every_batch, corpus.tokenizer) / sum(float(b["loss_mask"].sum())
+                                                                         for b in every_batch)
+    weights = dict(zip(corpus.names, corpus.weights)) if isinstance(corpus, MixtureCorpus) else None
+    eval_hook = EvalHook(t.eval_every, program.model, val_batches, reporter, clock, unigram, bytes_per_token, weights)
     task_hook = TaskEvalHook(t.task_eval_every, program.model, corpus.tokenizer,
                              [load_task(name) for name in t.task_names], t.task_examples, reporter, clock)
     preemption = PreemptionHook(policy, data_iter, clock)
@@ -261,6 +273,8 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
         summary = {"final_step": result.final_step, "train_loss": result.train_loss, "val_loss": result.val_loss,
                    "val_bpb": eval_hook.bits_per_byte(result.val_loss), "unigram_loss": unigram,
                    "params": n_params, "checkpoints": str(run.checkpoints)}
+        if eval_hook.last_by_source:
+            summary["val_loss_by_source"] = eval_hook.last_by_source
         if task_scores:
             summary["tasks"] = [s.as_dict() for s in task_scores]
         run.write_summary(summary)
