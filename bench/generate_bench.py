@@ -209,7 +209,7 @@ def throughput(a, machine: dict, bandwidth: float) -> list[dict]:
 # ---- speculative ---------------------------------------------------------------------------------------------
 def speculative(a, machine: dict) -> list[dict]:
     from gptjax.checkpoint import restore_params
-    from gptjax.data import split_file
+    from gptjax.data import run_corpus
     from gptjax.inference import Engine, GenerationConfig, SpeculativeStats
     from gptjax.model import ShardedModel
     from gptjax.runs import RunDir
@@ -221,7 +221,7 @@ def speculative(a, machine: dict) -> list[dict]:
     mesh = single_device_mesh()
     (tcfg, tparams), (dcfg, dparams) = restore_params(target_dir, None, mesh), restore_params(draft_dir, None, mesh)
     target, draft = ShardedModel(tcfg.model, mesh), ShardedModel(dcfg.model, mesh)
-    val = np.load(split_file(RunDir(target_dir), "val"))
+    val = run_corpus(tcfg.data, tcfg.model.vocab_size, target_dir).stream("val")
     prompt_len = a.spec_prompt
     new = min(a.spec_new_tokens, tcfg.model.max_seq_len - prompt_len - max(a.draft_tokens))
     starts = np.random.default_rng(0).integers(0, len(val) - prompt_len, a.spec_prompts)

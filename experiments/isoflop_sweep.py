@@ -176,7 +176,7 @@ def prepare_tokenizer() -> None:
         scratch = RunDir(RUNS / "_tokenizer")
         corpus = prepare_corpus(DataConfig(), VOCAB, scratch)
         shutil.copy(scratch.tokenizer, TOKENIZER.tokenizer)
-        print(f"tokenizer: {VOCAB} pieces, {len(corpus.train):,} train / {len(corpus.val):,} val tokens")
+        print(f"tokenizer: {VOCAB} pieces, {corpus.tokens[0]:,} train / {corpus.tokens[1]:,} val tokens")
 
 
 def collect(names_budgets) -> list[dict]:

@@ -6,7 +6,7 @@ file or a directory is written so that a crash never leaves half of it (a tempor
     runs/austen/
       config.json             the RunConfig the run trains with (the source of truth on resume)
       tokenizer.model         its sentencepiece tokenizer
-      data/                   the tokenized corpus cache
+      data/                   a text corpus prepared on the fly (token shards + manifest, gptjax-data layout)
       checkpoints/<step>/     orbax checkpoints: state/ and each process's grain iterator state (data/)
       metrics.jsonl           one JSON object per logged or evaluated step
       metrics.dropped.jsonl   rows a resumed run replaced

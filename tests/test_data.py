@@ -4,7 +4,7 @@ import pytest
 from gptjax.config import DataConfig
 from gptjax.data.corpus import CorpusError, read_corpus, split_documents
 from gptjax.data.pipeline import PackedWindows, eval_batches, prepare_corpus, train_dataset
-from gptjax.data.tokenizer import Tokenizer, TokenizerError, encode_documents
+from gptjax.data.tokenizer import Tokenizer, TokenizerError
 from gptjax.evals import unigram_cross_entropy
 
 
@@ -44,8 +44,6 @@ def test_tokenizer_round_trip_and_separators(small_corpus):
     assert tok.vocab_size == 512
     sample = docs[1][:500] + "\n\n  odd   spacing\tand ünïcödé ✓\n"
     assert tok.decode(tok.encode(sample)) == sample  # lossless: identity normalisation + byte fallback
-    stream = encode_documents(tok, docs[:3])
-    assert (stream == tok.eos_id).sum() == 3 and stream[-1] == tok.eos_id
     with pytest.raises(TokenizerError, match="too small"):
         Tokenizer.train(docs, 100)
 
@@ -90,13 +88,21 @@ def test_prepare_corpus_splits_by_document_and_caches(small_corpus, tmp_path):
     c = prepare_corpus(cfg, 512, tmp_path)
     assert c.n_docs[1] >= 1 and c.n_docs[0] > c.n_docs[1]
     assert (tmp_path / "tokenizer.model").exists()
-    c2 = prepare_corpus(cfg, 512, tmp_path)  # from the cache
-    np.testing.assert_array_equal(c.train, c2.train)
+    made = (tmp_path / "data" / "manifest.json").stat().st_mtime_ns
+    c2 = prepare_corpus(cfg, 512, tmp_path)  # found again, not made again
+    assert (tmp_path / "data" / "manifest.json").stat().st_mtime_ns == made
+    np.testing.assert_array_equal(c.stream("train"), c2.stream("train"))
+    val = c.stream("val")
+    assert (val == c.tokenizer.eos_id).sum() == c.n_docs[1] and val[-1] == c.tokenizer.eos_id  # each doc ends
     with pytest.raises(TokenizerError, match="make them equal"):
         prepare_corpus(cfg, 1024, tmp_path)
-    assert len(eval_batches(c.val, 32, 4, 3)) == 3
-    uni = unigram_cross_entropy(c.train, c.val, 512)
+    assert len(eval_batches(val, 32, 4, 3)) == 3
+    uni = unigram_cross_entropy(c.stream("train"), val, 512)
     assert 3.0 < uni < np.log(512)
+    # another split is another preparation (the key), in the same place
+    c3 = prepare_corpus(DataConfig(corpus=str(small_corpus), doc_pattern=r"^CHAPTER", val_fraction=0.4), 512,
+                        tmp_path)
+    assert c3.n_docs[1] > c.n_docs[1] and c3.tokens[0] + c3.tokens[1] == c.tokens[0] + c.tokens[1]
 
 
 def test_single_document_corpus_is_a_clear_error(tmp_path):

@@ -251,7 +251,7 @@ def test_target_bytes_are_the_texts_bytes(small_corpus, tmp_path):
     from gptjax.evals.loss import target_bytes
 
     corpus = prepare_corpus(DataConfig(corpus=str(small_corpus), val_fraction=0.2), 512, tmp_path / "run")
-    tok, val = corpus.tokenizer, corpus.val
+    tok, val = corpus.tokenizer, corpus.stream("val")
     ids = np.concatenate([[tok.eos_id], val])
     batch = {"inputs": ids[None, :-1], "targets": ids[None, 1:], "loss_mask": np.ones((1, len(ids) - 1))}
     docs = np.split(val, np.where(val == tok.eos_id)[0] + 1)

@@ -182,7 +182,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(small_corpus, t
     """A full disk at a checkpoint printed 5-42 orbax tracebacks (up to 559 lines) before the error line,
     summary.json then claimed the failed step, curves.png was left at 0 bytes and <step>.orbax-checkpoint-tmp
     stayed; a full disk while caching the tokenized corpus was a raw OSError traceback and a truncated
-    data/train.npy."""
+    data/train.npy (now: while preparing the corpus into data/, which has no manifest until it is whole)."""
     with small_disk(tmp_path / "disk", "6m") as disk:
         run = disk / "r"
         cfg = config_file(tmp_path, small_corpus, run, steps=80, log_every=4, checkpoint_every=2,
@@ -206,7 +206,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(small_corpus, t
         assert r.stderr.splitlines()[-1].startswith("error: could not write")
         assert "the disk is full" in r.stderr.splitlines()[-1]
         data = disk / "r" / "data"
-        assert not (data / "train.npy").exists() and not [p for p in data.iterdir() if ".tmp-" in p.name]
+        assert not (data / "manifest.json").exists() and not [p for p in data.iterdir() if ".tmp-" in p.name]
 
 
 # ---- 4. Ctrl-C ----------------------------------------------------------------------------------------------------

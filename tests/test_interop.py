@@ -224,11 +224,12 @@ def test_trained_default_run_exports_with_the_same_validation_loss(tmp_path, sma
                 "--set", "train.peak_flops=1e11")
     assert r.returncode == 0, r.stderr[-2000:]
     assert cli("export", "--run-dir", str(run), "--out", str(tmp_path / "hf"), "--no-progress").returncode == 0
-    from gptjax.data.pipeline import eval_batches
+    from gptjax.data import eval_batches, run_corpus
     from gptjax.evals.loss import evaluate
 
     cfg, params = restore_params(run)
-    batches = eval_batches(np.load(run / "data" / "val.npy"), cfg.train.seq_len, 4, 2)
+    val = run_corpus(cfg.data, cfg.model.vocab_size, run).stream("val")
+    batches = eval_batches(val, cfg.train.seq_len, 4, 2)
     ours = evaluate(ShardedModel(cfg.model, single_device_mesh()), params, batches)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     nll = [torch.nn.functional.cross_entropy(torch.tensor(hf_logits(hf_model, b["inputs"])).reshape(-1, cfg.model.vocab_size),

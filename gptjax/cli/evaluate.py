@@ -88,14 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "build-tasks":
         return build_tasks(a)
     from gptjax.checkpoint import CheckpointNotFound, restore_params
-    from gptjax.data import Tokenizer, TokenizerError, split_file
+    from gptjax.data import CorpusError, Tokenizer, TokenizerError, run_corpus
     from gptjax.evals.loss import target_bytes
     from gptjax.evals.perplexity import score_ids, score_text
     from gptjax.model import ShardedModel
     from gptjax.runs import RunDir
     from gptjax.sharding import single_device_mesh
 
-    with user_errors(CheckpointNotFound, TokenizerError, ValueError):
+    with user_errors(CheckpointNotFound, TokenizerError, CorpusError, ValueError):
         text = None
         if a.file:
             try:
@@ -113,10 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             import numpy as np
 
-            split = split_file(run, a.split)
-            if not split.is_file():
-                raise UserError(f"{split} not found: the run has no prepared validation split")
-            ids = np.concatenate([[tokenizer.eos_id], np.load(split)])
+            stream = run_corpus(cfg.data, cfg.model.vocab_size, run).stream(a.split)
+            ids = np.concatenate([[tokenizer.eos_id], stream])
             whole = {"inputs": ids[None, :-1], "targets": ids[None, 1:], "loss_mask": np.ones((1, len(ids) - 1))}
             score = score_ids(model, params, ids, a.context, a.stride, a.batch_size, target_bytes([whole], tokenizer))
             what = "the validation split"

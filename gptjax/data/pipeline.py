@@ -14,11 +14,8 @@ in checkpoints.
 from __future__ import annotations
 
 import collections
-import io
-import json
 import logging
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -27,39 +24,12 @@ import numpy as np
 
 from gptjax.config import DataConfig
 from gptjax.data.corpus import CorpusError, fingerprint, read_corpus, resolve_corpus, split_documents
-from gptjax.data.prepare import PreparedData, lengths_file
+from gptjax.data.prepare import SPLITS, PreparedData, lengths_file, prepare_splits
 from gptjax.data.sources import SourceError
-from gptjax.data.tokenizer import Tokenizer, TokenizerError, encode_documents
+from gptjax.data.tokenizer import Tokenizer, TokenizerError
 from gptjax.runs import RunDir, fault_reason, write_atomic
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TokenizedCorpus:
-    """A text corpus tokenized into memory (the embedded corpus, ``data.corpus=file.txt``)."""
-
-    tokenizer: Tokenizer
-    train: np.ndarray
-    val: np.ndarray
-    n_docs: tuple[int, int]
-    document_masking: bool = False
-
-    @property
-    def tokens(self) -> tuple[int, int]:
-        return len(self.train), len(self.val)
-
-    def windows(self, seq_len: int) -> "PackedWindows":
-        return PackedWindows(self.train, seq_len, self._eos())
-
-    def eval_windows(self, seq_len: int) -> "PackedWindows":
-        return PackedWindows(self.val, seq_len, self._eos())
-
-    def unigram_tokens(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.train, self.val
-
-    def _eos(self) -> int | None:
-        return self.tokenizer.eos_id if self.document_masking else None
 
 
 class PreparedCorpus:
@@ -78,10 +48,14 @@ class PreparedCorpus:
     def eval_windows(self, seq_len: int) -> "PreparedWindows":
         return PreparedWindows(self.data, "val", seq_len, self._eos())
 
+    def stream(self, split: str, limit: int | None = None) -> np.ndarray:
+        """The token stream of ``split`` ("train" or "val"), whole or its first ``limit`` tokens, in memory."""
+        n = self.tokens[SPLITS.index(split)]
+        return PreparedWindows(self.data, split, 1, None).tokens(0, n if limit is None else min(limit, n))
+
     def unigram_tokens(self, limit: int = 10_000_000) -> tuple[np.ndarray, np.ndarray]:
         """The unigram baseline's tokens: the first ``limit`` of each split's stream."""
-        return tuple(PreparedWindows(self.data, split, 1, None).tokens(0, min(limit, n))
-                     for split, n in zip(("train", "val"), self.tokens))
+        return self.stream("train", limit), self.stream("val", limit)
 
     def _eos(self) -> int | None:
         return self.tokenizer.eos_id if self.document_masking else None
@@ -104,9 +78,13 @@ class MixtureCorpus:
         """Each source's validation windows, by name."""
         return {n: p.eval_windows(seq_len) for n, p in zip(self.names, self.parts)}
 
+    def stream(self, split: str, limit: int | None = None) -> np.ndarray:
+        """The sources' streams of ``split`` one after another (each cut to an equal share of ``limit``)."""
+        share = None if limit is None else limit // len(self.parts)
+        return np.concatenate([p.stream(split, share) for p in self.parts])
+
     def unigram_tokens(self, limit: int = 10_000_000) -> tuple[np.ndarray, np.ndarray]:
-        per = [p.unigram_tokens(limit // len(self.parts)) for p in self.parts]
-        return tuple(np.concatenate([x[i] for x in per]) for i in (0, 1))
+        return self.stream("train", limit), self.stream("val", limit)
 
 
 def mixture_proportions(weights: Sequence[float]) -> tuple[int, ...]:
@@ -176,10 +154,6 @@ def _window(tokens: np.ndarray, eos_id: int | None) -> np.ndarray | dict[str, np
     return {"tokens": tokens, "segment_ids": segment, "positions": positions}
 
 
-def split_file(run: RunDir, split: str) -> Path:
-    """The prepared token file of ``split`` ("train" or "val") in ``run``'s data directory."""
-    return run.data / f"{split}.npy"
-
 def corpus_documents(cfg: DataConfig) -> tuple[Path, str, str | None, list[str]]:
     """``(path, text, document pattern, documents)`` of the corpus ``cfg`` names, read and split."""
     path, default_pattern = resolve_corpus(cfg.corpus)
@@ -198,10 +172,12 @@ def train_val_documents(docs: list[str], cfg: DataConfig) -> tuple[list[str], li
 
 
 def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Path
-                   ) -> TokenizedCorpus | PreparedCorpus | MixtureCorpus:
-    """Read, split, tokenize (training the tokenizer if needed); cached in the run's ``data/`` by content hash. A
-    directory prepared by ``gptjax-data prepare`` is opened instead (:class:`PreparedCorpus`), and the directories
-    of ``data.mixture`` together (:class:`MixtureCorpus`)."""
+                   ) -> PreparedCorpus | MixtureCorpus:
+    """The run's data. A text corpus (``data.corpus=file.txt``, the embedded default) is read, split into documents
+    and train / validation (seeded), tokenized (training the tokenizer if needed) and prepared on the fly into the
+    run's ``data/`` (:func:`gptjax.data.prepare.prepare_splits`; kept, and found again by content hash), so that
+    every corpus is read one way; a directory prepared by ``gptjax-data prepare`` is opened instead, and the
+    directories of ``data.mixture`` together (:class:`MixtureCorpus`)."""
     run = RunDir(run_dir)
     if cfg.mixture or Path(cfg.corpus).expanduser().is_dir():
         return open_prepared(cfg, vocab_size, run)
@@ -225,22 +201,36 @@ def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Pat
         _write(tok_path, tok.proto)
 
     key = fingerprint(text, pattern, cfg.val_fraction, cfg.seed, tok.proto)
-    cache = run.data
-    meta_path = cache / "meta.json"
-    if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:
-        meta = json.loads(meta_path.read_text())
-        return TokenizedCorpus(tok, np.load(split_file(run, "train")), np.load(split_file(run, "val")),
-                               tuple(meta["n_docs"]), bool(cfg.document_masking))
-    train_docs, val_docs = train_val_documents(docs, cfg)
-    train, val = encode_documents(tok, train_docs), encode_documents(tok, val_docs)
-    cache.mkdir(parents=True, exist_ok=True)
-    for split, tokens in (("train", train), ("val", val)):
-        buf = io.BytesIO()
-        np.save(buf, tokens)
-        _write(split_file(run, split), buf.getvalue())
-    _write(meta_path, json.dumps({"key": key, "n_docs": [len(train_docs), len(val_docs)],
-                                  "tokens": [len(train), len(val)], "corpus": str(path)}))
-    return TokenizedCorpus(tok, train, val, (len(train_docs), len(val_docs)), bool(cfg.document_masking))
+    if _prepared_key(run.data) != key:
+        train_docs, val_docs = train_val_documents(docs, cfg)
+        source = {"path": str(path), "bytes": len(text.encode("utf-8")), "documents": len(docs),
+                  "doc_pattern": pattern, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+        try:
+            prepare_splits(run.data, tok, {"train": train_docs, "val": val_docs}, key=key, source=source)
+        except OSError as e:
+            raise CorpusError(f"could not write {run.data}: {fault_reason(e)}; free space and run again (a "
+                              "preparation cut short is made again)") from None
+    return PreparedCorpus(PreparedData(run.data), tok, bool(cfg.document_masking))
+
+
+def _prepared_key(directory: Path) -> str | None:
+    try:
+        return PreparedData(directory).key()
+    except (SourceError, OSError, ValueError):  # none there yet, or cut short
+        return None
+
+
+def run_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Path) -> PreparedCorpus | MixtureCorpus:
+    """The data a run trained on, opened to read (nothing is prepared or written): its own ``data/``, or the
+    prepared directories its config names."""
+    run = RunDir(run_dir)
+    if cfg.mixture or Path(cfg.corpus).expanduser().is_dir():
+        return open_prepared(cfg, vocab_size, run)
+    try:
+        data = PreparedData(run.data)
+        return PreparedCorpus(data, data.tokenizer(), bool(cfg.document_masking))
+    except SourceError:
+        raise CorpusError(f"{run.data} holds no prepared data: the run has not started training") from None
 
 
 def open_prepared(cfg: DataConfig, vocab_size: int, run: RunDir) -> PreparedCorpus | MixtureCorpus:

@@ -94,9 +94,12 @@ def _write_shard(path: Path, records: list[bytes], lengths: list[int]) -> dict:
         os.fsync(f.fileno())
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     writer = ArrayRecordWriter(str(tmp), "group_size:64")
-    for r in records:
-        writer.write(r)
-    writer.close()
+    try:
+        for r in records:
+            writer.write(r)
+        writer.close()
+    except RuntimeError as e:  # array_record says the system's write errors (a full disk) as RuntimeError
+        raise OSError(str(e)) from None
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     digest = file_sha256(tmp)
@@ -122,6 +125,42 @@ def _tokenize_chunk(out: str, index: int, texts: list[str], val_fraction: float)
             result[split] = {**_write_shard(Path(out) / shard_name(split, index), records[split], lengths[split]),
                              "documents": len(records[split]), "tokens": sum(lengths[split])}
     return result
+
+
+def prepare_splits(out: str | Path, tok: Tokenizer, splits: dict[str, Sequence[str]], *, key: str, source: dict,
+                   docs_per_shard: int = 4096) -> dict:
+    """Documents already split (a text corpus's seeded split: ``data.corpus=file.txt`` and the embedded default)
+    into a directory of the same layout, in this process: the run directory's ``data/``, prepared on the fly so that
+    training reads every corpus one way. The manifest records ``key`` (the text, settings and tokenizer) so that a
+    resumed run finds its preparation; it is removed first and written last, so a preparation cut short is never
+    taken for one that finished."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    write_atomic(out / TOKENIZER, tok.proto)
+    dtype = token_dtype(tok.vocab_size)
+    shards: dict[str, list[dict]] = {}
+    try:
+        for split in SPLITS:
+            docs, shards[split] = list(splits[split]), []
+            for index, start in enumerate(range(0, len(docs), docs_per_shard)):
+                ids = tok.encode_batch(docs[start: start + docs_per_shard])
+                records = [np.asarray([*x, tok.eos_id], dtype).tobytes() for x in ids]
+                lengths = [len(x) + 1 for x in ids]
+                written = _write_shard(out / shard_name(split, index), records, lengths)
+                shards[split].append({**written, "documents": len(ids), "tokens": sum(lengths)})
+    except BaseException:
+        for stale in out.glob(".*.tmp-*"):  # a full disk: nothing half-written stays
+            stale.unlink(missing_ok=True)
+        raise
+    manifest = {"format": FORMAT, "key": key,
+                "tokenizer": {"path": TOKENIZER, "sha256": hashlib.sha256(tok.proto).hexdigest(),
+                              "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
+                "dtype": dtype.str, "sources": [source], "shards": shards,
+                "totals": {s: {"documents": sum(r["documents"] for r in shards[s]),
+                               "tokens": sum(r["tokens"] for r in shards[s])} for s in SPLITS}}
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return manifest
 
 
 # ---- the driver ----------------------------------------------------------------------------------------------
@@ -339,6 +378,10 @@ class PreparedData:
         if got != want:
             raise SourceError(f"{self.path} was prepared with tokenizer {self.manifest['tokenizer']['path']} "
                               f"(sha256 {want[:12]}); this one is {got[:12]}: use that tokenizer, or prepare again")
+
+    def key(self) -> str | None:
+        """What a run directory's own preparation was made from (:func:`prepare_splits`); None for others."""
+        return self.manifest.get("key")
 
     def documents(self, split: str) -> Iterator[np.ndarray]:
         from array_record.python.array_record_module import ArrayRecordReader

@@ -109,16 +109,3 @@ class Tokenizer:
             raise TokenizerError(f"sentencepiece could not train a {vocab_size}-piece vocabulary on this corpus "
                                  f"({total} characters, {n_chars} distinct): {e}") from None
         return cls(out.getvalue())
-
-
-def encode_documents(tok: Tokenizer, docs: Sequence[str]) -> np.ndarray:
-    """One stream of token ids: each document followed by ``</s>``."""
-    dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
-    ids = tok.encode_batch(docs)
-    out = np.empty(sum(len(x) + 1 for x in ids), dtype)
-    pos = 0
-    for x in ids:
-        out[pos: pos + len(x)] = x
-        out[pos + len(x)] = tok.eos_id
-        pos += len(x) + 1
-    return out

@@ -18,8 +18,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from gptjax.config import ConfigError, RunConfig
-from gptjax.data.pipeline import (MixtureCorpus, PreparedCorpus, TokenizedCorpus, data_position, eval_batches,
-                                   prepare_corpus, train_dataset)
+from gptjax.data.pipeline import (MixtureCorpus, PreparedCorpus, data_position, eval_batches, prepare_corpus,
+                                   train_dataset)
 from gptjax.evals.loss import target_bytes, unigram_cross_entropy
 from gptjax.evals.tasks import load_task
 from gptjax.inference import Engine, GenerationConfig
@@ -55,7 +55,7 @@ class TrainResult:
     tasks: list = field(default_factory=list)  # TaskScore of each in-context task at the end (0- and K-shot)
 
 
-def prepare_data(cfg: RunConfig, run: RunDir) -> TokenizedCorpus | PreparedCorpus | MixtureCorpus:
+def prepare_data(cfg: RunConfig, run: RunDir) -> PreparedCorpus | MixtureCorpus:
     """Process 0 tokenizes (training the tokenizer if needed); the others then load its cache."""
     is_main = jax.process_index() == 0
     corpus = prepare_corpus(cfg.data, cfg.model.vocab_size, run) if is_main else None
