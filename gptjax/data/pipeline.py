@@ -53,10 +53,6 @@ class PreparedCorpus:
         n = self.tokens[SPLITS.index(split)]
         return PreparedWindows(self.data, split, 1, None).tokens(0, n if limit is None else min(limit, n))
 
-    def unigram_tokens(self, limit: int = 10_000_000) -> tuple[np.ndarray, np.ndarray]:
-        """The unigram baseline's tokens: the first ``limit`` of each split's stream."""
-        return self.stream("train", limit), self.stream("val", limit)
-
     def _eos(self) -> int | None:
         return self.tokenizer.eos_id if self.document_masking else None
 
@@ -82,9 +78,6 @@ class MixtureCorpus:
         """The sources' streams of ``split`` one after another (each cut to an equal share of ``limit``)."""
         share = None if limit is None else limit // len(self.parts)
         return np.concatenate([p.stream(split, share) for p in self.parts])
-
-    def unigram_tokens(self, limit: int = 10_000_000) -> tuple[np.ndarray, np.ndarray]:
-        return self.stream("train", limit), self.stream("val", limit)
 
 
 def mixture_proportions(weights: Sequence[float]) -> tuple[int, ...]:
@@ -179,7 +172,7 @@ def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Pat
     every corpus is read one way; a directory prepared by ``gptjax-data prepare`` is opened instead, and the
     directories of ``data.mixture`` together (:class:`MixtureCorpus`)."""
     run = RunDir(run_dir)
-    if cfg.mixture or Path(cfg.corpus).expanduser().is_dir():
+    if names_prepared_data(cfg):
         return open_prepared(cfg, vocab_size, run)
     path, text, pattern, docs = corpus_documents(cfg)
     if len(docs) < 2:
@@ -213,6 +206,11 @@ def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Pat
     return PreparedCorpus(PreparedData(run.data), tok, bool(cfg.document_masking))
 
 
+def names_prepared_data(cfg: DataConfig) -> bool:
+    """The corpus is prepared already (a directory, or a mixture of them), not a text file prepared on the fly."""
+    return bool(cfg.mixture) or Path(cfg.corpus).expanduser().is_dir()
+
+
 def _prepared_key(directory: Path) -> str | None:
     try:
         return PreparedData(directory).key()
@@ -224,7 +222,7 @@ def run_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Path) -
     """The data a run trained on, opened to read (nothing is prepared or written): its own ``data/``, or the
     prepared directories its config names."""
     run = RunDir(run_dir)
-    if cfg.mixture or Path(cfg.corpus).expanduser().is_dir():
+    if names_prepared_data(cfg):
         return open_prepared(cfg, vocab_size, run)
     try:
         data = PreparedData(run.data)

@@ -105,7 +105,22 @@ def _write_shard(path: Path, records: list[bytes], lengths: list[int]) -> dict:
     digest = file_sha256(tmp)
     os.replace(ltmp, lengths_file(path))
     os.replace(tmp, path)
-    return {"file": path.name, "sha256": digest}
+    return {"file": path.name, "sha256": digest, "documents": len(records), "tokens": sum(lengths)}
+
+
+def _document_record(ids: Sequence[int], eos_id: int, dtype: np.dtype) -> bytes:
+    """One document as a shard holds it: its token ids, then ``</s>``."""
+    return np.asarray([*ids, eos_id], dtype).tobytes()
+
+
+def _tokenizer_record(tok: Tokenizer, path: str | Path) -> dict:
+    return {"path": str(path), "sha256": hashlib.sha256(tok.proto).hexdigest(), "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id}
+
+
+def _totals(shards: dict[str, list[dict]]) -> dict:
+    """Documents and tokens of each split, from its shards' entries."""
+    return {s: {k: sum(r[k] for r in shards[s]) for k in ("documents", "tokens")} for s in SPLITS}
 
 
 def _tokenize_chunk(out: str, index: int, texts: list[str], val_fraction: float) -> dict:
@@ -117,13 +132,12 @@ def _tokenize_chunk(out: str, index: int, texts: list[str], val_fraction: float)
     # one thread: a worker is one core (--workers sets the parallelism; bench/prepare_bench.py measures it)
     for text, ids in zip(texts, tok.encode_batch(texts, threads=1)):
         split = "val" if in_validation(text, val_fraction) else "train"
-        records[split].append(np.asarray([*ids, tok.eos_id], dtype).tobytes())
+        records[split].append(_document_record(ids, tok.eos_id, dtype))
         lengths[split].append(len(ids) + 1)
     result = {"index": index}
     for split in SPLITS:
         if records[split]:
-            result[split] = {**_write_shard(Path(out) / shard_name(split, index), records[split], lengths[split]),
-                             "documents": len(records[split]), "tokens": sum(lengths[split])}
+            result[split] = _write_shard(Path(out) / shard_name(split, index), records[split], lengths[split])
     return result
 
 
@@ -145,20 +159,15 @@ def prepare_splits(out: str | Path, tok: Tokenizer, splits: dict[str, Sequence[s
             docs, shards[split] = list(splits[split]), []
             for index, start in enumerate(range(0, len(docs), docs_per_shard)):
                 ids = tok.encode_batch(docs[start: start + docs_per_shard])
-                records = [np.asarray([*x, tok.eos_id], dtype).tobytes() for x in ids]
-                lengths = [len(x) + 1 for x in ids]
-                written = _write_shard(out / shard_name(split, index), records, lengths)
-                shards[split].append({**written, "documents": len(ids), "tokens": sum(lengths)})
+                shards[split].append(_write_shard(out / shard_name(split, index),
+                                                  [_document_record(x, tok.eos_id, dtype) for x in ids],
+                                                  [len(x) + 1 for x in ids]))
     except BaseException:
         for stale in out.glob(".*.tmp-*"):  # a full disk: nothing half-written stays
             stale.unlink(missing_ok=True)
         raise
-    manifest = {"format": FORMAT, "key": key,
-                "tokenizer": {"path": TOKENIZER, "sha256": hashlib.sha256(tok.proto).hexdigest(),
-                              "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
-                "dtype": dtype.str, "sources": [source], "shards": shards,
-                "totals": {s: {"documents": sum(r["documents"] for r in shards[s]),
-                               "tokens": sum(r["tokens"] for r in shards[s])} for s in SPLITS}}
+    manifest = {"format": FORMAT, "key": key, "tokenizer": _tokenizer_record(tok, TOKENIZER), "dtype": dtype.str,
+                "sources": [source], "shards": shards, "totals": _totals(shards)}
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -210,8 +219,7 @@ def prepare(sources: Sequence[str | Path], tokenizer_path: str | Path, out: str 
         if not p.is_file():
             raise SourceError(f"source {p} does not exist")
     tok = Tokenizer.load(tokenizer_path)
-    tokenizer = {"path": str(tokenizer_path), "sha256": hashlib.sha256(tok.proto).hexdigest(),
-                 "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
+    tokenizer = _tokenizer_record(tok, tokenizer_path)
     src = [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in paths]
     identity = _identity(src, tokenizer, settings)
 
@@ -328,14 +336,12 @@ def prepare(sources: Sequence[str | Path], tokenizer_path: str | Path, out: str 
         bar.close()
         log.close()
 
-    shards = [done[i] for i in sorted(done)]
-    totals = {s: {"documents": sum(r[s]["documents"] for r in shards if s in r),
-                  "tokens": sum(r[s]["tokens"] for r in shards if s in r)} for s in SPLITS}
+    chunks_done = [done[i] for i in sorted(done)]
+    shards = {s: [{k: r[s][k] for k in ("file", "documents", "tokens", "sha256")} for r in chunks_done if s in r]
+              for s in SPLITS}
     manifest = {**identity, "tokenizer": tokenizer, "dtype": token_dtype(tok.vocab_size).str,
-                "sources": [{**s, **c} for s, c in zip(src, counts)],
-                "shards": {s: [{k: r[s][k] for k in ("file", "documents", "tokens", "sha256")}
-                               for r in shards if s in r] for s in SPLITS},
-                "totals": totals, "resumed_shards": resumed,
+                "sources": [{**s, **c} for s, c in zip(src, counts)], "shards": shards,
+                "totals": _totals(shards), "resumed_shards": resumed,
                 **({"contamination": {"n": contamination.n, "eval_files": contamination.files,
                                       "contaminated": sum(c.get("contaminated", 0) for c in counts),
                                       "dropped": settings.drop_contaminated}} if contamination else {})}

@@ -95,20 +95,20 @@ class LogHook(Hook):
 
 class EvalHook(Hook):
     """Every ``every`` steps (and at the end): validation loss, perplexity and bits per byte (``bytes_per_token``:
-    the bytes of text the scored validation tokens stand for, per token), next to the unigram baseline. With a
-    mixture, ``batches`` maps each source's name to its batches: each source's loss is reported
-    (``val_loss/<name>``) and ``val_loss`` is their average under the mixture's ``weights`` (the loss on the
-    distribution the run trains on)."""
+    the bytes of text the scored validation tokens stand for, per token), next to the unigram baseline.
+    ``batches`` maps each source's name to its batches (one corpus: the name ""). In a mixture each source's loss
+    is reported (``val_loss/<name>``) and ``val_loss`` is their average under the mixture's ``weights`` (the loss
+    on the distribution the run trains on)."""
 
-    def __init__(self, every: int, model: ShardedModel, batches: Sequence[dict] | Mapping[str, Sequence[dict]],
-                 reporter: Reporter, clock: Clock, unigram_loss: float, bytes_per_token: float,
+    def __init__(self, every: int, model: ShardedModel, batches: Mapping[str, Sequence[dict]], reporter: Reporter,
+                 clock: Clock, unigram_loss: float, bytes_per_token: float,
                  weights: Mapping[str, float] | None = None):
         self.every, self.model, self.reporter, self.clock = every, model, reporter, clock
-        self.sources = dict(batches) if isinstance(batches, Mapping) else {"": batches}
+        self.sources = dict(batches)
         total = sum((weights or {}).values()) or 1.0
         self.weights = {n: (weights[n] / total if weights else 1.0) for n in self.sources}
-        self.unigram_loss, self.bytes_per_token, self.last, self.last_by_source = unigram_loss, bytes_per_token, \
-            None, {}
+        self.unigram_loss, self.bytes_per_token = unigram_loss, bytes_per_token
+        self.last, self.last_by_source = None, {}
 
     def __call__(self, params: Any) -> float:
         return self.losses(params)[0]

@@ -218,7 +218,9 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
     n_params = count_params(cfg.model)
     fpt = flops_per_token(cfg.model, t.seq_len)
     peak = t.peak_flops or measure_peak_flops(cfg.model.dtype)
-    unigram = unigram_cross_entropy(*corpus.unigram_tokens(), cfg.model.vocab_size)
+    # the baseline's counts from the first 10M tokens of each split (a mixture: an equal share of each source's)
+    unigram = unigram_cross_entropy(corpus.stream("train", 10_000_000), corpus.stream("val", 10_000_000),
+                                    cfg.model.vocab_size)
     reporter = Reporter(run, enabled=is_main, progress=t.progress, total_steps=t.steps, initial_step=start)
     reporter.message(f"gptjax: {n_params / 1e6:.2f}M params ({cfg.model.attention_kind}, {cfg.model.positions}, "
                      f"{cfg.model.norm}, {cfg.model.mlp}, {cfg.model.dtype}) | mesh {describe(mesh)} | "
@@ -235,10 +237,10 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
     clock = Clock()
     log_hook = LogHook(t.log_every, reporter, clock, t.batch_size * t.seq_len, fpt, peak, mesh.size,
                        lambda step: data_position(windows, step * t.batch_size, t.seq_len))
-    val = corpus.eval_windows(t.seq_len)
-    val_batches = ({n: eval_batches(w, t.seq_len, t.batch_size, t.eval_batches) for n, w in val.items()}
-                   if isinstance(val, dict) else eval_batches(val, t.seq_len, t.batch_size, t.eval_batches))
-    every_batch = [b for bs in val_batches.values() for b in bs] if isinstance(val, dict) else val_batches
+    val = corpus.eval_windows(t.seq_len)  # a mixture: each source's, by name
+    val_batches = {n: eval_batches(w, t.seq_len, t.batch_size, t.eval_batches)
+                   for n, w in (val.items() if isinstance(val, dict) else [("", val)])}
+    every_batch = [b for bs in val_batches.values() for b in bs]
     bytes_per_token = target_bytes(every_batch, corpus.tokenizer) / sum(float(b["loss_mask"].sum())
                                                                          for b in every_batch)
     weights = dict(zip(corpus.names, corpus.weights)) if isinstance(corpus, MixtureCorpus) else None
