@@ -150,7 +150,7 @@ def test_what_may_differ_is_derived_from_the_roles():
     assert set(learned.parameter_differences(ModelConfig(positions="learned", max_seq_len=512))) == {"max_seq_len"}
     # HF import: what an HF config does not carry may be chosen anew
     assert set(SETTABLE_FIELDS) == {"z_loss", "dtype", "init_std", "scan_layers", "remat", "attention_impl",
-                                    "attention_block"}
+                                    "attention_block", "loss_chunk"}
 
 
 def test_context_strategy_moved_to_the_mesh_settings_and_old_configs_migrate():

@@ -48,7 +48,8 @@ def test_cpu_mode_runs_every_section_and_every_check_passes(tmp_path):
     assert eq["ok"] and len(eq["losses_device"]) == 4 and eq["losses_device"][0] > 0
 
     train = {(row["impl"], row["shape"]): row for row in by["train"]}
-    assert set(train) == {(i, s) for i in ("gptjax", "torch") for s in ("gpt2", "llama")}
+    assert set(train) == {(i, s) for i in ("gptjax", "torch") for s in ("gpt2", "llama")} | {
+        ("gptjax", "gpt2-fused"), ("gptjax", "llama-fused")}
     for shape in ("gpt2", "llama"):
         jax_row, torch_row = train[("gptjax", shape)], train[("torch", shape)]
         assert jax_row["params"] == torch_row["params"]  # the peer is the same model
@@ -56,6 +57,8 @@ def test_cpu_mode_runs_every_section_and_every_check_passes(tmp_path):
         assert jax_row["tokens_per_s"] > 0 and torch_row["tokens_per_s"] > 0
         assert 0.7 < jax_row["planned_peak_gb"] / jax_row["xla_peak_gb"] < 1.3  # the planner against XLA
         assert jax_row["mfu_measured_matmul"] > 0
+        fused = train[("gptjax", f"{shape}-fused")]  # the fused loss: same batch and data, the same loss
+        assert fused["batch"] == jax_row["batch"] and fused["loss"] == pytest.approx(jax_row["loss"], abs=0.02)
     decode = by["decode"]
     assert [row["batch"] for row in decode] == [1, 2] and all(row["tokens_per_s"] > 0 for row in decode)
 

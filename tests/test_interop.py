@@ -232,7 +232,8 @@ def test_trained_default_run_exports_with_the_same_validation_loss(tmp_path, sma
     batches = eval_batches(val, cfg.train.seq_len, 4, 2)
     ours = evaluate(ShardedModel(cfg.model, single_device_mesh()), params, batches)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    nll = [torch.nn.functional.cross_entropy(torch.tensor(hf_logits(hf_model, b["inputs"])).reshape(-1, cfg.model.vocab_size),
+    V = cfg.model.vocab_size
+    nll = [torch.nn.functional.cross_entropy(torch.tensor(hf_logits(hf_model, b["inputs"])).reshape(-1, V),
                                              torch.tensor(b["targets"], dtype=torch.long).reshape(-1),
                                              reduction="sum").item() for b in batches]
     theirs = sum(nll) / sum(b["targets"].size for b in batches)

@@ -365,3 +365,26 @@ def test_a_block_keeps_only_its_inputs_matmul_inputs_and_attention_output_for_ba
     # (merging adjacent axes: one buffer in XLA).
     assert sum(s == 2 * 64 * 96 for s in sizes) == (2 if mlp == "swiglu" else 1), sizes
     assert sum(s for s in sizes if s >= 64 * 64 and s != 2 * 64 * 96) == 9 * 2 * 64 * 64, sizes
+
+
+@pytest.mark.parametrize("variant", ["llama", "mqa-untied-qknorm"])
+def test_fused_loss_equals_the_logits_loss_with_its_gradients(variant):
+    """``loss_chunk`` never forms the [B, L, V] logits and makes the gradient in the forward pass: the same loss,
+    z-loss, token count and gradients as the plain path, with a loss mask and a length (24) no chunk of 10
+    divides; and evaluation (no gradient) takes the scan-only primal."""
+    from gptjax.model import ShardedModel
+    from gptjax.sharding import make_mesh
+    from gptjax.config import MeshConfig
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    cfg = nano_model(**{**VARIANTS[variant], "z_loss": 1e-3})
+    plain, fused = ShardedModel(cfg, mesh), ShardedModel(dataclasses.replace(cfg, loss_chunk=10), mesh)
+    params = plain.init_params(jax.random.key(0))
+    mask = jnp.asarray(np.random.default_rng(1).random(TOKENS.shape) > 0.25)
+    batch = {"inputs": TOKENS, "targets": jnp.roll(TOKENS, -1, axis=1), "loss_mask": mask}
+    (l0, a0), g0 = jax.value_and_grad(plain.loss, has_aux=True)(params, batch)
+    (l1, a1), g1 = jax.jit(jax.value_and_grad(fused.loss, has_aux=True))(params, batch)
+    assert float(l1) == pytest.approx(float(l0), rel=1e-6)
+    for k in ("loss", "z_loss", "nll_sum", "tokens"):
+        assert float(a1[k]) == pytest.approx(float(a0[k]), rel=1e-6), k
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g0)
+    assert float(fused.eval_step(params, batch)["loss"]) == pytest.approx(float(a0["loss"]), rel=1e-6)

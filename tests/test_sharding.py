@@ -219,3 +219,15 @@ def test_context_parallel_packed_segments_and_banded_layers(batch):
     for loss, params in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=PARAM_ATOL, rtol=0), params, results[0][1])
+
+
+@pytest.mark.parametrize("name", ["hybrid 2x2x2", "fsdp+tp 1x4x2"])
+def test_fused_loss_step_equals_the_plain_step_on_a_mesh(name, batch, reference):
+    """``model.loss_chunk``: the unembedding + cross-entropy 12 positions at a time (32 is not a multiple: the
+    last chunk is padded), the vocabulary sharded over tensor, the gradient formed in the forward pass."""
+    init_ref, after_ref, loss_ref = reference
+    prog = program(MESHES[name], loss_chunk=12)
+    new_state, metrics = prog.train_step(prog.init(jax.random.key(0)), prog.global_batch(batch))
+    assert float(metrics["loss"]) == pytest.approx(loss_ref, rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=PARAM_ATOL, rtol=0),
+                 new_state["params"], after_ref["params"])

@@ -83,7 +83,12 @@ SIZES = {
         "timeout": 300,
     },
 }
-SECTIONS = ("kernels", "equivalence", "train-gpt2", "torch-gpt2", "train-llama", "torch-llama", "decode")
+# the fused loss (model.loss_chunk): the same shapes, the unembedding + cross-entropy a chunk of positions at a time
+for _size, _chunk in (("gpu", 256), ("cpu", 16)):
+    for _name in ("gpt2", "llama"):
+        SIZES[_size]["shapes"][f"{_name}-fused"] = {**SIZES[_size]["shapes"][_name], "loss_chunk": _chunk}
+SECTIONS = ("kernels", "equivalence", "train-gpt2", "train-gpt2-fused", "torch-gpt2", "train-llama",
+            "train-llama-fused", "torch-llama", "decode")
 
 
 # ---- environment ----------------------------------------------------------------------------------------------
@@ -679,11 +684,11 @@ def main() -> int:
             elif section.startswith("train-"):
                 name = section.split("-", 1)[1]
                 new = run_child(["train", name, *flag], env, size["timeout"], log)
-                batches.update({name: r["batch"] for r in new if "batch" in r})
+                batches.setdefault(name, next((r["batch"] for r in new if "batch" in r), None))
                 record(new)
             elif section.startswith("torch-"):
                 name = section.split("-", 1)[1]
-                if name not in batches:  # the batch gptjax ran (the planner's), else the planner's own answer
+                if batches.get(name) is None:  # the batch gptjax ran (the planner's), else the planner's own answer
                     batches[name] = planner_batch_in_child(name, flag, env, log)
                 record(run_child(["torch", name, str(batches[name]), *flag], env, size["timeout"], log))
             elif section == "decode":
@@ -745,7 +750,7 @@ def summary(rows: list[dict]) -> None:
             mem = f" peak {r.get('measured_peak_gb')} GB"
             if r["impl"] == "gptjax":
                 mem += f" (planned {r['planned_peak_gb']}, xla {r['xla_peak_gb']})"
-            print(f"train        {r['impl']:6s} {r['shape']:5s} b{r['batch']} {r['tokens_per_s']:>10} tok/s "
+            print(f"train        {r['impl']:6s} {r['shape']:10s} b{r['batch']} {r['tokens_per_s']:>10} tok/s "
                   f"MFU {r['mfu_datasheet']:.3f}{mem}")
         elif s == "decode":
             print(f"decode       batch {r['batch']}: {r['tokens_per_s']} tok/s, step {r['step_ms']} ms, "

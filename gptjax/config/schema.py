@@ -176,6 +176,10 @@ class ModelConfig:
     # lax.scan over the layer stack (compile time flat in depth) or unrolled (faster on CPU)
     scan_layers: bool = _f(False, Role.LAYOUT)
     remat: Remat = _f("none", Role.EXECUTION)
+    # > 0: the training loss runs the unembedding and cross-entropy this many positions at a time with the gradient
+    # formed in the same pass, never holding [B, L, vocab] float32 logits (model/loss.py, fused_next_token_loss);
+    # 0: the plain logits path. The same numbers either way (to float rounding).
+    loss_chunk: int = _f(0, Role.EXECUTION)
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
@@ -199,6 +203,8 @@ class ModelConfig:
                    f"window must be a positive integer for banded attention, got {self.window!r}")
         _positive(self, "attention_block")
         _check(self.z_loss >= 0, f"z_loss must be >= 0, got {self.z_loss}")
+        _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= 0,
+               f"loss_chunk must be 0 (full logits) or a positive number of positions, got {self.loss_chunk!r}")
         _check(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
 
     @property

@@ -107,10 +107,22 @@ class Decoder(nnx.Module):
                                                       with_hidden=True)
         return hidden_BxLxD, logits_BxLxV
 
+    def hidden(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+               segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+        """The final-normed hidden states ``[B, L, D]``, without the logits (the fused loss unembeds them)."""
+        return self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, None, head=False)
+
+    def head(self) -> tuple[jax.Array, bool]:
+        """The unembedding matrix and whether it is ``[V, D]`` (tied to the embedding) rather than ``[D, V]``."""
+        if self.cfg.tie_embeddings:
+            return self.embedding[...], True
+        return self.unembedding[...], False
+
     def init_cache(self, batch: int, slots: int | None = None) -> KVCache:
         return KVCache.init(self.cfg, batch, slots)
 
-    def _forward(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache, logits_at_B=None, with_hidden=False):
+    def _forward(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache, logits_at_B=None, with_hidden=False,
+                 head=True):
         cfg = self.cfg
         B, L = tokens_BxL.shape
         if positions_BxL is None and cache is not None:
@@ -143,6 +155,8 @@ class Decoder(nnx.Module):
         if logits_at_B is not None:
             x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at_B[:, None, None], axis=1)
         x_BxLxD = self.final_norm(x_BxLxD)
+        if not head:
+            return x_BxLxD
         if cfg.tie_embeddings:
             logits_BxLxV = einsum("bld,vd->blv", x_BxLxD, self.embedding[...], self.dtype, jnp.float32)
         else:

@@ -20,7 +20,7 @@ from gptjax.config import axes as ax
 from gptjax.model.cache import KVCache
 from gptjax.model.decoder import Decoder, abstract_decoder
 from gptjax.model.layers import param_metadata
-from gptjax.model.loss import next_token_loss
+from gptjax.model.loss import fused_next_token_loss, next_token_loss
 from gptjax.sharding.context import ContextLayout
 from gptjax.sharding.rules import MeshAxes, activation_sharding, logical_sharding, make_rules, tree_shardings
 
@@ -99,8 +99,15 @@ class ShardedModel:
         order = self.layout(batch["inputs"].shape)
         if order is not None:  # the loss is a sum over tokens: lay the targets out as the inputs, not the logits back
             batch = self._laid_out(batch, order)
-        logits = self._logits(params, batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
-        nll, aux = next_token_loss(logits, batch["targets"], batch.get("loss_mask"))
+        args = (batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+        if self.cfg.loss_chunk:
+            with activation_sharding(self.mesh, self.rules, self.context_strategy):
+                model = nnx.merge(self.graphdef, params)
+                hidden_BxLxD, (head, vocab_major) = model.hidden(*args), model.head()
+            return fused_next_token_loss(hidden_BxLxD, head, batch["targets"], batch.get("loss_mask"),
+                                         vocab_major=vocab_major, chunk=self.cfg.loss_chunk, dtype=model.dtype,
+                                         z_coef=self.cfg.z_loss)
+        nll, aux = next_token_loss(self._logits(params, *args), batch["targets"], batch.get("loss_mask"))
         return nll + self.cfg.z_loss * aux["z_loss"], {**aux, "loss": nll}
 
     def _eval_step(self, params: Any, batch: Batch) -> dict:

@@ -5,7 +5,8 @@ logical-axis rules the trainer uses, so DDP / FSDP / tensor meshes come out exac
 residuals JAX saves for the backward pass of one block, read off the block's own jaxpr (``saved_residuals`` of
 ``gptjax.model.abstract_layer``, the model's public API) at the per-device shapes (batch / (data x fsdp), heads
 and MLP / tensor), under the configured remat policy, times the number of layers; with remat, one layer's
-un-checkpointed residuals are added for its recomputation. Logits add float32 logits and their gradient.
+un-checkpointed residuals are added for its recomputation. Logits add float32 logits and their gradient (with
+``model.loss_chunk``, one chunk's and the head's gradient accumulator).
 Compute-dtype copies of each layer's weights that the backward keeps are counted at their sharded size.
 
 ``compiled_memory`` lowers and compiles the real jitted train step against abstract ``ShapeDtypeStruct``
@@ -162,7 +163,12 @@ def analytic_plan(cfg: RunConfig, mesh_sizes: Mapping[str, int]) -> MemoryPlan:
     share = params / (dtype_bytes(m.param_dtype) * count_params(m))
     weight_copies = int(act["weight_copies"] * mesh_sizes["tensor"] * share)
     vocab = m.vocab_size / mesh_sizes["tensor"] if m.vocab_size % mesh_sizes["tensor"] == 0 else m.vocab_size
-    logits = tokens * 2 * 4 * vocab
+    if m.loss_chunk:  # the fused loss: one chunk's float32 logits and probabilities and its compute-dtype
+        # gradient, and the float32 accumulator of the head's gradient (model/loss.py, fused_next_token_loss)
+        logits = (batch_per_device * min(m.loss_chunk, seq) * vocab * (2 * 4 + dtype_bytes(m.dtype))
+                  + 4 * vocab * m.d_model)
+    else:  # the float32 logits and their gradient
+        logits = tokens * 2 * 4 * vocab
     # AdamW keeps mu and nu in the parameters' dtype; gradients have the parameters' dtype too.
     return MemoryPlan(params=params, grads=params, optimizer=2 * params,
                       activations=act["saved"] + act["working"] + weight_copies, logits=int(logits),
