@@ -27,8 +27,9 @@ ALLOWED = {
     # consumers: nothing but the CLI imports them
     "planning": {"config", "sharding", "model", "training"},
     "scaling": {"config", "runs", "model", "reporting"},
+    "launch": set(),  # job files for schedulers: it runs commands, it imports none of the library
     "cli": {"config", "runs", "sharding", "model", "checkpoint", "inference", "evals", "interop", "data",
-            "reporting", "training", "finetune", "planning", "scaling"},
+            "reporting", "training", "finetune", "planning", "scaling", "launch"},
     "__init__": {"config"},  # the package root re-exports the config API only
 }
 

@@ -31,8 +31,9 @@ def parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--run-dir", help="where tokenizer, checkpoints and metrics go")
     p.add_argument("--steps", type=int)
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --run-dir from its latest intact checkpoint, with its config.json")
+    p.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"],
+                   help="continue the run in --run-dir from its latest intact checkpoint, with its config.json; "
+                        "'--resume auto': continue if there is a checkpoint, else start (what a requeued job runs)")
     p.add_argument("--resume-step", type=int, help="with --resume: continue from this checkpoint step")
     p.add_argument("--extend-steps", type=int, metavar="N",
                    help="with --resume: train to N steps in all; the lr schedule is not re-stretched (past its end "
@@ -56,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         if (a.resume_step is not None or a.extend_steps) and not a.resume:
             raise UserError("--resume-step and --extend-steps go with --resume")
         cfg = config_from_args(a, *flags)
+        from gptjax.runs import RunDir
+
+        if a.resume == "auto" and not RunDir(cfg.train.run_dir).has_checkpoint():
+            a.resume = None  # nothing to continue: a fresh start (the first attempt of a requeued job died early)
         if a.resume:  # the run's own config.json is the base; only what is given on the command line changes
-            from gptjax.runs import RunDir
             from gptjax.training.checkpointing import extend_run
 
             stored = RunDir(cfg.train.run_dir).read_config()
@@ -71,15 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     from gptjax.data.corpus import CorpusError
     from gptjax.data.tokenizer import TokenizerError
     from gptjax.runs import RunDir, RunLocked
-    from gptjax.sharding.distributed import maybe_initialize
+    from gptjax.sharding.distributed import PreflightError, check_mesh, check_shared_dir, maybe_initialize
     from gptjax.training.hooks import StopTraining
     from gptjax.training.trainer import RunWriteError, train
 
-    maybe_initialize(a.coordinator, a.num_processes, a.process_id)
+    with user_errors(PreflightError):
+        if maybe_initialize(a.coordinator, a.num_processes, a.process_id):
+            check_mesh(cfg.mesh, cfg.train.batch_size)
+            check_shared_dir(cfg.train.run_dir)
     try:
         with user_errors(CorpusError, TokenizerError, CheckpointNotFound, CheckpointWriteError, FileExistsError,
                          RunLocked, RunWriteError, log=RunDir(cfg.train.run_dir).log):
-            train(cfg, resume=a.resume, stop_after=a.stop_after, resume_step=a.resume_step)
+            train(cfg, resume=bool(a.resume), stop_after=a.stop_after, resume_step=a.resume_step)
     except StopTraining as stop:
         print(f"gptjax-train: {stop}", file=sys.stderr)
         return stop.exit_code
