@@ -335,7 +335,17 @@ def test_resume_auto_starts_fresh_without_a_checkpoint(tmp_path):
     assert run.has_checkpoint()
 
 
-def test_the_cluster_script_is_idempotent_in_its_usage():
+def test_the_cluster_script_names_its_commands():
     r = subprocess.run([Path(__file__).parents[1] / "tools" / "slurm_cluster"], capture_output=True, text=True)
     assert r.returncode == 2 and "usage: tools/slurm_cluster up|down|status" in r.stderr
     assert socket.gethostbyname("localhost").startswith("127.")  # the node's address
+
+
+@needs_slurm
+def test_bringing_the_cluster_up_again_is_a_no_op():
+    tool = Path(__file__).parents[1] / "tools" / "slurm_cluster"
+    pids = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, text=True).stdout
+    r = subprocess.run([tool, "up"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and re.search(r"debug\*\s+up\s+infinite\s+1\s+(idle|mixed|allocated)", r.stdout), r
+    assert subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, text=True).stdout == pids  # not restarted
+    assert subprocess.run([tool, "status"], capture_output=True).returncode == 0
