@@ -27,6 +27,7 @@ from pathlib import Path
 DISTRIBUTED = {"gptjax-train"}
 EXIT_PREEMPTED = 75  # gptjax-train's exit code after a SIGTERM and a checkpoint
 PER = ("gpu", "host")
+ARRAY_INDEX = "{array_index}"  # stands for $SLURM_ARRAY_TASK_ID in a command
 
 
 class LaunchError(Exception):
@@ -114,11 +115,13 @@ def slurm_script(job: Job, partition: str | None = None, account: str | None = N
     lines += [f"#SBATCH --account={account}"] * bool(account)
     lines += [f"#SBATCH {x}" for x in extra]
     log = Path(job.workdir or ".", log_dir)
+    pattern = "%x-%A_%a.out" if any(x.startswith("--array") for x in extra) else "%x-%j.out"
     lines += [f"#SBATCH --signal=TERM@{job.grace_s}  # the trainer checkpoints and exits 75",
-              "#SBATCH --requeue", "#SBATCH --open-mode=append", f"#SBATCH --output={log}/%x-%j.out", "",
+              "#SBATCH --requeue", "#SBATCH --open-mode=append", f"#SBATCH --output={log}/{pattern}", "",
               "set -uo pipefail", f"cd {q(job.workdir or '.')}", f"export PATH={q(_bin_path())}:$PATH"]
     lines += [f"export {k}={q(v)}" for k, v in job.environment().items()]
-    argv = shlex.join(job.argv())
+    # "{array_index}" in a command is the array task's index (sbatch --array)
+    argv = shlex.join(job.argv()).replace(shlex.quote(ARRAY_INDEX), '"$SLURM_ARRAY_TASK_ID"')
     lines += ['attempt=$(( ${SLURM_RESTART_COUNT:-0} + 1 ))',
               'echo "gptjax-launch: job $SLURM_JOB_ID attempt $attempt on $SLURM_JOB_NODELIST"']
     if job.resumable:

@@ -45,6 +45,10 @@ class ParametricFit:
     n_points: int
     method: str = "huber-lbfgs"
 
+    def law(self) -> dict[str, float]:
+        """The fitted law and its exponents of compute: ``E, A, B, alpha, beta, a, b``."""
+        return {k: float(getattr(self, k)) for k in ("E", "A", "B", "alpha", "beta", "a", "b")}
+
     def loss(self, n, d):
         """Predicted loss at parameters ``n`` and tokens ``d`` (scalars or arrays)."""
         n, d = np.asarray(n, float), np.asarray(d, float)

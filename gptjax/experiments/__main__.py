@@ -1,0 +1,11 @@
+"""``python -m gptjax.experiments <sweep root> <index>``: train one run of a sweep (what a SLURM array task runs)."""
+
+import sys
+
+from gptjax.experiments import run_index
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or not sys.argv[2].isdigit():
+        print("usage: python -m gptjax.experiments <sweep root> <run index>", file=sys.stderr)
+        sys.exit(2)
+    print(run_index(sys.argv[1], int(sys.argv[2])))
