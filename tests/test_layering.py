@@ -28,9 +28,9 @@ ALLOWED = {
     "planning": {"config", "sharding", "model", "training"},
     "scaling": {"config", "runs", "model", "reporting"},
     "launch": set(),  # job files for schedulers: it runs commands, it imports none of the library
-    "experiments": {"config", "runs", "training", "scaling", "launch"},  # sweeps: experiment files import it
+    "experiments": {"config", "runs", "sharding", "training", "scaling", "launch"},  # sweeps, μP checks
     "cli": {"config", "runs", "sharding", "model", "checkpoint", "inference", "evals", "interop", "data",
-            "reporting", "training", "finetune", "planning", "scaling", "launch"},
+            "reporting", "training", "finetune", "planning", "scaling", "launch", "experiments"},
     "__init__": {"config"},  # the package root re-exports the config API only
 }
 

@@ -32,6 +32,7 @@ VARIANTS = {
     "gpt3-banded": dict(positions="learned", norm="layernorm", mlp="gelu", attention="alternating", window=5),
     "mqa-untied-qknorm": dict(n_kv_heads=1, tie_embeddings=False, qk_norm=True, z_loss=1e-4),
 }
+MUP_WIDE = dict(parametrization="mup", mup_base_width=32)  # nano's d_model 64: width multiplier 2
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -367,7 +368,7 @@ def test_a_block_keeps_only_its_inputs_matmul_inputs_and_attention_output_for_ba
     assert sum(s for s in sizes if s >= 64 * 64 and s != 2 * 64 * 96) == 9 * 2 * 64 * 64, sizes
 
 
-@pytest.mark.parametrize("variant", ["llama", "mqa-untied-qknorm"])
+@pytest.mark.parametrize("variant", ["llama", "mqa-untied-qknorm", "mup"])
 def test_fused_loss_equals_the_logits_loss_with_its_gradients(variant):
     """``loss_chunk`` never forms the [B, L, V] logits and makes the gradient in the forward pass: the same loss,
     z-loss, token count and gradients as the plain path, with a loss mask and a length (24) no chunk of 10
@@ -376,7 +377,7 @@ def test_fused_loss_equals_the_logits_loss_with_its_gradients(variant):
     from gptjax.sharding import make_mesh
     from gptjax.config import MeshConfig
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    cfg = nano_model(**{**VARIANTS[variant], "z_loss": 1e-3})
+    cfg = nano_model(**{**VARIANTS.get(variant, MUP_WIDE), "z_loss": 1e-3})
     plain, fused = ShardedModel(cfg, mesh), ShardedModel(dataclasses.replace(cfg, loss_chunk=10), mesh)
     params = plain.init_params(jax.random.key(0))
     mask = jnp.asarray(np.random.default_rng(1).random(TOKENS.shape) > 0.25)
@@ -388,3 +389,34 @@ def test_fused_loss_equals_the_logits_loss_with_its_gradients(variant):
         assert float(a1[k]) == pytest.approx(float(a0[k]), rel=1e-6), k
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g0)
     assert float(fused.eval_step(params, batch)["loss"]) == pytest.approx(float(a0["loss"]), rel=1e-6)
+
+
+def test_mup_at_its_base_width_is_the_standard_model_and_scales_by_role_above_it():
+    """μP is relative to ``mup_base_width``: there, the same parameters, logits and optimizer as the standard
+    parametrization; at 4x the width, hidden matrices are initialised 1/sqrt(4) as wide and get a quarter of the
+    learning rate, embeddings / norms keep theirs, the logits are divided by 4 (``Decoder.head`` too)."""
+    from gptjax.model import ShardedModel
+    from gptjax.sharding import single_device_mesh
+
+    std, mup = nano_model(d_model=64), nano_model(d_model=64, parametrization="mup", mup_base_width=64)
+    g0, p0 = build(std)
+    g1, p1 = build(mup)
+    jax.tree.map(np.testing.assert_array_equal, p0, p1)
+    np.testing.assert_array_equal(logits(g0, p0, TOKENS), logits(g1, p1, TOKENS))
+    assert ShardedModel(std, single_device_mesh()).lr_multipliers is None
+    assert set(jax.tree.leaves(ShardedModel(mup, single_device_mesh()).lr_multipliers)) == {1.0}
+
+    wide = nano_model(d_model=256, d_ff=1024, parametrization="mup", mup_base_width=64)
+    g, p = build(wide)
+    m = ShardedModel(wide, single_device_mesh())
+    mult = m.lr_multipliers
+    assert mult["blocks"][0]["mlp"]["w_up"] == mult["blocks"][0]["attn"]["w_q"] == 0.25
+    assert mult["embedding"] == mult["blocks"][0]["attn_norm"]["scale"] == mult["final_norm"]["scale"] == 1.0
+    up = np.asarray(p["blocks"][0]["mlp"]["w_up"])
+    assert np.std(up) == pytest.approx(wide.init_std / 2, rel=0.02)  # / sqrt(m), m = 4
+    assert np.std(np.asarray(p["embedding"])) == pytest.approx(wide.init_std, rel=0.02)
+    model = nnx.merge(g, p)
+    hidden = model.hidden(TOKENS)
+    head, _ = model.head()
+    np.testing.assert_allclose(model(TOKENS), jnp.einsum("bld,vd->blv", hidden, head), rtol=2e-4, atol=2e-6)
+    np.testing.assert_allclose(head, np.asarray(p["embedding"]) / 4)

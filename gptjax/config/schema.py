@@ -36,6 +36,7 @@ AttentionPattern = Literal["dense", "alternating"]
 # the attention kernel: "auto" or one of gptjax/model/kernels.py's table (which the tests check against this)
 AttentionImpl = Literal["auto", "dense", "blockwise", "cudnn", "splash"]
 Remat = Literal["none", "full", "save_dots"]
+Parametrization = Literal["standard", "mup"]  # μP: Yang et al. 2022 (Tensor Programs V), Adam
 Schedule = Literal["cosine", "wsd"]  # warmup + cosine decay | warmup, constant, then linear decay
 
 
@@ -173,6 +174,11 @@ class ModelConfig:
     dtype: DType = _f("float32", Role.TRAJECTORY)  # compute dtype; softmax, norms and loss are always float32
     param_dtype: DType = _f("float32", Role.PARAMETERS)
     init_std: float = _f(0.02, Role.TRAJECTORY)
+    # "mup": maximal-update parametrization relative to a model of d_model = mup_base_width (model/layers.py,
+    # param: hidden matrices' init / sqrt(m) and Adam lr / m, logits / m, attention scores / sqrt(m), m = d_model /
+    # mup_base_width); at the base width it is the standard parametrization exactly
+    parametrization: Parametrization = _f("standard", Role.FUNCTION)
+    mup_base_width: int = _f(256, Role.FUNCTION)
     # lax.scan over the layer stack (compile time flat in depth) or unrolled (faster on CPU)
     scan_layers: bool = _f(False, Role.LAYOUT)
     remat: Remat = _f("none", Role.EXECUTION)
@@ -206,6 +212,13 @@ class ModelConfig:
         _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= 0,
                f"loss_chunk must be 0 (full logits) or a positive number of positions, got {self.loss_chunk!r}")
         _check(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
+        _check(isinstance(self.mup_base_width, int) and self.mup_base_width > 0,
+               f"mup_base_width must be a positive width, got {self.mup_base_width!r}")
+
+    @property
+    def width_mult(self) -> float:
+        """μP's width multiplier m = d_model / mup_base_width (1 under the standard parametrization)."""
+        return self.d_model / self.mup_base_width if self.parametrization == "mup" else 1.0
 
     @property
     def kv_heads(self) -> int:

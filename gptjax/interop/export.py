@@ -86,6 +86,10 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
         raise ExportError(f"--max-shard-size: {e}") from None
     _check_target(out)
     cfg = run.read_config()
+    if cfg.model.width_mult != 1.0:
+        raise ExportError(f"{run} is a μP model at width multiplier {cfg.model.width_mult:g} (d_model "
+                          f"{cfg.model.d_model} / mup_base_width {cfg.model.mup_base_width}): its logit multiplier "
+                          "and attention scale are not folded into transformers weights yet; nothing was written")
     family = family_for(cfg.model)
     with CheckpointTensors(run.path, step) as reader:  # the step is pinned: retention cannot delete it meanwhile
         if not run.tokenizer.is_file():

@@ -24,6 +24,9 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, k, hd, std = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.resolved_head_dim, cfg.init_std
         self.n_heads, self.n_kv_heads, self.head_dim = h, k, hd
+        # scores scaled by 1/sqrt(hd); μP by 1/(sqrt(hd) sqrt(m)) = sqrt(hd_base) / hd with head_dim growing with
+        # the width (hd_base = hd / m): 1/head_dim scaling that equals the standard one at the base width
+        self.score_scale = 1.0 / math.sqrt(hd * cfg.width_mult)
         self.dtype = DTYPES[cfg.dtype]
         self.impl, self.block, self.windows = cfg.attention_impl, cfg.attention_block, cfg.layer_windows()
         self.w_q = param(rngs, (d, h, hd), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), cfg, std)
@@ -71,7 +74,7 @@ class Attention(nnx.Module):
         # Heads-major layout, the G query heads that share a key/value head grouped under it (N = K * G):
         # every kernel takes q [B, K, G, L, H] and k / v [B, K, S, H], so K/V are never repeated.
         q_BxKxGxLxH = (q_BxLxNxH.reshape(B, L, K, G, self.head_dim).transpose(0, 2, 3, 1, 4)
-                       * jnp.asarray(1.0 / math.sqrt(self.head_dim), self.dtype))
+                       * jnp.asarray(self.score_scale, self.dtype))
         o_BxKxGxLxH = attend(q_BxKxGxLxH, keys, v_BxKxSxH, mask.with_window(window, self.windows),
                              impl=self.impl, block=self.block, dtype=self.dtype, keys_transposed=kv is not None)
         if kv is None:

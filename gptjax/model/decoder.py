@@ -76,15 +76,16 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         self.dtype = DTYPES[cfg.dtype]
         self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), (ax.VOCAB, ax.EMBED), cfg, cfg.init_std,
-                               decay=False)
+                               decay=False, role="embedding")
         self.pos_embedding = (param(rngs, (cfg.max_seq_len, cfg.d_model), (ax.POS, ax.EMBED), cfg,
-                                    cfg.init_std / 2, decay=False)
+                                    cfg.init_std / 2, decay=False, role="embedding")
                               if cfg.positions == "learned" else None)
         self.blocks = (_stacked_blocks(cfg, rngs) if cfg.scan_layers
                        else nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)]))
         self.final_norm = Norm(cfg, cfg.d_model)
         self.unembedding = (None if cfg.tie_embeddings else
-                            param(rngs, (cfg.d_model, cfg.vocab_size), (ax.EMBED, ax.VOCAB), cfg, cfg.init_std))
+                            param(rngs, (cfg.d_model, cfg.vocab_size), (ax.EMBED, ax.VOCAB), cfg, cfg.init_std,
+                                  role="output"))
 
     def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                  segment_ids_BxL: jax.Array | None = None) -> jax.Array:
@@ -114,15 +115,24 @@ class Decoder(nnx.Module):
 
     def head(self) -> tuple[jax.Array, bool]:
         """The unembedding matrix and whether it is ``[V, D]`` (tied to the embedding) rather than ``[D, V]``."""
-        if self.cfg.tie_embeddings:
-            return self.embedding[...], True
-        return self.unembedding[...], False
+        cfg = self.cfg
+        w = self.embedding[...] if cfg.tie_embeddings else self.unembedding[...]
+        if cfg.width_mult != 1.0:  # μP's output multiplier, on the weights so the fused loss applies it too
+            w = w * jnp.asarray(1.0 / cfg.width_mult, w.dtype)
+        return w, cfg.tie_embeddings
 
     def init_cache(self, batch: int, slots: int | None = None) -> KVCache:
         return KVCache.init(self.cfg, batch, slots)
 
+    def coordinates(self, tokens_BxL: jax.Array) -> dict[str, jax.Array]:
+        """The residual stream after the embedding and after each block, and the logits: what μP's coordinate
+        check measures across widths (``gptjax.experiments.mup``)."""
+        trace: dict[str, jax.Array] = {}
+        trace["logits"] = self._forward(tokens_BxL, None, None, None, trace=trace)[0]
+        return trace
+
     def _forward(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache, logits_at_B=None, with_hidden=False,
-                 head=True):
+                 head=True, trace: dict | None = None):
         cfg = self.cfg
         B, L = tokens_BxL.shape
         if positions_BxL is None and cache is not None:
@@ -151,7 +161,9 @@ class Decoder(nnx.Module):
             k_seg_BxS = write_at(cache.segment_ids_BxS, q_seg_BxL, offset)
             mask = MaskSpec(offset, q_seg_BxL, k_seg_BxS)
         x_BxLxD = constrain(x_BxLxD, ax.ACT_BxLxD)
-        x_BxLxD, kv = self._run_blocks(x_BxLxD, rope, mask, cache)
+        if trace is not None:
+            trace["embedding"] = x_BxLxD
+        x_BxLxD, kv = self._run_blocks(x_BxLxD, rope, mask, cache, trace)
         if logits_at_B is not None:
             x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at_B[:, None, None], axis=1)
         x_BxLxD = self.final_norm(x_BxLxD)
@@ -161,6 +173,8 @@ class Decoder(nnx.Module):
             logits_BxLxV = einsum("bld,vd->blv", x_BxLxD, self.embedding[...], self.dtype, jnp.float32)
         else:
             logits_BxLxV = einsum("bld,dv->blv", x_BxLxD, self.unembedding[...], self.dtype, jnp.float32)
+        if cfg.width_mult != 1.0:  # μP: the output multiplier 1/m
+            logits_BxLxV = logits_BxLxV * (1.0 / cfg.width_mult)
         logits_BxLxV = constrain(logits_BxLxV, (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
         if cache is not None:
             cache = KVCache(kv[0], kv[1], mask.k_segment_ids_BxS, cache.index + L)
@@ -168,18 +182,20 @@ class Decoder(nnx.Module):
             return logits_BxLxV, cache, x_BxLxD
         return logits_BxLxV, cache
 
-    def _run_blocks(self, x_BxLxD: jax.Array, rope: tuple | None, mask: MaskSpec, cache: KVCache | None):
+    def _run_blocks(self, x_BxLxD: jax.Array, rope: tuple | None, mask: MaskSpec, cache: KVCache | None,
+                    trace: dict | None = None):
         cfg = self.cfg
         windows = cfg.layer_windows()
         remat = cfg.remat if cache is None else "none"  # decoding takes no gradients
         if cfg.scan_layers:
             graphdef, stacked = nnx.split(self.blocks)
-            if cache is None:
+            if cache is None and trace is None:
                 block = _block_fn(cfg, graphdef, rope, mask, remat)
                 x_BxLxD, _ = jax.lax.scan(lambda x, layer: (block(x, *layer)[0], None), x_BxLxD,
                                           (stacked, jnp.asarray(windows, jnp.int32)))
                 return x_BxLxD, None
-            # decoding unrolls the layers over the cache's per-layer buffers (see gptjax/model/cache.py)
+            # decoding (and a trace) unrolls the layers (decoding: over the cache's per-layer buffers, see
+            # gptjax/model/cache.py)
             layers = [(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(cfg.n_layers)]
         else:
             layers = [nnx.split(layer) for layer in self.blocks]
@@ -187,6 +203,8 @@ class Decoder(nnx.Module):
         for i, ((graphdef, state), window) in enumerate(zip(layers, windows)):
             kv = None if cache is None else (cache.k_BxKxHxS[i], cache.v_BxKxSxH[i])
             x_BxLxD, kv = _block_fn(cfg, graphdef, rope, mask, remat)(x_BxLxD, state, window, kv)
+            if trace is not None:
+                trace[f"block {i}"] = x_BxLxD
             if kv is not None:
                 ks.append(kv[0])
                 vs.append(kv[1])

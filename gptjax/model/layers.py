@@ -18,20 +18,39 @@ from gptjax.model.ops import einsum
 from gptjax.sharding.rules import constrain
 
 
+MUP_ROLES = ("embedding", "hidden", "output", "vector")
+
+
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], cfg: ModelConfig,
-          std: float | None = None, value: float | None = None, decay: bool | None = None) -> nnx.Param:
+          std: float | None = None, value: float | None = None, decay: bool | None = None,
+          role: str | None = None) -> nnx.Param:
     """A parameter of ``shape`` named by logical ``axes``: normal(std) initialised, or filled with ``value``.
 
     ``decay`` (metadata ``weight_decay``, read by the optimizer) says whether AdamW decays it; by default
     matrices are decayed and vectors (norm scales, biases) are not. It is decided here, where the parameter is
-    made, so a stacked (scan) layout with its extra leading axis keeps the decision."""
+    made, so a stacked (scan) layout with its extra leading axis keeps the decision.
+
+    ``role`` (metadata ``mup_role``: embedding, hidden, output, vector; by default hidden for initialised matrices,
+    vector for the rest) is what μP scales: a hidden matrix, whose fan-in grows with the width, is initialised
+    with ``std / sqrt(m)`` and gets Adam learning rate ``lr / m`` (``lr_multiplier``); the others keep both, the
+    output's 1/m being a multiplier on the logits (so a tied embedding serves as input and output)."""
     assert len(shape) == len(axes), (shape, axes)
+    role = role or ("hidden" if value is None and len(shape) >= 2 else "vector")
+    assert role in MUP_ROLES, role
+    if role == "hidden" and std is not None:
+        std = std / math.sqrt(cfg.width_mult)
     dtype = DTYPES[cfg.param_dtype]
     if value is not None:
         data = jnp.full(shape, value, dtype)
     else:
         data = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(data, logical_axes=tuple(axes), weight_decay=len(shape) >= 2 if decay is None else decay)
+    return nnx.Param(data, logical_axes=tuple(axes), weight_decay=len(shape) >= 2 if decay is None else decay,
+                     mup_role=role)
+
+
+def lr_multiplier(role: str, cfg: ModelConfig) -> float:
+    """The factor on Adam's learning rate for a parameter of μP ``role`` (1 under the standard parametrization)."""
+    return 1.0 / cfg.width_mult if role == "hidden" else 1.0
 
 
 def param_metadata(abstract_vars: Any, key: str) -> dict:

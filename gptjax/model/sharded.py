@@ -19,7 +19,7 @@ from gptjax.config import ContextStrategy, ModelConfig
 from gptjax.config import axes as ax
 from gptjax.model.cache import KVCache
 from gptjax.model.decoder import Decoder, abstract_decoder
-from gptjax.model.layers import param_metadata
+from gptjax.model.layers import lr_multiplier, param_metadata
 from gptjax.model.loss import fused_next_token_loss, next_token_loss
 from gptjax.sharding.context import ContextLayout
 from gptjax.sharding.rules import MeshAxes, activation_sharding, logical_sharding, make_rules, tree_shardings
@@ -38,6 +38,10 @@ class ShardedModel:
         self.graphdef, abstract_vars = abstract_decoder(cfg)
         self.logical_axes = param_metadata(abstract_vars, "logical_axes")
         self.weight_decay = param_metadata(abstract_vars, "weight_decay")
+        # Adam learning-rate factors by μP role (None under the standard parametrization: the optimizer is AdamW)
+        self.lr_multipliers = (jax.tree.map(lambda role: lr_multiplier(role, cfg), param_metadata(abstract_vars,
+                                                                                                "mup_role"))
+                               if cfg.parametrization == "mup" else None)
         shapes = abstract_vars.to_pure_dict()
         self.param_shardings = tree_shardings(self.logical_axes, shapes, mesh, self.rules)
         self.abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import optax
 
 from gptjax.config import OptimConfig
@@ -28,11 +29,26 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         [warmup, warmup + stable])
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int,
-                   decay_mask: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (+ clipping) and its schedule; ``decay_mask`` is a tree of bools shaped like the params."""
+def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask: Any,
+                   lr_multipliers: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (+ clipping) and its schedule; ``decay_mask`` is a tree of bools shaped like the params.
+    ``lr_multipliers`` (μP, ``ShardedModel.lr_multipliers``): a tree of per-parameter factors on the learning rate
+    (weight decay included, as AdamW's decay is scaled by the learning rate); None: plain AdamW."""
     schedule = lr_schedule(cfg, total_steps)
-    tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+    if lr_multipliers is None:
+        tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+    else:  # optax.adamw's own chain with the factors before the learning rate
+        tx = optax.chain(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+                         optax.add_decayed_weights(cfg.weight_decay, decay_mask), _scale_tree(lr_multipliers),
+                         optax.scale_by_learning_rate(schedule))
     if cfg.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
     return tx, schedule
+
+
+def _scale_tree(factors: Any) -> optax.GradientTransformation:
+    """Multiply each update by its factor (a tree of floats shaped like the params)."""
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, f: u * f if f != 1.0 else u, updates, factors), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

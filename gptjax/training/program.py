@@ -32,7 +32,7 @@ class Program:
         self.cfg, self.mesh = cfg, mesh
         self.model = model = ShardedModel(cfg.model, mesh, cfg.mesh.rules, context_strategy=cfg.mesh.context_strategy)
         self.tx, self.schedule = make_optimizer(cfg.optim, total_steps or cfg.optim.schedule_steps or cfg.train.steps,
-                                                model.weight_decay)
+                                                model.weight_decay, model.lr_multipliers)
         opt_shapes = jax.eval_shape(self.tx.init, model.abstract_params)
         opt_shardings = optax.tree_map_params(
             self.tx, lambda _, sh: sh, opt_shapes, model.param_shardings,

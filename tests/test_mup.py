@@ -1,0 +1,49 @@
+"""μP (model.parametrization=mup): the coordinate check of Yang et al. 2022 as a test, through gptjax-mup."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptjax.config import RunConfig, TrainConfig
+from gptjax.experiments.mup import spread, width_model
+from gptjax.interop.export import ExportError, export_run
+from gptjax.runs import RunDir
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.slow
+def test_coordinate_check_activations_stay_flat_across_width_under_mup_and_grow_under_standard(tmp_path):
+    """Widths 64, 256, 1024 (16x), depth 2, three Adam steps at lr 1e-2 on one batch. Measured: under μP every
+    layer's activation RMS spreads at most 2.04x over the widths (the logits; blocks 1.23x / 1.31x), under the
+    standard parametrization the blocks' spread is ~1400x and the logits' 13x."""
+    png, rows_path = tmp_path / "cc.png", tmp_path / "cc.json"
+    r = subprocess.run([BIN / "gptjax-mup", "coord-check", "--widths", "64", "256", "1024", "--steps", "3", "--out",
+                        str(png), "--json", str(rows_path)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert png.stat().st_size > 10_000 and "wrote" in r.stdout
+    rows = json.loads(rows_path.read_text())
+    assert {row["width"] for row in rows} == {64, 256, 1024}
+    mup, standard = spread(rows, "mup", 3), spread(rows, "standard", 3)
+    assert set(mup) == {"embedding", "block 0", "block 1", "logits"}
+    assert max(mup.values()) < 2.5, mup
+    assert min(standard["block 0"], standard["block 1"]) > 50 and standard["logits"] > 4, standard
+    assert spread(rows, "mup", 0)["block 0"] < 1.1  # at initialisation too: hidden init / sqrt(m)
+
+
+def test_a_bad_coord_check_is_one_line(tmp_path):
+    r = subprocess.run([BIN / "gptjax-mup", "coord-check", "--widths", "64", "--out", str(tmp_path / "x.png")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --widths needs two or more widths")
+
+
+def test_export_refuses_a_mup_model_off_its_base_width(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_config(RunConfig(model=width_model(256, "mup", 64), train=TrainConfig(run_dir=str(run.path), seq_len=64)))
+    with pytest.raises(ExportError, match="μP model at width multiplier 4"):
+        export_run(run.path, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
