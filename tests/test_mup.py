@@ -17,16 +17,18 @@ BIN = Path(sys.executable).parent
 
 @pytest.mark.slow
 def test_coordinate_check_activations_stay_flat_across_width_under_mup_and_grow_under_standard(tmp_path):
-    """Widths 64, 256, 1024 (16x), depth 2, three Adam steps at lr 1e-2 on one batch. Measured: under μP every
-    layer's activation RMS spreads at most 2.04x over the widths (the logits; blocks 1.23x / 1.31x), under the
-    standard parametrization the blocks' spread is ~1400x and the logits' 13x."""
+    """Widths 32, 128, 512 (16x; base 32), depth 2, three Adam steps at lr 1e-2 on one batch. Measured: under μP
+    every layer's activation RMS spreads at most 1.98x over the widths (the logits; blocks 1.03x), under the
+    standard parametrization the blocks' spread is 190x / 358x and the logits' 17.6x. (The committed figure,
+    widths 64-1024, is in docs/scaling-laws.md.)"""
     png, rows_path = tmp_path / "cc.png", tmp_path / "cc.json"
-    r = subprocess.run([BIN / "gptjax-mup", "coord-check", "--widths", "64", "256", "1024", "--steps", "3", "--out",
-                        str(png), "--json", str(rows_path)], capture_output=True, text=True, timeout=900)
+    r = subprocess.run([BIN / "gptjax-mup", "coord-check", "--widths", "32", "128", "512", "--base-width", "32",
+                        "--steps", "3", "--out", str(png), "--json", str(rows_path)],
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     assert png.stat().st_size > 10_000 and "wrote" in r.stdout
     rows = json.loads(rows_path.read_text())
-    assert {row["width"] for row in rows} == {64, 256, 1024}
+    assert {row["width"] for row in rows} == {32, 128, 512}
     mup, standard = spread(rows, "mup", 3), spread(rows, "standard", 3)
     assert set(mup) == {"embedding", "block 0", "block 1", "logits"}
     assert max(mup.values()) < 2.5, mup

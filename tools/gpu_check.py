@@ -197,9 +197,9 @@ def section_kernels(size: dict) -> None:
     x = jax.random.normal(ka, (size["copy_mib"] * 2**18,), jnp.float32)
     cp = jax.jit(lambda x: x * 1.0001)
     tc = timed(lambda: cp(x).block_until_ready(), 10)
-    emit({"section": "ceilings", "matmul_bf16_tflops": round(2 * n ** 3 / t / 1e12, 1), "matmul_flops": 2 * n ** 3 / t,
-          "matmul_n": n,
-          "copy_gbs": round(2 * x.nbytes / tc / 1e9, 1), "copy_bytes": 2 * x.nbytes,
+    emit({"section": "ceilings", "matmul_bf16_tflops": float(f"{2 * n ** 3 / t / 1e12:.4g}"),  # 4 digits: a
+          "matmul_flops": 2 * n ** 3 / t, "matmul_n": n,  # busy CPU's tiny matmul rounded to 0.0 at one decimal
+          "copy_gbs": float(f"{2 * x.nbytes / tc / 1e9:.4g}"), "copy_bytes": 2 * x.nbytes,
           "note": "matmul: median of 5 x 20 queued products of 4 random bf16 pairs; copy: bytes read + written"})
 
     # attention kernels against a float32 dense reference on the host CPU at highest precision
