@@ -74,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
 @console_script("gptjax-launch")
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    from gptjax.launch import Job, LaunchError, k8s_manifest, slurm_script, tpu_vm_script, with_env
+    from gptjax.launch import SLURM_LOGS, Job, LaunchError, k8s_manifest, slurm_script, tpu_vm_script, with_env
 
     command = a.command[1:] if a.command[:1] == ["--"] else a.command
     suffix = {"slurm": ".sbatch", "k8s": ".yaml", "tpu-vm": ".sh"}[a.target]
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out} ({job.processes} process{'es' * (job.processes > 1)} on {job.nodes} "
           f"host{'s' * (job.nodes > 1)})", file=sys.stderr)
     if a.target == "slurm" and a.submit:
-        Path(job.workdir or ".", "slurm-logs").mkdir(parents=True, exist_ok=True)  # sbatch does not create it
+        Path(job.workdir or ".", SLURM_LOGS).mkdir(parents=True, exist_ok=True)  # sbatch does not create it
         try:
             r = subprocess.run(["sbatch", "--parsable", str(out)], capture_output=True, text=True)
         except FileNotFoundError:

@@ -28,6 +28,8 @@ DISTRIBUTED = {"gptjax-train"}
 EXIT_PREEMPTED = 75  # gptjax-train's exit code after a SIGTERM and a checkpoint
 PER = ("gpu", "host")
 ARRAY_INDEX = "{array_index}"  # stands for $SLURM_ARRAY_TASK_ID in a command
+SLURM_LOGS = "slurm-logs"  # under the working directory: where sbatch appends each job's output
+K8S_COORDINATOR_PORT = 55527  # JAX's Kubernetes detection puts the coordinator there (K8sCluster)
 
 
 class LaunchError(Exception):
@@ -76,11 +78,14 @@ class Job:
     def processes(self) -> int:
         return self.nodes * self.per_node
 
-    def argv(self) -> list[str]:
-        """The command each process runs: a multi-process gptjax-train finds its peers through JAX's detection."""
+    def argv(self, resume_auto: bool = False) -> list[str]:
+        """The command each process runs: a multi-process gptjax-train finds its peers through JAX's detection;
+        ``resume_auto``: a training command continues its run if it has a checkpoint (every start but the first)."""
         cmd = list(self.command)
         if self.program in DISTRIBUTED and self.processes > 1 and "--coordinator" not in cmd:
             cmd += ["--coordinator", "auto"]
+        if resume_auto and self.resumable:
+            cmd += ["--resume", "auto"]
         return cmd
 
     def environment(self) -> dict[str, str]:
@@ -100,7 +105,7 @@ def _bin_path() -> str:
 
 
 def slurm_script(job: Job, partition: str | None = None, account: str | None = None,
-                 log_dir: str = "slurm-logs", extra: tuple[str, ...] = ()) -> str:
+                 log_dir: str = SLURM_LOGS, extra: tuple[str, ...] = ()) -> str:
     """An ``sbatch`` script: ``--requeue``, SIGTERM to every task ``grace_s`` before the time limit; a task that
     exits 75 (checkpointed after SIGTERM: the time limit, ``scancel --signal=TERM``, or pre-emption) requeues the
     job, and the next attempt runs with ``--resume auto``."""
@@ -147,10 +152,9 @@ def k8s_manifest(job: Job, image: str, namespace: str = "default", volume_claim:
     def labels() -> dict:  # a fresh dict each time: YAML would otherwise write anchors
         return {"app.kubernetes.io/name": "gptjax", "gptjax/job": job.name}
 
-    cmd = job.argv() + (["--resume", "auto"] if job.resumable else [])
     env = [{"name": k, "value": v} for k, v in job.environment().items()]
-    container = {"name": "gptjax", "image": image, "command": cmd, "env": env,
-                 "ports": [{"containerPort": 55527, "name": "coordinator"}]}
+    container = {"name": "gptjax", "image": image, "command": job.argv(resume_auto=True), "env": env,
+                 "ports": [{"containerPort": K8S_COORDINATOR_PORT, "name": "coordinator"}]}
     if job.workdir:
         container["workingDir"] = job.workdir
     if job.gpus_per_node:
@@ -173,7 +177,7 @@ def k8s_manifest(job: Job, image: str, namespace: str = "default", volume_claim:
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": job.name}},
         {"apiVersion": "v1", "kind": "Service", "metadata": meta(),
          "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {"job-name": job.name},
-                  "ports": [{"port": 55527, "name": "coordinator"}]}},
+                  "ports": [{"port": K8S_COORDINATOR_PORT, "name": "coordinator"}]}},
         {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta(),
          "spec": {"completionMode": "Indexed", "completions": job.nodes, "parallelism": job.nodes,
                   "backoffLimit": 4 * job.nodes,
@@ -186,10 +190,9 @@ def tpu_vm_script(job: Job, tpu: str, zone: str, project: str | None = None) -> 
     JAX's Cloud TPU detection finds the peers. Run the script again after a pre-emption: it resumes."""
     if job.per_node != 1:
         raise LaunchError("on a TPU VM each host runs one process with all of its chips: use --per host")
-    cmd = job.argv() + (["--resume", "auto"] if job.resumable else [])
     env = "".join(f"export {k}={shlex.quote(v)}; " for k, v in job.environment().items())
     cd = f"cd {shlex.quote(job.workdir)} && " if job.workdir else ""
-    remote = f"{env}{cd}{shlex.join(cmd)}"
+    remote = f"{env}{cd}{shlex.join(job.argv(resume_auto=True))}"
     gcloud = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu, f"--zone={zone}", "--worker=all",
               f"--command={remote}"] + ([f"--project={project}"] if project else [])
     return "\n".join(["#!/bin/bash", f"# written by gptjax-launch tpu-vm: {shlex.join(job.command)}",
