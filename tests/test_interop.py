@@ -5,6 +5,7 @@ transformers and torch come from the ``interop`` extra (installed by ``make test
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -128,6 +129,33 @@ def test_export_logits_and_greedy_generation_match_transformers(tmp_path, tokeni
     back = read_hf(tmp_path / "hf")
     assert back.model == cfg.model
     assert_params_equal(back.params, params)
+
+
+MUP = dict(parametrization="mup", mup_base_width=16)  # nano's d_model 64: width multiplier 4
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3-banded-scan", "gpt2-untied-nobias", "gptneo"])
+def test_a_mup_model_off_its_base_width_exports_with_the_same_logits(tmp_path, tokenizer, name):
+    """μP's logit multiplier 1/m is folded into lm_head (a tied model exports untied) and its extra attention
+    factor 1/sqrt(m) into the query (the q-norm scale under qk_norm): transformers gives gptjax's logits, and the
+    import is a standard model computing the same."""
+    cfg, model, params = make_run(tmp_path, name, tokenizer, **FAMILIES[name], **MUP)
+    assert cfg.model.width_mult == 4
+    export_run(cfg.train.run_dir, tmp_path / "hf", progress=False)
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_cfg["tie_word_embeddings"] is False and "μP" in hf_cfg["gptjax"]["folded"]
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = np.random.default_rng(1).integers(0, VOCAB, (2, 40)).astype(np.int32)
+    ours = np.asarray(model.forward(layout(model, params), jnp.asarray(tokens)))
+    np.testing.assert_allclose(hf_logits(hf_model, tokens), ours, atol=1e-4, rtol=0)
+    # without the folds the logits would differ by far more than the tolerance: the test can fail
+    plain = ShardedModel(dataclasses.replace(cfg.model, parametrization="standard"), single_device_mesh())
+    assert np.abs(np.asarray(plain.forward(layout(model, params), jnp.asarray(tokens))) - ours).max() > 1e-2
+    back = read_hf(tmp_path / "hf")
+    assert back.model.parametrization == "standard" and not back.model.tie_embeddings
+    imported = ShardedModel(back.model, single_device_mesh())
+    got = np.asarray(imported.forward(layout(imported, back.params), jnp.asarray(tokens)))
+    np.testing.assert_allclose(got, ours, atol=1e-4, rtol=0)
 
 
 def test_export_bfloat16_and_tokenizer(tmp_path, tokenizer):

@@ -25,7 +25,7 @@ ALLOWED = {
     "training": {"config", "runs", "sharding", "model", "checkpoint", "inference", "evals", "data", "reporting"},
     "finetune": {"config", "runs", "sharding", "model", "checkpoint", "data", "evals", "reporting", "training"},
     # consumers: nothing but the CLI imports them
-    "planning": {"config", "sharding", "model", "training"},
+    "planning": {"config", "runs", "sharding", "model", "training", "scaling"},  # scaling: plans from a fit
     "scaling": {"config", "runs", "model", "reporting"},
     "launch": set(),  # job files for schedulers: it runs commands, it imports none of the library
     "experiments": {"config", "runs", "sharding", "training", "scaling", "launch"},  # sweeps, μP checks
@@ -76,11 +76,11 @@ def test_imports_point_one_way():
 
 
 def test_nothing_but_the_cli_imports_the_consumers():
-    """The sweeps (``experiments``) fit what they collect, so they use ``scaling`` too; nothing in the package
-    imports the sweeps (experiment files do)."""
+    """The sweeps (``experiments``) fit what they collect, so they use ``scaling`` too, and the compute planner
+    plans from a fit; nothing in the package imports the sweeps (experiment files do)."""
     users = {(src, dst) for src, dst, _ in all_edges() if dst in ("planning", "scaling", "cli", "experiments")}
     assert {src for src, dst in users if dst != "scaling"} <= {"cli"}, users
-    assert {src for src, dst in users if dst == "scaling"} <= {"cli", "experiments"}, users
+    assert {src for src, dst in users if dst == "scaling"} <= {"cli", "experiments", "planning"}, users
 
 
 def test_the_consumers_reach_the_model_through_its_public_names():

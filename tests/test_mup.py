@@ -7,10 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gptjax.config import RunConfig, TrainConfig
-from gptjax.experiments.mup import spread, width_model
-from gptjax.interop.export import ExportError, export_run
-from gptjax.runs import RunDir
+from gptjax.experiments.mup import spread
 
 BIN = Path(sys.executable).parent
 
@@ -41,11 +38,3 @@ def test_a_bad_coord_check_is_one_line(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: --widths needs two or more widths")
 
-
-def test_export_refuses_a_mup_model_off_its_base_width(tmp_path):
-    run = RunDir(tmp_path / "run")
-    run.path.mkdir()
-    run.write_config(RunConfig(model=width_model(256, "mup", 64), train=TrainConfig(run_dir=str(run.path), seq_len=64)))
-    with pytest.raises(ExportError, match="μP model at width multiplier 4"):
-        export_run(run.path, tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()

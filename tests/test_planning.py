@@ -150,16 +150,19 @@ def test_plan_tool_aot_check_on_simulated_devices():
 
 def test_plan_verdict_is_one_figure_and_an_exit_code_and_bad_devices_are_refused():
     """The README's own example once said "DOES NOT FIT (99.5 GB)" from XLA:CPU's compiled bf16 figure and "fits"
-    with --no-compile, exit 0 both ways; --device h100 was a traceback, 0 a ZeroDivisionError, nan a verdict."""
+    with --no-compile, exit 0 both ways; --device h100 was a traceback (now a unique prefix of h100-80gb), 0 a
+    ZeroDivisionError, nan a verdict."""
     example = ("llama2-70b", "--mesh", "1,64,8", "--batch", "512", "--seq", "4096", "--device", "h100-80gb")
     quick = plan_cli(*example, "--no-compile", "--json")
     assert quick.returncode == 0 and json.loads(quick.stdout)["fits"] is True
     big = plan_cli("gpt3-175b", "--mesh", "1,8,1", "--batch", "8", "--no-compile")
     assert big.returncode == 1 and "DOES NOT FIT" in big.stdout
-    for device in ("h100", "0", "-80", "nan"):
+    for device in ("a100", "0", "-80", "nan"):  # a100: a prefix of two devices
         r = plan_cli("gpt2-small", "--device", device, "--no-compile")
         assert r.returncode == 2 and "argument --device: --device" in r.stderr.splitlines()[-1], r.stderr
         assert "Traceback" not in r.stderr
+    r = plan_cli("gpt2-small", "--device", "h100", "--no-compile", "--json")  # a unique prefix names the device
+    assert r.returncode == 0 and json.loads(r.stdout)["device_gb"] == 80.0
     r = plan_cli("gpt2-small", "--mesh", "1,1,5", "--batch", "4", "--seq", "256", "--no-compile")
     assert r.returncode == 0 and "warning: mesh axis tensor=5 divides no parameter dimension" in r.stderr
 

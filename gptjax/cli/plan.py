@@ -1,5 +1,8 @@
-"""``gptjax-plan``: per-device memory plan for training a model on a device mesh — analytic, then confirmed by XLA.
+"""``gptjax-plan``: per-device memory plan for training a model on a device mesh — analytic, then confirmed by XLA;
+with ``--flops`` or ``--hours``, the compute-optimal run a fitted scaling law gives for a budget.
 
+    gptjax-plan --flops 1e12 --fit experiments/results/isoflop/fit.json --config runs/isoflop/C2e11_N42000/config.json
+    gptjax-plan --hours 24 --chips 64 --device h100 --fit fit.json --config my_sweep_run/config.json
     gptjax-plan llama2-70b --mesh 1,64,8 --batch 256 --seq 4096 --device h100-80gb
     gptjax-plan gpt3-175b --mesh 1,128,8 --batch 512 --seq 2048 --remat full --device tpu-v5p
     gptjax-plan gpt2-small --mesh 8,1,1 --batch 64 --seq 1024 --no-compile
@@ -10,6 +13,12 @@ meshes come out exactly) and estimate activations from the model shape (see gptj
 check builds reduced-depth copies of the model (default 2 and 4 layers), lowers and compiles the real jitted
 train step on data x fsdp x tensor simulated CPU devices from abstract ShapeDtypeStructs (nothing allocated),
 reads XLA's per-device memory_analysis, and extrapolates linearly in depth to the full model.
+
+Compute plans (``gptjax.planning.compute`` says how each choice is made): N_opt and D_opt with their bootstrap
+intervals, the predicted loss with its interval, the model from the sizing rule, batch and lr (the sweep's; μP
+transfers the lr), a mesh with the memory planner's compiled check, steps and wall time from a measured MFU (a
+CPU: the base run's measured throughput). ``--config`` is a run of the sweep the fit came from; the plan is
+written as an experiment file (``--out``) whose run's summary reports the predicted against the measured loss.
 
 One verdict, from the analytic figure, whatever the flags: it models the target device, where the compiled
 figure is XLA:CPU's (which keeps bf16 buffers in float32, overstating a GPU's or TPU's bf16 step, and is
@@ -26,8 +35,10 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
-from gptjax.cli.common import add_config_args, config_args, console_script, user_errors
+from gptjax.cli.common import add_config_args, config_args, config_from_args, console_script, user_errors
 from gptjax.config import DTYPE_NAMES, AttentionImpl, Remat, RunConfig, build_config_dict, choices
 
 GB = 1e9
@@ -128,8 +139,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="compute dtype")
     p.add_argument("--param-dtype", default="float32", choices=DTYPE_NAMES)
     p.add_argument("--remat", default="full", choices=choices(Remat))
-    p.add_argument("--device", default="h100-80gb", type=_device_name,
-                   help=f"{', '.join(DEVICE_MEMORY_GB)} or a size in GB")
+    p.add_argument("--device", default=None, type=_device_name,
+                   help=f"{', '.join(DEVICE_MEMORY_GB)} or a size in GB (default h100-80gb); with --flops/--hours: "
+                        "cpu (default) or one of those, a unique prefix will do (h100)")
+    g = p.add_argument_group("compute plan (a fitted scaling law -> a run)")
+    g.add_argument("--flops", type=float, help="compute budget C = 6 N D in FLOPs")
+    g.add_argument("--hours", type=float, help="instead of --flops: the budget these chips spend in this time")
+    g.add_argument("--fit", help="fit.json of gptjax-scaling fit or a sweep (approach 3 with bootstrap refits)")
+    g.add_argument("--approach", default="3", choices=("3", "vpnls"), help="parametric fit to plan from")
+    g.add_argument("--chips", type=_positive, default=1, help="devices the run gets (default 1)")
+    g.add_argument("--mfu", type=float, help="model FLOPs utilisation to time the run with (default: measured)")
+    g.add_argument("--peak-flops", type=float, help="FLOP/s per device, with --mfu on a cpu")
+    g.add_argument("--out", help="experiment file to write (default experiments/plan_C<flops>.py)")
+    g.add_argument("--run-dir", help="the planned run's directory (default runs/plan_C<flops>)")
     p.add_argument("--compile-layers", default="2,4", help="reduced depths to AOT-compile (default 2,4)")
     p.add_argument("--no-compile", action="store_true", help="analytic figures only")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -138,8 +160,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _device_name(text: str) -> str:
-    _device_gb(text)  # validated here, so a bad --device is argparse's one line
-    return text
+    from gptjax.planning.compute import PlanError, device_name
+
+    try:
+        return device_name(text)  # validated here, so a bad --device is argparse's one line
+    except PlanError:
+        _device_gb(text)
+        return text
 
 
 @console_script("gptjax-plan")
@@ -148,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     a.model_preset = a.model_preset or a.model
+    if a.flops is not None or a.hours is not None:
+        return compute_plan(p, a)
+    a.device = a.device or "h100-80gb"
+    if a.device == "cpu":
+        p.error("--device cpu is for compute plans (--flops / --hours); for a memory plan give a size in GB")
     if not (a.model_preset or a.config or a.preset):
         p.error("give a model preset (e.g. gptjax-plan gpt2-small) or --config / --preset")
     a.compile_layers = sorted({int(x) for x in a.compile_layers.split(",")})
@@ -232,6 +264,118 @@ def main(argv: list[str] | None = None) -> int:
                  if a.dtype == "bfloat16" else "") + ". Leave headroom for the runtime.")
     print()
     return exit_code
+
+
+def compute_plan(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
+    from gptjax.planning.compute import PlanError, plan_compute, plan_for_hours
+    from gptjax.scaling import FitResult, ScalingInputError
+
+    if (a.flops is None) == (a.hours is None):
+        p.error("give --flops or --hours, not both")
+    if not a.fit or not a.config:
+        p.error("a compute plan needs --fit (a fitted law) and --config (a run of the sweep it was fitted on, "
+                "e.g. runs/isoflop/<run>/config.json)")
+    with user_errors(PlanError, ScalingInputError, FileNotFoundError):
+        fit = FitResult.read(a.fit)
+        base = config_from_args(a)
+        kw = dict(approach=a.approach, chips=a.chips, device=a.device or "cpu", mfu=a.mfu, peak_flops=a.peak_flops,
+                  run_dir=a.run_dir)
+        plan = plan_for_hours(fit, a.hours, base, **kw) if a.hours else plan_compute(fit, a.flops, base, **kw)
+    tag = f"C{plan.flops:.0e}".replace("+", "")
+    out = Path(a.out or f"experiments/plan_{tag}.py")
+    cfg = replace(plan.config, train=replace(plan.config.train, prediction=plan.prediction(a.fit)))
+    result = plan.to_dict()
+    check = None
+    if not a.no_compile:
+        check = compiled_check(out, cfg, plan, a)  # on the file as written
+    write_experiment(out, cfg, plan, a, check)
+    if check is not None:
+        result["compiled_check"] = check
+    result["experiment_file"] = str(out)
+    if a.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    print(describe_plan(plan, check, out))
+    return 0
+
+
+def _ci(ci, fmt="{:.4g}") -> str:
+    return f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else ""
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def describe_plan(plan, check: dict | None, out: Path) -> str:
+    from gptjax.model import count_params
+
+    o, c, m, t = plan.optimum, plan.optimum["ci"], plan.config.model, plan.config.train
+    lines = [f"C = {plan.flops:.4g} FLOPs (approach {plan.approach}, 95% bootstrap intervals)",
+             f"  N_opt = {o['params']:,.0f}{_ci(c['params'], '{:,.0f}')}   D_opt = {o['tokens']:,.0f}"
+             f"{_ci(c['tokens'], '{:,.0f}')}   loss there = {o['loss']:.4f}{_ci(c['loss'], '{:.4f}')}",
+             f"the run: N = {plan.params:,} (non-embedding), D = {plan.tokens:,} tokens -> predicted val_loss "
+             f"{plan.loss:.4f}{_ci(plan.loss_ci, '{:.4f}')}"]
+    lines += [f"  {k:6s} {v}" for k, v in plan.rules.items()]
+    lines.append(f"  model  {m.d_model} wide x {m.n_layers} layers, {m.n_heads} heads, d_ff {m.d_ff} "
+                 f"({count_params(m):,} parameters with the embedding), {m.parametrization}")
+    lines.append(f"  train  {t.steps:,} steps x {t.batch_size} x {t.seq_len}, lr {plan.config.optim.lr:g}, warmup "
+                 f"{plan.config.optim.warmup_steps}, {plan.config.optim.schedule}")
+    mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
+    lines.append(f"  mesh   {mesh} on {plan.chips} {plan.device}: {plan.memory_bytes / GB:.3f} GB per device "
+                 f"(analytic) of {plan.device_bytes / GB:.0f} GB")
+    if check is not None:
+        lines.append(f"         compiled check: {check['compiled_peak'] / GB:.3f} GB per device (XLA:CPU, "
+                     f"{'fits' if check['fits'] else 'DOES NOT FIT'})")
+    lines.append(f"  time   {plan.train_flops:.3g} training FLOPs / ({plan.chips} x {plan.throughput / 1e12:.4g} "
+                 f"TFLOP/s) = {_hours(plan.wall_seconds)}; throughput: {plan.throughput_source}")
+    lines.append(f"wrote {out}; train it with: gptjax-train --config {out}")
+    return "\n".join(lines)
+
+
+def compiled_check(out: Path, cfg, plan, a) -> dict:
+    """The memory planner on the planned config: XLA's compiled per-device peak on simulated devices."""
+    import tempfile
+
+    m = cfg.model
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "plan.json"
+        path.write_text(cfg.to_json())
+        depths = str(m.n_layers) if m.n_layers <= 4 else "2,4"
+        argv = [sys.executable, "-m", "gptjax.cli.plan", "--config", str(path), "--mesh",
+                f"{plan.mesh['data']},{plan.mesh['fsdp']},{plan.mesh['tensor']}", "--batch", str(cfg.train.batch_size),
+                "--seq", str(cfg.train.seq_len), "--dtype", m.dtype, "--param-dtype", m.param_dtype,
+                "--remat", m.remat, "--device", f"{plan.device_bytes / GB:g}", "--compile-layers", depths, "--json"]
+        r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode not in (0, 1):
+        raise SystemExit(f"the compiled memory check failed:\n{r.stderr[-3000:]}")
+    got = json.loads(r.stdout)
+    return {"compiled_peak": got["compiled_full_depth_peak"], "fits": got["fits_compiled"],
+            "analytic": sum(v for k, v in got["analytic_bytes"].items())}
+
+
+def write_experiment(out: Path, cfg, plan, a, check: dict | None) -> None:
+    import pprint
+    import textwrap
+
+    from gptjax.runs import write_atomic
+
+    d = cfg.to_dict()
+    tok = d["data"].get("tokenizer")
+    if tok and Path(tok).is_absolute() and Path(tok).is_relative_to(Path.cwd()):
+        d["data"]["tokenizer"] = str(Path(tok).relative_to(Path.cwd()))
+    command = "gptjax-plan " + " ".join(a.argv)
+    described = "\n".join(textwrap.fill(ln, 116, subsequent_indent=" " * 9)
+                          for ln in describe_plan(plan, check, out).splitlines()[:-1])
+    text = (f'"""Planned by gptjax-plan: the compute-optimal run at C = {plan.flops:.4g} FLOPs of {a.fit}.\n\n'
+            f"    {command}\n\n" + described + "\n\n"
+            f"Train it (its summary reports the measured against the predicted loss):\n\n"
+            f"    gptjax-train --config {out}\n"
+            '"""\n\nfrom gptjax import RunConfig\n\nCONFIG = ' + pprint.pformat(d, width=110, sort_dicts=True)
+            + "\n\n\ndef config() -> RunConfig:\n    return RunConfig.from_dict(CONFIG)\n\n\n"
+            'if __name__ == "__main__":\n    from gptjax.training import train\n\n    train(config())\n')
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, text)
 
 
 if __name__ == "__main__":

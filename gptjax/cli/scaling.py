@@ -68,15 +68,19 @@ def _predict(a) -> int:
     from gptjax.scaling import FitResult, predict
 
     out = predict(FitResult.read(a.fit), flops=a.flops, params=a.params, tokens=a.tokens, approach=a.approach)
+    ci = lambda k: (f" [{out.ci[k][0]:.4g}, {out.ci[k][1]:.4g}]" if out.ci and out.ci.get(k) else "")  # noqa: E731
     if a.json:
         print(json.dumps(out.to_dict(), indent=2))
     elif a.flops is not None:
-        print(f"C={out.flops:.4g} FLOPs (approach {a.approach}): N_opt={out.params:.4g} D_opt={out.tokens:.4g} "
-              f"tokens/param={out.tokens_per_param:.3g} loss={out.loss:.4f}")
+        print(f"C={out.flops:.4g} FLOPs (approach {a.approach}): N_opt={out.params:.4g}{ci('params')} "
+              f"D_opt={out.tokens:.4g}{ci('tokens')} tokens/param={out.tokens_per_param:.3g} "
+              f"loss={out.loss:.4f}{ci('loss')}")
         if out.approach2:
             print(f"  approach 2 power laws: N_opt={out.approach2['params']:.4g} D_opt={out.approach2['tokens']:.4g}")
     else:
-        print(f"N={out.params:.4g} D={out.tokens:.4g}: loss={out.loss:.4f}")
+        print(f"N={out.params:.4g} D={out.tokens:.4g}: loss={out.loss:.4f}{ci('loss')}")
+    if out.ci is None and a.json is False:
+        print("  (no intervals: the fit stores no bootstrap refits; refit with --bootstrap 1000)", file=sys.stderr)
     return 0
 
 

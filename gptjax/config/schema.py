@@ -396,6 +396,9 @@ class TrainConfig:
     max_nonfinite_skips: int = _f(3, Role.EXECUTION)
     # write checkpoints in the background (orbax async) instead of pausing training
     async_checkpoint: bool = _f(True, Role.EXECUTION)
+    # What a scaling-law plan predicts for this run (gptjax-plan --flops writes it: "loss", "interval", "fit",
+    # "flops"); the run's summary reports it against the measured final validation loss.
+    prediction: dict | None = _f(None, Role.CADENCE)
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
@@ -404,6 +407,11 @@ class TrainConfig:
         _check(self.max_nonfinite_skips >= 0, f"max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
         for name in ("task_eval_every", "task_examples", "final_task_examples", "task_shots"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.prediction is not None:
+            loss = self.prediction.get("loss")
+            _check(isinstance(loss, (int, float)) and not isinstance(loss, bool) and loss > 0,
+                   f"train.prediction needs a positive number 'loss' (the predicted final validation loss), got "
+                   f"{self.prediction!r}")
 
     @property
     def task_names(self) -> list[str]:

@@ -17,7 +17,9 @@ Everything is written into a temporary sibling of ``out`` and renamed into place
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +88,6 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
         raise ExportError(f"--max-shard-size: {e}") from None
     _check_target(out)
     cfg = run.read_config()
-    if cfg.model.width_mult != 1.0:
-        raise ExportError(f"{run} is a μP model at width multiplier {cfg.model.width_mult:g} (d_model "
-                          f"{cfg.model.d_model} / mup_base_width {cfg.model.mup_base_width}): its logit multiplier "
-                          "and attention scale are not folded into transformers weights yet; nothing was written")
     family = family_for(cfg.model)
     with CheckpointTensors(run.path, step) as reader:  # the step is pinned: retention cannot delete it meanwhile
         if not run.tokenizer.is_file():
@@ -109,7 +107,7 @@ def _write(run: RunDir, cfg, family, reader: CheckpointTensors, tokenizer: Token
     """Stream the pinned checkpoint into ``out`` (built beside it, renamed into place when complete)."""
     np_dtype = DTYPES[dtype]
     tok_files = hf_tokenizer_files(tokenizer.proto, cfg.model.max_seq_len)
-    tensors = family.tensors(cfg.model)
+    tensors = fold_mup(cfg.model, family.tensors(cfg.model))
     for t in tensors:  # config.json and the checkpoint must agree before anything is written
         for src in t.sources:
             if locate(reader, src, t.layer)[0] not in reader.shapes:
@@ -137,6 +135,10 @@ def _write(run: RunDir, cfg, family, reader: CheckpointTensors, tokenizer: Token
                                                 indent=2))
         hf_cfg = family.hf_config(cfg.model, tokenizer.eos_id, dtype)
         hf_cfg[MARKER] = {"run_dir": str(run.path.absolute()), "step": reader.step, "model": cfg.to_dict()["model"]}
+        if cfg.model.width_mult != 1.0:
+            hf_cfg["tie_word_embeddings"] = False  # the output multiplier makes lm_head its own tensor
+            hf_cfg[MARKER]["folded"] = (f"μP at width multiplier {cfg.model.width_mult:g}: logits x 1/m in lm_head, "
+                                        "attention scores x 1/sqrt(m) in q (q_norm under qk_norm)")
         (tmp / HF_CONFIG).write_text(json.dumps(hf_cfg, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
             {"eos_token_id": tokenizer.eos_id, "bos_token_id": None, "pad_token_id": None}, indent=2))
@@ -145,6 +147,34 @@ def _write(run: RunDir, cfg, family, reader: CheckpointTensors, tokenizer: Token
                                                else 2))
         shutil.copyfile(run.tokenizer, tmp / HF_TOKENIZER)
     return ExportResult(out, family.architecture, reader.step, files, total)
+
+
+def fold_mup(cfg, tensors: list[HFTensor]) -> list[HFTensor]:
+    """A μP model off its base width (m = d_model / mup_base_width != 1) as standard transformers weights: the
+    logit multiplier 1/m goes into lm_head (a tied model's lm_head becomes the embedding / m, so the export is
+    untied), the extra attention-score factor 1/sqrt(m) into the query: w_q and b_q, or the q-norm scale under
+    qk_norm, where the norm would undo a scaled projection. Scores are bilinear in q, so this is exact up to one
+    float32 rounding; the exported model is a standard one (import reads it back as such)."""
+    m = cfg.width_mult
+    if m == 1.0:
+        return tensors
+    q = (1.0 / math.sqrt(m))
+    factors = {"attn.q_norm.scale": q} if cfg.qk_norm else {"attn.w_q": q, "attn.b_q": q}
+    factors["unembedding"] = 1.0 / m
+
+    def scaled(t: HFTensor) -> HFTensor:
+        fs = [next((f for suffix, f in factors.items() if src.endswith(suffix)), None) for src in t.sources]
+        if not any(fs):
+            return t
+        to_hf = t.to_hf
+        return dataclasses.replace(t, to_hf=lambda *arrays: to_hf(*[a if f is None else a * np.float32(f)
+                                                                   for a, f in zip(arrays, fs)]))
+
+    out = [scaled(t) for t in tensors]
+    if cfg.tie_embeddings:
+        out.append(HFTensor("lm_head.weight", (cfg.vocab_size, cfg.d_model), ("embedding",),
+                            lambda w: w * np.float32(1.0 / m), lambda w: (w * np.float32(m),)))
+    return out
 
 
 def _convert(reader: CheckpointTensors, t: HFTensor, dtype: np.dtype) -> np.ndarray:

@@ -128,6 +128,8 @@ class Prediction:
     tokens_per_param: float
     approach: str = "3"
     approach2: dict[str, float] | None = None  # approach 2's power laws at the same compute, where fitted
+    # 95% bootstrap intervals (name -> [lo, hi]) of params, tokens and loss, where the fit stored its refits
+    ci: dict[str, list[float]] | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -159,6 +161,8 @@ def _parametric_result(fit: ParametricFit, c_ref: float, samples: np.ndarray | N
     if samples is not None:
         extra["ci"] = {k: _ci(v) for k, v in _param_samples(samples, c_ref).items()}
         extra["bootstrap_n"] = int(len(samples))
+        extra["samples"] = [[float(f"{x:.6g}") for x in row] for row in np.asarray(samples, float)
+                            if np.all(np.isfinite(row))]
     return ParametricResult(**dataclasses.asdict(fit), **extra)
 
 
@@ -287,13 +291,17 @@ def predict(fit: FitResult, flops: float | None = None, params: float | None = N
         raise ScalingInputError("give --flops, or both --params and --tokens")
     pf = fit.parametric(approach)
     if flops is None:
+        ci = {"loss": pf.interval(lambda f: float(f.loss(params, tokens)))}
         return Prediction(params=params, tokens=tokens, flops=6.0 * params * tokens,
-                          loss=float(pf.loss(params, tokens)), tokens_per_param=tokens / params, approach=approach)
+                          loss=float(pf.loss(params, tokens)), tokens_per_param=tokens / params, approach=approach,
+                          ci=ci if ci["loss"] else None)
     if not (flops > 0 and math.isfinite(flops)):
         raise ScalingInputError(f"--flops must be a positive number, got {flops}")
     opt = {k: float(v) for k, v in pf.optimal(flops).items()}
     a2 = None
     if fit.approach2 is not None:
         a2 = {k: float(v) for k, v in fit.approach2.optimal(flops).items()}
+    ci = {k: pf.interval(lambda f, k=k: float(f.optimal(flops)[k])) for k in ("params", "tokens", "loss")}
     return Prediction(params=opt["params"], tokens=opt["tokens"], flops=opt["flops"], loss=opt["loss"],
-                      tokens_per_param=opt["tokens_per_param"], approach=approach, approach2=a2)
+                      tokens_per_param=opt["tokens_per_param"], approach=approach, approach2=a2,
+                      ci=ci if all(ci.values()) else None)

@@ -100,9 +100,24 @@ class ParametricResult(ParametricFit):
     tokens_per_param_at_ref: float = math.nan
     ci: dict[str, list[float] | None] | None = None
     bootstrap_n: int | None = None
+    # the bootstrap's refits, rows of (E, A, B, alpha, beta) to 6 significant digits: what intervals of anything
+    # derived from the law (N_opt, D_opt or the loss at a given compute, gptjax-plan) are read from
+    samples: list[list[float]] | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in super().to_dict().items() if v is not None}
+
+    def interval(self, fn, pct: tuple[float, float] = (2.5, 97.5)) -> list[float] | None:
+        """The 95% bootstrap interval of ``fn(fit)`` over the stored refits (``fn`` takes a ``ParametricFit``),
+        or None for a fit without them (fitted with no bootstrap, or by a version before they were stored)."""
+        if not self.samples:
+            return None
+        with np.errstate(all="ignore"):
+            values = np.asarray([fn(ParametricFit(*row, objective=math.nan, n_points=self.n_points))
+                                 for row in self.samples], float)
+        values = values[np.isfinite(values)]
+        return [float(np.percentile(values, pct[0])), float(np.percentile(values, pct[1]))] \
+            if len(values) >= 10 else None
 
 
 def huber(r, delta=HUBER_DELTA):

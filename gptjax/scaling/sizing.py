@@ -21,12 +21,16 @@ HEAD_DIM = 16
 WIDTH_STEP = 8  # widths are multiples of 8; heads are 16 wide where the width allows, else 8
 
 
-def model_for_params(target_n: float, vocab_size: int, max_seq_len: int, **fields) -> ModelConfig:
-    """The model the rule gives for ``target_n`` non-embedding parameters; extra ``fields`` override it."""
+def model_for_params(target_n: float, vocab_size: int, max_seq_len: int, width_step: int = WIDTH_STEP,
+                     **fields) -> ModelConfig:
+    """The model the rule gives for ``target_n`` non-embedding parameters; extra ``fields`` override it.
+    ``width_step``: d_model is a multiple of it (a plan for many devices asks for 128, so that FSDP can split
+    the width; the rule's curve is the same)."""
     if not target_n > 0:
         raise ValueError(f"target parameter count must be > 0, got {target_n}")
     n_layers = max(1, round((target_n / 12_288) ** (1 / 3)))
-    d_model = WIDTH_STEP * max(2, round(math.sqrt(target_n / (12 * n_layers)) / WIDTH_STEP))
+    d_model = width_step * max(2 if width_step == WIDTH_STEP else 1,
+                               round(math.sqrt(target_n / (12 * n_layers)) / width_step))
     # the MLP width takes up the rest of the target (8/3 d_model on the rule's curve), within [d, 6 d]
     per_layer = (target_n - d_model) / n_layers - 4 * d_model * d_model - 2 * d_model
     d_ff = 8 * round(per_layer / (3 * d_model) / 8)

@@ -131,6 +131,22 @@ class RunWriteError(OSError):
     """A file of the run (metrics, TensorBoard events, the summary, the curves) could not be written."""
 
 
+def prediction_report(prediction: dict, val_loss: float) -> dict:
+    """A plan's predicted loss (``train.prediction``) against the measured final validation loss: the relative
+    error and whether the measurement fell inside the predicted interval."""
+    predicted, interval = float(prediction["loss"]), prediction.get("interval")
+    out = {"predicted_loss": predicted, "measured_val_loss": float(val_loss),
+           "relative_error": (float(val_loss) - predicted) / predicted}
+    within = ""
+    if interval:
+        out["interval"] = [float(x) for x in interval]
+        out["within_interval"] = bool(interval[0] <= val_loss <= interval[1])
+        within = f" [{interval[0]:.4f}, {interval[1]:.4f}], {'inside' if out['within_interval'] else 'outside'}"
+    out["line"] = (f"predicted val_loss {predicted:.4f}{within}; measured {val_loss:.4f} "
+                   f"({100 * out['relative_error']:+.2f}%)")
+    return {**{k: v for k, v in prediction.items() if k not in ("loss", "interval")}, **out}
+
+
 def end_of_training_sample(model, params, tokenizer, t) -> str:
     """A sample of ``train.sample_tokens`` tokens after ``train.sample_prompt`` (temperature 0.8, top-k 50) from the
     generation engine; cut to what fits the context after the prompt (it is a look at the model, not a request)."""
@@ -279,6 +295,9 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
             summary["val_loss_by_source"] = eval_hook.last_by_source
         if task_scores:
             summary["tasks"] = [s.as_dict() for s in task_scores]
+        if t.prediction is not None:
+            summary["prediction"] = prediction_report(t.prediction, result.val_loss)
+            print("plan: " + summary["prediction"]["line"], flush=True)
         run.write_summary(summary)
         if result.history:
             summary["curves"] = str(plot_runs([run], run.curves))
