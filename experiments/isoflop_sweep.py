@@ -2,8 +2,8 @@
 prediction of the largest budget, a warmup-stable-decay (WSD) variant, plots. Re-running skips finished runs.
 
     python experiments/isoflop_sweep.py --jobs 2              # everything, two runs at a time
-    python experiments/isoflop_sweep.py --only cosine         # just the IsoFLOP grid
-    python experiments/isoflop_sweep.py --slurm --only cosine # as a SLURM job array; run it again when it is done
+    python experiments/isoflop_sweep.py --slurm --only cosine # the grid as a SLURM job array; again when it is done
+    python experiments/isoflop_sweep.py --mup 2e-3            # cosine + held-out under μP (base width 32), this lr
 
 Design: 352-piece BPE (3.2M train tokens; no run sees more than ~1 epoch), N = non-embedding parameters, C = 6ND,
 models from the sizing rule; batch 4 x 128, AdamW 3e-3, 5% warmup, cosine to 0.1x over each run's own length;
@@ -24,21 +24,23 @@ VOCAB, SEQ, BATCH, LR, TRAIN_TOKENS = 352, 128, 4, 3e-3, 3_213_552
 BUDGETS, HELDOUT = (6e9, 1.5e10, 4e10, 1e11, 2e11), 5e11
 WSD_SIZES, WSD_STEPS, WSD_FRACTIONS = (6_000, 10_000, 16_000, 26_000, 42_000), 6_000, (0.125, 0.25, 0.5)
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS, RUNS = ROOT / "experiments/results/isoflop", ROOT / "runs/isoflop"
+RESULTS, RUNS, MUP_BASE = ROOT / "experiments/results/isoflop", str(ROOT / "runs/isoflop"), 32
 
 
-def config(name, n, tokens, schedule="cosine", steps=None, warmup=None, checkpoint_every=None) -> RunConfig:
+def config(name, n, tokens, schedule="cosine", steps=None, warmup=None, checkpoint_every=None, mup=None) -> RunConfig:
     steps = steps or max(20, round(tokens / (SEQ * BATCH)))
-    optim = OptimConfig(lr=LR, warmup_steps=warmup or max(1, steps // 20), schedule=schedule, decay_fraction=0.2)
+    optim = OptimConfig(mup or LR, warmup_steps=warmup or max(1, steps // 20), schedule=schedule, decay_fraction=0.2)
+    fields = dict(parametrization="mup", mup_base_width=MUP_BASE) if mup else {}  # --mup: μP at lr = its value
     train = TrainConfig(steps=steps, batch_size=BATCH, seq_len=SEQ, eval_every=max(1, steps // 4), eval_batches=64,
                         checkpoint_every=checkpoint_every or steps, keep_checkpoints=10, sample_tokens=0, tasks="",
                         progress=False, peak_flops=1e11, log_every=max(1, steps // 4), async_checkpoint=False)
-    return RunConfig(model=model_for_params(n, VOCAB, SEQ), optim=optim, train=train,
-                     data=DataConfig(tokenizer=str(RUNS / "tokenizer.model")))
+    return RunConfig(model=model_for_params(n, VOCAB, SEQ, **fields), optim=optim, train=train,
+                     data=DataConfig(tokenizer=str(ROOT / "runs/isoflop/tokenizer.model")))
 
 
-def grid(budgets, sizes=5) -> Sweep:
-    return Sweep(RUNS, isoflop_runs(budgets, config, VOCAB, SEQ, sizes, 1.6, 50.0, max_tokens=1.05 * TRAIN_TOKENS))
+def grid(budgets, sizes=5, mup=None) -> Sweep:
+    return Sweep(RUNS + "_mup" * bool(mup), isoflop_runs(budgets, lambda *a: config(*a, mup=mup), VOCAB, SEQ, sizes,
+                                                         1.6, 50.0, max_tokens=1.05 * TRAIN_TOKENS))
 
 
 def wsd() -> Sweep:  # per size: the constant-lr run to WSD_STEPS (its own cooldown), shorter cooldowns off it
@@ -56,28 +58,30 @@ def main(argv=None):
     p.add_argument("--only", choices=["cosine", "heldout", "wsd"], help="stop after this stage")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--slurm", action="store_true", help="submit a stage's unfinished runs as a SLURM job array")
+    p.add_argument("--mup", type=float, metavar="LR", help="μP at this lr; runs and results in *_mup")
     a = p.parse_args(argv)
-    if not (RUNS / "tokenizer.model").is_file():  # the sweep's one tokenizer
-        prepare_corpus(DataConfig(), VOCAB, RunDir(RUNS))
-    summary, fit = {"command": "python experiments/isoflop_sweep.py"}, None
-    for stage, sweep in (("cosine", grid(BUDGETS)), ("heldout", grid([HELDOUT], 3)), ("wsd", wsd())):
+    Path(RUNS, "tokenizer.model").is_file() or prepare_corpus(DataConfig(), VOCAB, RunDir(RUNS))  # one tokenizer
+    results = Path(f"{RESULTS}_mup") if a.mup else RESULTS
+    summary, fit = {"command": "python experiments/isoflop_sweep.py" + (f" --mup {a.mup:g}" if a.mup else "")}, None
+    stages = (("cosine", grid(BUDGETS, mup=a.mup)), ("heldout", grid([HELDOUT], 3, mup=a.mup)), ("wsd", wsd()))
+    for stage, sweep in stages[:2] if a.mup else stages:
         if stage == "heldout":  # predicted once, before its runs are trained
-            predict(sweep, fit.approach3, RESULTS / "prediction.json")
+            predict(sweep, fit.approach3, results / "prediction.json")
         if a.slurm and sweep.pending():
             return print(f"{stage}: submitted SLURM job(s)", *sweep.slurm(submit=True, name=stage))
         sweep.run(a.jobs, label=stage)
         if stage == "cosine":
-            points, fit = fit_rows(sweep.collect(), RESULTS, "fit", ("1", "2", "3", "vpnls"), a.bootstrap,
+            points, fit = fit_rows(sweep.collect(), results, "fit", ("1", "2", "3", "vpnls"), a.bootstrap,
                                    "IsoFLOP sweep (cosine), Austen corpus", points_file="points.csv")
             summary.update(cosine=fit.approach3.law(), cosine_ci=fit.approach3.ci, vpnls=fit.vpnls.law())
         elif stage == "heldout":
-            pred, held = predict(sweep, fit.approach3, RESULTS / "prediction.json"), sweep.collect()
-            write_points(held, RESULTS / "heldout_points.csv")
-            plot_fit(points, fit, RESULTS / "fit.png", title="IsoFLOP sweep (cosine), Austen corpus; x: held-out "
+            pred, held = predict(sweep, fit.approach3, results / "prediction.json"), sweep.collect()
+            write_points(held, results / "heldout_points.csv")
+            plot_fit(points, fit, results / "fit.png", title="IsoFLOP sweep (cosine), Austen corpus; x: held-out "
                      "budget", heldout=points_from_rows(held, where="held-out runs").finals())
             summary["heldout_max_abs_relative_error"] = pred["max_abs_relative_error"]
         else:
-            wsd_points, wsd_fit = fit_rows(sweep.collect(finals_only=True), RESULTS, "wsd_fit", ("3", "vpnls"),
+            wsd_points, wsd_fit = fit_rows(sweep.collect(finals_only=True), results, "wsd_fit", ("3", "vpnls"),
                                            a.bootstrap, "WSD cooldown branches", points_file="wsd_points.csv")
             # compute: the branches start at their branch step; separate cosine runs would train every point whole
             steps = [(scaling_params(r.config.model) * r.config.train.steps, scaling_params(r.config.model) *
@@ -87,7 +91,7 @@ def main(argv=None):
         print(stage, json.dumps({k: v for k, v in summary.items() if not k.endswith("_ci")}))
         if a.only == stage:
             return
-    write_atomic(RESULTS / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(results / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

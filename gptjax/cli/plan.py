@@ -364,10 +364,11 @@ def write_experiment(out: Path, cfg, plan, a, check: dict | None) -> None:
     tok = d["data"].get("tokenizer")
     if tok and Path(tok).is_absolute() and Path(tok).is_relative_to(Path.cwd()):
         d["data"]["tokenizer"] = str(Path(tok).relative_to(Path.cwd()))
-    command = "gptjax-plan " + " ".join(a.argv)
+    command = " \\\n        ".join(textwrap.wrap("gptjax-plan " + " ".join(a.argv), 100, break_long_words=False,
+                                                   break_on_hyphens=False))
     described = "\n".join(textwrap.fill(ln, 116, subsequent_indent=" " * 9)
                           for ln in describe_plan(plan, check, out).splitlines()[:-1])
-    text = (f'"""Planned by gptjax-plan: the compute-optimal run at C = {plan.flops:.4g} FLOPs of {a.fit}.\n\n'
+    text = (f'r"""Planned by gptjax-plan: the compute-optimal run at C = {plan.flops:.4g} FLOPs of {a.fit}.\n\n'
             f"    {command}\n\n" + described + "\n\n"
             f"Train it (its summary reports the measured against the predicted loss):\n\n"
             f"    gptjax-train --config {out}\n"

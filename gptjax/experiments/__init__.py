@@ -35,7 +35,10 @@ from typing import Callable, Iterable, Sequence
 from gptjax.config import RunConfig
 from gptjax.runs import RunDir, atomic_directory, write_atomic
 
-__all__ = ["Run", "Sweep", "branch_from", "fit_rows", "isoflop_runs", "predict", "run_index", "train_run"]
+from gptjax.experiments.mup import coord_check, width_model  # noqa: E402  (μP: the coordinate check's models)
+
+__all__ = ["Run", "Sweep", "branch_from", "coord_check", "fit_rows", "isoflop_runs", "predict", "run_index",
+           "train_run", "width_model"]
 
 SWEEP_DIR = ".sweep"  # under the sweep's root: one config per run, by index, for the array tasks
 

@@ -13,6 +13,8 @@ import numpy as np
 
 from gptjax.config import MeshConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, model_preset
 
+__all__ = ["WIDTHS", "coord_check", "plot", "spread", "width_model"]
+
 WIDTHS = (64, 128, 256, 512, 1024)
 
 

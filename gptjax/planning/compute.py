@@ -30,6 +30,7 @@ import math
 import os
 import statistics
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from gptjax.config import RunConfig
 from gptjax.model import count_params, flops_per_token
@@ -84,7 +85,8 @@ def measured_throughput(base: RunConfig) -> tuple[float, str]:
                         "steps): pass a finished run's config.json as --config, or give --mfu and --peak-flops")
     tps = statistics.median(r["tokens_per_sec"] for r in rows[1:])
     fpt = flops_per_token(base.model, base.train.seq_len)
-    return tps * fpt, f"measured by {run}: {tps:,.0f} tokens/s x {fpt:,.0f} FLOPs/token"
+    where = run.path.relative_to(Path.cwd()) if run.path.is_relative_to(Path.cwd()) else run.path
+    return tps * fpt, f"measured by {where}: {tps:,.0f} tokens/s x {fpt:,.0f} FLOPs/token"
 
 
 @dataclass
