@@ -115,7 +115,7 @@ def test_the_plans_experiment_file_trains_and_its_summary_reports_predicted_agai
     summary = RunDir(run_dir).read_summary()
     got = summary["prediction"]
     assert got["predicted_loss"] == pred["loss"] and got["measured_val_loss"] == summary["val_loss"]
-    assert got["relative_error"] == pytest.approx((summary["val_loss"] - pred["loss"]) / pred["loss"])
+    assert got["relative_error"] == pytest.approx((pred["loss"] - summary["val_loss"]) / summary["val_loss"])
     assert got["within_interval"] == (pred["interval"][0] <= summary["val_loss"] <= pred["interval"][1])
     assert "plan: predicted val_loss" in r.stdout
 

@@ -133,17 +133,18 @@ class RunWriteError(OSError):
 
 def prediction_report(prediction: dict, val_loss: float) -> dict:
     """A plan's predicted loss (``train.prediction``) against the measured final validation loss: the relative
-    error and whether the measurement fell inside the predicted interval."""
+    error (predicted - measured) / measured, as the sweeps' held-out predictions report it, and whether the
+    measurement fell inside the predicted interval."""
     predicted, interval = float(prediction["loss"]), prediction.get("interval")
     out = {"predicted_loss": predicted, "measured_val_loss": float(val_loss),
-           "relative_error": (float(val_loss) - predicted) / predicted}
+           "relative_error": (predicted - float(val_loss)) / float(val_loss)}
     within = ""
     if interval:
         out["interval"] = [float(x) for x in interval]
         out["within_interval"] = bool(interval[0] <= val_loss <= interval[1])
         within = f" [{interval[0]:.4f}, {interval[1]:.4f}], {'inside' if out['within_interval'] else 'outside'}"
-    out["line"] = (f"predicted val_loss {predicted:.4f}{within}; measured {val_loss:.4f} "
-                   f"({100 * out['relative_error']:+.2f}%)")
+    out["line"] = (f"predicted val_loss {predicted:.4f}{within}; measured {val_loss:.4f} (prediction error "
+                   f"{100 * out['relative_error']:+.2f}%)")
     return {**{k: v for k, v in prediction.items() if k not in ("loss", "interval")}, **out}
 
 
