@@ -124,7 +124,7 @@ def test_exports_racing_retention_all_succeed(small_corpus, tmp_path):
     from gptjax.interop.safetensors import Reader
 
     run = tmp_path / "r"
-    cfg = config_file(tmp_path, small_corpus, run, steps=150, log_every=50, checkpoint_every=1,
+    cfg = config_file(tmp_path, small_corpus, run, steps=60, log_every=20, checkpoint_every=1,
                       keep_checkpoints=1, async_checkpoint=False)
     trainer = start("gptjax.cli.train", "--config", str(cfg))
     wait_for(lambda: any(p.name.isdigit() for p in (run / "checkpoints").glob("*")), proc=trainer)

@@ -134,11 +134,12 @@ def test_export_logits_and_greedy_generation_match_transformers(tmp_path, tokeni
 MUP = dict(parametrization="mup", mup_base_width=16)  # nano's d_model 64: width multiplier 4
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3-banded-scan", "gpt2-untied-nobias", "gptneo"])
+@pytest.mark.parametrize("name", ["llama", "qwen3-banded-scan", "gpt2-untied-nobias"])
 def test_a_mup_model_off_its_base_width_exports_with_the_same_logits(tmp_path, tokenizer, name):
     """μP's logit multiplier 1/m is folded into lm_head (a tied model exports untied) and its extra attention
     factor 1/sqrt(m) into the query (the q-norm scale under qk_norm): transformers gives gptjax's logits, and the
-    import is a standard model computing the same."""
+    import is a standard model computing the same. Tied (lm_head made from the embedding), q_norm, and GPT-2's
+    concatenated c_attn (only its q third scaled) with an untied head; GPT-Neo folds into q_proj as LLaMA does."""
     cfg, model, params = make_run(tmp_path, name, tokenizer, **FAMILIES[name], **MUP)
     assert cfg.model.width_mult == 4
     export_run(cfg.train.run_dir, tmp_path / "hf", progress=False)

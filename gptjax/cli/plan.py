@@ -329,6 +329,7 @@ def describe_plan(plan, check: dict | None, out: Path) -> str:
                      f"{'fits' if check['fits'] else 'DOES NOT FIT'})")
     lines.append(f"  time   {plan.train_flops:.3g} training FLOPs / ({plan.chips} x {plan.throughput / 1e12:.4g} "
                  f"TFLOP/s) = {_hours(plan.wall_seconds)}; throughput: {plan.throughput_source}")
+    lines += [f"warning: {w}" for w in plan.warnings]
     lines.append(f"wrote {out}; train it with: gptjax-train --config {out}")
     return "\n".join(lines)
 

@@ -28,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -184,7 +185,8 @@ def predict(sweep: Sweep, law, path: str | Path) -> dict:
             d = t.steps * t.batch_size * t.seq_len
             runs.append({"run": r.name, "params": n, "tokens": d, "flops": 6.0 * n * d,
                          "predicted_loss": float(law.loss(n, d)), "trained_before_prediction": sweep.finished(r)})
-        write_atomic(path, json.dumps({"runs": runs}, indent=2) + "\n")
+        made_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # before any of them is trained
+        write_atomic(path, json.dumps({"made_at": made_at, "fit": law.law(), "runs": runs}, indent=2) + "\n")
     pred = json.loads(path.read_text())
     measured = {row["run"]: row["loss"] for row in sweep.collect(finals_only=True)}
     for r in pred["runs"]:

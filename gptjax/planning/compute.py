@@ -46,6 +46,7 @@ DEVICE_PEAK_FLOPS = {"h100-80gb": 989e12, "h200-141gb": 989e12, "a100-80gb": 312
 MEASURED_MFU = {"h100-80gb": ((124_475_904, 0.3512), (1_100_048_384, 0.5169)),
                 "h200-141gb": ((124_475_904, 0.3648), (1_100_048_384, 0.5324))}
 TENSOR_SPLITS = (2, 4, 8)
+EXTRAPOLATION_WARNING = 100  # a plan this many times past the fit's largest budget says so
 SHARDABLE_WIDTH = 1024  # from this width on, a plan over several devices rounds d_model to a multiple of 128
 
 
@@ -108,6 +109,7 @@ class ComputePlan:
     throughput_source: str
     train_flops: float  # flops_per_token x tokens
     rules: dict[str, str] = field(default_factory=dict)  # how batch, lr, mesh were chosen
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def wall_seconds(self) -> float:
@@ -181,7 +183,7 @@ def plan_compute(fit: FitResult, flops: float, base: RunConfig, *, approach: str
     if chosen is None:
         raise PlanError(f"the planned model ({count_params(model):,} parameters, batch {base.train.batch_size} x "
                         f"{seq}) fits no mesh of {chips} {device} devices ({capacity / 1e9:.0f} GB each): give more "
-                        "--chips")
+                        "--chips or a smaller budget")
     mesh, cfg, memory = chosen
     tokens = cfg.train.steps * cfg.train.batch_size * seq
     loss = float(law.loss(n, tokens))
@@ -217,10 +219,15 @@ def plan_compute(fit: FitResult, flops: float, base: RunConfig, *, approach: str
                "for this width; μP would transfer it)"),
         "mesh": f"first of data / fsdp / fsdp x tensor over {chips} device(s) whose analytic memory fits",
     }
+    warnings = []
+    largest = getattr(law, "reference_flops", math.nan)  # the fit's largest budget
+    if flops > EXTRAPOLATION_WARNING * largest:
+        warnings.append(f"C = {flops:.3g} is {flops / largest:,.0f}x the largest budget the law was fitted on "
+                        f"({largest:.3g}): the prediction is extrapolated that far (see its interval)")
     return ComputePlan(flops=flops, approach=approach, optimum=opt, config=cfg, params=n, tokens=tokens,
                        loss=loss, loss_ci=loss_ci, device=device, chips=chips, mesh=mesh, memory_bytes=memory,
                        device_bytes=capacity, throughput=throughput, throughput_source=source,
-                       train_flops=train_flops, rules=rules)
+                       train_flops=train_flops, rules=rules, warnings=warnings)
 
 
 def _run_config(base: RunConfig, model, batch: int, steps: int, mesh: dict, run_dir: str) -> RunConfig:
