@@ -72,13 +72,13 @@ def main(argv=None):
         sweep.run(a.jobs, label=stage)
         if stage == "cosine":
             points, fit = fit_rows(sweep.collect(), results, "fit", ("1", "2", "3", "vpnls"), a.bootstrap,
-                                   "IsoFLOP sweep (cosine), Austen corpus", points_file="points.csv")
+                                   f"IsoFLOP sweep (cosine{', μP' * bool(a.mup)})", points_file="points.csv")
             summary.update(cosine=fit.approach3.law(), cosine_ci=fit.approach3.ci, vpnls=fit.vpnls.law())
         elif stage == "heldout":
             pred, held = predict(sweep, fit.approach3, results / "prediction.json"), sweep.collect()
             write_points(held, results / "heldout_points.csv")
-            plot_fit(points, fit, results / "fit.png", title="IsoFLOP sweep (cosine), Austen corpus; x: held-out "
-                     "budget", heldout=points_from_rows(held, where="held-out runs").finals())
+            plot_fit(points, fit, results / "fit.png", title=f"IsoFLOP sweep (cosine{', μP' * bool(a.mup)}), Austen "
+                     "corpus; x: held-out budget", heldout=points_from_rows(held, where="held-out runs").finals())
             summary["heldout_max_abs_relative_error"] = pred["max_abs_relative_error"]
         else:
             wsd_points, wsd_fit = fit_rows(sweep.collect(finals_only=True), results, "wsd_fit", ("3", "vpnls"),

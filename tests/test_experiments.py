@@ -4,6 +4,7 @@ collected into scaling-law rows; the IsoFLOP design."""
 import dataclasses
 import json
 import subprocess
+import time
 import re
 
 import pytest
@@ -93,9 +94,14 @@ def test_a_prediction_is_written_before_training_and_measured_after(tmp_path, sm
         def loss(self, n, d):
             return 5.0
 
+        def law(self):
+            return {"E": 5.0}
+
     sweep = Sweep(tmp_path / "sweep", runs(small_corpus, tmp_path, steps=(6,)))
+    before = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     first = predict(sweep, Law(), tmp_path / "prediction.json")
     assert first["runs"][0]["predicted_loss"] == 5.0 and not first["runs"][0]["trained_before_prediction"]
+    assert first["fit"] == {"E": 5.0} and first["made_at"] >= before  # when, and from which law
     assert "measured_loss" not in first["runs"][0]
     sweep.run(progress=False)
     after = predict(sweep, None, tmp_path / "prediction.json")  # the law is not asked again

@@ -186,7 +186,8 @@ def predict(sweep: Sweep, law, path: str | Path) -> dict:
             runs.append({"run": r.name, "params": n, "tokens": d, "flops": 6.0 * n * d,
                          "predicted_loss": float(law.loss(n, d)), "trained_before_prediction": sweep.finished(r)})
         made_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # before any of them is trained
-        write_atomic(path, json.dumps({"made_at": made_at, "fit": law.law(), "runs": runs}, indent=2) + "\n")
+        head = {"made_at": made_at, **({"fit": law.law()} if hasattr(law, "law") else {})}  # the law, if it says
+        write_atomic(path, json.dumps({**head, "runs": runs}, indent=2) + "\n")
     pred = json.loads(path.read_text())
     measured = {row["run"]: row["loss"] for row in sweep.collect(finals_only=True)}
     for r in pred["runs"]:
