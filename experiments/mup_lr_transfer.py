@@ -2,7 +2,7 @@
 parametrisation and under μP (base width 32), the experiment of the μP paper's figure 1.
 
     python experiments/mup_lr_transfer.py --jobs 2            # 72 runs; re-running skips finished ones
-    python experiments/mup_lr_transfer.py --long              # μP only, widths 32 and 256, 1,000 steps
+    python experiments/mup_lr_transfer.py --long              # widths 32 and 256 only, 1,000 steps
 
 Design: widths 32, 64, 128, 256 (8x) at fixed depth 2 and 4 heads (head_dim and d_ff = 4 d grow with the
 width: ``gptjax.experiments.mup.width_model``), 512-piece BPE, batch 8 x 128, 300 steps of AdamW (5% warmup,
@@ -36,9 +36,10 @@ def config(parametrization: str, width: int, log2_lr: int, steps: int = STEPS) -
 
 
 def sweep(long: bool = False) -> Sweep:
-    if long:  # does μP's optimum agree between the base and 8x its width once the runs leave the plateau?
-        return Sweep(f"{RUNS}_long", [Run(f"mup_w{w}_lr{k}", config("mup", w, k, LONG_STEPS), meta={
-            "parametrization": "mup", "width": w, "log2_lr": k}) for w in (WIDTHS[0], WIDTHS[-1]) for k in LONG_LRS])
+    if long:  # do the optima agree between the base and 8x its width once the runs leave the plateau?
+        return Sweep(f"{RUNS}_long", [Run(f"{p}_w{w}_lr{k}", config(p, w, k, LONG_STEPS), meta={
+            "parametrization": p, "width": w, "log2_lr": k}) for p in ("mup", "standard")
+            for w in (WIDTHS[0], WIDTHS[-1]) for k in LONG_LRS])
     return Sweep(RUNS, [Run(f"{p}_w{w}_lr{k}", config(p, w, k), meta={"parametrization": p, "width": w,
                                                                        "log2_lr": k})
                         for p in ("standard", "mup") for w in WIDTHS for k in LOG2_LRS])
@@ -101,7 +102,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once")
-    p.add_argument("--long", action="store_true", help=f"μP at widths 32, 256 for {LONG_STEPS} steps")
+    p.add_argument("--long", action="store_true", help=f"widths 32 and 256 for {LONG_STEPS} steps")
     a = p.parse_args(argv)
     if not (RUNS / "tokenizer.model").is_file():
         prepare_corpus(DataConfig(), VOCAB, RunDir(RUNS))
@@ -114,7 +115,7 @@ def main(argv=None):
                                                        " --long" * a.long, **result}, indent=1) + "\n")
     if not a.long:
         plot(result, RESULTS / "lr_transfer.png")
-    for par in ("mup",) if a.long else ("standard", "mup"):
+    for par in ("standard", "mup"):
         print(par, "best log2 lr by width:", result["best"][par]["log2_lr"],
               "moved", result["best"][par]["grid_steps_moved"], "grid steps")
 
