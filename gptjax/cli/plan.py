@@ -1,7 +1,7 @@
 """``gptjax-plan``: per-device memory plan for training a model on a device mesh — analytic, then confirmed by XLA;
 with ``--flops`` or ``--hours``, the compute-optimal run a fitted scaling law gives for a budget.
 
-    gptjax-plan --flops 1e12 --fit experiments/results/isoflop/fit.json --config runs/isoflop/C2e11_N42000/config.json
+    gptjax-plan --flops 1e12 --fit experiments/results/isoflop/fit.json --config runs/isoflop/C2e11_N40936/config.json
     gptjax-plan --hours 24 --chips 64 --device h100 --fit fit.json --config my_sweep_run/config.json
     gptjax-plan llama2-70b --mesh 1,64,8 --batch 256 --seq 4096 --device h100-80gb
     gptjax-plan gpt3-175b --mesh 1,128,8 --batch 512 --seq 2048 --remat full --device tpu-v5p
@@ -287,7 +287,7 @@ def compute_plan(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     result = plan.to_dict()
     check = None
     if not a.no_compile:
-        check = compiled_check(out, cfg, plan, a)  # on the file as written
+        check = compiled_check(cfg, plan)  # the config the experiment file will hold
     write_experiment(out, cfg, plan, a, check)
     if check is not None:
         result["compiled_check"] = check
@@ -334,7 +334,7 @@ def describe_plan(plan, check: dict | None, out: Path) -> str:
     return "\n".join(lines)
 
 
-def compiled_check(out: Path, cfg, plan, a) -> dict:
+def compiled_check(cfg, plan) -> dict:
     """The memory planner on the planned config: XLA's compiled per-device peak on simulated devices."""
     import tempfile
 
@@ -352,7 +352,7 @@ def compiled_check(out: Path, cfg, plan, a) -> dict:
         raise SystemExit(f"the compiled memory check failed:\n{r.stderr[-3000:]}")
     got = json.loads(r.stdout)
     return {"compiled_peak": got["compiled_full_depth_peak"], "fits": got["fits_compiled"],
-            "analytic": sum(v for k, v in got["analytic_bytes"].items())}
+            "analytic": got["analytic_bytes"]["total"]}
 
 
 def write_experiment(out: Path, cfg, plan, a, check: dict | None) -> None:

@@ -26,6 +26,7 @@ sweep the fit came from: its vocabulary, sequence length, data, optimizer) with:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import statistics
@@ -78,8 +79,6 @@ def measured_throughput(base: RunConfig) -> tuple[float, str]:
     run = RunDir(base.train.run_dir)
     rows = []
     if run.metrics.is_file():
-        import json
-
         rows = [r for r in map(json.loads, run.metrics.read_text().splitlines()) if "tokens_per_sec" in r]
     if len(rows) < 2:
         raise PlanError(f"the base run {run} has no measured throughput (metrics.jsonl with at least two logged "
