@@ -14,8 +14,20 @@ from gptjax.config import DataConfig, ModelConfig, OptimConfig, RunConfig, Train
 from gptjax.sharding.mesh import single_device_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def cpu_env(devices: int = 1) -> dict:
+    """A subprocess's environment on ``devices`` CPU devices: the session's other XLA flags (conftest.py), no
+    SLURM variables."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([*flags, f"{DEVICE_COUNT_FLAG}={devices}"]))
+    return env
+
+
 # A subprocess's environment with one CPU device (not the test session's 8 simulated ones).
-ONE_DEVICE_ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
+ONE_DEVICE_ENV = cpu_env(1)
 
 
 def nano_model(**kw) -> ModelConfig:

@@ -17,6 +17,7 @@ import yaml
 
 from gptjax.launch import Job, LaunchError, k8s_manifest, slurm_script, tpu_vm_script
 from gptjax.runs import RunDir
+from helpers import cpu_env
 from test_multihost import free_port, losses, run_processes, write_config
 
 pytestmark = pytest.mark.slow
@@ -29,12 +30,6 @@ def slurm_up() -> bool:
 
 needs_slurm = pytest.mark.skipif(not slurm_up() and not os.environ.get("GPTJAX_REQUIRE_SLURM"),
                                  reason="no SLURM cluster: tools/slurm_cluster up (CI does, and requires it)")
-
-
-def cpu_env(devices: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("SLURM_")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return env
 
 
 def job_state(job_id: str) -> dict:
@@ -72,7 +67,7 @@ def test_slurm_job_trains_on_two_processes_is_preempted_requeued_and_resumes_exa
     slurm_run = tmp_path / "slurm"
     r = subprocess.run([BIN / "gptjax-launch", "slurm", "--name", "gptjax-test", "--processes-per-node", "2",
                         "--grace", "30", "--env", "JAX_PLATFORMS=cpu",
-                        "--env", "XLA_FLAGS=--xla_force_host_platform_device_count=2", "--workdir", str(tmp_path),
+                        "--env", f"XLA_FLAGS={cpu_env(2)['XLA_FLAGS']}", "--workdir", str(tmp_path),
                         "--out", str(tmp_path / "job.sbatch"), "--submit", "--", "gptjax-train", "--config",
                         config("slurm")], capture_output=True, text=True, env=cpu_env(2), cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from helpers import small_run
+from helpers import cpu_env, small_run
 from gptjax.experiments import Run, Sweep, isoflop_runs, predict
 from gptjax.runs import RunDir
 from gptjax.scaling import model_for_params, scaling_params
@@ -117,7 +117,7 @@ def test_a_sweep_as_a_slurm_job_array(tmp_path, small_corpus):
     branch = Run("r9_from6", base[1].config, branch=("r9", 6))
     sweep = Sweep(tmp_path / "sweep", [*base, branch])
     ids = sweep.slurm(submit=True, name="sweeptest",
-                      env=["JAX_PLATFORMS=cpu", "XLA_FLAGS=--xla_force_host_platform_device_count=1"])
+                      env=["JAX_PLATFORMS=cpu", f"XLA_FLAGS={cpu_env(1)['XLA_FLAGS']}"])
     assert len(ids) == 2
     try:
         wait_for(lambda: not sweep.pending(), 400, f"the arrays {ids} ({tmp_path / 'sweep' / '.sweep' / 'logs'})")

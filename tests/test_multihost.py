@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import os
 import socket
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import sys
 import pytest
 
 from gptjax.config import RunConfig
+from helpers import cpu_env
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +36,7 @@ def write_config(tmp_path, corpus, run_dir) -> str:
 
 
 def run_processes(config: str, n_processes: int, devices_per_process: int, *extra: str) -> list[str]:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    env = cpu_env(devices_per_process)
     port = free_port()
     cmd = [sys.executable, "-m", "gptjax.cli.train", "--config", config, *extra]
     if n_processes > 1:
@@ -118,8 +117,7 @@ def test_two_process_sigterm_agrees_on_a_step_saves_and_resumes(tmp_path, small_
     cfg = json.loads(open(path).read())
     cfg["train"].update(steps=400, log_every=1, eval_every=1000, checkpoint_every=1000)
     open(path, "w").write(json.dumps(cfg))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = cpu_env(2)
     port = free_port()
     cmd = [sys.executable, "-m", "gptjax.cli.train", "--config", path, "--coordinator", f"127.0.0.1:{port}",
            "--num-processes", "2"]

@@ -4,7 +4,6 @@ issue is a regression test here."""
 
 import errno
 import json
-import os
 import random
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import small_run
+from helpers import cpu_env, small_run
 from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound, CheckpointWriteError
 from gptjax.config import ConfigError
 from gptjax.runs import RunDir
@@ -89,7 +88,7 @@ def test_cli_resume_reads_config_json_and_extends_without_restretching(small_cor
     run = tmp_path / "r"
     base = ["--config", str(_config_file(small_corpus, tmp_path, run, steps=8, lr=1e-3))]
     py = [sys.executable, "-m", "gptjax.cli.train"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = cpu_env(1)
     r = subprocess.run(py + base + ["--stop-after", "4"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     # --resume with no other flag: the run's lr (1e-3), not the preset's (3e-3)
@@ -251,7 +250,7 @@ def test_a_failed_checkpoint_write_is_clear_and_keeps_earlier_ones(small_corpus,
 
 # ---- 5. pre-emption and kill -9 (subprocesses) -----------------------------------------------------------------
 def start_run(config_path, *extra):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = cpu_env(1)
     return subprocess.Popen([sys.executable, "-m", "gptjax.cli.train", "--config", str(config_path), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 

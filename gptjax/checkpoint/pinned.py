@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from gptjax.checkpoint.manager import step_problem
-from gptjax.runs import HOST, CheckpointNotFound, RunDir, process_alive
+from gptjax.runs import HOST, CheckpointNotFound, RunDir, deferred_interrupt, process_alive
 
 log = logging.getLogger("gptjax")
 
@@ -48,10 +48,11 @@ def pinned(run_dir: RunDir | str | Path, step: int | None = None,
     try:
         found = _pin(run, step, items, root)
         yield found, root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            run.readers.rmdir()
+    finally:  # a Ctrl-C landing inside the clean-up left the snapshot behind (once in CI): it waits until it ends
+        with deferred_interrupt():
+            shutil.rmtree(root, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                run.readers.rmdir()
 
 
 def _pin(run: RunDir, step: int | None, items: tuple[str, ...], root: Path) -> int:

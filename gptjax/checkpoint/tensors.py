@@ -50,6 +50,9 @@ class CheckpointTensors:
             self.close()
             raise CheckpointNotFound(f"checkpoint step {self.step} in {RunDir(run_dir).checkpoints} cannot be read: "
                                      f"{fault_reason(e)}; read an earlier one with --step") from None
+        except BaseException:  # a Ctrl-C while the stores open (seconds): the pin must not outlive the process
+            self.close()
+            raise
 
     def __enter__(self) -> "CheckpointTensors":
         return self
