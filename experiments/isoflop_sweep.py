@@ -35,7 +35,7 @@ def config(name, n, tokens, schedule="cosine", steps=None, warmup=None, checkpoi
                         checkpoint_every=checkpoint_every or steps, keep_checkpoints=10, sample_tokens=0, tasks="",
                         progress=False, peak_flops=1e11, log_every=max(1, steps // 4), async_checkpoint=False)
     return RunConfig(model=model_for_params(n, VOCAB, SEQ, **fields), optim=optim, train=train,
-                     data=DataConfig(tokenizer=str(ROOT / "runs/isoflop/tokenizer.model")))
+                     data=DataConfig(tokenizer=str(Path(RUNS, "tokenizer.model"))))
 
 
 def grid(budgets, sizes=5, mup=None) -> Sweep:

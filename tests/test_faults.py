@@ -282,7 +282,6 @@ def test_ctrl_c_at_random_moments_is_one_line_and_the_next_run_leaves_nothing(hf
     assert not stale.exists() and not leftovers(tmp_path)
 
 
-
 @pytest.mark.parametrize("where", ["opening the stores", "releasing the pin"])
 def test_a_ctrl_c_while_a_reader_opens_or_releases_its_pin_leaves_no_snapshot(hf_source, monkeypatch, where):
     """The random Ctrl-C test above once left <run>/.readers/ behind in CI: an interrupt while the checkpoint's
@@ -291,7 +290,6 @@ def test_a_ctrl_c_while_a_reader_opens_or_releases_its_pin_leaves_no_snapshot(hf
     import shutil
 
     from gptjax.checkpoint import tensors
-    from gptjax.checkpoint.pinned import shutil as pinned_shutil
 
     run = hf_source / "src"
     if where == "opening the stores":
@@ -304,12 +302,13 @@ def test_a_ctrl_c_while_a_reader_opens_or_releases_its_pin_leaves_no_snapshot(hf
         def rmtree(path, *a, **k):  # the Ctrl-C lands as the removal starts
             signal.raise_signal(signal.SIGINT)
             remove(path, *a, **k)
-        monkeypatch.setattr(pinned_shutil, "rmtree", rmtree)
+        monkeypatch.setattr(shutil, "rmtree", rmtree)  # what checkpoint/pinned.py removes the pin with
     with pytest.raises(KeyboardInterrupt) as caught:
         with tensors.CheckpointTensors(run):
             pass
     assert caught.tb is not None  # the traceback (which holds the reader) is alive: the pin was released, not collected
     assert not leftovers(run)
+
 
 # ---- 7. the small ones ------------------------------------------------------------------------------------------
 def test_resume_step_rebranches_a_finished_run(small_corpus, tmp_path):

@@ -4,7 +4,6 @@ the experiment file it writes trains, and the run's summary reports the measured
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import replace
@@ -90,7 +89,7 @@ def test_at_scale_the_mesh_is_the_first_that_fits_and_hours_give_their_budget(ba
     day = plan_for_hours(fit, 24, base_run, chips=64, device="h100")
     assert day.wall_seconds == pytest.approx(24 * 3600, rel=0.01)
     assert small.warnings == []  # the synthetic fit has no reference budget; a real one's says how far it reaches
-    far = plan_compute(dataclasses.replace(fit, approach3=dataclasses.replace(fit.approach3, reference_flops=1e12)),
+    far = plan_compute(replace(fit, approach3=replace(fit.approach3, reference_flops=1e12)),
                        1e17, base_run, chips=8, device="h100")
     assert "100,000x the largest budget" in far.warnings[0]
     with pytest.raises(PlanError, match="fits no mesh of 1 a100-40gb"):

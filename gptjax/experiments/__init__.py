@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from gptjax.config import RunConfig
+from gptjax.experiments.mup import coord_check, width_model  # μP: the coordinate check and its models
 from gptjax.runs import RunDir, atomic_directory, write_atomic
-
-from gptjax.experiments.mup import coord_check, width_model  # noqa: E402  (μP: the coordinate check's models)
 
 __all__ = ["Run", "Sweep", "branch_from", "coord_check", "fit_rows", "isoflop_runs", "predict", "run_index",
            "train_run", "width_model"]
