@@ -1,7 +1,9 @@
-"""How long a checkpoint save pauses training: synchronous orbax saves against asynchronous ones, same run.
+"""How long a checkpoint save pauses training: synchronous orbax saves against asynchronous ones, same run; with
+``--verify``, what checking a step against its checksums costs a restore.
 
     python bench/checkpoint_bench.py                    # ~90M params (~1.1 GB of params + Adam state)
     python bench/checkpoint_bench.py --d-model 512 --layers 8 --saves 3
+    python bench/checkpoint_bench.py --verify --layers 14   # 105M params: restore with and without verification
 
 Trains a model on random tokens and saves the full train state (params, Adam moments, step, data iterator
 state) every few steps, once with ``async_save=False`` and once with ``True``. Prints per-save stalls (the
@@ -27,8 +29,7 @@ class _Iterator:  # the data iterator's checkpointable state, as grain's
         return {"position": 0}
 
 
-def run(args, async_save: bool) -> dict:
-    from gptjax.checkpoint import Checkpointer
+def program(args):
     from gptjax.config import build_run_config
     from gptjax.sharding import single_device_mesh
     from gptjax.training import Program
@@ -37,7 +38,13 @@ def run(args, async_save: bool) -> dict:
                            n_heads=args.d_model // 64, n_kv_heads=args.d_model // 64, d_ff=4 * args.d_model,
                            vocab_size=8192, max_seq_len=128,
                            overrides=["train.batch_size=2", "train.seq_len=128", "train.steps=1000"])
-    prog = Program(cfg, single_device_mesh())
+    return Program(cfg, single_device_mesh())
+
+
+def run(args, async_save: bool) -> dict:
+    from gptjax.checkpoint import Checkpointer
+
+    prog = program(args)
     state = prog.init(jax.random.key(0))
     data = np.random.default_rng(0).integers(0, 8192, (2, 129)).astype(np.int32)
     batch = prog.global_batch({"inputs": data[:, :-1], "targets": data[:, 1:],
@@ -59,13 +66,54 @@ def run(args, async_save: bool) -> dict:
             "median_stall_s": round(statistics.median(stalls), 3), "wall_s": round(wall, 2)}
 
 
+def verify_cost(args) -> dict:
+    """One saved step restored ``args.saves`` times each way, alternating: orbax's restore alone, and the check
+    every restore now makes first (``step_problem``: items, markers, and each file's CRC-32) followed by it."""
+    from gptjax.checkpoint import Checkpointer
+    from gptjax.checkpoint.manager import step_problem, write_checksums
+
+    prog = program(args)
+    state = prog.init(jax.random.key(0))
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    times = {"restore_s": [], "verify_s": [], "verify_and_restore_s": []}
+    with tempfile.TemporaryDirectory() as d:
+        ck = Checkpointer(Path(d) / "ckpt", keep=1, async_save=False)
+        ck.save(1, state, _Iterator())
+        t = time.perf_counter()
+        write_checksums(Path(d) / "ckpt" / "1")  # what the save already did, timed alone
+        checksum_s = time.perf_counter() - t
+        del state
+        for _ in range(args.saves):
+            for verify in (False, True):
+                t = time.perf_counter()
+                if verify:
+                    assert step_problem(Path(d) / "ckpt" / "1") is None
+                    times["verify_s"].append(time.perf_counter() - t)
+                restored = ck.restore(prog.abstract_state, step=1)
+                jax.block_until_ready(restored)
+                times["verify_and_restore_s" if verify else "restore_s"].append(time.perf_counter() - t)
+                del restored
+        ck.close()
+    med = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    return {"params_M": round(params / 1e6, 1), "state_mb": round(nbytes / 1e6, 1),
+            "write_checksums_s": round(checksum_s, 3), **{f"median_{k}": v for k, v in med.items()},
+            "verified_over_plain_restore": round(med["verify_and_restore_s"] / med["restore_s"], 3)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--saves", type=int, default=4)
     p.add_argument("--steps-between", type=int, default=5)
+    p.add_argument("--verify", action="store_true", help="measure the cost of checksum verification on restore")
     args = p.parse_args()
+    if args.verify:
+        from machine import cpu  # a sibling: bench/ is the script's directory
+
+        print(json.dumps({**verify_cost(args), **cpu()}))
+        return
     rows = [run(args, False), run(args, True)]
     for r in rows:
         print(json.dumps(r), flush=True)

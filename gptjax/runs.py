@@ -40,12 +40,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from gptjax.config import RunConfig
+from gptjax.config import ConfigError, RunConfig
 
-__all__ = ["CheckpointNotFound", "FaultLogHandler", "RunDir", "RunLocked", "WriterLock", "atomic_directory",
-           "deferred_interrupt", "fault_reason", "process_alive", "write_atomic"]
+__all__ = ["CheckpointNotFound", "FaultLogHandler", "NotOurs", "RunDir", "RunLocked", "WriterLock", "atomic_directory",
+           "check_overwrite", "deferred_interrupt", "fault_reason", "process_alive", "write_atomic"]
 
 log = logging.getLogger("gptjax")
 HOST = socket.gethostname()
@@ -128,10 +128,19 @@ class RunDir:
     readers = _entry(READERS)
 
     def read_config(self) -> RunConfig:
-        """The ``config.json`` the run was trained with (migrated if it predates a field's move)."""
+        """The ``config.json`` the run was trained with (migrated if it predates a field's move). One that does not
+        read (overwritten, truncated, not JSON) is a ``ConfigError`` naming the file, for every command that opens
+        the run (before, resume and ``gptjax-serve`` died with a ``JSONDecodeError`` traceback, and ``gptjax-eval``
+        printed "Expecting value", naming no file)."""
         if not self.config.is_file():
             raise CheckpointNotFound(f"{self.config} not found: is {self.path} a gptjax run directory?")
-        return RunConfig.from_dict(json.loads(self.config.read_text()))
+        try:
+            return RunConfig.from_dict(json.loads(self.config.read_text()))
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+            raise ConfigError(f"{self.config} is not a readable run config ({reason}); it is written by gptjax-train "
+                              "and must not be edited or overwritten: restore it from a copy (the run's "
+                              "checkpoints are untouched)") from None
 
     def write_config(self, cfg: RunConfig) -> Path:
         return write_atomic(self.config, cfg.to_json())
@@ -226,6 +235,30 @@ def _remove_leftovers(path: Path) -> None:
             if m and process_alive(m.group(1), int(m.group(2))) is False:
                 log.warning("removing %s, left by an interrupted run of process %s", sibling, m.group(2))
                 shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
+
+
+class NotOurs(FileExistsError):
+    """An output path holds a file that the command did not write; the message names it and the way out."""
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_overwrite(path: str | Path, ours: Callable[[bytes], bool], command: str, force: bool = False) -> None:
+    """Refuse (:class:`NotOurs`) to replace ``path`` unless it is absent, written by ``command`` before (``ours`` of
+    its first 4 KiB: the header that command writes), or ``force``. Seen: ``gptjax-plan --out <run>/config.json``
+    replaced a run's config, after which resume, serve and eval all failed."""
+    path = Path(path)
+    if force or not (path.exists() or path.is_symlink()):
+        return
+    if path.is_dir():
+        raise NotOurs(f"{path} is a directory; {command} writes a file there: choose another --out")
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not ours(head):
+        raise NotOurs(f"{path} exists and was not written by {command}; it is left as it is: choose another "
+                      "--out" + (", or pass --force to replace it" if command == "gptjax-plan" else
+                                 ", or remove it first"))
 
 
 def write_atomic(path: str | Path, content: str | bytes) -> Path:

@@ -14,7 +14,8 @@ def test_console_scripts_are_registered():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     modules = {"train": "train", "sample": "sample", "plan": "plan", "plot": "plot", "scaling": "scaling",
                "export": "export", "import": "import_hf", "serve": "serve",
-               "eval": "evaluate", "finetune": "finetune", "data": "data", "launch": "launch", "mup": "mup"}
+               "eval": "evaluate", "finetune": "finetune", "data": "data", "launch": "launch", "mup": "mup",
+               "checkpoint": "checkpoint"}
     assert scripts == {f"gptjax-{name}": f"gptjax.cli.{module}:main" for name, module in modules.items()}
     for module in modules.values():
         assert (ROOT / "gptjax" / "cli" / f"{module}.py").exists()

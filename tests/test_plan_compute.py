@@ -122,6 +122,20 @@ def test_the_plans_experiment_file_trains_and_its_summary_reports_predicted_agai
     assert got["relative_error"] == pytest.approx((pred["loss"] - summary["val_loss"]) / summary["val_loss"])
     assert got["within_interval"] == (pred["interval"][0] <= summary["val_loss"] <= pred["interval"][1])
     assert "plan: predicted val_loss" in r.stdout
+    # the plan replaces its own experiment file, but no file it did not write (a run's config.json was replaced,
+    # and resume, serve and eval then failed): one line, the file as it was; --force replaces it
+    again = ["plan", "--flops", "1e8", "--fit", str(fit_path), "--config", str(base_json), "--no-compile"]
+    assert run_cli(*again, "--out", str(out), env=ONE_DEVICE_ENV).returncode == 0
+    config_json = RunDir(run_dir).config
+    before = config_json.read_bytes()
+    r = run_cli(*again, "--out", str(config_json), env=ONE_DEVICE_ENV)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{config_json} exists and was not written by gptjax-plan" in r.stderr and "--force" in r.stderr
+    assert config_json.read_bytes() == before
+    forced = tmp_path / "mine.txt"
+    forced.write_text("notes")
+    assert run_cli(*again, "--out", str(forced), "--force", env=ONE_DEVICE_ENV).returncode == 0
+    assert forced.read_text().startswith('r"""Planned by gptjax-plan')
 
 
 def test_bad_plan_requests_are_one_line_errors(tmp_path):
@@ -133,3 +147,32 @@ def test_bad_plan_requests_are_one_line_errors(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
     r = run_cli("plan", "--flops", "1e8", "--device", "b200", "--fit", str(fit_path), env=ONE_DEVICE_ENV)
     assert r.returncode == 2 and "--device" in r.stderr
+
+
+def test_budgets_out_of_reach_are_refused_and_a_runs_config_finds_its_metrics_from_anywhere(base_run, tmp_path):
+    """--flops 1e60 and --hours 1e30 were MemoryError tracebacks; --flops 1 printed a plan 1.8e7x over budget; a
+    run trained with a relative --run-dir, planned from another directory, was "a run with no measured
+    throughput"."""
+    import shutil
+    import subprocess
+    import sys
+
+    fit_path = tmp_path / "fit.json"
+    synthetic_fit().write(fit_path)
+    run = tmp_path / "elsewhere" / "runs" / "base"
+    shutil.copytree(base_run.train.run_dir, run)
+    stored = json.loads((run / "config.json").read_text())
+    stored["train"]["run_dir"] = "runs/base"  # as trained with --run-dir runs/base from tmp_path/elsewhere
+    (run / "config.json").write_text(json.dumps(stored))
+    plan = [sys.executable, "-m", "gptjax.cli.plan", "--fit", str(fit_path), "--config", "elsewhere/runs/base/config.json",
+            "--no-compile", "--out", str(tmp_path / "p.py")]
+    for budget, words in ((["--flops", "1e60"], "past the 1e+13 this planner shapes"),
+                          (["--hours", "1e30"], "past the 1e+13 this planner shapes"),
+                          (["--flops", "1"], "less than one step of the smallest model")):
+        r = subprocess.run([*plan, *budget], capture_output=True, text=True, env=ONE_DEVICE_ENV, cwd=tmp_path,
+                           timeout=300)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, (budget, r.stderr[-2000:])
+    r = subprocess.run([*plan, "--flops", "1e8"], capture_output=True, text=True, env=ONE_DEVICE_ENV, cwd=tmp_path,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "throughput: measured by elsewhere/runs/base" in r.stdout

@@ -5,6 +5,7 @@ issue is a regression test here."""
 import errno
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,6 +184,17 @@ def damage_truncate(step_dir):
     big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
 
 
+def damage_flip_bytes(step_dir):
+    """256 bytes flipped inside the step's largest data file: every file still reads, no size changes (before
+    checksums, resume restored this, the loss went NaN two steps later, and every later resume loaded it again)."""
+    big = max((step_dir / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    data = bytearray(big.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 256] = bytes(b ^ 0xFF for b in data[mid:mid + 256])
+    big.write_bytes(bytes(data))
+    return big
+
+
 def damage_delete_item(step_dir):
     import shutil
 
@@ -202,7 +214,7 @@ def uninterrupted(small_corpus, tmp_path_factory):
                  devices=ONE)
 
 
-@pytest.mark.parametrize("damage", [damage_truncate, damage_delete_item, damage_empty])
+@pytest.mark.parametrize("damage", [damage_truncate, damage_flip_bytes, damage_delete_item, damage_empty])
 def test_resume_falls_back_to_the_newest_intact_checkpoint(small_corpus, tmp_path, damage, uninterrupted):
     full = uninterrupted
     cfg = small_run(tmp_path / "r", small_corpus, steps=12, checkpoint_every=4)
@@ -213,6 +225,32 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(small_corpus, tmp_pat
     assert resumed.train_loss == full.train_loss and resumed.val_loss == full.val_loss
     aside = [p.name for p in (tmp_path / "r" / "checkpoints").iterdir() if ".damaged-" in p.name]
     assert len(aside) == 1 and aside[0].startswith("8.damaged-")
+
+
+def test_flipped_bytes_are_found_by_verify_and_skipped_by_readers(small_corpus, tmp_path, uninterrupted, caplog):
+    """``gptjax-checkpoint verify`` names the changed file and exits 1 (changing nothing); a reader of parameters
+    (sampling, serving, evaluation, export, init_from) falls back to the intact step with a warning."""
+    from gptjax.checkpoint import restore_params
+    from helpers import run_cli
+
+    run = tmp_path / "r"
+    shutil.copytree(uninterrupted.run_dir, run)
+    assert json.loads((run / "checkpoints" / "12" / "checksums.json").read_text())["algorithm"] == "crc32"
+    r = run_cli("checkpoint", "verify", str(run), env=cpu_env(1))
+    assert r.returncode == 0 and r.stdout.count(": intact (") == 3, r.stdout + r.stderr
+    changed = damage_flip_bytes(run / "checkpoints" / "12")
+    r = run_cli("checkpoint", "verify", str(run), env=cpu_env(1))
+    assert r.returncode == 1, r.stdout + r.stderr
+    name = changed.relative_to(run / "checkpoints" / "12").as_posix()
+    assert f"step 12: DAMAGED: {name} does not match its checksum" in r.stdout and "step 8: intact" in r.stdout
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["12", "4", "8"]  # verify moves nothing
+    with caplog.at_level("WARNING", logger="gptjax"):
+        cfg, params = restore_params(run)
+    assert "reading checkpoint step 8: step 12 is damaged" in caplog.text and name in caplog.text
+    with pytest.raises(CheckpointNotFound, match=r"checkpoint step 12 .* cannot be read: .*does not match its "):
+        restore_params(run, step=12)
+    r = run_cli("checkpoint", "verify", str(tmp_path / "nothing"), env=cpu_env(1))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no checkpoint in" in r.stderr
 
 
 def test_resume_step_picks_one_and_a_damaged_one_is_a_clear_error(small_corpus, tmp_path):

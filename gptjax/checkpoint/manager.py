@@ -9,6 +9,15 @@ Saving may be asynchronous (orbax writes in a background thread after the device
 on). Orbax writes a step into a temporary directory and renames it when complete, so a killed save leaves no
 step behind. A step that is present but damaged (a missing item, a missing commit marker, a file that fails to
 read) is reported by :meth:`Checkpointer.problem` / on restore, and can be moved aside.
+
+Bytes that changed after the save (a flipped bit on disk, a copy gone wrong) read back without any error: orbax
+and TensorStore keep no checksum of the OCDBT data files, and a checkpoint with 256 flipped bytes restored, turned
+the loss NaN two steps later and was loaded again by every later resume. So once a save is complete, the first
+process records the CRC-32 of every file of the step in ``<step>/checksums.json``; every restore (resume, and the
+readers through ``checkpoint/pinned.py``) checks them first, and a step whose files do not match is damaged like a
+truncated one. CRC-32 (zlib) hashes 3.8 GB/s on one core here (SHA-256 1.6 GB/s): the cost on a 124M-parameter
+model's checkpoint is in docs/reliability.md. A step saved before checksums were recorded, or whose writer was
+killed between orbax's commit and the checksums, restores unverified (logged).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import logging
 import re
 import shutil
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +35,14 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from gptjax.runs import CheckpointNotFound, deferred_interrupt, fault_reason
+from gptjax.runs import CheckpointNotFound, deferred_interrupt, fault_reason, write_atomic
 
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data")
 COMMIT_MARKER = "commit_success.txt"
+CHECKSUMS = "checksums.json"  # written into each step once its save is complete
+DAMAGED = "DAMAGED.txt"  # why a step moved aside is damaged
 
 
 def _not_a_read_only_notice(record: logging.LogRecord) -> bool:
@@ -79,9 +91,51 @@ def shared_iterator_state(data_dir: Path) -> tuple[int, dict]:
     return count, states[0]
 
 
-def step_problem(path: Path, items: tuple[str, ...] = ("state", "data")) -> str | None:
+def _crc32(path: Path, chunk: int = 16 << 20) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def _step_files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name not in (CHECKSUMS, DAMAGED))
+
+
+def write_checksums(step_dir: Path) -> Path:
+    """Record the CRC-32 and size of every file of the complete step ``step_dir``."""
+    files = {p.relative_to(step_dir).as_posix(): {"crc32": _crc32(p), "bytes": p.stat().st_size}
+             for p in _step_files(step_dir)}
+    return write_atomic(step_dir / CHECKSUMS, json.dumps({"algorithm": "crc32", "files": files}, indent=1))
+
+
+def checksum_problem(step_dir: Path) -> str | None:
+    """Which file of ``step_dir`` differs from what was recorded when it was saved (None: all match, or the step
+    has no checksums: saved before they were recorded, or its writer was killed before it recorded them)."""
+    try:
+        recorded = json.loads((step_dir / CHECKSUMS).read_text())["files"]
+    except FileNotFoundError:
+        log.info("checkpoint step %s has no %s: restored unverified", step_dir.name, CHECKSUMS)
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its {CHECKSUMS} does not read ({fault_reason(e)})"
+    for name, want in recorded.items():
+        path = step_dir / name
+        try:
+            if path.stat().st_size != want["bytes"]:
+                return f"{name} holds {path.stat().st_size} bytes, {want['bytes']} were written"
+            if _crc32(path) != want["crc32"]:
+                return f"{name} does not match its checksum (its bytes changed after the save)"
+        except FileNotFoundError:
+            return f"{name} is missing"
+    return None
+
+
+def step_problem(path: Path, items: tuple[str, ...] = ("state", "data"), verify: bool = True) -> str | None:
     """Why the checkpoint step directory ``path`` cannot be restored, as far as its files tell (None: it looks
-    intact); ``items``: the items that must be there (readers of parameters only need ``("state",)``)."""
+    intact); ``items``: the items that must be there (readers of parameters only need ``("state",)``); ``verify``:
+    also check every file against the checksums recorded at the save (reads the whole step)."""
     if not path.is_dir():
         return "its directory is missing"
     missing = [n for n in items if not (path / n).is_dir()]
@@ -102,7 +156,7 @@ def step_problem(path: Path, items: tuple[str, ...] = ("state", "data")) -> str 
         return "the state item has no OCDBT manifest (state/manifest.ocdbt)"
     if "data" in items and not data_files(path / "data"):
         return "the data item holds no iterator state (process_<i>-of-<n>.json)"
-    return None
+    return checksum_problem(path) if verify else None
 
 
 class _IteratorSnapshot:
@@ -183,11 +237,14 @@ class Checkpointer:
         return time.perf_counter() - t
 
     def wait(self) -> None:
-        """Block until a background save is complete; a failed one raises ``CheckpointWriteError``."""
+        """Block until a background save is complete, then record its checksums; a failed one raises
+        ``CheckpointWriteError``."""
         step, self.pending = self.pending, None
         with deferred_interrupt():
             try:
                 self.manager.wait_until_finished()
+                if step is not None and jax.process_index() == 0 and (self.directory / str(step)).is_dir():
+                    write_checksums(self.directory / str(step))
             except Exception as e:
                 raise self._write_error(step, e) from e
 
@@ -199,15 +256,15 @@ class Checkpointer:
         return CheckpointWriteError(f"could not write checkpoint step {step} in {self.directory}: "
                                     f"{fault_reason(e)}; the earlier checkpoints {self.all_steps()} are untouched")
 
-    def problem(self, step: int, items: tuple[str, ...] = ITEMS) -> str | None:
+    def problem(self, step: int, items: tuple[str, ...] = ITEMS, verify: bool = True) -> str | None:
         """Why step ``step`` cannot be restored, as far as its files tell (None: it looks intact)."""
-        return step_problem(self.directory / str(step), items)
+        return step_problem(self.directory / str(step), items, verify)
 
     def move_aside(self, step: int, why: str) -> Path:
         """Rename a damaged step out of orbax's sight (kept for inspection), so the step can be written again."""
         dest = self.directory / f"{step}.damaged-{int(time.time())}"
         (self.directory / str(step)).rename(dest)
-        (dest / "DAMAGED.txt").write_text(why + "\n")
+        (dest / DAMAGED).write_text(why + "\n")
         self.manager.reload()
         return dest
 

@@ -5,8 +5,8 @@ A run keeps ``train.keep_checkpoints`` steps and deletes older ones as it saves 
 an export racing a run that checkpointed every step with ``keep_checkpoints=1`` crashed in 3 of 12 tries. So a
 reader first hard-links the step's files into a private directory, ``<run>/.readers/<host>-<pid>-<time>/<step>/``,
 copy-free (the data stays on disk until the last link goes), reads from there, and removes it when done. A step
-deleted while it is being linked is noticed and the newest step is pinned instead; a newest step that is damaged is
-skipped with a warning, as resume does.
+deleted while it is being linked is noticed and the newest step is pinned instead; a newest step that is damaged
+(checked on the pinned copy, its files against their checksums included) is skipped with a warning, as resume does.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _pin(run: RunDir, step: int | None, items: tuple[str, ...], root: Path) -> i
         if step is not None and step not in steps:
             raise CheckpointNotFound(f"no checkpoint for step {step} in {run.checkpoints}; available: {steps}")
         for s in ([step] if step is not None else sorted(steps, reverse=True)):
-            why = step_problem(run.checkpoints / str(s), items)
+            why = step_problem(run.checkpoints / str(s), items, verify=False)  # the pinned copy is verified
             if why is not None and not (run.checkpoints / str(s)).exists():
                 break  # deleted by retention since the listing (not damaged): list again
             if why is None:

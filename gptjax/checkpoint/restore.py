@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import jax
 from jax.sharding import Mesh
 
-from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound
+from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound, step_problem
 from gptjax.checkpoint.pinned import pinned
 from gptjax.config import ConfigError, ModelConfig, RunConfig
 from gptjax.model.decoder import stack_layers, unstack_layers
@@ -45,6 +45,10 @@ def _in_place(run: RunDir, step: int | None) -> Iterator[tuple[int, Path]]:
         found = checkpointer._existing_step(step)
     finally:
         checkpointer.close()
+    why = step_problem(run.checkpoints / str(found), ("state",))
+    if why is not None:
+        raise CheckpointNotFound(f"checkpoint step {found} in {run.checkpoints} cannot be read: {why}; "
+                                 f"read another one with --step")
     yield found, run.checkpoints
 
 

@@ -23,11 +23,14 @@ Exit codes: 0 written (and submitted), 2 a job that cannot work as asked (one li
 from __future__ import annotations
 
 import argparse
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from gptjax.cli.common import UserError, console_script, user_errors
+from gptjax.runs import check_overwrite
 
 
 def parser() -> argparse.ArgumentParser:
@@ -88,25 +91,24 @@ def main(argv: list[str] | None = None) -> int:
         elif a.target == "k8s":
             import yaml
 
-            text = yaml.safe_dump_all(k8s_manifest(job, a.image, a.namespace, a.volume_claim, a.mount),
-                                      sort_keys=False)
+            text = f"# written by gptjax-launch k8s: {shlex.join(job.command)}\n" + yaml.safe_dump_all(
+                k8s_manifest(job, a.image, a.namespace, a.volume_claim, a.mount), sort_keys=False)
         else:
             text = tpu_vm_script(job, a.tpu, a.zone, a.project)
         out = Path(a.out or f"{job.name}{suffix}")
         if not out.parent.is_dir():
             raise UserError(f"--out {out}: directory {out.parent} does not exist")
+        check_overwrite(out, lambda head: b"written by gptjax-launch" in head, "gptjax-launch")
+        if a.target == "slurm" and a.submit and shutil.which("sbatch") is None:  # before anything is written
+            raise UserError(f"--submit: sbatch not found, so nothing was written or submitted: run this on a SLURM "
+                            f"login node (or tools/slurm_cluster up), or leave out --submit to write {out} only")
     out.write_text(text)
     out.chmod(0o755 if suffix != ".yaml" else 0o644)
     print(f"wrote {out} ({job.processes} process{'es' * (job.processes > 1)} on {job.nodes} "
           f"host{'s' * (job.nodes > 1)})", file=sys.stderr)
     if a.target == "slurm" and a.submit:
         Path(job.workdir or ".", SLURM_LOGS).mkdir(parents=True, exist_ok=True)  # sbatch does not create it
-        try:
-            r = subprocess.run(["sbatch", "--parsable", str(out)], capture_output=True, text=True)
-        except FileNotFoundError:
-            print(f"error: sbatch not found: submit {out} from a SLURM login node (or tools/slurm_cluster up)",
-                  file=sys.stderr)
-            return 2
+        r = subprocess.run(["sbatch", "--parsable", str(out)], capture_output=True, text=True)
         if r.returncode:
             print(f"error: sbatch refused {out}: {r.stderr.strip()}", file=sys.stderr)
             return 1

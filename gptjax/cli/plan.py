@@ -40,6 +40,7 @@ from pathlib import Path
 
 from gptjax.cli.common import add_config_args, config_args, config_from_args, console_script, user_errors
 from gptjax.config import DTYPE_NAMES, AttentionImpl, Remat, RunConfig, build_config_dict, choices
+from gptjax.runs import RunDir, check_overwrite, write_atomic
 
 GB = 1e9
 
@@ -150,7 +151,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--chips", type=_positive, default=1, help="devices the run gets (default 1)")
     g.add_argument("--mfu", type=float, help="model FLOPs utilisation to time the run with (default: measured)")
     g.add_argument("--peak-flops", type=float, help="FLOP/s per device, with --mfu on a cpu")
-    g.add_argument("--out", help="experiment file to write (default experiments/plan_C<flops>.py)")
+    g.add_argument("--out", help="experiment file to write (default experiments/plan_C<flops>.py); a file that "
+                                 "gptjax-plan did not write is not replaced")
+    g.add_argument("--force", action="store_true", help="replace --out whatever it holds")
     g.add_argument("--run-dir", help="the planned run's directory (default runs/plan_C<flops>)")
     p.add_argument("--compile-layers", default="2,4", help="reduced depths to AOT-compile (default 2,4)")
     p.add_argument("--no-compile", action="store_true", help="analytic figures only")
@@ -278,11 +281,14 @@ def compute_plan(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     with user_errors(PlanError, ScalingInputError, FileNotFoundError):
         fit = FitResult.read(a.fit)
         base = config_from_args(a)
+        given = Path(a.config)  # a run's own config.json: the run is where the file is, wherever the cwd
         kw = dict(approach=a.approach, chips=a.chips, device=a.device or "cpu", mfu=a.mfu, peak_flops=a.peak_flops,
-                  run_dir=a.run_dir)
+                  run_dir=a.run_dir, base_run_dir=given.parent if given.name == RunDir.CONFIG else None)
         plan = plan_for_hours(fit, a.hours, base, **kw) if a.hours else plan_compute(fit, a.flops, base, **kw)
     tag = f"C{plan.flops:.0e}".replace("+", "")
     out = Path(a.out or f"experiments/plan_{tag}.py")
+    with user_errors():  # before the compiled check: a refusal costs nothing
+        check_overwrite(out, lambda head: head.startswith(EXPERIMENT_HEADER.encode()), "gptjax-plan", a.force)
     cfg = replace(plan.config, train=replace(plan.config.train, prediction=plan.prediction(a.fit)))
     result = plan.to_dict()
     check = None
@@ -355,11 +361,13 @@ def compiled_check(cfg, plan) -> dict:
             "analytic": got["analytic_bytes"]["total"]}
 
 
+EXPERIMENT_HEADER = 'r"""Planned by gptjax-plan'  # how an experiment file this command wrote begins
+
+
 def write_experiment(out: Path, cfg, plan, a, check: dict | None) -> None:
     import pprint
     import textwrap
 
-    from gptjax.runs import write_atomic
 
     d = cfg.to_dict()
     tok = d["data"].get("tokenizer")
@@ -369,7 +377,7 @@ def write_experiment(out: Path, cfg, plan, a, check: dict | None) -> None:
                                                    break_on_hyphens=False))
     described = "\n".join(textwrap.fill(ln, 116, subsequent_indent=" " * 9)
                           for ln in describe_plan(plan, check, out).splitlines()[:-1])
-    text = (f'r"""Planned by gptjax-plan: the compute-optimal run at C = {plan.flops:.4g} FLOPs of {a.fit}.\n\n'
+    text = (f'{EXPERIMENT_HEADER}: the compute-optimal run at C = {plan.flops:.4g} FLOPs of {a.fit}.\n\n'
             f"    {command}\n\n" + described + "\n\n"
             f"Train it (its summary reports the measured against the predicted loss):\n\n"
             f"    gptjax-train --config {out}\n"

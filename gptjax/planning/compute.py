@@ -49,6 +49,8 @@ MEASURED_MFU = {"h100-80gb": ((124_475_904, 0.3512), (1_100_048_384, 0.5169)),
 TENSOR_SPLITS = (2, 4, 8)
 EXTRAPOLATION_WARNING = 100  # a plan this many times past the fit's largest budget says so
 SHARDABLE_WIDTH = 1024  # from this width on, a plan over several devices rounds d_model to a multiple of 128
+MAX_PLANNED_PARAMS = 1e13  # 10T parameters: past any model trained; --flops 1e60 ran the sizing rule out of memory
+OVER_BUDGET = 2.0  # a plan whose one-step-minimum spends more than this times the budget is refused
 
 
 class PlanError(ValueError):
@@ -73,10 +75,11 @@ def measured_mfu(device: str, params: float) -> float:
     return m0 + t * (m1 - m0)
 
 
-def measured_throughput(base: RunConfig) -> tuple[float, str]:
+def measured_throughput(base: RunConfig, base_run_dir: str | Path | None = None) -> tuple[float, str]:
     """FLOP/s per device that the base run measured: median logged tokens per second (the first log row, which
-    holds the compilation, left out) x its FLOPs per token."""
-    run = RunDir(base.train.run_dir)
+    holds the compilation, left out) x its FLOPs per token. ``base_run_dir``: where the base run is (the directory
+    of the ``config.json`` given; default its ``train.run_dir``, which is relative to where it was trained)."""
+    run = RunDir(base_run_dir or base.train.run_dir)
     rows = []
     if run.metrics.is_file():
         rows = [r for r in map(json.loads, run.metrics.read_text().splitlines()) if "tokens_per_sec" in r]
@@ -148,7 +151,7 @@ def mesh_candidates(chips: int) -> list[dict[str, int]]:
 
 def plan_compute(fit: FitResult, flops: float, base: RunConfig, *, approach: str = "3", chips: int = 1,
                  device: str = "cpu", mfu: float | None = None, peak_flops: float | None = None,
-                 run_dir: str | None = None) -> ComputePlan:
+                 run_dir: str | None = None, base_run_dir: str | Path | None = None) -> ComputePlan:
     if not (flops > 0 and math.isfinite(flops)):
         raise PlanError(f"--flops must be a positive number, got {flops}")
     if chips < 1:
@@ -156,6 +159,9 @@ def plan_compute(fit: FitResult, flops: float, base: RunConfig, *, approach: str
     device = device_name(device)
     law = fit.parametric(approach)
     opt = {k: float(v) for k, v in law.optimal(flops).items() if k in ("params", "tokens", "loss")}
+    if not opt["params"] <= MAX_PLANNED_PARAMS:
+        raise PlanError(f"C = {flops:.3g} FLOPs gives N_opt = {opt['params']:.3g} parameters, past the "
+                        f"{MAX_PLANNED_PARAMS:.0e} this planner shapes: give a smaller --flops or --hours")
     opt["ci"] = {k: law.interval(lambda f, k=k: float(f.optimal(flops)[k])) for k in ("params", "tokens", "loss")}
 
     # shape from the sizing rule, keeping everything else of the base model (dtype, parametrization, kernels)
@@ -185,6 +191,10 @@ def plan_compute(fit: FitResult, flops: float, base: RunConfig, *, approach: str
                         "--chips or a smaller budget")
     mesh, cfg, memory = chosen
     tokens = cfg.train.steps * cfg.train.batch_size * seq
+    if 6 * n * tokens > OVER_BUDGET * flops:  # (--flops 1 printed a plan 1.8e7 times over budget)
+        raise PlanError(f"C = {flops:.3g} FLOPs is less than one step of the smallest model the sizing rule gives "
+                        f"({n:,} parameters x {cfg.train.batch_size} x {seq} tokens x 6 = {6 * n * tokens:.3g} "
+                        "FLOPs): give a larger --flops or --hours")
     loss = float(law.loss(n, tokens))
     loss_ci = law.interval(lambda f: float(f.loss(n, tokens)))
 
@@ -201,7 +211,7 @@ def plan_compute(fit: FitResult, flops: float, base: RunConfig, *, approach: str
             source = "the given --mfu"
         throughput, source = peak * mfu, f"{peak / 1e12:g} TFLOP/s peak x MFU {mfu:.3f} ({source})"
     else:
-        throughput, source = measured_throughput(base)
+        throughput, source = measured_throughput(base, base_run_dir)
     train_flops = flops_per_token(model, seq) * tokens
     shards = mesh["data"] * mesh["fsdp"]
     rules = {
