@@ -389,3 +389,68 @@ def test_a_text_corpus_keeps_document_masking_when_its_cache_is_read(tmp_path):
     second = prepare_corpus(cfg, 512, tmp_path / "run")
     assert first.document_masking and second.document_masking
     assert set(second.windows(32)[0]) == {"tokens", "segment_ids", "positions"}
+
+
+# ---- damaged shards (Reliability III, item 3) --------------------------------------------------------------------
+def test_a_shard_damaged_mid_training_is_one_line_saves_the_last_step_and_prepare_mends_it(tmp_path, tok):
+    """Shards damaged while a run trains: it stops with one line naming the shard and the document (exit 2, no
+    Riegeli traceback) and saves its last good step; ``gptjax-data verify`` names each damaged shard (exit 1; info
+    said the directory was fine); ``gptjax-data prepare`` with the same inputs prepares them again to the same
+    bytes, and the run resumes."""
+    from helpers import small_run
+
+    src = tmp_path / "src.txt"
+    src.write_text("\n\n".join(PARAS[:2000]))
+    out = tmp_path / "out"
+    prep = [sys.executable, "-m", "gptjax.cli.data", "prepare", str(src), "--tokenizer", str(tok), "--out", str(out),
+            "--docs-per-shard", "256", "--val-fraction", "0.05", "--no-progress"]
+    assert subprocess.run(prep, capture_output=True, env=ONE_DEVICE_ENV).returncode == 0
+    original = shard_bytes(out)
+    run = tmp_path / "run"
+    cfg = small_run(run, out, steps=3000, log_every=1, eval_every=10_000, checkpoint_every=10_000)
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    proc = subprocess.Popen([sys.executable, "-m", "gptjax.cli.train", "--config", str(tmp_path / "cfg.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_DEVICE_ENV)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and any(json.loads(x).get("step", 0) >= 5 for x in metrics.read_text().splitlines()
+                                        if x.endswith("}"))):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    for shard in out.glob("train-*.arecord"):  # flipped bytes every 8 KiB, in place (the reader has it open)
+        data = bytearray(shard.read_bytes())
+        for at in range(4096, len(data) - 4096, 8192):
+            data[at:at + 64] = bytes(b ^ 0xFF for b in data[at:at + 64])
+        with open(shard, "r+b") as f:
+            f.write(bytes(data))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err and err.strip().count("\n") == 0, err[-3000:]
+    assert "gptjax-train: " in err and ".arecord, document " in err and "cannot be read" in err
+    assert "gptjax-data verify" in err and "training stopped after step" in err
+    last = max(json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"loss"' in x)
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [last]
+    r = subprocess.run([sys.executable, "-m", "gptjax.cli.data", "verify", str(out), "--no-progress"],
+                       capture_output=True, text=True, env=ONE_DEVICE_ENV)
+    assert r.returncode == 1 and r.stdout.count("DAMAGED: ") == len(list(out.glob("train-*.arecord"))), r.stdout
+    r = subprocess.run(prep, capture_output=True, text=True, env=ONE_DEVICE_ENV)
+    assert r.returncode == 0 and "preparing it again" in r.stderr, r.stderr
+    assert shard_bytes(out) == original
+    r = subprocess.run([sys.executable, "-m", "gptjax.cli.train", "--config", str(tmp_path / "cfg.json"), "--resume",
+                        "--extend-steps", str(last + 2)], capture_output=True, text=True, env=ONE_DEVICE_ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_a_refused_preparation_leaves_nothing_and_the_corrected_one_runs(tmp_path, tok):
+    """A bad row refused the preparation but left --out with a progress file and a tokenizer; the corrected
+    re-run was then refused as "a preparation of other inputs"."""
+    src = tmp_path / "a.jsonl"
+    src.write_text(json.dumps({"text": PARAS[0]}) + "\nnot json\n")
+    prep = [sys.executable, "-m", "gptjax.cli.data", "prepare", str(src), "--tokenizer", str(tok), "--out",
+            str(tmp_path / "out"), "--no-progress"]
+    r = subprocess.run(prep, capture_output=True, text=True, env=ONE_DEVICE_ENV)
+    assert r.returncode == 2 and "line 2" in r.stderr and not (tmp_path / "out").exists(), r.stderr
+    src.write_text(json.dumps({"text": PARAS[0]}) + "\n" + json.dumps({"text": PARAS[1]}) + "\n")
+    r = subprocess.run(prep, capture_output=True, text=True, env=ONE_DEVICE_ENV)
+    assert r.returncode == 0, r.stderr
+    assert PreparedData(tmp_path / "out").verify() == {}

@@ -3,15 +3,17 @@
     gptjax-data train-tokenizer corpus/*.jsonl.zst books.txt --vocab-size 32000 --out tok.model
     gptjax-data prepare corpus/*.jsonl.zst books.txt --tokenizer tok.model --out data/web --workers 8
     gptjax-data info data/web
+    gptjax-data verify data/web                          # every shard against the manifest's hashes
     gptjax-data builtin stdlib --out stdlib.jsonl       # a real corpus every machine has (or: austen)
 
 Sources are plain text (documents split at blank lines, or at lines matching ``--doc-pattern``), JSONL with a text
 field (plain, ``.gz``, ``.zst``) and Parquet; none is read whole. ``train-tokenizer``: sentencepiece BPE with byte
 fallback on a seeded uniform sample of the documents. ``prepare``: token documents in ArrayRecord shards with a
 manifest (``gptjax/data/prepare.py`` documents the layout); run it again after a kill and it resumes, ending with
-the same bytes; run it again when done and it says so. ``info``: the manifest's summary.
+the same bytes; run it again when done and it says so. ``info``: the manifest's summary. ``verify``: every shard
+against the manifest's SHA-256 (exit 1 naming each damaged file).
 
-Exit codes: 0 done, 2 bad input (one line on stderr naming the file and line or row).
+Exit codes: 0 done, 1 verify found damage, 2 bad input (one line on stderr naming the file and line or row).
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
                        "(austen) or the interpreter's standard library (stdlib)")
     b.add_argument("name", choices=sorted(BUILTIN))
     b.add_argument("--out", required=True, help="the JSONL file to write")
+    v = sub.add_parser("verify", help="check every shard of a prepared directory against the manifest's hashes")
+    v.add_argument("dir")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
     info = sub.add_parser("info", help="what a prepared directory holds")
     info.add_argument("dir")
     info.add_argument("--json", action="store_true", help="print the whole manifest")
@@ -97,6 +102,16 @@ def main(argv: list[str] | None = None) -> int:
             n = write_builtin(a.name, a.out)
             print(f"wrote {a.out}: {n} documents")
             return 0
+        if a.command == "verify":
+            data = PreparedData(a.dir)
+            problems = data.verify(progress=not a.no_progress)
+            for path, why in problems.items():
+                print(f"DAMAGED: {path}: {why}")
+            n = sum(len(v) for v in data.manifest["shards"].values())
+            print(f"{a.dir}: {len(problems)} of {n} shards damaged; gptjax-data prepare with the same inputs "
+                  "prepares them again, to the same bytes"
+                  if problems else f"{a.dir}: intact ({n} shards, each matching the manifest's SHA-256)")
+            return 1 if problems else 0
         if a.command == "info":
             data = PreparedData(a.dir)
             if a.json:

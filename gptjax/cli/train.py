@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg.to_json())
         return 0
     from gptjax.data.corpus import CorpusError
+    from gptjax.data.sources import SourceError
     from gptjax.data.tokenizer import TokenizerError
     from gptjax.runs import RunDir, RunLocked
     from gptjax.sharding.distributed import PreflightError, check_mesh, check_shared_dir, maybe_initialize
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             check_mesh(cfg.mesh, cfg.train.batch_size)
             check_shared_dir(cfg.train.run_dir)
     try:
-        with user_errors(CorpusError, TokenizerError, CheckpointNotFound, CheckpointWriteError, FileExistsError,
+        with user_errors(CorpusError, SourceError, TokenizerError, CheckpointNotFound, CheckpointWriteError, FileExistsError,
                          RunLocked, RunWriteError, log=RunDir(cfg.train.run_dir).log):
             train(cfg, resume=bool(a.resume), stop_after=a.stop_after, resume_step=a.resume_step)
     except StopTraining as stop:

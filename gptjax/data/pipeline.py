@@ -285,6 +285,10 @@ class PackedWindows:
         return _window(np.asarray(self.tokens[start: start + self.seq_len + 1], dtype=np.int32), self.eos_id)
 
 
+class ShardReadError(SourceError):
+    """A record of a prepared shard does not read; the message names the shard and the document."""
+
+
 class PreparedWindows:
     """``seq_len + 1``-token windows over the token stream of a prepared split (its shards' documents in order),
     read from the shards on demand: a window's documents are found through each shard's lengths file, and at most
@@ -312,14 +316,23 @@ class PreparedWindows:
             return self._open[k]
         from array_record.python.array_record_module import ArrayRecordReader
 
-        # random access: no read-ahead (its buffers were most of the loader's memory, and wasted on a window)
-        reader = ArrayRecordReader(str(self.files[k]), "readahead_buffer_size:0")
-        if k not in self._starts:
-            self._starts[k] = np.concatenate([[0], np.cumsum(np.load(lengths_file(self.files[k])).astype(np.int64))])
+        try:  # random access: no read-ahead (its buffers were most of the loader's memory, and wasted on a window)
+            reader = ArrayRecordReader(str(self.files[k]), "readahead_buffer_size:0")
+            if k not in self._starts:
+                self._starts[k] = np.concatenate([[0], np.cumsum(np.load(lengths_file(self.files[k]))
+                                                                 .astype(np.int64))])
+        except (OSError, ValueError, RuntimeError) as e:  # array_record raises these for a damaged file
+            raise ShardReadError(self._damaged(k, None, e)) from None
         self._open[k] = (reader, self._starts[k])
         if len(self._open) > self.open_shards:
             self._open.popitem(last=False)[1][0].close()
         return self._open[k]
+
+    def _damaged(self, k: int, document: int | None, e: Exception) -> str:
+        where = f"{self.files[k]}" + (f", document {document}" if document is not None else "")
+        return (f"{where} cannot be read ({fault_reason(e)}): the shard is damaged; gptjax-data verify "
+                f"{self.data.path} checks every shard against the manifest, and gptjax-data prepare with the same "
+                "inputs prepares the damaged ones again, to the same bytes")
 
     def tokens(self, start: int, count: int) -> np.ndarray:
         """``count`` tokens of the stream from position ``start``."""
@@ -331,7 +344,10 @@ class PreparedWindows:
             reader, doc_start = self._shard(k)
             local = g - int(self.shard_start[k])
             j = int(np.searchsorted(doc_start, local, side="right")) - 1
-            doc = np.frombuffer(reader.read([j])[0], self.data.dtype)
+            try:
+                doc = np.frombuffer(reader.read([j])[0], self.data.dtype)
+            except (OSError, ValueError, RuntimeError, IndexError) as e:
+                raise ShardReadError(self._damaged(k, j, e)) from None
             off = local - int(doc_start[j])
             take = min(len(doc) - off, count - filled)
             out[filled: filled + take] = doc[off: off + take]

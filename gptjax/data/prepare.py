@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import numpy as np
 
 from gptjax.data.sources import SourceError, file_sha256, read_documents
 from gptjax.data.tokenizer import Tokenizer
-from gptjax.runs import write_atomic
+from gptjax.runs import fault_reason, write_atomic
 
 FORMAT = "gptjax-tokens/1"
 MANIFEST = "manifest.json"
@@ -203,10 +204,24 @@ def _differences(old: dict, new: dict) -> list[str]:
 def prepare(sources: Sequence[str | Path], tokenizer_path: str | Path, out: str | Path, *, workers: int = 1,
             settings: PrepareSettings = PrepareSettings(), progress: bool = True) -> dict:
     """Prepare ``sources`` into ``out`` (module docstring); the manifest. Safe to run again: it resumes, or, when
-    complete, returns the manifest at once."""
+    complete, checks the shards against the manifest and returns it (a damaged shard is prepared again, to the same
+    bytes). A call that fails before it wrote a shard leaves no ``out`` it created (a refused preparation left a
+    progress file and a tokenizer there, and the corrected re-run was refused as "a preparation of other
+    inputs")."""
+    out = Path(out)
+    created = not out.exists()
+    try:
+        return _prepare(sources, tokenizer_path, out, workers, settings, progress)
+    except BaseException:
+        if created and out.is_dir() and not any(out.glob("*.arecord")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _prepare(sources: Sequence[str | Path], tokenizer_path: str | Path, out: Path, workers: int,
+             settings: PrepareSettings, progress: bool) -> dict:
     from tqdm import tqdm
 
-    out = Path(out)
     if workers < 1:
         raise SourceError(f"workers={workers}: must be at least 1")
     if settings.docs_per_shard < 1 or not 0 <= settings.val_fraction < 1:
@@ -233,7 +248,14 @@ def prepare(sources: Sequence[str | Path], tokenizer_path: str | Path, out: str 
         if diff:
             raise SourceError(f"{out} was prepared from other inputs ({'; '.join(diff)}): prepare into another "
                               "directory, or remove this one")
-        return manifest
+        damaged = PreparedData(out).verify(progress=progress)
+        if not damaged:
+            return manifest
+        for path, why in damaged.items():
+            print(f"gptjax-data: {path}: {why}; preparing it again", file=sys.stderr)
+            for f in (path, lengths_file(path)):
+                f.unlink(missing_ok=True)
+        manifest_path.unlink()
     for stale in out.glob(".*.tmp-*"):  # a killed run's half-written shard
         stale.unlink()
     done: dict[int, dict] = {}
@@ -249,7 +271,7 @@ def prepare(sources: Sequence[str | Path], tokenizer_path: str | Path, out: str 
                         from None
         if lines:
             diff = _differences(lines[0], identity)
-            if diff:
+            if diff and len(lines) > 1:  # (a start of other inputs that wrote no shard is simply started over)
                 raise SourceError(f"{out} holds a preparation of other inputs ({'; '.join(diff)}): prepare into "
                                   "another directory, or remove this one")
             for rec in lines[1:]:
@@ -361,8 +383,12 @@ class PreparedData:
             why = "it is still being prepared (or was killed: run gptjax-data prepare again to finish it)" \
                 if (self.path / PROGRESS).exists() else "no manifest.json: prepare it with gptjax-data prepare"
             raise SourceError(f"{self.path} is not a prepared data directory: {why}")
-        self.manifest = json.loads(manifest.read_text())
-        if self.manifest.get("format") != FORMAT:
+        try:
+            self.manifest = json.loads(manifest.read_text())
+        except (OSError, ValueError) as e:
+            raise SourceError(f"{manifest} does not read ({type(e).__name__}: {e}): the directory is damaged; "
+                              "prepare it again") from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             raise SourceError(f"{manifest}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
         self.dtype = np.dtype(self.manifest["dtype"])
 
@@ -388,6 +414,27 @@ class PreparedData:
     def key(self) -> str | None:
         """What a run directory's own preparation was made from (:func:`prepare_splits`); None for others."""
         return self.manifest.get("key")
+
+    def verify(self, progress: bool = False) -> dict[Path, str]:
+        """The shards that differ from the manifest, each with why (empty: none): its SHA-256, its lengths file's
+        counts. Reads every shard whole."""
+        from tqdm import tqdm
+
+        problems = {}
+        shards = [s for split in SPLITS for s in self.manifest["shards"][split]]
+        for shard in tqdm(shards, desc="verify", unit="shard", disable=not progress, file=sys.stderr):
+            path = self.path / shard["file"]
+            try:
+                if file_sha256(path) != shard["sha256"]:
+                    problems[path] = "its SHA-256 differs from the manifest's (the file changed after it was written)"
+                    continue
+                lengths = np.load(lengths_file(path))
+                if len(lengths) != shard["documents"] or int(lengths.sum()) != shard["tokens"]:
+                    problems[path] = (f"its lengths file holds {len(lengths)} documents, {int(lengths.sum())} "
+                                      f"tokens; the manifest says {shard['documents']} and {shard['tokens']}")
+            except (OSError, ValueError) as e:
+                problems[path] = fault_reason(e)
+        return problems
 
     def documents(self, split: str) -> Iterator[np.ndarray]:
         from array_record.python.array_record_module import ArrayRecordReader

@@ -62,6 +62,10 @@ class NonFiniteStop(StopTraining):
     exit_code = 3
 
 
+class DataStop(StopTraining):
+    exit_code = 2  # bad input: the data, named in the message
+
+
 class Hook:
     def after_step(self, step: int, end: int, state: dict, metrics: dict) -> None:
         raise NotImplementedError
@@ -193,6 +197,39 @@ class CheckpointHook(Hook):
             with self.clock.paused(state):
                 stall = self.policy.save(step, state, self.data_iterator)
             self.reporter.metrics.write(step, checkpoint_stall_s=round(stall, 4))
+
+
+class _Position:
+    """A data iterator's state taken earlier, saved as if it were the iterator."""
+
+    def __init__(self, state: Any):
+        self.state = state
+
+    def get_state(self) -> Any:
+        return self.state
+
+
+class LastGoodStep(Hook):
+    """The last completed step's state and data position: what a run stopped by unreadable data saves (a damaged
+    shard surfaced as a Riegeli traceback mid-training, and the steps since the last checkpoint were lost). The
+    iterator's state is taken after every step (a dict of counters), since the failed read may have moved it."""
+
+    def __init__(self, policy: CheckpointPolicy, data_iterator: Any):
+        self.policy, self.data_iterator = policy, data_iterator
+        self.step: int | None = None
+
+    def after_step(self, step, end, state, metrics):
+        self.step, self.state, self.position = step, state, self.data_iterator.get_state()
+
+    def stop(self, error: Exception) -> DataStop:
+        """Save the last good step where it is not saved yet; the stop that names ``error`` and the step."""
+        if self.step is None:
+            return DataStop(f"{error}; no step was trained")
+        if self.policy.last_saved != self.step:
+            self.policy.save(self.step, self.state, _Position(self.position))
+        self.policy.checkpointer.wait()
+        return DataStop(f"{error}; training stopped after step {self.step}, saved in "
+                        f"{self.policy.checkpointer.directory}: continue with --resume once the data is whole")
 
 
 class PreemptionHook(Hook):

@@ -18,8 +18,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from gptjax.config import ConfigError, RunConfig
-from gptjax.data.pipeline import (MixtureCorpus, PreparedCorpus, data_position, eval_batches, prepare_corpus,
-                                   train_dataset)
+from gptjax.data.pipeline import (MixtureCorpus, PreparedCorpus, ShardReadError, data_position, eval_batches,
+                                   prepare_corpus, train_dataset)
 from gptjax.evals.loss import target_bytes, unigram_cross_entropy
 from gptjax.evals.tasks import load_task
 from gptjax.inference import Engine, GenerationConfig
@@ -30,8 +30,8 @@ from gptjax.checkpoint.manager import CheckpointWriteError
 from gptjax.runs import FaultLogHandler, RunDir, RunLocked, WriterLock, deferred_interrupt, fault_reason
 from gptjax.sharding.mesh import describe, make_mesh
 from gptjax.training.checkpointing import CheckpointPolicy, RunComplete
-from gptjax.training.hooks import (CheckpointHook, Clock, EvalHook, LogHook, NonFiniteHook, PreemptionHook,
-                                   TaskEvalHook)
+from gptjax.training.hooks import (CheckpointHook, Clock, EvalHook, LastGoodStep, LogHook, NonFiniteHook,
+                                   PreemptionHook, TaskEvalHook)
 from gptjax.training.loop import run_steps
 from gptjax.training.perf import measure_peak_flops
 from gptjax.training.program import Program
@@ -265,10 +265,13 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
     task_hook = TaskEvalHook(t.task_eval_every, program.model, corpus.tokenizer,
                              [load_task(name) for name in t.task_names], t.task_examples, reporter, clock)
     preemption = PreemptionHook(policy, data_iter, clock)
+    last_good = LastGoodStep(policy, data_iter)
     hooks = [log_hook, NonFiniteHook(t.max_nonfinite_skips, t.log_every, policy, reporter), eval_hook, task_hook,
-             CheckpointHook(policy, data_iter, clock, reporter), preemption]
+             CheckpointHook(policy, data_iter, clock, reporter), preemption, last_good]
     try:
         state, final_step = run_steps(program, data_iter, state, start, end, hooks, reporter)
+    except ShardReadError as e:
+        raise last_good.stop(e) from None
     finally:
         preemption.close()
         reporter.close()
