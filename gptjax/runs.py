@@ -151,10 +151,13 @@ class RunDir:
     def write_summary(self, summary: dict) -> Path:
         return write_atomic(self.summary, json.dumps(summary, indent=2))
 
+    def has_checkpoint_step(self) -> bool:
+        """At least one step directory under ``checkpoints/`` (whether intact is the restore's call)."""
+        return self.checkpoints.is_dir() and any(p.name.isdigit() for p in self.checkpoints.iterdir())
+
     def has_checkpoint(self) -> bool:
         """A config and at least one step directory under ``checkpoints/`` (whether intact is the restore's call)."""
-        return self.config.is_file() and self.checkpoints.is_dir() and any(
-            p.name.isdigit() for p in self.checkpoints.iterdir())
+        return self.config.is_file() and self.has_checkpoint_step()
 
     def is_finished(self, steps: int) -> bool:
         """The run's summary reports step ``steps`` as its final step."""

@@ -175,3 +175,25 @@ def test_gptjax_finetune_sigterm_saves_and_resume_finishes(pretrained, tmp_path)
                          env=ONE_DEVICE_ENV, capture_output=True, text=True, timeout=300)  # (the last one counts)
     assert bad.returncode == 2 and "nope.jsonl does not exist" in bad.stderr and "Traceback" not in bad.stderr
     assert os.path.exists(tmp_path / "ft" / "summary.json")
+
+
+def test_a_refused_finetune_leaves_no_directory_and_names_a_pretraining_run(pretrained, tmp_path):
+    """A fine-tune refused after it made its run directory left the directory (with finetune.json and a lock's
+    leftovers), and a pre-training run given as --run-dir was called "a fine-tuning run"."""
+    import shutil
+
+    from gptjax.checkpoint import CheckpointNotFound
+    from gptjax.finetune import FinetuneConfig, FinetuneError, finetune
+
+    run, train_f, test_f = pretrained
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    shutil.rmtree(damaged / "checkpoints" / "30" / "state")  # its only checkpoint cannot be read
+    cfg = FinetuneConfig(str(damaged), "classification", str(train_f), str(test_f), str(tmp_path / "ft"), epochs=1,
+                         batch_size=16)
+    with pytest.raises(CheckpointNotFound, match="no intact checkpoint"):
+        finetune(cfg)
+    assert not (tmp_path / "ft").exists()
+    with pytest.raises(FinetuneError, match=r"holds a pre-training run \(checkpoint step 30, no finetune.json\)"):
+        finetune(FinetuneConfig(**{**cfg.to_dict(), "init_from": str(run), "run_dir": str(run)}))
+    assert (run / "checkpoints" / "30").is_dir() and not (run / "finetune.json").exists()

@@ -39,6 +39,22 @@ def config_args(a: argparse.Namespace, *extra_overrides: str) -> dict:
     return dict(base=a.config or a.preset, model_preset_name=a.model_preset, overrides=[*extra_overrides, *a.set])
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low`` (``--batch-size 0`` was "range() arg 3 must not be zero",
+    ``--shots -1`` "Sample larger than population", and ``--limit 0`` scored everything)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src", "grain"):

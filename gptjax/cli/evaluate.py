@@ -28,7 +28,7 @@ import json
 import sys
 from pathlib import Path
 
-from gptjax.cli.common import UserError, console_script, setup_logging, user_errors
+from gptjax.cli.common import UserError, at_least, console_script, setup_logging, user_errors
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,9 +41,9 @@ def parser() -> argparse.ArgumentParser:
     what = ppl.add_mutually_exclusive_group(required=True)
     what.add_argument("--file", help="a UTF-8 text file")
     what.add_argument("--split", choices=["val"], help="the run's prepared validation split")
-    ppl.add_argument("--context", type=int, help="window length in tokens (default: the model's max_seq_len)")
-    ppl.add_argument("--stride", type=int, help="tokens between window starts (default: half the window)")
-    ppl.add_argument("--batch-size", type=int, default=8, help="windows scored together (default 8)")
+    ppl.add_argument("--context", type=at_least(2), help="window length in tokens (default: the model's max_seq_len)")
+    ppl.add_argument("--stride", type=at_least(1), help="tokens between window starts (default: half the window)")
+    ppl.add_argument("--batch-size", type=at_least(1), default=8, help="windows scored together (default 8)")
     ppl.add_argument("--json", action="store_true", help="also print the figures as JSON")
 
     tasks = sub.add_parser("tasks", help="zero- and few-shot accuracy on in-context tasks")
@@ -51,11 +51,11 @@ def parser() -> argparse.ArgumentParser:
     tasks.add_argument("--step", type=int, help="checkpoint step (default: the latest intact one)")
     tasks.add_argument("--task", action="append", help="a built-in task name or a task directory (repeat; default: "
                        "the built-in tasks)")
-    tasks.add_argument("--shots", type=int, nargs="+", default=[0], help="demonstrations per prompt (default 0)")
-    tasks.add_argument("--limit", type=int, help="score the first N test examples of each task")
+    tasks.add_argument("--shots", type=at_least(0), nargs="+", default=[0], help="demonstrations per prompt (default 0)")
+    tasks.add_argument("--limit", type=at_least(1), help="score the first N test examples of each task")
     tasks.add_argument("--seed", type=int, default=1234, help="seed of the demonstrations' draw (default 1234)")
-    tasks.add_argument("--devices", type=int, default=1, help="local devices the batch is split over (default 1)")
-    tasks.add_argument("--rows", type=int, default=8, help="packed rows per forward pass (default 8)")
+    tasks.add_argument("--devices", type=at_least(1), default=1, help="local devices the batch is split over (default 1)")
+    tasks.add_argument("--rows", type=at_least(1), default=8, help="packed rows per forward pass (default 8)")
     tasks.add_argument("--json", action="store_true", help="also print the scores as JSON lines")
 
     harness = sub.add_parser("harness", help="the lm-evaluation-harness command line with --model gptjax registered",
@@ -71,8 +71,8 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="directory to write one task directory per task into")
     build.add_argument("--set", action="append", default=[], metavar="data.FIELD=VALUE",
                        help="data settings of the split (default: the default run's), e.g. data.corpus=my.txt")
-    build.add_argument("--test", type=int, default=500, help="test examples per task, at most (default 500)")
-    build.add_argument("--train", type=int, default=1000, help="demonstration examples per task, at most")
+    build.add_argument("--test", type=at_least(1), default=500, help="test examples per task, at most (default 500)")
+    build.add_argument("--train", type=at_least(0), default=1000, help="demonstration examples per task, at most")
     return p
 
 

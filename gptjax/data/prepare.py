@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from gptjax.data.sources import SourceError, file_sha256, read_documents
+from gptjax.data.sources import SourceError, check_source, file_sha256, read_documents
 from gptjax.data.tokenizer import Tokenizer
 from gptjax.runs import fault_reason, write_atomic
 
@@ -231,8 +231,7 @@ def _prepare(sources: Sequence[str | Path], tokenizer_path: str | Path, out: Pat
     if not paths:
         raise SourceError("no sources given")
     for p in paths:
-        if not p.is_file():
-            raise SourceError(f"source {p} does not exist")
+        check_source(p)
     tok = Tokenizer.load(tokenizer_path)
     tokenizer = _tokenizer_record(tok, tokenizer_path)
     src = [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in paths]

@@ -31,6 +31,14 @@ class SourceError(ValueError):
     """A source file that cannot be read as documents; the message names the file and the line or row."""
 
 
+def check_source(path: Path) -> None:
+    """A missing source, or a directory given as one (it was reported as "does not exist"), is a SourceError."""
+    if path.is_dir():
+        raise SourceError(f"source {path} is a directory: give the files in it (e.g. {path}/*.jsonl)")
+    if not path.is_file():
+        raise SourceError(f"source {path} does not exist")
+
+
 @dataclass(frozen=True)
 class Document:
     text: str
@@ -89,8 +97,7 @@ def read_documents(path: str | Path, *, text_field: str = "text", doc_pattern: s
     counts.setdefault("skipped", {})
     if bad_rows not in BAD_ROWS:
         raise SourceError(f"bad_rows={bad_rows!r}: choose one of {', '.join(BAD_ROWS)}")
-    if not path.is_file():
-        raise SourceError(f"{path} does not exist")
+    check_source(path)
     reader = {"parquet": _parquet, "jsonl": _jsonl, "text": _text}[source_format(path)]
     for doc in reader(path, text_field=text_field, doc_pattern=doc_pattern, bad_rows=bad_rows, counts=counts):
         counts["documents"] += 1

@@ -72,8 +72,13 @@ class Tokenizer:
     def load(cls, path: str | Path) -> "Tokenizer":
         path = Path(path)
         if not path.is_file():
-            raise TokenizerError(f"tokenizer model {path} does not exist")
-        return cls(path.read_bytes())
+            raise TokenizerError(f"tokenizer model {path} does not exist" + (" (it is a directory)"
+                                                                             if path.is_dir() else ""))
+        try:
+            return cls(path.read_bytes())
+        except RuntimeError:  # sentencepiece's parse failure: "INTERNAL: ... ParseFromArray", a traceback before
+            raise TokenizerError(f"{path} is not a sentencepiece model (it does not parse as one); give the .model "
+                                 "file gptjax-data train-tokenizer or gptjax-train wrote") from None
 
     @classmethod
     def train(cls, docs: Sequence[str], vocab_size: int, seed: int = 0,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -267,10 +268,16 @@ class Finetuner:
     def run(self, resume: bool = False, stop_after: int | None = None) -> FinetuneResult:
         """Train (or continue with ``resume``) to the end, or checkpoint and stop once step ``stop_after`` is done
         (a job with a time limit: the schedule still spans every step; the result then has no accuracy)."""
+        created = not self.run_dir.path.exists()
         self.run_dir.path.mkdir(parents=True, exist_ok=True)
         lock = WriterLock(self.run_dir).acquire()
         try:
             return self._run(resume, stop_after)
+        except BaseException:
+            if created and not self.run_dir.has_checkpoint_step():  # a refusal leaves no directory behind
+                lock.release()
+                shutil.rmtree(self.run_dir.path, ignore_errors=True)
+            raise
         finally:
             lock.release()
 
@@ -285,6 +292,9 @@ class Finetuner:
                 s = run.read_summary()
                 return FinetuneResult(run.path, have, s["accuracy"], s["accuracy_stderr"], s["n_test"], s["chance"],
                                       s.get("train_loss"), complete_already=True)
+            if written is None:  # (it was called "a fine-tuning run" too)
+                raise FinetuneError(f"{run.path} holds a pre-training run (checkpoint step {have}, no "
+                                    f"{run.FINETUNE}): give it as --init-from and choose another --run-dir")
             raise FinetuneError(f"{run.path} already holds a fine-tuning run (checkpoint step {have}); continue it "
                                 "with --resume or choose another --run-dir")
         if resume and written and written.get("config") != cfg.to_dict():

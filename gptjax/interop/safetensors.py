@@ -119,13 +119,20 @@ class Reader:
             path = self.directory / f
             if not path.is_file():
                 raise SafetensorsError(f"{index.name} names {f}, which is not in {self.directory}")
+            size = path.stat().st_size
             with open(path, "rb") as fh:
                 try:
                     (n,) = struct.unpack("<Q", fh.read(8))
+                    if n > size - 8:
+                        raise ValueError(f"a {n:,}-byte header in a {size:,}-byte file")
                     header = json.loads(fh.read(n))
-                except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+                    header.pop("__metadata__", None)
+                    end = max((int(e["data_offsets"][1]) for e in header.values()), default=0)
+                except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as e:
                     raise SafetensorsError(f"{path} is not a safetensors file ({e})") from None
-            header.pop("__metadata__", None)
+            if 8 + n + end > size:  # a truncated file: before, a ValueError traceback from the memory map
+                raise SafetensorsError(f"{path} is truncated: its header describes {8 + n + end:,} bytes, the file "
+                                       f"holds {size:,}; copy or download it again")
             for name, entry in header.items():
                 self.entries[name] = (path, entry, 8 + n)
 

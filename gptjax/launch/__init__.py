@@ -60,6 +60,9 @@ class Job:
         if self.processes > 1 and self.program not in DISTRIBUTED:
             raise LaunchError(f"{self.program} runs as one process; launch it with --nodes 1 and one process (its "
                               "own --workers parallelise it), or train with gptjax-train")
+        if self.time is not None and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}|infinite|unlimited", self.time.lower()):
+            raise LaunchError(f"--time {self.time!r}: a SLURM time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, "
+                              "D-HH:MM:SS or infinite")
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", self.name) or len(self.name) > 40:
             raise LaunchError(f"--name {self.name!r}: lower-case letters, digits and '-', at most 40 characters "
                               "(a Kubernetes name as well as a SLURM one)")
