@@ -140,7 +140,12 @@ BAD = [  # (body, status, the param the error names, words in its message)
     ({"prompt": ""}, 400, "prompt", "a prompt is empty"),
     ({"prompt": 7}, 400, "prompt", "prompt must be a string"),
     ({"prompt": list(range(CONTEXT + 5))}, 400, "prompt", str(CONTEXT)),
-    ({"prompt": "x", "max_tokens": 10 * CONTEXT}, 400, "prompt", "more than the model's context"),
+    ({"prompt": "x", "max_tokens": 10 * CONTEXT}, 400, "max_tokens", "more than the model's context"),
+    ({"prompt": "x", "max_tokens": 10 * CONTEXT}, 400, "max_tokens", "; set max_tokens to at most"),
+    ({"prompt": "x", "n": 17}, 400, "n", "n must be >= 1 and at most 16"),
+    ({"prompt": ["x"] * 10, "n": 16, "max_tokens": 300}, 400, "max_tokens", "more than the 32,768 one request"),
+    ({"prompt": "a \ud800 b"}, 400, "prompt", "lone surrogate"),
+    ({"prompt": "x", "stop": ["\udfff"]}, 400, "prompt", "lone surrogate"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model", "does not exist"),
     ({"prompt": "x", "logprobs": 9}, 400, "logprobs", "logprobs must be an integer in [0, 5]"),
     ({"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
@@ -163,6 +168,8 @@ def test_a_bad_request_gets_a_4xx_json_error_naming_the_parameter(server, body, 
 def test_malformed_http_and_endpoints_get_json_errors_and_the_server_goes_on(server, reference):
     got, out = post(server, None, raw=b"{not json")
     assert got == 400 and "not valid JSON" in out["error"]["message"]
+    got, out = post(server, None, raw=b"[" * 100_000 + b"]" * 100_000)  # a 500 before
+    assert got == 400 and "nested too deeply" in out["error"]["message"]
     got, out = post(server, {"prompt": "x"}, path="/v1/chat/completions")
     assert got == 404 and "/v1/completions" in out["error"]["message"]
     conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
@@ -222,6 +229,29 @@ def test_a_client_that_goes_away_frees_its_slot(server, monkeypatch):
     [request] = submitted
     assert request.completion.finish_reason == "cancelled"  # no slot decodes for nobody
     assert len(request.completion.token_ids) < CONTEXT - 20
+
+
+def test_clients_that_give_up_on_a_non_streaming_request_free_its_slots(server, monkeypatch):
+    """Non-streaming clients that gave up (closed the connection) kept their choices decoding: the next request
+    waited for all of them. Now each request sees its client go and is cancelled."""
+    engine, submitted = server.loop.engine, []
+    monkeypatch.setattr(server.loop, "submit", lambda r: submitted.append(r) or EngineLoop.submit(server.loop, r))
+    body = json.dumps({"prompt": PROMPTS[1], "max_tokens": CONTEXT - 20, "n": 4, "temperature": 1.0}).encode()
+    socks = [socket.create_connection((server.host, server.port), timeout=60) for _ in range(3)]
+    for sock in socks:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.monotonic() + 60
+    while not (engine.busy and len(submitted) == 12) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for sock in socks:
+        sock.close()
+    while engine.busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.busy and len(submitted) == 12
+    assert all(r.completion.finish_reason == "cancelled" for r in submitted[:4]), \
+        [r.completion.finish_reason for r in submitted]
+    assert sum(len(r.completion.token_ids) for r in submitted) < 12 * (CONTEXT - 20)
 
 
 @pytest.fixture(scope="module")

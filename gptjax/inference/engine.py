@@ -66,6 +66,15 @@ class Completion:
     error: str | None = None
 
 
+class ContextOverflow(GenerationError):
+    """A prompt and its new tokens do not fit a cache row; ``room``: the most new tokens that would (<= 0: the prompt
+    alone does not fit)."""
+
+    def __init__(self, room: int, message: str):
+        super().__init__(message)
+        self.room = room
+
+
 @dataclasses.dataclass
 class Request:
     prompt_ids: list[int]
@@ -199,8 +208,8 @@ class Engine:
         ids = self.encode(prompt)
         if len(ids) + config.max_new_tokens + self.spare > self.max_len:
             room = self.max_len - self.spare - len(ids)
-            raise GenerationError(
-                f"the prompt has {len(ids)} tokens and {config.max_new_tokens} new ones were asked for: more than "
+            raise ContextOverflow(
+                room, f"the prompt has {len(ids)} tokens and {config.max_new_tokens} new ones were asked for: more than "
                 f"the model's context of {self.max_len} tokens"
                 + (f" less the {self.spare} a speculative round drafts past the end" if self.spare else "") + "; "
                 + (f"ask for at most {room} new tokens" if room > 0 else "shorten the prompt"))

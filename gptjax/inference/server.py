@@ -22,6 +22,8 @@ import json
 import logging
 import queue
 import secrets
+import select
+import socket
 import threading
 import time
 import traceback
@@ -31,12 +33,17 @@ from typing import Any
 
 import numpy as np
 
-from gptjax.inference.engine import Engine, Request
+from gptjax.inference.engine import ContextOverflow, Engine, Request
 from gptjax.inference.sampling import TOP_LOGPROBS, GenerationConfig, GenerationError
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 << 20
+# A request's size: eight non-streaming clients that gave up on n=32 x 250 tokens kept the engine busy, and the next
+# 4-token request waited 16.8 s. Abandoned requests are now cancelled; these bound what one request may ask for.
+MAX_N = 16  # choices per prompt
+MAX_REQUEST_TOKENS = 32_768  # prompts x n x max_tokens
+DISCONNECT_POLL_S = 0.2  # how often a non-streaming request checks that its client is still there
 # parameters accepted but with no effect here (OpenAI's bookkeeping fields)
 IGNORED = {"user", "stream_options"}
 # parameters not implemented: accepted only at their neutral value
@@ -154,8 +161,8 @@ class CompletionServer:
             return value
 
         n = get("n", int, 1)
-        if n < 1:
-            raise BadRequest(f"n must be >= 1, got {n}", "n")
+        if not 1 <= n <= MAX_N:
+            raise BadRequest(f"n must be >= 1 and at most {MAX_N}, got {n}", "n")
         logprobs = body.get("logprobs")
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= TOP_LOGPROBS):
@@ -173,6 +180,14 @@ class CompletionServer:
                                       repetition_penalty=get("repetition_penalty", float, 1.0), stop=tuple(stop))
         except GenerationError as e:
             raise BadRequest(str(e), _param_of(str(e))) from None
+        total = len(prompts) * n * config.max_new_tokens
+        if total > MAX_REQUEST_TOKENS:
+            raise BadRequest(f"{len(prompts)} prompt(s) x n={n} x max_tokens={config.max_new_tokens} = {total:,} tokens, "
+                             f"more than the {MAX_REQUEST_TOKENS:,} one request may ask for: lower max_tokens or n, "
+                             "or send several requests", "max_tokens")
+        if any(_not_unicode(t) for t in [*prompts, *stop] if isinstance(t, str)):
+            raise BadRequest("the prompt or stop holds a lone surrogate (e.g. \\ud800): not valid Unicode text; "
+                             "send UTF-8 text or token ids", "prompt")
         options = dict(n=n, stream=get("stream", bool, False), logprobs=logprobs, echo=get("echo", bool, False))
         return prompts, config, options
 
@@ -188,6 +203,9 @@ class CompletionServer:
                         on_text=None if on_text is None else (lambda piece, k=index: on_text(k, piece)),
                         on_finish=None if on_finish is None else (lambda r, k=index: on_finish(k, r)),
                         prompt_logprobs=options["echo"] and options["logprobs"] is not None))
+                except ContextOverflow as e:  # (named the prompt even where max_tokens was the field to change)
+                    raise BadRequest(f"{e}; set max_tokens to at most {e.room}" if e.room > 0 else str(e),
+                                     "max_tokens" if e.room > 0 else "prompt") from None
                 except GenerationError as e:
                     raise BadRequest(str(e), "prompt" if "prompt" in str(e) else _param_of(str(e))) from None
         return out
@@ -271,6 +289,14 @@ def _prompts(prompt: Any) -> list:
     return prompts
 
 
+def _not_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _param_of(message: str) -> str | None:
     """The request parameter a ``GenerationConfig`` error is about."""
     field = message.split(" ", 1)[0]
@@ -321,6 +347,8 @@ def _handler(server: CompletionServer) -> type[BaseHTTPRequestHandler]:
                 return json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise BadRequest(f"the request body is not valid JSON: {e}") from None
+            except RecursionError:  # 100,000 nested arrays: a 500 before
+                raise BadRequest("the request body is nested too deeply") from None
 
         def _completions(self, body: Any) -> None:
             prompts, config, options = server.parse(body)
@@ -330,7 +358,13 @@ def _handler(server: CompletionServer) -> type[BaseHTTPRequestHandler]:
                 for r in requests:
                     server.loop.submit(r)
                 for r in requests:
-                    r.done.wait()
+                    while not r.done.wait(DISCONNECT_POLL_S):
+                        if self._client_gone():  # it gave up: its slots decode for nobody
+                            for other in requests:
+                                other.cancelled = True
+                            server.loop.wake.set()
+                            self.close_connection = True
+                            return
                 self._json(200, server.completion_body(requests, options, cid))
                 return
             events: queue.Queue = queue.Queue()  # (choice, text piece or None at the end, tokens so far)
@@ -376,6 +410,14 @@ def _handler(server: CompletionServer) -> type[BaseHTTPRequestHandler]:
                 for r in requests:
                     r.cancelled = True
                 server.loop.wake.set()
+
+        def _client_gone(self) -> bool:
+            """The client closed its connection (readable, and a peek reads the end of the stream)."""
+            try:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            except (OSError, ValueError):
+                return True
 
         def _chunk(self, cid: str, choice: dict) -> None:
             self._sse({"id": cid, "object": "text_completion", "created": int(time.time()),
