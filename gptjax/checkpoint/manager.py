@@ -15,7 +15,7 @@ and TensorStore keep no checksum of the OCDBT data files, and a checkpoint with 
 the loss NaN two steps later and was loaded again by every later resume. So once a save is complete, the first
 process records the CRC-32 of every file of the step in ``<step>/checksums.json``; every restore (resume, and the
 readers through ``checkpoint/pinned.py``) checks them first, and a step whose files do not match is damaged like a
-truncated one. CRC-32 (zlib) hashes 3.8 GB/s on one core here (SHA-256 1.6 GB/s): the cost on a 124M-parameter
+truncated one. CRC-32 (zlib) hashes 3.8 GB/s on one core here (SHA-256 1.6 GB/s): the cost on a 138M-parameter
 model's checkpoint is in docs/reliability.md. A step saved before checksums were recorded, or whose writer was
 killed between orbax's commit and the checksums, restores unverified (logged).
 """
