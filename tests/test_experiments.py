@@ -6,6 +6,7 @@ import json
 import subprocess
 import time
 import re
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,54 @@ def test_a_local_sweep_runs_resumes_and_skips_what_is_finished(tmp_path, small_c
     assert {(r["run"], r["step"], r["final"]) for r in rows} == {("r6", 3, 0), ("r6", 6, 1), ("r9", 3, 0),
                                                                  ("r9", 6, 0), ("r9", 9, 1)}
     assert {r["run"]: r["budget"] for r in rows} == {"r6": 6e6, "r9": 9e6}  # the runs' meta
+
+
+RUNNER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from helpers import small_run
+from gptjax.experiments import Run, Sweep
+
+runs = [Run(f"r{{i}}", small_run(Path("ignored"), Path({corpus!r}), steps=1000, eval_every=1000, checkpoint_every=20,
+                                 log_every=1, batch_size=8, seq_len=32)) for i in range(3)]
+if __name__ == "__main__":
+    Sweep(Path({root!r}), runs).run(workers=2, progress=False)
+"""
+
+
+def test_a_killed_runner_takes_its_workers_and_a_rerun_finishes_each_run_once(tmp_path, small_corpus):
+    """kill -9 of a runner with two workers left them training (they even started queued runs), and the re-run
+    died with RunLocked tracebacks; a second runner on the same root died with a traceback."""
+    import signal
+    import sys
+
+    from gptjax.runs import HOST, RunLocked, WriterLock, process_alive
+
+    root = tmp_path / "sweep"
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER.format(tests=str(Path(__file__).parent), corpus=str(small_corpus), root=str(root)))
+    runner = subprocess.Popen([sys.executable, str(script)], env=cpu_env(1), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: all((root / n / "metrics.jsonl").is_file() for n in ("r0", "r1")), 300, "two workers training")
+    workers = [json.loads((root / n / "writer.lock").read_text())["pid"] for n in ("r0", "r1")]
+    assert all(pid != runner.pid for pid in workers)
+    # a second runner is refused, naming the first
+    second = Sweep(root, [])
+    with pytest.raises(RunLocked, match=rf"pid {runner.pid} on .* \(sweep runner \(2 workers\)\)"):
+        second.run(workers=1, progress=False)
+    runner.send_signal(signal.SIGKILL)
+    runner.wait()
+    wait_for(lambda: not any(process_alive(HOST, pid) for pid in workers), 30, "workers gone")
+    assert not (root / "r2").exists()  # no queued run started after the runner died
+    rerun = subprocess.run([sys.executable, str(script)], env=cpu_env(1), capture_output=True, text=True,
+                           timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    for name in ("r0", "r1", "r2"):
+        steps = [json.loads(ln)["step"] for ln in metrics_lines(root / name) if '"loss"' in ln]
+        assert steps == list(range(1, 1001)), name  # every step logged once: resumed, not restarted or doubled
+    with WriterLock(RunDir(root / ".sweep")):  # released by the runner that finished
+        pass
 
 
 def test_a_branch_starts_from_its_source_checkpoint(tmp_path, small_corpus):

@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Sequence
 
 from gptjax.config import RunConfig
 from gptjax.experiments.mup import coord_check, width_model  # μP: the coordinate check and its models
-from gptjax.runs import RunDir, atomic_directory, write_atomic
+from gptjax.runs import RunDir, WriterLock, atomic_directory, write_atomic
 
 __all__ = ["Run", "Sweep", "branch_from", "coord_check", "fit_rows", "isoflop_runs", "predict", "run_index",
            "train_run", "width_model"]
@@ -80,7 +80,14 @@ class Sweep:
 
     # ---- running ---------------------------------------------------------------------------------------------
     def run(self, workers: int = 1, progress: bool = True, label: str = "sweep") -> None:
-        """Train every unfinished run, ``workers`` at a time (separate processes, one XLA thread each)."""
+        """Train every unfinished run, ``workers`` at a time (separate processes, one XLA thread each). One runner
+        per sweep root (``<root>/.sweep/writer.lock``: a second is refused with ``RunLocked`` naming the first), and
+        its workers die with it (``kill -9`` of a runner left its workers training, starting queued runs; a re-run
+        then died with ``RunLocked``): a re-run resumes what they left, each run once."""
+        with WriterLock(RunDir(self.root / SWEEP_DIR), command=f"{label} runner ({workers} workers)"):
+            self._run(workers, progress, label)
+
+    def _run(self, workers: int, progress: bool, label: str) -> None:
         from tqdm import tqdm
 
         for phase in self.phases():
@@ -92,7 +99,8 @@ class Sweep:
                     bar.update()
             else:
                 ctx = multiprocessing.get_context("spawn")
-                with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_one_thread) as ex:
+                with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                            initargs=(os.getpid(),)) as ex:
                     futures = [ex.submit(train_run, self.root, r.config.to_dict(), self._branch_dir(r)) for r in todo]
                     for fut in cf.as_completed(futures):
                         fut.result()
@@ -231,6 +239,21 @@ def isoflop_runs(budgets: Sequence[float], make_config: Callable[[str, int, floa
 def _one_thread() -> None:  # one XLA thread per process when several runs share the cores
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+
+
+def _worker_init(runner: int) -> None:
+    """A worker process: one XLA thread, and killed when its runner dies (Linux's parent-death signal; checked once
+    after it is set, in case the runner died first)."""
+    _one_thread()
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no glibc: the worker outlives a killed runner, as before
+        return
+    if os.getppid() != runner:
+        os._exit(1)
 
 
 def train_run(root: str | Path, cfg_dict: dict, branch: tuple[str, int] | None = None) -> str:
