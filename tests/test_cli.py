@@ -119,3 +119,24 @@ def test_eval_perplexity_of_a_file_and_of_the_validation_split(tmp_path):
     assert two.returncode == 0 and [json.loads(x) for x in two.stdout.strip().splitlines()[1::2]] == scores
     r = run_cli("evaluate", "tasks", "--run-dir", str(run), "--task", str(tmp_path), env=ENV)
     assert r.returncode == 2 and "no task.json there" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_launch_writes_nothing_it_would_regret(tmp_path):
+    """--submit without sbatch wrote the job file although it said nothing was written; --time forever was
+    accepted; --out replaced any file (a run's config.json too)."""
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "job.sbatch"
+    no_sbatch = {**ENV, "PATH": str(Path(sys.executable).parent)}
+    r = run_cli("launch", "slurm", "--out", str(out), "--submit", "--", "gptjax-train", env=no_sbatch)
+    assert r.returncode == 2 and "sbatch not found, so nothing was written" in r.stderr and not out.exists()
+    r = run_cli("launch", "slurm", "--time", "forever", "--out", str(out), "--", "gptjax-train", env=ENV)
+    assert r.returncode == 2 and "--time 'forever'" in r.stderr and not out.exists(), r.stderr
+    for _ in range(2):  # its own file: written again
+        r = run_cli("launch", "slurm", "--time", "2-00:00:00", "--out", str(out), "--", "gptjax-train", env=ENV)
+        assert r.returncode == 0 and "#SBATCH --time=2-00:00:00" in out.read_text(), r.stderr
+    mine = tmp_path / "config.json"
+    mine.write_text("{}")
+    r = run_cli("launch", "k8s", "--image", "im", "--out", str(mine), "--", "gptjax-train", env=ENV)
+    assert r.returncode == 2 and "was not written by gptjax-launch" in r.stderr and mine.read_text() == "{}"

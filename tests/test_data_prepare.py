@@ -450,6 +450,14 @@ def test_a_refused_preparation_leaves_nothing_and_the_corrected_one_runs(tmp_pat
             str(tmp_path / "out"), "--no-progress"]
     r = subprocess.run(prep, capture_output=True, text=True, env=ONE_DEVICE_ENV)
     assert r.returncode == 2 and "line 2" in r.stderr and not (tmp_path / "out").exists(), r.stderr
+    not_spm = tmp_path / "not.model"
+    not_spm.write_bytes(b"not a sentencepiece model")  # a RuntimeError traceback from sentencepiece before
+    r = subprocess.run([*prep[:prep.index("--tokenizer") + 1], str(not_spm), *prep[prep.index("--out"):]],
+                       capture_output=True, text=True, env=ONE_DEVICE_ENV)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not a sentencepiece model" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+    r = subprocess.run([*prep[:4], str(tmp_path), *prep[5:]], capture_output=True, text=True, env=ONE_DEVICE_ENV)
+    assert r.returncode == 2 and f"source {tmp_path} is a directory: give the files in it" in r.stderr, r.stderr
     src.write_text(json.dumps({"text": PARAS[0]}) + "\n" + json.dumps({"text": PARAS[1]}) + "\n")
     r = subprocess.run(prep, capture_output=True, text=True, env=ONE_DEVICE_ENV)
     assert r.returncode == 0, r.stderr

@@ -311,6 +311,30 @@ def test_a_ctrl_c_while_a_reader_opens_or_releases_its_pin_leaves_no_snapshot(hf
 
 
 # ---- 7. the small ones ------------------------------------------------------------------------------------------
+def test_a_reexport_keeps_files_it_did_not_write_and_a_truncated_import_is_one_line(hf_source, tmp_path):
+    """A re-export replaced the directory whole, deleting files a user had added there without a word; importing a
+    truncated safetensors file was a ValueError traceback."""
+    from gptjax.interop.export import ExportError, export_run
+
+    out = tmp_path / "hf"
+    export_run(hf_source / "src", out, progress=False)
+    written = json.loads((out / "config.json").read_text())["gptjax"]["files"]
+    assert sorted(p.name for p in out.iterdir()) == written
+    export_run(hf_source / "src", out, progress=False)  # its own files: replaced
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match=r"files it did not write \(notes.txt\)"):
+        export_run(hf_source / "src", out, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    r = subprocess.run([*PY, "gptjax.cli.import_hf", str(out), "--run-dir", str(tmp_path / "imported")],
+                       capture_output=True, text=True, env=ONE_DEVICE_ENV, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert "model.safetensors is truncated: its header describes" in r.stderr
+    assert not (tmp_path / "imported").exists()
+
+
 def test_resume_step_rebranches_a_finished_run(small_corpus, tmp_path):
     """--resume --resume-step S on a finished run was ignored ("nothing to do")."""
     from gptjax.training import train

@@ -36,6 +36,8 @@ from gptjax.interop.tokenizer import hf_tokenizer_files
 from gptjax.runs import RunDir, atomic_directory, fault_reason
 
 MARKER = "gptjax"  # the config.json key that records where an export came from
+EXPORT_NAMES = (HF_CONFIG, "generation_config.json", HF_TOKENIZER, INDEX, "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json")  # besides model*.safetensors
 
 
 class ExportError(ValueError):
@@ -65,16 +67,22 @@ def gptjax_param(reader: CheckpointTensors, src: str, layer: int | None) -> np.n
 
 
 def _check_target(out: Path) -> None:
+    """``out`` may be written: absent, empty, or a previous gptjax export holding only the files it wrote (a re-export
+    replaces the directory whole: files a user had added there were deleted without a word)."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         try:
-            previous = MARKER in json.loads((out / HF_CONFIG).read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = False
-        if not previous:
+            previous = json.loads((out / HF_CONFIG).read_text())[MARKER]
+        except (OSError, ValueError, KeyError, TypeError):
             raise ExportError(f"--out {out} is a non-empty directory that is not a gptjax export; choose another "
-                              "or empty it (a previous gptjax export there would be replaced)")
+                              "or empty it (a previous gptjax export there would be replaced)") from None
+        written = set(previous.get("files") or ())  # (exports made before the list was kept: the names exports use)
+        added = sorted(p.name for p in out.iterdir() if p.name not in written and not (
+            not written and (p.name in EXPORT_NAMES or p.name.startswith("model") and p.name.endswith(".safetensors"))))
+        if added:
+            raise ExportError(f"--out {out} holds a previous export and files it did not write ({', '.join(added)}), "
+                              "which replacing it would delete: move them, or choose another --out")
 
 
 def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dtype: str = "float32",
@@ -139,6 +147,8 @@ def _write(run: RunDir, cfg, family, reader: CheckpointTensors, tokenizer: Token
             hf_cfg["tie_word_embeddings"] = False  # the output multiplier makes lm_head its own tensor
             hf_cfg[MARKER]["folded"] = (f"μP at width multiplier {cfg.model.width_mult:g}: logits x 1/m in lm_head, "
                                         "attention scores x 1/sqrt(m) in q (q_norm under qk_norm)")
+        hf_cfg[MARKER]["files"] = sorted([*files, HF_CONFIG, "generation_config.json", *tok_files, HF_TOKENIZER,
+                                          *([INDEX] if len(files) > 1 else [])])
         (tmp / HF_CONFIG).write_text(json.dumps(hf_cfg, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
             {"eos_token_id": tokenizer.eos_id, "bos_token_id": None, "pad_token_id": None}, indent=2))
