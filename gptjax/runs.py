@@ -44,8 +44,8 @@ from typing import Callable, Iterator
 
 from gptjax.config import ConfigError, RunConfig
 
-__all__ = ["CheckpointNotFound", "FaultLogHandler", "NotOurs", "RunDir", "RunLocked", "WriterLock", "atomic_directory",
-           "check_overwrite", "deferred_interrupt", "fault_reason", "process_alive", "write_atomic"]
+__all__ = ["CheckpointNotFound", "DamagedFile", "FaultLogHandler", "NotOurs", "RunDir", "RunLocked", "WriterLock", "atomic_directory",
+           "check_overwrite", "deferred_interrupt", "fault_reason", "process_alive", "read_metrics", "write_atomic"]
 
 log = logging.getLogger("gptjax")
 HOST = socket.gethostname()
@@ -67,6 +67,10 @@ class FaultLogHandler(logging.FileHandler):
             super().close()  # flushes what a full disk did not take
         except OSError:
             pass
+
+
+class DamagedFile(ValueError):
+    """A file of a run directory does not read; the message names it and what to do."""
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -146,7 +150,19 @@ class RunDir:
         return write_atomic(self.config, cfg.to_json())
 
     def read_summary(self) -> dict | None:
-        return json.loads(self.summary.read_text()) if self.summary.is_file() else None
+        """What the finished run reported; None if it has not (a summary that does not read is reported and
+        treated as absent: it is rewritten whole when the run finishes, and was a JSONDecodeError traceback)."""
+        if not self.summary.is_file():
+            return None
+        try:
+            summary = json.loads(self.summary.read_text())
+        except (OSError, ValueError) as e:
+            log.warning("%s does not read (%s): taken as absent", self.summary, fault_reason(e))
+            return None
+        return summary if isinstance(summary, dict) else None
+
+    def read_metrics(self) -> list[dict]:
+        return read_metrics(self.metrics)
 
     def write_summary(self, summary: dict) -> Path:
         return write_atomic(self.summary, json.dumps(summary, indent=2))
@@ -170,6 +186,29 @@ class RunDir:
         for path in (self.checkpoints, self.path) if directory else (self.checkpoints,):
             with contextlib.suppress(OSError):
                 path.rmdir()  # only succeeds on an empty directory
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl``: the last line may be cut short (a kill mid-write) and is left out; any other
+    line that does not read is a :class:`DamagedFile` naming it (plot, collect and plan died with a JSONDecodeError
+    traceback)."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a row with a step")
+        except ValueError as e:
+            if n == len(lines):
+                continue
+            raise DamagedFile(f"{path} line {n} does not read ({e}): the run's metrics are damaged; remove that "
+                              "line") from None
+        rows.append(row)
+    return rows
 
 
 def fault_reason(e: BaseException) -> str:

@@ -253,6 +253,46 @@ def test_flipped_bytes_are_found_by_verify_and_skipped_by_readers(small_corpus, 
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "a gptjax run directory?" in r.stderr
 
 
+def test_every_other_file_of_a_run_damaged_is_one_line_or_mended(small_corpus, tmp_path, uninterrupted):
+    """Found by corrupting each kind of file a run holds: a garbage metrics line was a JSONDecodeError traceback
+    from gptjax-plot, gptjax-scaling collect and gptjax-plan; a garbage summary.json one from --resume of a finished
+    run; a damaged shard of the run's own data cache stopped every resume; a garbage sweep spec a traceback in the
+    array task."""
+    from gptjax.config import build_run_config
+    from gptjax.training.checkpointing import extend_run
+    from helpers import run_cli
+
+    def copy(name):
+        shutil.copytree(uninterrupted.run_dir, tmp_path / name)
+        return tmp_path / name
+
+    run = copy("metrics")
+    lines = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(lines + '{"step": 13, "lo')  # cut short by a kill: left out
+    r = run_cli("plot", str(run), env=cpu_env(1))
+    assert r.returncode == 0, r.stderr
+    (run / "metrics.jsonl").write_text("garbage\n" + lines)
+    for args in (["plot", str(run)], ["scaling", "collect", str(run), "--out", str(tmp_path / "p.csv")]):
+        r = run_cli(*args, env=cpu_env(1))
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+        assert "metrics.jsonl line 1 does not read" in r.stderr
+    run = copy("summary")
+    (run / "summary.json").write_text("{garbage")
+    stored = RunDir(run).read_config()
+    assert stored.train.run_dir == str(uninterrupted.run_dir)
+    assert train(stored.replace(train={"run_dir": str(run)}), resume=True, devices=ONE).final_step == 12  # complete
+    extended = [build_run_config(stored, overrides=[*extend_run(stored, 14), f"train.run_dir={copy(name)}"])
+                for name in ("whole", "cache")]
+    (tmp_path / "cache" / "data" / "train-00000.arecord").write_bytes(b"garbage")
+    whole, mended = (train(c, resume=True, devices=ONE) for c in extended)
+    assert mended.final_step == 14 and (mended.train_loss, mended.val_loss) == (whole.train_loss, whole.val_loss)
+    (tmp_path / "sweep" / ".sweep").mkdir(parents=True)
+    (tmp_path / "sweep" / ".sweep" / "0.json").write_text("{garbage")
+    r = subprocess.run([sys.executable, "-m", "gptjax.experiments", str(tmp_path / "sweep"), "0"],
+                       capture_output=True, text=True, env=cpu_env(1))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "0.json does not read" in r.stderr, r.stderr
+
+
 def test_resume_step_picks_one_and_a_damaged_one_is_a_clear_error(small_corpus, tmp_path):
     cfg = small_run(tmp_path / "r", small_corpus, steps=12, checkpoint_every=4)
     train(cfg, devices=ONE, stop_after=8)

@@ -115,6 +115,8 @@ def checksum_problem(step_dir: Path) -> str | None:
     has no checksums: saved before they were recorded, or its writer was killed before it recorded them)."""
     try:
         recorded = json.loads((step_dir / CHECKSUMS).read_text())["files"]
+        if not isinstance(recorded, dict) or not all(isinstance(w, dict) for w in recorded.values()):
+            raise ValueError("not a map of file names to checksums")
     except FileNotFoundError:
         log.info("checkpoint step %s has no %s: restored unverified", step_dir.name, CHECKSUMS)
         return None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from gptjax.config import MODEL_PRESETS, RUN_PRESETS, ConfigError, RunConfig, build_run_config
-from gptjax.runs import FaultLogHandler, NotOurs
+from gptjax.runs import DamagedFile, FaultLogHandler, NotOurs
 
 
 def add_config_args(p: argparse.ArgumentParser, default_preset: str | None = "austen") -> None:
@@ -67,12 +67,12 @@ class UserError(Exception):
 
 @contextlib.contextmanager
 def user_errors(*kinds: type[BaseException], log: Path | None = None) -> Iterator[None]:
-    """Turn ``ConfigError``, ``NotOurs`` (an output path holding someone else's file) and ``kinds`` into ``error:
-    <message>`` on stderr and ``SystemExit(2)``. ``log``: where
+    """Turn ``ConfigError``, ``NotOurs`` (an output path holding someone else's file), ``DamagedFile`` and ``kinds``
+    into ``error: <message>`` on stderr and ``SystemExit(2)``. ``log``: where
     what background threads still report while the process exits goes (a fault leaves orbax's writes abandoned)."""
     try:
         yield
-    except (ConfigError, UserError, NotOurs, *kinds) as e:
+    except (ConfigError, UserError, NotOurs, DamagedFile, *kinds) as e:
         print(f"error: {e}", file=sys.stderr)
         _exit_log[0] = log
         raise SystemExit(2) from None

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from gptjax.cli.common import UserError, console_script, setup_logging, user_errors
+from gptjax.runs import PNG_MAGIC, check_overwrite
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--widths needs two or more widths of at least 8, --steps at least 1")
         if not Path(a.out).parent.is_dir():
             raise UserError(f"--out {a.out}: directory {Path(a.out).parent} does not exist")
+        check_overwrite(a.out, lambda head: head.startswith(PNG_MAGIC), "gptjax-mup")  # a PNG only
     from gptjax.experiments.mup import coord_check, plot, spread
 
     rows = coord_check(sorted(a.widths), steps=a.steps, lr=a.lr, base_width=a.base_width)

@@ -24,14 +24,16 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     from gptjax.reporting.plots import plot_runs
-    from gptjax.runs import RunDir
+    from gptjax.runs import PNG_MAGIC, RunDir, check_overwrite
 
     runs = [RunDir(r) for r in a.runs]
+    out = a.out or runs[0].curves
     with user_errors():
         missing = [str(r) for r in runs if not r.metrics.exists()]
         if missing:
             raise UserError(f"no {RunDir.METRICS} in {', '.join(missing)}")
-    print(plot_runs(runs, a.out or runs[0].curves))
+        check_overwrite(out, lambda head: head.startswith(PNG_MAGIC), "gptjax-plot")  # a PNG only
+        print(plot_runs(runs, out))
     return 0
 
 

@@ -194,7 +194,11 @@ def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Pat
         _write(tok_path, tok.proto)
 
     key = fingerprint(text, pattern, cfg.val_fraction, cfg.seed, tok.proto)
-    if _prepared_key(run.data) != key:
+    damaged = PreparedData(run.data).verify() if _prepared_key(run.data) == key else None
+    if damaged:  # the run's own cache, made from the text (cheaper to hash than the text was to read)
+        log.warning("%s: %s; preparing the run's data again (the same bytes)", run.data,
+                    "; ".join(f"{p.name}: {why}" for p, why in damaged.items()))
+    if damaged is None or damaged:
         train_docs, val_docs = train_val_documents(docs, cfg)
         source = {"path": str(path), "bytes": len(text.encode("utf-8")), "documents": len(docs),
                   "doc_pattern": pattern, "val_fraction": cfg.val_fraction, "seed": cfg.seed}

@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Sequence
 
 from gptjax.config import RunConfig
 from gptjax.experiments.mup import coord_check, width_model  # μP: the coordinate check and its models
-from gptjax.runs import RunDir, WriterLock, atomic_directory, write_atomic
+from gptjax.runs import DamagedFile, RunDir, WriterLock, atomic_directory, write_atomic
 
 __all__ = ["Run", "Sweep", "branch_from", "coord_check", "fit_rows", "isoflop_runs", "predict", "run_index",
            "train_run", "width_model"]
@@ -292,6 +292,11 @@ def branch_from(cfg: RunConfig, source_dir: str, step: int) -> None:
 
 def run_index(root: str | Path, index: int) -> str:
     """Train run ``index`` of the sweep whose configs ``Sweep.write_configs`` wrote under ``root``."""
-    spec = json.loads((Path(root) / SWEEP_DIR / f"{index}.json").read_text())
-    branch = tuple(spec["branch"]) if spec["branch"] else None
-    return train_run(root, spec["config"], branch)
+    path = Path(root) / SWEEP_DIR / f"{index}.json"
+    try:
+        spec = json.loads(path.read_text())
+        config, branch = spec["config"], tuple(spec["branch"]) if spec["branch"] else None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DamagedFile(f"{path} does not read ({type(e).__name__}: {e}): write the sweep's configs again "
+                          "(Sweep.write_configs, or sweep.slurm())") from None
+    return train_run(root, config, branch)

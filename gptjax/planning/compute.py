@@ -82,7 +82,7 @@ def measured_throughput(base: RunConfig, base_run_dir: str | Path | None = None)
     run = RunDir(base_run_dir or base.train.run_dir)
     rows = []
     if run.metrics.is_file():
-        rows = [r for r in map(json.loads, run.metrics.read_text().splitlines()) if "tokens_per_sec" in r]
+        rows = [r for r in run.read_metrics() if "tokens_per_sec" in r]
     if len(rows) < 2:
         raise PlanError(f"the base run {run} has no measured throughput (metrics.jsonl with at least two logged "
                         "steps): pass a finished run's config.json as --config, or give --mfu and --peak-flops")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gptjax.runs import write_atomic
+from gptjax.runs import read_metrics, write_atomic  # noqa: F401  (read_metrics lives with the run directory)
 
 
 def _clean(v: Any) -> Any:
@@ -57,10 +57,6 @@ class MetricsLog:
                     f.write("\n".join(drop) + "\n")
             write_atomic(self.path, "".join(ln + "\n" for ln in keep))
         return len(drop)
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def format_row(row: dict) -> str:
