@@ -69,8 +69,7 @@ def run(args, async_save: bool) -> dict:
 def verify_cost(args) -> dict:
     """One saved step restored ``args.saves`` times each way, alternating: orbax's restore alone, and the check
     every restore now makes first (``step_problem``: items, markers, and each file's CRC-32) followed by it."""
-    from gptjax.checkpoint import Checkpointer
-    from gptjax.checkpoint.manager import step_problem, write_checksums
+    from gptjax.checkpoint import Checkpointer, step_problem, write_checksums
 
     prog = program(args)
     state = prog.init(jax.random.key(0))

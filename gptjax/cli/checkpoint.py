@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
 @console_script("gptjax-checkpoint")
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    from gptjax.checkpoint.manager import CHECKSUMS, step_problem
+    from gptjax.checkpoint import CHECKSUMS, step_problem
     from gptjax.checkpoint.pinned import steps_in
     from gptjax.runs import CheckpointNotFound, RunDir
 

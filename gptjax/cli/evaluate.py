@@ -41,8 +41,8 @@ def parser() -> argparse.ArgumentParser:
     what = ppl.add_mutually_exclusive_group(required=True)
     what.add_argument("--file", help="a UTF-8 text file")
     what.add_argument("--split", choices=["val"], help="the run's prepared validation split")
-    ppl.add_argument("--context", type=at_least(2), help="window length in tokens (default: the model's max_seq_len)")
-    ppl.add_argument("--stride", type=at_least(1), help="tokens between window starts (default: half the window)")
+    ppl.add_argument("--context", type=int, help="window length in tokens (default: the model's max_seq_len)")
+    ppl.add_argument("--stride", type=int, help="tokens between window starts (default: half the window)")
     ppl.add_argument("--batch-size", type=at_least(1), default=8, help="windows scored together (default 8)")
     ppl.add_argument("--json", action="store_true", help="also print the figures as JSON")
 
