@@ -15,7 +15,7 @@ import pytest
 
 from helpers import ONE_DEVICE_ENV, nano_model
 from gptjax.data import Tokenizer, default_corpus_path, read_corpus, split_documents
-from gptjax.data.prepare import PrepareSettings, PreparedData, in_validation, prepare, train_tokenizer
+from gptjax.data.shards import PrepareSettings, PreparedData, in_validation, prepare, train_tokenizer
 from gptjax.data.sources import SourceError, read_documents
 
 PARAS = [p for p in split_documents(read_corpus(default_corpus_path()), None) if len(p) > 40]

@@ -177,3 +177,30 @@ def test_experiments_notebooks_and_benchmarks_use_the_public_api():
                                   "import sys\nsys.path.insert(0, '.')"])
 def test_the_public_api_checker_sees_a_private_import(line):
     assert public_api_problems(line, "x.py")
+
+
+def test_no_name_a_package_exports_is_also_a_module_of_it():
+    """``from gptjax.data import prepare`` gave the module ``gptjax.data.prepare`` instead of the function the
+    package exports under that name, once anything had imported the module (bench/loader_bench.py and
+    bench/prepare_bench.py failed with "'module' object is not callable"). A name exported by a package and
+    also one of its modules must be that module. Checked in a fresh interpreter (import order decides it)."""
+    import subprocess
+    import sys
+
+    check = """
+import importlib, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+bad = []
+for pkg in sorted(p for p in root.iterdir() if (p / "__init__.py").exists()):
+    mod = importlib.import_module(f"gptjax.{pkg.name}")
+    for name in getattr(mod, "__all__", []):
+        if (pkg / f"{name}.py").exists() or (pkg / name / "__init__.py").exists():
+            exported = getattr(mod, name)
+            if exported is not importlib.import_module(f"gptjax.{pkg.name}.{name}"):
+                bad.append(f"gptjax.{pkg.name}.{name}")
+print(bad)
+"""
+    r = subprocess.run([sys.executable, "-c", check, str(PACKAGE)], capture_output=True, text=True,
+                       env={"JAX_PLATFORMS": "cpu", "PATH": ""})
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]

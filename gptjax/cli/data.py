@@ -9,7 +9,7 @@
 Sources are plain text (documents split at blank lines, or at lines matching ``--doc-pattern``), JSONL with a text
 field (plain, ``.gz``, ``.zst``) and Parquet; none is read whole. ``train-tokenizer``: sentencepiece BPE with byte
 fallback on a seeded uniform sample of the documents. ``prepare``: token documents in ArrayRecord shards with a
-manifest (``gptjax/data/prepare.py`` documents the layout); run it again after a kill and it resumes, ending with
+manifest (``gptjax/data/shards.py`` documents the layout); run it again after a kill and it resumes, ending with
 the same bytes; run it again when done and it says so. ``info``: the manifest's summary. ``verify``: every shard
 against the manifest's SHA-256 (exit 1 naming each damaged file).
 
@@ -91,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
 @console_script("gptjax-data")
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    from gptjax.data.prepare import PrepareSettings, PreparedData, prepare, train_tokenizer
+    from gptjax.data.shards import PrepareSettings, PreparedData, prepare, train_tokenizer
     from gptjax.data.sources import SourceError
     from gptjax.data.tokenizer import TokenizerError
 

@@ -13,7 +13,7 @@ _HOMES = {
     "gptjax.data.dedup": ["Deduplicator", "plant_near_duplicates", "precision_recall"],
     "gptjax.data.pipeline": ["MixtureCorpus", "PreparedCorpus", "PreparedWindows", "corpus_documents",
                              "eval_batches", "prepare_corpus", "run_corpus", "train_dataset", "train_val_documents"],
-    "gptjax.data.prepare": ["PreparedData", "PrepareSettings", "prepare", "train_tokenizer"],
+    "gptjax.data.shards": ["PreparedData", "PrepareSettings", "prepare", "train_tokenizer"],
     "gptjax.data.quality": ["QualityClassifier"],
     "gptjax.data.sources": ["SourceError", "read_documents"],
     "gptjax.data.tokenizer": ["Tokenizer", "TokenizerError"],

@@ -24,7 +24,7 @@ import numpy as np
 
 from gptjax.config import DataConfig
 from gptjax.data.corpus import CorpusError, fingerprint, read_corpus, resolve_corpus, split_documents
-from gptjax.data.prepare import SPLITS, PreparedData, lengths_file, prepare_splits
+from gptjax.data.shards import SPLITS, PreparedData, lengths_file, prepare_splits
 from gptjax.data.sources import SourceError
 from gptjax.data.tokenizer import Tokenizer, TokenizerError
 from gptjax.runs import RunDir, fault_reason, write_atomic
@@ -168,7 +168,7 @@ def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Pat
                    ) -> PreparedCorpus | MixtureCorpus:
     """The run's data. A text corpus (``data.corpus=file.txt``, the embedded default) is read, split into documents
     and train / validation (seeded), tokenized (training the tokenizer if needed) and prepared on the fly into the
-    run's ``data/`` (:func:`gptjax.data.prepare.prepare_splits`; kept, and found again by content hash), so that
+    run's ``data/`` (:func:`gptjax.data.shards.prepare_splits`; kept, and found again by content hash), so that
     every corpus is read one way; a directory prepared by ``gptjax-data prepare`` is opened instead, and the
     directories of ``data.mixture`` together (:class:`MixtureCorpus`)."""
     run = RunDir(run_dir)
