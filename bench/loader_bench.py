@@ -27,18 +27,19 @@ from machine import cpu  # a sibling: bench/ is the script's directory
 ROOT = Path("/tmp/gptjax-loader-bench")
 
 
-def prepared(scale: int) -> Path:
+def prepared(scale: int, root: Path = ROOT, smoke: bool = False) -> Path:
     from gptjax.data import PrepareSettings, Tokenizer, default_corpus_path, prepare, read_corpus, split_documents
 
-    ROOT.mkdir(exist_ok=True)
-    tok = ROOT / "tok.model"
+    root.mkdir(parents=True, exist_ok=True)
+    tok = root / "tok.model"
     text = read_corpus(default_corpus_path())
+    text = text[:text.index("CHAPTER", 200_000)] if smoke else text
     if not tok.exists():
-        Tokenizer.train(split_documents(text, None), 2048, sample_chars=2_000_000).save(tok)
-    src = ROOT / f"austen-x{scale}.txt"
+        Tokenizer.train(split_documents(text, None), 512 if smoke else 2048, sample_chars=2_000_000).save(tok)
+    src = root / f"austen-x{scale}.txt"
     if not src.exists():
         src.write_text("\n\n".join([text] * scale))
-    out = ROOT / f"austen-x{scale}"
+    out = root / f"austen-x{scale}"
     prepare([src], tok, out, settings=PrepareSettings(docs_per_shard=4096, val_fraction=0.005), progress=False)
     return out
 
@@ -60,7 +61,7 @@ def child(directory: str, batches: int) -> None:
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 
 
-def step_tokens_per_s() -> float:
+def step_tokens_per_s(smoke: bool = False) -> float:
     import jax
     import numpy as np
 
@@ -68,8 +69,9 @@ def step_tokens_per_s() -> float:
     from gptjax.sharding import make_mesh
     from gptjax.training import Program
 
-    cfg = build_run_config(model_preset_name="tiny", vocab_size=8192, d_model=768, n_layers=12, n_heads=12,
-                           n_kv_heads=12, d_ff=2048, max_seq_len=512,
+    shape = dict(d_model=64, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=128) if smoke else dict(
+        d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048)
+    cfg = build_run_config(model_preset_name="tiny", vocab_size=8192, max_seq_len=512, **shape,
                            overrides=["train.batch_size=2", "train.seq_len=512", "train.steps=3"])
     prog = Program(cfg, make_mesh(cfg.mesh))
     state = prog.init(jax.random.key(0))
@@ -89,19 +91,24 @@ def main() -> None:
     p.add_argument("--scale", type=int, nargs=2, default=[2, 20])
     p.add_argument("--batches", type=int, default=300)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true", help="200 KB of the text at scales 1 and 2, 5 batches, a 1-layer "
+                   "step: that the script runs (tests/test_bench.py), no figure")
     a = p.parse_args()
     if a.child:
         return child(a.child[0], int(a.child[1]))
+    if a.smoke:
+        a.scale, a.batches = [1, 2], 5
     machine = cpu()
     rows = []
     for scale in a.scale:
-        directory = prepared(scale)
+        directory = prepared(scale, ROOT / "smoke" if a.smoke else ROOT, a.smoke)
         r = subprocess.run([sys.executable, __file__, "--child", str(directory), str(a.batches)], capture_output=True,
                            text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
         rows.append({"bench": "loader", "scale": scale, **json.loads(r.stdout.strip().splitlines()[-1]), **machine})
         print(json.dumps(rows[-1]), flush=True)
-    step = step_tokens_per_s()
-    print(json.dumps({"bench": "step", "config": "gpt2ish fp32 2 x 512", "tokens_per_s": round(step, 1),
+    step = step_tokens_per_s(a.smoke)
+    print(json.dumps({"bench": "step", "config": "smoke: 1 layer of 64" if a.smoke else "gpt2ish fp32 2 x 512",
+                      "tokens_per_s": round(step, 1),
                       "loader_over_step": round(min(r["tokens_per_s"] for r in rows) / step, 1),
                       "rss_ratio_for_10x_corpus": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3),
                       **machine}), flush=True)

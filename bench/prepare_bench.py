@@ -27,20 +27,22 @@ from machine import cpu  # a sibling: bench/ is the script's directory
 ROOT = Path("/tmp/gptjax-prepare-bench")
 
 
-def inputs(vocab_size: int, copies: int) -> tuple[list[Path], Path]:
+def inputs(vocab_size: int, copies: int, root: Path = ROOT, smoke: bool = False) -> tuple[list[Path], Path]:
     from gptjax.data import train_tokenizer, write_builtin
 
-    ROOT.mkdir(exist_ok=True)
-    once = [ROOT / f"{name}.jsonl" for name in ("austen", "stdlib")]
+    root.mkdir(parents=True, exist_ok=True)
+    once = [root / f"{name}.jsonl" for name in ("austen", "stdlib")]
     for path in once:
         if not path.exists():
             write_builtin(path.stem, path)
-    tok = ROOT / f"tok-{vocab_size}.model"
+            if smoke:  # the first 300 documents of each
+                path.write_text("".join(path.read_text().splitlines(keepends=True)[:300]))
+    tok = root / f"tok-{vocab_size}.model"
     if not tok.exists():
         train_tokenizer(once, vocab_size, progress=False).save(tok)
     sources = []
     for path in once:
-        copy = ROOT / f"{path.stem}-x{copies}.jsonl"
+        copy = root / f"{path.stem}-x{copies}.jsonl"
         if not copy.exists():
             copy.write_text(path.read_text() * copies)
         sources.append(copy)
@@ -54,10 +56,15 @@ def main() -> None:
                    help="small (~1 MB), so that 2 workers have chunks to share")
     p.add_argument("--copies", type=int, default=2, help="each corpus this many times over (default 2: 28 MB)")
     p.add_argument("--repeat", type=int, default=4)
+    p.add_argument("--smoke", action="store_true", help="300 documents of each corpus, 512 pieces, once: that the "
+                   "script runs (tests/test_bench.py), no figure")
     a = p.parse_args()
     from gptjax.data import PrepareSettings, Tokenizer, prepare, read_documents
 
-    sources, tok_path = inputs(a.vocab_size, a.copies)
+    root = ROOT / "smoke" if a.smoke else ROOT
+    if a.smoke:
+        a.vocab_size, a.copies, a.repeat = 512, 1, 1
+    sources, tok_path = inputs(a.vocab_size, a.copies, root, a.smoke)
     machine = cpu()
     tok = Tokenizer.load(tok_path)
     docs = [d.text for s in sources for d in read_documents(s)]
@@ -68,7 +75,7 @@ def main() -> None:
         tok.encode_batch(docs, threads=1)
         best["ceiling"] = min(best["ceiling"], time.perf_counter() - t)
         for workers in (1, 2):
-            out = ROOT / f"out-{workers}"
+            out = root / f"out-{workers}"
             shutil.rmtree(out, ignore_errors=True)
             t = time.perf_counter()
             m = prepare(sources, tok_path, out, workers=workers, progress=False,
