@@ -4,7 +4,7 @@ Builds a run directory holding a LLaMA-style model far larger than the shard siz
 gptjax checkpoint in the scan-stacked layout, the one where a naive export would restore whole stacks), then runs
 ``gptjax-export`` in a child process and reads the child's peak RSS (``ru_maxrss``). For scale, a second child
 only imports the same modules and opens the checkpoint (the process's baseline), and a third restores the whole
-parameter tree the non-streaming way (``restore_params``).
+parameter tree the non-streaming way (``load_run``).
 
     python bench/export_memory_bench.py                      # ~0.8 GB model, 50 MB shards
     python bench/export_memory_bench.py --layers 8 --shard 50MB
@@ -84,8 +84,8 @@ main(['--run-dir', {str(run)!r}, '--out', {str(out)!r}, '--max-shard-size', {a.s
 """)
     full_peak, _ = child_peak(f"""
 import jax
-from gptjax.checkpoint import restore_params
-cfg, params = restore_params({str(run)!r})
+from gptjax.checkpoint import load_run
+params = load_run({str(run)!r}, tokenizer=False).params
 jax.block_until_ready(params)
 """)
     files = sorted(p.name for p in out.glob("*.safetensors"))
@@ -96,7 +96,7 @@ jax.block_until_ready(params)
             ("peak RSS, gptjax-export (streaming)", mb(export_peak)),
             ("  export minus baseline", mb(export_peak - baseline)),
             ("  export minus baseline, as a fraction of the model", f"{(export_peak - baseline) / model_bytes:.3f}"),
-            ("peak RSS, restore_params (whole tree, for scale)", mb(full_peak)),
+            ("peak RSS, load_run (whole tree, for scale)", mb(full_peak)),
             ("export wall time", f"{export_s:.1f} s")]
     width = max(len(r[0]) for r in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

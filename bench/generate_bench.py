@@ -208,19 +208,16 @@ def throughput(a, machine: dict, bandwidth: float) -> list[dict]:
 
 # ---- speculative ---------------------------------------------------------------------------------------------
 def speculative(a, machine: dict) -> list[dict]:
-    from gptjax.checkpoint import restore_params
+    from gptjax.checkpoint import load_run
     from gptjax.data import run_corpus
     from gptjax.inference import Engine, GenerationConfig, SpeculativeStats
-    from gptjax.model import ShardedModel
     from gptjax.runs import RunDir
-    from gptjax.sharding import single_device_mesh
 
     target_dir, draft_dir = a.speculative
     if RunDir(target_dir).tokenizer.read_bytes() != RunDir(draft_dir).tokenizer.read_bytes():
         raise SystemExit(f"{target_dir} and {draft_dir} have different tokenizers: no speculative decoding")
-    mesh = single_device_mesh()
-    (tcfg, tparams), (dcfg, dparams) = restore_params(target_dir, None, mesh), restore_params(draft_dir, None, mesh)
-    target, draft = ShardedModel(tcfg.model, mesh), ShardedModel(dcfg.model, mesh)
+    t, d = load_run(target_dir, tokenizer=False), load_run(draft_dir, tokenizer=False)
+    (tcfg, tparams, target), (dparams, draft) = (t.config, t.params, t.model), (d.params, d.model)
     val = run_corpus(tcfg.data, tcfg.model.vocab_size, target_dir).stream("val")
     prompt_len = a.spec_prompt
     new = min(a.spec_new_tokens, tcfg.model.max_seq_len - prompt_len - max(a.draft_tokens))

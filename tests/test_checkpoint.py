@@ -3,7 +3,7 @@ import jax
 import pytest
 
 from helpers import assert_trees_equal, batch_for, tiny_program
-from gptjax.checkpoint import Checkpointer, CheckpointNotFound, init_params_from, restore_params
+from gptjax.checkpoint import Checkpointer, CheckpointNotFound, init_params_from, load_run
 from gptjax.config import ConfigError, MeshConfig
 from gptjax.model import stack_layers, unstack_layers
 from gptjax.sharding.mesh import make_mesh
@@ -41,21 +41,22 @@ def saved_run(run_dir, steps=3, **model_kw):
     return prog, jax.device_get(state)
 
 
-def test_restore_params_reads_only_the_parameters(tmp_path):
+def test_load_run_reads_only_the_parameters(tmp_path):
     prog, state = saved_run(tmp_path / "run")
-    cfg, params = restore_params(tmp_path / "run")
-    assert cfg == prog.cfg
+    loaded = load_run(tmp_path / "run", tokenizer=False)
+    cfg, params = loaded.config, loaded.params
+    assert cfg == prog.cfg and loaded.step == 3 and loaded.tokenizer is None and loaded.model.cfg == cfg.model
     assert set(params) == set(state["params"])  # parameters only: no step, no Adam moments
     assert_trees_equal(params, state["params"])
     # onto another mesh: FSDP over 4 devices, sharded by the run's rules
     mesh = make_mesh(MeshConfig(data=1, fsdp=4), jax.devices()[:4])
-    _, sharded = restore_params(tmp_path / "run", step=3, mesh=mesh)
+    sharded = load_run(tmp_path / "run", step=3, mesh=mesh, tokenizer=False).params
     assert sharded["blocks"][0]["mlp"]["w_up"].sharding.spec[0] == "fsdp"
     assert_trees_equal(sharded, state["params"])
     with pytest.raises(CheckpointNotFound, match="no checkpoint for step 5"):
-        restore_params(tmp_path / "run", step=5)
+        load_run(tmp_path / "run", step=5, tokenizer=False)
     with pytest.raises(CheckpointNotFound, match="is .* a gptjax run directory"):
-        restore_params(tmp_path / "nothing")
+        load_run(tmp_path / "nothing")
 
 
 @pytest.mark.parametrize("src_scan, dst_scan", [(False, True), (True, False), (False, False)])

@@ -148,7 +148,7 @@ def test_exports_racing_retention_all_succeed(small_corpus, tmp_path):
 def test_a_damaged_latest_checkpoint_is_skipped_by_readers(small_corpus, tmp_path):
     """Export of a run whose latest checkpoint lost state/manifest.ocdbt was a ValueError traceback, with no
     fallback to the intact earlier step and no hint of --step."""
-    from gptjax.checkpoint import restore_params
+    from gptjax.checkpoint import load_run
     from gptjax.training import train
 
     run = tmp_path / "r"
@@ -164,8 +164,8 @@ def test_a_damaged_latest_checkpoint_is_skipped_by_readers(small_corpus, tmp_pat
                         "--step", "12"], capture_output=True, text=True, env=ONE_DEVICE_ENV, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "checkpoint step 12" in r.stderr and "cannot be read: the state item has no OCDBT manifest" in r.stderr
-    cfg, params = restore_params(run)  # sampling / init_from read the intact step too
-    assert jax.tree.leaves(params)
+    loaded = load_run(run)  # sampling / init_from read the intact step too
+    assert loaded.step == 6 and jax.tree.leaves(loaded.params)
 
 
 # ---- 3. one line per fault ------------------------------------------------------------------------------------

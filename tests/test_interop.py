@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)  # the other test worker has the other core
 
-from gptjax.checkpoint import restore_params  # noqa: E402
+from gptjax.checkpoint import load_run  # noqa: E402
 from gptjax.config import RunConfig, TrainConfig  # noqa: E402
 from gptjax.data.corpus import default_corpus_path, read_corpus, split_documents  # noqa: E402
 from gptjax.data.tokenizer import Tokenizer  # noqa: E402
@@ -256,10 +256,11 @@ def test_trained_default_run_exports_with_the_same_validation_loss(tmp_path, sma
     from gptjax.data import eval_batches, run_corpus
     from gptjax.evals.loss import evaluate
 
-    cfg, params = restore_params(run)
+    loaded = load_run(run)
+    cfg = loaded.config
     val = run_corpus(cfg.data, cfg.model.vocab_size, run).stream("val")
     batches = eval_batches(val, cfg.train.seq_len, 4, 2)
-    ours = evaluate(ShardedModel(cfg.model, single_device_mesh()), params, batches)
+    ours = evaluate(loaded.model, loaded.params, batches)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     V = cfg.model.vocab_size
     nll = [torch.nn.functional.cross_entropy(torch.tensor(hf_logits(hf_model, b["inputs"])).reshape(-1, V),

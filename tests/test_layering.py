@@ -18,7 +18,7 @@ ALLOWED = {
     "reporting": {"config", "runs"},
     "sharding": {"config"},
     "model": {"config", "sharding"},
-    "checkpoint": {"config", "runs", "sharding", "model"},
+    "checkpoint": {"config", "runs", "sharding", "model", "data"},  # data: a loaded run's tokenizer
     "inference": {"config", "sharding", "model", "checkpoint"},
     "evals": {"config", "runs", "sharding", "model", "checkpoint", "inference", "data"},
     "interop": {"config", "runs", "sharding", "model", "checkpoint", "data"},
@@ -204,3 +204,11 @@ print(bad)
     r = subprocess.run([sys.executable, "-c", check, str(PACKAGE)], capture_output=True, text=True,
                        env={"JAX_PLATFORMS": "cpu", "PATH": ""})
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
+
+
+def test_a_run_is_loaded_for_use_in_one_place():
+    """cli/evaluate.py (twice), cli/engine_args.py and evals/harness.py each restored the parameters, built the
+    model and loaded the tokenizer by hand; ``checkpoint.load_run`` is the one sequence."""
+    restores = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                if ".restore_params(" in p.read_text() and p.parent.name != "checkpoint"]
+    assert not restores, restores

@@ -230,7 +230,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(small_corpus, tmp_pat
 def test_flipped_bytes_are_found_by_verify_and_skipped_by_readers(small_corpus, tmp_path, uninterrupted, caplog):
     """``gptjax-checkpoint verify`` names the changed file and exits 1 (changing nothing); a reader of parameters
     (sampling, serving, evaluation, export, init_from) falls back to the intact step with a warning."""
-    from gptjax.checkpoint import restore_params
+    from gptjax.checkpoint import load_run
     from helpers import run_cli
 
     run = tmp_path / "r"
@@ -245,10 +245,10 @@ def test_flipped_bytes_are_found_by_verify_and_skipped_by_readers(small_corpus, 
     assert f"step 12: DAMAGED: {name} does not match its checksum" in r.stdout and "step 8: intact" in r.stdout
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["12", "4", "8"]  # verify moves nothing
     with caplog.at_level("WARNING", logger="gptjax"):
-        cfg, params = restore_params(run)
+        load_run(run)
     assert "reading checkpoint step 8: step 12 is damaged" in caplog.text and name in caplog.text
     with pytest.raises(CheckpointNotFound, match=r"checkpoint step 12 .* cannot be read: .*does not match its "):
-        restore_params(run, step=12)
+        load_run(run, step=12)
     r = run_cli("checkpoint", "verify", str(tmp_path / "nothing"), env=cpu_env(1))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "a gptjax run directory?" in r.stderr
 

@@ -1,10 +1,11 @@
-"""Checkpoints (imports ``config``, ``sharding``, ``model``): orbax train-state checkpoints with the grain iterator,
-and params-only restore for sampling, evaluation, export and ``init_from``."""
+"""Checkpoints (imports ``config``, ``runs``, ``sharding``, ``model``, and ``data`` for a run's tokenizer): orbax
+train-state checkpoints with the grain iterator, and a run loaded for use (:func:`load_run`: sampling, serving,
+evaluation, fine-tuning, ``init_from``)."""
 
 from gptjax.checkpoint.manager import (CHECKSUMS, Checkpointer, CheckpointNotFound, CheckpointWriteError, step_problem,
                                        write_checksums)
-from gptjax.checkpoint.restore import init_params_from, params_for, restore_params
+from gptjax.checkpoint.restore import LoadedRun, init_params_from, load_run, params_for
 from gptjax.checkpoint.tensors import CheckpointTensors
 
 __all__ = ["CHECKSUMS", "CheckpointNotFound", "CheckpointTensors", "CheckpointWriteError", "Checkpointer",
-           "init_params_from", "params_for", "restore_params", "step_problem", "write_checksums"]
+           "LoadedRun", "init_params_from", "load_run", "params_for", "step_problem", "write_checksums"]

@@ -1,9 +1,10 @@
-"""Parameters out of a run directory, for everything that does not train: sampling, evaluation, export, and
-starting a new run from another (``TrainConfig.init_from``)."""
+"""A run directory loaded for use, for everything that does not train (:func:`load_run`): sampling, serving,
+evaluation, the harness, fine-tuning, and starting a new run from another (``TrainConfig.init_from``)."""
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -13,29 +14,47 @@ from jax.sharding import Mesh
 from gptjax.checkpoint.manager import Checkpointer, CheckpointNotFound, step_problem
 from gptjax.checkpoint.pinned import pinned
 from gptjax.config import ConfigError, ModelConfig, RunConfig
+from gptjax.data.tokenizer import Tokenizer
 from gptjax.model.decoder import stack_layers, unstack_layers
 from gptjax.model.sharded import ShardedModel
 from gptjax.runs import RunDir, fault_reason
 from gptjax.sharding.mesh import single_device_mesh
 
 
-def restore_params(run_dir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> tuple[RunConfig, Any]:
-    """``(RunConfig, params)`` of a run's checkpoint (latest intact one, or ``step``), parameters only (no
-    optimizer state is read), sharded by the run's rules over ``mesh`` (default: this process's first device). The
-    step is pinned while it is read (``checkpoint/pinned.py``), so a run writing this directory cannot delete it
-    mid-read; with several processes they read the step in place, together."""
+@dataclass
+class LoadedRun:
+    """A run's checkpoint ready for use: its config, the model on the mesh it was loaded onto, the parameters placed
+    by the run's sharding rules, its tokenizer (None when not asked for), and the step read."""
+
+    config: RunConfig
+    model: ShardedModel
+    params: Any
+    tokenizer: Tokenizer | None
+    step: int
+
+
+def load_run(run_dir: str | Path, step: int | None = None, mesh: Mesh | None = None,
+             tokenizer: bool = True) -> LoadedRun:
+    """The one way to load a run for use (sampling, serving, evaluation, the harness, ``init_from``, fine-tuning):
+    the latest intact checkpoint (or ``step``), parameters only (no optimizer state is read), sharded by the run's
+    rules over ``mesh`` (default: this process's first device), and with ``tokenizer`` its ``tokenizer.model``
+    (read first: a run without one is refused before any parameter is). The step is pinned while it is read
+    (``checkpoint/pinned.py``), so a run writing this directory cannot delete it mid-read; with several processes
+    they read the step in place, together."""
     run = RunDir(run_dir)
     cfg = run.read_config()
+    tok = Tokenizer.load(run.tokenizer) if tokenizer else None
     model = ShardedModel(cfg.model, mesh or single_device_mesh(), cfg.mesh.rules)
     with (pinned(run, step) if jax.process_count() == 1 else _in_place(run, step)) as (found, root):
         checkpointer = Checkpointer(root, create=False)
         try:
-            return cfg, checkpointer.restore_params(model.abstract_params, found)
+            params = checkpointer.restore_params(model.abstract_params, found)
         except (ValueError, OSError) as e:  # a file that fails to read: tensorstore / orbax errors vary
             raise CheckpointNotFound(f"checkpoint step {found} in {run.checkpoints} cannot be read: {fault_reason(e)}; "
                                      "read an earlier one with --step") from None
         finally:
             checkpointer.close()
+    return LoadedRun(cfg, model, params, tok, found)
 
 
 @contextlib.contextmanager
@@ -71,5 +90,5 @@ def params_for(model: ShardedModel, src: ModelConfig, params: Any) -> Any:
 
 def init_params_from(run_dir: str | Path, model: ShardedModel, step: int | None = None) -> Any:
     """Parameters of another run's checkpoint for ``model`` (same architecture; layout and mesh may differ)."""
-    src_cfg, params = restore_params(run_dir, step, model.mesh)
-    return params_for(model, src_cfg.model, params)
+    source = load_run(run_dir, step, model.mesh, tokenizer=False)
+    return params_for(model, source.config.model, source.params)

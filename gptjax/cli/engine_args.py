@@ -4,7 +4,6 @@ generation settings as flags."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from gptjax.cli.common import UserError
 
@@ -39,27 +38,22 @@ def generation_config(a: argparse.Namespace):
 
 def load_engine(a: argparse.Namespace):
     """The engine over ``--run-dir``'s checkpoint (and ``--draft-run-dir``'s), on this process's first device."""
-    from gptjax.checkpoint import restore_params
-    from gptjax.data.tokenizer import Tokenizer
+    from gptjax.checkpoint import load_run
     from gptjax.inference import Engine
-    from gptjax.model import ShardedModel
     from gptjax.runs import RunDir
-    from gptjax.sharding.mesh import single_device_mesh
 
-    mesh = single_device_mesh()
-    cfg, params = restore_params(a.run_dir, a.step, mesh)
-    tokenizer_file = RunDir(a.run_dir).tokenizer
-    tokenizer = Tokenizer.load(tokenizer_file)
+    target = load_run(a.run_dir, a.step)
     draft = None
     if a.draft_run_dir:
-        draft_tokenizer = RunDir(a.draft_run_dir).tokenizer
-        if not Path(draft_tokenizer).is_file():
-            raise UserError(f"{a.draft_run_dir} has no tokenizer ({draft_tokenizer}); is it a gptjax run directory?")
-        if Path(draft_tokenizer).read_bytes() != Path(tokenizer_file).read_bytes():
-            raise UserError(f"the draft run's tokenizer ({draft_tokenizer}) differs from the target's "
-                            f"({tokenizer_file}); speculative decoding needs the same tokenizer: train the draft "
-                            "with the target's (data.tokenizer)")
-        draft_cfg, draft_params = restore_params(a.draft_run_dir, a.draft_step, mesh)
-        draft = (ShardedModel(draft_cfg.model, mesh, draft_cfg.mesh.rules), draft_params)
-    model = ShardedModel(cfg.model, mesh, cfg.mesh.rules)
-    return Engine(model, params, tokenizer, slots=a.slots, draft=draft, draft_tokens=a.draft_tokens)
+        draft_run = RunDir(a.draft_run_dir)
+        if not draft_run.tokenizer.is_file():
+            raise UserError(f"{a.draft_run_dir} has no tokenizer ({draft_run.tokenizer}); is it a gptjax run "
+                            "directory?")
+        if draft_run.tokenizer.read_bytes() != target.tokenizer.proto:
+            raise UserError(f"the draft run's tokenizer ({draft_run.tokenizer}) differs from the target's "
+                            f"({RunDir(a.run_dir).tokenizer}); speculative decoding needs the same tokenizer: train "
+                            "the draft with the target's (data.tokenizer)")
+        loaded = load_run(draft_run, a.draft_step, target.model.mesh, tokenizer=False)
+        draft = (loaded.model, loaded.params)
+    return Engine(target.model, target.params, target.tokenizer, slots=a.slots, draft=draft,
+                  draft_tokens=a.draft_tokens)

@@ -87,13 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_tasks(a)
     if a.command == "build-tasks":
         return build_tasks(a)
-    from gptjax.checkpoint import CheckpointNotFound, restore_params
-    from gptjax.data import CorpusError, Tokenizer, TokenizerError, run_corpus
+    from gptjax.checkpoint import CheckpointNotFound, load_run
+    from gptjax.data import CorpusError, TokenizerError, run_corpus
     from gptjax.evals.loss import target_bytes
     from gptjax.evals.perplexity import score_ids, score_text
-    from gptjax.model import ShardedModel
-    from gptjax.runs import RunDir
-    from gptjax.sharding import single_device_mesh
 
     with user_errors(CheckpointNotFound, TokenizerError, CorpusError, ValueError):
         text = None
@@ -102,18 +99,15 @@ def main(argv: list[str] | None = None) -> int:
                 text = Path(a.file).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise UserError(f"cannot read {a.file} as UTF-8 text: {e}") from None
-        run = RunDir(a.run_dir)
-        mesh = single_device_mesh()
-        cfg, params = restore_params(a.run_dir, a.step, mesh)
-        model = ShardedModel(cfg.model, mesh, cfg.mesh.rules)
-        tokenizer = Tokenizer.load(run.tokenizer)
+        loaded = load_run(a.run_dir, a.step)
+        cfg, model, params, tokenizer = loaded.config, loaded.model, loaded.params, loaded.tokenizer
         if text is not None:
             score = score_text(model, params, tokenizer, text, a.context, a.stride, a.batch_size)
             what = a.file
         else:
             import numpy as np
 
-            stream = run_corpus(cfg.data, cfg.model.vocab_size, run).stream(a.split)
+            stream = run_corpus(cfg.data, cfg.model.vocab_size, a.run_dir).stream(a.split)
             ids = np.concatenate([[tokenizer.eos_id], stream])
             whole = {"inputs": ids[None, :-1], "targets": ids[None, 1:], "loss_mask": np.ones((1, len(ids) - 1))}
             score = score_ids(model, params, ids, a.context, a.stride, a.batch_size, target_bytes([whole], tokenizer))
@@ -127,13 +121,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_tasks(a: argparse.Namespace) -> int:
-    from gptjax.checkpoint import CheckpointNotFound, restore_params
+    from gptjax.checkpoint import CheckpointNotFound, load_run
     from gptjax.config import MeshConfig
-    from gptjax.data import Tokenizer, TokenizerError
+    from gptjax.data import TokenizerError
     from gptjax.evals.scoring import Scorer
     from gptjax.evals.tasks import BUILTIN, TaskError, evaluate_task, load_task
-    from gptjax.model import ShardedModel
-    from gptjax.runs import RunDir
     from gptjax.sharding import make_mesh
 
     import jax
@@ -143,13 +135,11 @@ def run_tasks(a: argparse.Namespace) -> int:
             raise UserError(f"--devices {a.devices}: this process has {len(jax.local_devices())} device(s)")
         tasks = [load_task(name) for name in (a.task or BUILTIN)]
         mesh = make_mesh(MeshConfig(data=a.devices), jax.local_devices()[:a.devices])
-        cfg, params = restore_params(a.run_dir, a.step, mesh)
-        model = ShardedModel(cfg.model, mesh, cfg.mesh.rules)
-        tokenizer = Tokenizer.load(RunDir(a.run_dir).tokenizer)
-        scorer = Scorer(model, params, rows=a.rows)
+        loaded = load_run(a.run_dir, a.step, mesh)
+        scorer = Scorer(loaded.model, loaded.params, rows=a.rows)
         for task in tasks:
             for shots in a.shots:
-                score = evaluate_task(scorer, tokenizer, task, shots, a.seed, a.limit)
+                score = evaluate_task(scorer, loaded.tokenizer, task, shots, a.seed, a.limit)
                 print(score.line(), flush=True)
                 if a.json:
                     print(json.dumps(score.as_dict()), flush=True)

@@ -35,13 +35,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from gptjax.checkpoint import restore_params
+from gptjax.checkpoint import load_run
 from gptjax.config import MeshConfig
-from gptjax.data import Tokenizer
 from gptjax.evals.scoring import Request, Scorer
 from gptjax.inference import Engine, GenerationConfig
-from gptjax.model import ShardedModel
-from gptjax.runs import RunDir
 from gptjax.sharding import make_mesh
 
 
@@ -52,9 +49,8 @@ class GptjaxLM(TemplateLM):
         super().__init__()
         devices, rows, slots, max_gen_toks = int(devices), int(rows), int(slots), int(max_gen_toks)
         mesh = make_mesh(MeshConfig(data=devices), jax.local_devices()[:devices])
-        cfg, self.params = restore_params(run_dir, None if step is None else int(step), mesh)
-        self.model = ShardedModel(cfg.model, mesh, cfg.mesh.rules)
-        self.tokenizer = Tokenizer.load(RunDir(run_dir).tokenizer)
+        loaded = load_run(run_dir, None if step is None else int(step), mesh)
+        self.model, self.params, self.tokenizer = loaded.model, loaded.params, loaded.tokenizer
         self.scorer = Scorer(self.model, self.params, rows=rows)
         self.max_gen_toks, self.slots = max_gen_toks, slots
         self._engine: Engine | None = None

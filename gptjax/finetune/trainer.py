@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from gptjax.checkpoint import Checkpointer, restore_params
+from gptjax.checkpoint import Checkpointer, load_run
 from gptjax.config import MeshConfig, ModelConfig, RunConfig
 from gptjax.data import Tokenizer
 from gptjax.finetune.data import N_SPECIAL, TASK_TYPES, Encoded, encode, read_rows
@@ -213,7 +213,7 @@ class Finetuner:
         if self.cfg.mode == "scratch":
             decoder = self.model.decoder.init_params(k_init)
         else:
-            _, pretrained = restore_params(self.cfg.init_from, None, self.mesh)
+            pretrained = load_run(self.cfg.init_from, None, self.mesh, tokenizer=False).params
             pretrained_cfg = dataclasses.replace(self.model_cfg, vocab_size=self.pretrained_vocab)
             decoder = self.model.decoder.put_params(extend_vocabulary(pretrained, pretrained_cfg, k_vocab))
         head = self.model.init_head(k_head)
