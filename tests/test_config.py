@@ -178,3 +178,25 @@ def test_choice_types_are_the_one_definition_the_command_lines_read():
     assert choices(ContextStrategy) == ("gather", "ring", "zigzag")
     with pytest.raises(ConfigError, match="remat='some' is not valid; choose one of 'none', 'full', 'save_dots'"):
         ModelConfig(remat="some")
+
+
+def test_the_batch_and_sequence_split_rule_is_the_configs():
+    """"The batch divides data x fsdp, the sequence divides context" was written at the trainer, the memory plan,
+    the distributed preflight and the compute plan's rounding; ``RunConfig.check_mesh_split`` is the rule."""
+    from pathlib import Path
+
+    import pytest
+
+    from gptjax.config import ConfigError, RunConfig, batch_shards
+
+    cfg = RunConfig().replace(train={"batch_size": 12, "seq_len": 96})
+    cfg.check_mesh_split({"data": 2, "fsdp": 3, "context": 4, "tensor": 2})
+    assert batch_shards({"data": 2, "fsdp": 3, "tensor": 4}) == 6
+    with pytest.raises(ConfigError, match=r"train.batch_size=12 is not divisible by data x fsdp = 8"):
+        cfg.check_mesh_split({"data": 2, "fsdp": 4, "context": 1})
+    with pytest.raises(ConfigError, match=r"train.seq_len=96 is not divisible by mesh.context=5"):
+        cfg.check_mesh_split({"data": 1, "fsdp": 1, "context": 5})
+    package = Path(__file__).parents[1] / "gptjax"
+    written = [str(p.relative_to(package)) for p in package.rglob("*.py")
+               if '["data"] * ' in p.read_text() or "shape['data'] * " in p.read_text()]
+    assert not written, written

@@ -132,7 +132,8 @@ def test_plan_tool_long_context_and_context_parallelism():
     assert plans[32768, 4]["analytic_bytes"][KV_ROW] > 0
     assert acts[32768, 4] < acts[32768, 1] / 3
     r = plan_cli("gpt2-small", "--context", "3", "--seq", "1024", "--no-compile")
-    assert r.returncode == 2 and "not divisible by --context 3" in r.stderr
+    assert r.returncode == 2 and "train.seq_len=1024 is not divisible by mesh.context=3" in r.stderr
+    assert "--context mesh.context" in r.stderr
 
 
 def test_plan_tool_aot_check_on_simulated_devices():
@@ -171,7 +172,8 @@ def test_plan_tool_bad_mesh_is_a_clear_error():
     r = plan_cli("gpt2-small", "--mesh", "2,x,1")
     assert r.returncode == 2 and "--mesh must be three positive integers" in r.stderr
     r = plan_cli("gpt2-small", "--mesh", "2,2,1", "--batch", "3", "--no-compile")
-    assert r.returncode == 2 and "not divisible by data x fsdp" in r.stderr
+    assert r.returncode == 2 and "train.batch_size=3 is not divisible by data x fsdp = 4" in r.stderr
+    assert "--batch sets train.batch_size" in r.stderr
 
 
 def test_planner_names_the_kernel_a_context_slice_falls_back_to(monkeypatch):

@@ -198,10 +198,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with user_errors():
         cfg = build_config(a)
-        if a.batch % (a.mesh[0] * a.mesh[1]):
-            raise ConfigError(f"--batch {a.batch} is not divisible by data x fsdp = {a.mesh[0] * a.mesh[1]}")
-        if cfg.train.seq_len % a.context:
-            raise ConfigError(f"--seq {cfg.train.seq_len} is not divisible by --context {a.context}")
+        try:
+            cfg.check_mesh_split(mesh_sizes(a))
+        except ConfigError as e:  # the rule is the config's; the fields are this command's flags
+            raise ConfigError(f"{e}; here --batch sets train.batch_size, --seq train.seq_len, --mesh data,fsdp,tensor "
+                              "and --context mesh.context") from None
     capacity = _device_gb(a.device)
     logging.getLogger("gptjax.sharding.rules").setLevel(logging.ERROR)  # summarised per axis below
     warnings = idle_axes(cfg, mesh_sizes(a))

@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with user_errors(PreflightError):
         if maybe_initialize(a.coordinator, a.num_processes, a.process_id):
-            check_mesh(cfg.mesh, cfg.train.batch_size)
+            check_mesh(cfg)
             check_shared_dir(cfg.train.run_dir)
     try:
-        with user_errors(CorpusError, SourceError, TokenizerError, CheckpointNotFound, CheckpointWriteError, FileExistsError,
-                         RunLocked, RunWriteError, log=RunDir(cfg.train.run_dir).log):
+        with user_errors(CorpusError, SourceError, TokenizerError, CheckpointNotFound, CheckpointWriteError,
+                         FileExistsError, RunLocked, RunWriteError, log=RunDir(cfg.train.run_dir).log):
             train(cfg, resume=bool(a.resume), stop_after=a.stop_after, resume_step=a.resume_step)
     except StopTraining as stop:
         print(f"gptjax-train: {stop}", file=sys.stderr)

@@ -423,6 +423,11 @@ class TrainConfig:
 MOVED_FIELDS = {"model.context_strategy": "mesh.context_strategy"}
 
 
+def batch_shards(sizes: Mapping[str, int]) -> int:
+    """How many ways a mesh of axis ``sizes`` splits the batch: data x fsdp."""
+    return sizes.get("data", 1) * sizes.get("fsdp", 1)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -440,6 +445,18 @@ class RunConfig:
                f"mesh.context_strategy={strategy} splits the sequence into {strategy.chunks_per_device} x "
                f"mesh.context = {chunks} equal chunks; train.seq_len={self.train.seq_len} does not divide into "
                f"{chunks}")
+
+    def check_mesh_split(self, sizes: Mapping[str, int]) -> None:
+        """The one rule of how a batch splits over a mesh of ``sizes`` (its axis sizes): the batch divides into the
+        data x fsdp shards (:func:`batch_shards`), the sequence into the context shards. (Written before at the
+        trainer, the memory planner, the distributed preflight and the compute plan's rounding.)"""
+        shards = batch_shards(sizes)
+        _check(self.train.batch_size % shards == 0,
+               f"train.batch_size={self.train.batch_size} is not divisible by data x fsdp = {shards} (the "
+               "batch-parallel devices)")
+        _check(self.train.seq_len % sizes.get("context", 1) == 0,
+               f"train.seq_len={self.train.seq_len} is not divisible by mesh.context={sizes.get('context', 1)} (each "
+               "context-parallel device holds an equal slice of the sequence)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":

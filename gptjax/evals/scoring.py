@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax.config import batch_shards
 from gptjax.evals.loss import local_rows
 from gptjax.model.sharded import ShardedModel
 
@@ -57,7 +58,7 @@ class Scorer:
     def __init__(self, model: ShardedModel, params: Any, rows: int = 8, max_len: int | None = None):
         self.model, self.params = model, params
         self.max_len = model.cfg.max_seq_len if max_len is None else min(max_len, model.cfg.max_seq_len)
-        parallel = model.mesh.shape["data"] * model.mesh.shape["fsdp"]
+        parallel = batch_shards(model.mesh.shape)
         self.rows = -(-rows // parallel) * parallel
         self.rows_scored = 0
         self._score = jax.jit(self._token_scores, in_shardings=(model.param_shardings, model.batch_sharding),

@@ -33,7 +33,7 @@ import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from gptjax.config import RunConfig
+from gptjax.config import RunConfig, batch_shards
 from gptjax.model import count_params, flops_per_token
 from gptjax.planning.memory import DEVICE_MEMORY_GB, analytic_plan
 from gptjax.runs import RunDir
@@ -176,8 +176,8 @@ def plan_compute(fit: FitResult, flops: float, base: RunConfig, *, approach: str
     capacity = host_memory_bytes() if device == "cpu" else DEVICE_MEMORY_GB[device] * 1e9
     chosen = None
     for mesh in mesh_candidates(chips):
-        shards = mesh["data"] * mesh["fsdp"]
-        batch = shards * math.ceil(base.train.batch_size / shards)
+        shards = batch_shards(mesh)
+        batch = shards * math.ceil(base.train.batch_size / shards)  # the smallest that RunConfig.check_mesh_split takes
         steps = max(1, round(flops / (6 * n) / (batch * seq)))
         cfg = _run_config(base, model, batch, steps, mesh, run_dir or f"runs/plan_C{flops:.0e}".replace("+", ""))
         # (counted scan-stacked: the same bytes, traced once instead of once per layer)
@@ -213,7 +213,7 @@ def plan_compute(fit: FitResult, flops: float, base: RunConfig, *, approach: str
     else:
         throughput, source = measured_throughput(base, base_run_dir)
     train_flops = flops_per_token(model, seq) * tokens
-    shards = mesh["data"] * mesh["fsdp"]
+    shards = batch_shards(mesh)
     rules = {
         "shape": f"sizing rule at N_opt = {opt['params']:,.0f}: d_model {model.d_model}, {model.n_layers} layers, "
                  f"d_ff {model.d_ff} (N = {n:,})",

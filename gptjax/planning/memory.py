@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from gptjax.config import ModelConfig, RunConfig
+from gptjax.config import ModelConfig, RunConfig, batch_shards
 from gptjax.config.dtypes import dtype_bytes
 from gptjax.model import abstract_layer, abstract_params, choose_kernel, count_params
 from gptjax.sharding.context import ContextLayout
@@ -143,8 +143,7 @@ def activation_bytes(m: ModelConfig, batch_per_device: int, seq: int, tensor: in
 def analytic_plan(cfg: RunConfig, mesh_sizes: Mapping[str, int]) -> MemoryPlan:
     m, t = cfg.model, cfg.train
     params = param_bytes_per_device(cfg, mesh_sizes)
-    batch_shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
-    batch_per_device = t.batch_size // batch_shards
+    batch_per_device = t.batch_size // batch_shards(mesh_sizes)
     context = mesh_sizes.get("context", 1)
     seq = t.seq_len // context  # context parallelism: each device holds a slice of the sequence
     tokens = batch_per_device * seq

@@ -218,11 +218,13 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
     return True
 
 
-def check_mesh(mesh_cfg, global_batch: int) -> None:
-    """The mesh against the processes and their devices, before anything is compiled: every process drives the
-    same number of devices, the mesh covers them all, and the batch shards (data x fsdp) split evenly over the
-    processes (each process loads only its own rows)."""
-    from gptjax.config import ConfigError
+def check_mesh(cfg) -> None:
+    """A run's mesh against the processes and their devices, before anything is compiled: every process drives the
+    same number of devices, the mesh covers them all, the batch shards (data x fsdp) split evenly over the
+    processes (each process loads only its own rows), and the batch and sequence split over the mesh
+    (``RunConfig.check_mesh_split``)."""
+    mesh_cfg = cfg.mesh
+    from gptjax.config import ConfigError, batch_shards
 
     n = jax.process_count()
     local = jax.local_device_count()
@@ -235,13 +237,15 @@ def check_mesh(mesh_cfg, global_batch: int) -> None:
         sizes = mesh_cfg.resolve(jax.device_count())
     except ConfigError as e:
         raise PreflightError(f"{e} ({n} process{'es' * (n > 1)} x {local} device{'s' * (local > 1)} each)") from e
-    shards = sizes["data"] * sizes["fsdp"]
+    shards = batch_shards(sizes)
     if n > 1 and shards % n:
         raise PreflightError(
             f"mesh data x fsdp = {sizes['data']} x {sizes['fsdp']} = {shards} batch shards cannot be split over {n} "
             f"processes (each loads its own rows): make data x fsdp a multiple of {n}, e.g. --set mesh.data={n}")
-    if global_batch % n:
-        raise PreflightError(f"train.batch_size={global_batch} is not divisible by {n} processes")
+    try:
+        cfg.check_mesh_split(sizes)  # (then the batch divides over the processes too)
+    except ConfigError as e:
+        raise PreflightError(str(e)) from e
 
 
 def check_shared_dir(path: str | Path) -> None:

@@ -78,12 +78,7 @@ def train(cfg: RunConfig, resume: bool | str = False, devices: list | None = Non
     run_dir = Path(t.run_dir)
     is_main = jax.process_index() == 0
     mesh = make_mesh(cfg.mesh, devices)
-    if t.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the batch-parallel devices "
-                          f"(data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']})")
-    if t.seq_len % mesh.shape["context"]:
-        raise ConfigError(f"train.seq_len={t.seq_len} must be divisible by mesh.context={mesh.shape['context']} "
-                          "(each context-parallel device holds an equal slice of the sequence)")
+    cfg.check_mesh_split(mesh.shape)
     run = RunDir(run_dir)
     lock = None
     try:
