@@ -112,6 +112,18 @@ def test_cli_resume_reads_config_json_and_extends_without_restretching(small_cor
     lrs = {s: lr for s, lr in ((r_["step"], r_.get("lr")) for r_ in map(json.loads, (run / "metrics.jsonl")
                                                                          .read_text().splitlines())) if lr}
     assert lrs[12] == pytest.approx(1e-3 * 0.1, rel=1e-4)  # min_lr_ratio * lr, not a re-stretched cosine
+    # the policy is the library's: a Python caller resolves what the CLI resolves
+    from gptjax.training.checkpointing import resolve_resume
+
+    r = subprocess.run(py + ["--run-dir", str(run), "--resume", "--extend-steps", "16", "--set", "train.log_every=2",
+                             "--print-config"], capture_output=True, text=True, env=env)
+    cfg, resuming = resolve_resume(run, True, overrides=["train.log_every=2"], extend_steps=16)
+    assert resuming and json.loads(r.stdout) == cfg.to_dict() and cfg.train.steps == 16
+    assert cfg.optim.schedule_steps == 8 and cfg.optim.lr == 1e-3
+    fresh, resuming = resolve_resume(tmp_path / "new", "auto", fresh="austen", overrides=["train.steps=3"])
+    assert not resuming and fresh.train.steps == 3 and fresh.optim.lr == 3e-3
+    with pytest.raises(ConfigError, match="goes with --resume"):
+        resolve_resume(tmp_path / "new", "auto", extend_steps=5)
 
 
 def _config_file(corpus, tmp_path, run, steps, lr):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptjax.cli.common import UserError, console_script, setup_logging, user_errors
+from gptjax.cli.common import console_script, setup_logging, user_errors
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,24 +32,17 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     setup_logging()
-    import dataclasses
     from pathlib import Path
 
     from gptjax.checkpoint import CheckpointWriteError
-    from gptjax.config import build_run_config
     from gptjax.interop.families import UnsupportedArchitecture
-    from gptjax.interop.hf_import import SETTABLE_FIELDS, HFImportError, read_hf
+    from gptjax.interop.hf_import import HFImportError, read_hf, run_config_for
     from gptjax.runs import RunLocked
     from gptjax.training.seed import AlreadySeeded, seed_run
 
     with user_errors(HFImportError, UnsupportedArchitecture, FileExistsError, RunLocked, CheckpointWriteError):
         imported = read_hf(a.hf_dir)
-        fields = dataclasses.asdict(imported.model)
-        seq = [f"train.seq_len={imported.model.max_seq_len}"] if imported.model.max_seq_len < 256 else []
-        cfg = build_run_config("austen", overrides=[f"train.run_dir={a.run_dir}", *seq, *a.set], **fields)
-        changed = [k for k, v in fields.items() if getattr(cfg.model, k) != v and k not in SETTABLE_FIELDS]
-        if changed:
-            raise UserError(f"--set cannot change model field(s) the checkpoint fixes: {', '.join(changed)}")
+        cfg = run_config_for(imported, a.run_dir, a.set)
         if imported.tokenizer_proto is None:
             print(f"note: {a.hf_dir} has no sentencepiece tokenizer.model; training and sampling need one: "
                   "--set data.tokenizer=PATH.model", file=sys.stderr)

@@ -56,19 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     with user_errors(CheckpointNotFound):
         if (a.resume_step is not None or a.extend_steps) and not a.resume:
             raise UserError("--resume-step and --extend-steps go with --resume")
-        cfg = config_from_args(a, *flags)
-        from gptjax.runs import RunDir
+        from gptjax.training.checkpointing import resolve_resume
 
-        if a.resume == "auto" and not RunDir(cfg.train.run_dir).has_checkpoint():
-            a.resume = None  # nothing to continue: a fresh start (the first attempt of a requeued job died early)
-        if a.resume:  # the run's own config.json is the base; only what is given on the command line changes
-            from gptjax.training.checkpointing import extend_run
-
-            stored = RunDir(cfg.train.run_dir).read_config()
-            extend = extend_run(stored, a.extend_steps) if a.extend_steps else []
-            explicit = a.config or a.model_preset
-            cfg = config_from_args(a, *flags, *extend) if explicit else build_run_config(
-                stored, overrides=[*flags, *extend, *a.set])
+        # the run directory named by the arguments; resuming, the run's own config.json is the base unless a
+        # --config / --model-preset is given (then it must agree with it), and only what is given changes
+        run_dir = config_from_args(a, *flags).train.run_dir
+        explicit = build_run_config(a.config or a.preset, model_preset_name=a.model_preset) if (
+            a.config or a.model_preset) else None
+        cfg, resuming = resolve_resume(run_dir, {"yes": True}.get(a.resume, a.resume), explicit, [*flags, *a.set],
+                                       a.extend_steps, fresh=a.preset)
     if a.print_config:
         print(cfg.to_json())
         return 0
@@ -87,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with user_errors(CorpusError, SourceError, TokenizerError, CheckpointNotFound, CheckpointWriteError,
                          FileExistsError, RunLocked, RunWriteError, log=RunDir(cfg.train.run_dir).log):
-            train(cfg, resume=bool(a.resume), stop_after=a.stop_after, resume_step=a.resume_step)
+            train(cfg, resume=resuming, stop_after=a.stop_after, resume_step=a.resume_step)
     except StopTraining as stop:
         print(f"gptjax-train: {stop}", file=sys.stderr)
         return stop.exit_code

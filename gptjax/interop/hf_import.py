@@ -15,11 +15,11 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from gptjax.config import ConfigError, ModelConfig, Role, fields_with_role
+from gptjax.config import ConfigError, ModelConfig, Role, RunConfig, build_run_config, fields_with_role
 from gptjax.interop.families import HF_CONFIG, HF_TOKENIZER, Family, UnsupportedArchitecture, family_of_hf
 from gptjax.interop.safetensors import Reader, SafetensorsError
 
@@ -40,6 +40,19 @@ class ImportedModel:
     params: dict  # per-layer layout (blocks/0, blocks/1, ...), float32 numpy arrays
     family: Family
     tokenizer_proto: bytes | None  # the directory's sentencepiece model, if it has one
+
+
+def run_config_for(imported: ImportedModel, run_dir: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """The import policy: the run config of a run seeded from ``imported`` (the default run's settings, the
+    checkpoint's model, a sequence length the model takes), with ``overrides`` (``--set``), which may change the
+    model fields of :data:`SETTABLE_FIELDS` only: the others are fixed by the checkpoint's parameters."""
+    fields = dataclasses.asdict(imported.model)
+    seq = [f"train.seq_len={imported.model.max_seq_len}"] if imported.model.max_seq_len < 256 else []
+    cfg = build_run_config("austen", overrides=[f"train.run_dir={run_dir}", *seq, *overrides], **fields)
+    changed = [k for k, v in fields.items() if getattr(cfg.model, k) != v and k not in SETTABLE_FIELDS]
+    if changed:
+        raise HFImportError(f"--set cannot change model field(s) the checkpoint fixes: {', '.join(changed)}")
+    return cfg
 
 
 def read_hf_config(hf_dir: str | Path) -> dict:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 from jax.experimental import multihost_utils
 
 from gptjax.checkpoint.manager import Checkpointer, CheckpointMismatch, CheckpointNotFound
 from gptjax.checkpoint.restore import init_params_from
-from gptjax.config import ConfigError, Role, RunConfig
+from gptjax.config import ConfigError, Role, RunConfig, build_run_config
 from gptjax.runs import RunDir
 from gptjax.training.program import Program
 
@@ -50,6 +50,31 @@ def check_resume_config(stored: RunConfig, new: RunConfig, run: RunDir) -> None:
 def extend_run(stored: RunConfig, steps: int) -> list[str]:
     """Overrides that extend (or shorten) a run to ``steps`` while keeping its lr schedule."""
     return [f"train.steps={steps}", f"optim.schedule_steps={stored.optim.schedule_steps or stored.train.steps}"]
+
+
+def resumes(run: RunDir, resume: bool | str | None) -> bool:
+    """Whether a start asked for ``resume`` continues ``run``: ``True`` always (an error if there is nothing to
+    continue), ``"auto"`` when the run directory holds a checkpoint (a requeued job, a sweep), else not."""
+    return run.has_checkpoint() if resume == "auto" else bool(resume)
+
+
+def resolve_resume(run_dir: str | Path, resume: bool | str | None, base: RunConfig | str | Path | None = None,
+                   overrides: Sequence[str] = (), extend_steps: int | None = None,
+                   fresh: RunConfig | str | Path | None = None) -> tuple[RunConfig, bool]:
+    """The one resume policy, for ``gptjax-train`` and Python callers alike: ``(config, resuming)`` of a start in
+    ``run_dir`` asked for ``resume`` (:func:`resumes`). Resuming, the base is the run's own ``config.json`` unless
+    ``base`` is given (a config asked for explicitly: it must then agree with the stored one,
+    :func:`check_resume_config`), then ``overrides``, then ``extend_steps`` (:func:`extend_run`: train to N steps,
+    the lr schedule kept). Starting, ``base`` (or ``fresh``, a preset or config for a start only) with
+    ``overrides``."""
+    run = RunDir(run_dir)
+    if not resumes(run, resume):
+        if extend_steps:
+            raise ConfigError("--extend-steps continues a run: it goes with --resume")
+        return build_run_config(fresh if base is None else base, overrides=list(overrides)), False
+    stored = run.read_config()
+    extend = extend_run(stored, extend_steps) if extend_steps else []
+    return build_run_config(stored if base is None else base, overrides=[*overrides, *extend]), True
 
 
 class RunComplete(Exception):
@@ -90,7 +115,7 @@ class CheckpointPolicy:
                                      f"{self.checkpointer.directory}; available: {self.checkpointer.all_steps()}")
         if latest is not None and resume:
             check_resume_config(stored, cfg, self.run)
-        self.resuming = latest is not None and bool(resume)
+        self.resuming = latest is not None and resumes(self.run, resume)
         self.resume_step = resume_step
         self.last_saved: int | None = None
         self.stalls: list[float] = []
