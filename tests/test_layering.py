@@ -212,3 +212,10 @@ def test_a_run_is_loaded_for_use_in_one_place():
     restores = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                 if ".restore_params(" in p.read_text() and p.parent.name != "checkpoint"]
     assert not restores, restores
+
+
+def test_the_cli_runs_no_console_script_of_its_own_for_a_result():
+    """The compute plan ran ``python -m gptjax.cli.plan`` to get the memory report, and gptjax-plan ran itself
+    for the compiled check: the report is ``planning.memory_report``; no module starts a console script."""
+    starts = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if '"gptjax.cli.' in p.read_text()]
+    assert not starts, starts

@@ -32,8 +32,6 @@ import argparse
 import json
 import logging
 import math
-import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -62,32 +60,6 @@ def build_config(a: argparse.Namespace, n_layers: int | None = None) -> RunConfi
 
 def mesh_sizes(a) -> dict[str, int]:
     return {"data": a.mesh[0], "fsdp": a.mesh[1], "context": a.context, "tensor": a.mesh[2]}
-
-
-def aot_child(a: argparse.Namespace) -> None:
-    """Runs with XLA_FLAGS giving data*fsdp*tensor host devices: compile each reduced depth, print JSON."""
-    import jax
-
-    from gptjax.sharding.mesh import make_mesh
-    from gptjax.planning.memory import compiled_memory
-
-    out = {}
-    for depth in a.compile_layers:
-        cfg = build_config(a, depth)
-        out[depth] = compiled_memory(cfg, make_mesh(cfg.mesh, jax.devices()))
-    print("AOT " + json.dumps(out), flush=True)
-
-
-def run_aot(a: argparse.Namespace) -> dict[int, dict]:
-    n = math.prod(a.mesh) * a.context
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip())
-    argv = [sys.executable, "-m", "gptjax.cli.plan", *a.argv, "--aot-child"]
-    r = subprocess.run(argv, env=env, capture_output=True, text=True)
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("AOT ")]
-    if r.returncode or not lines:
-        raise SystemExit(f"AOT compile failed:\n{r.stderr[-3000:]}")
-    return {int(k): v for k, v in json.loads(lines[-1][4:]).items()}
 
 
 def _mesh_shape(text: str) -> tuple[int, int, int]:
@@ -158,7 +130,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-layers", default="2,4", help="reduced depths to AOT-compile (default 2,4)")
     p.add_argument("--no-compile", action="store_true", help="analytic figures only")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--aot-child", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -188,13 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     a.compile_layers = sorted({int(x) for x in a.compile_layers.split(",")})
     n_dev = math.prod(a.mesh) * a.context
     a.batch = a.batch or n_dev
-    if a.aot_child:
-        aot_child(a)
-        return 0
 
     from gptjax.config import ConfigError
-    from gptjax.model import count_params
-    from gptjax.planning.memory import analytic_plan, idle_axes
+    from gptjax.planning.report import memory_report
 
     with user_errors():
         cfg = build_config(a)
@@ -205,35 +172,14 @@ def main(argv: list[str] | None = None) -> int:
                               "and --context mesh.context") from None
     capacity = _device_gb(a.device)
     logging.getLogger("gptjax.sharding.rules").setLevel(logging.ERROR)  # summarised per axis below
-    warnings = idle_axes(cfg, mesh_sizes(a))
-    plan = analytic_plan(cfg, mesh_sizes(a))
-    result = {"preset": a.model_preset or a.config or a.preset, "params": count_params(cfg.model),
-              "mesh": mesh_sizes(a), "devices": n_dev,
-              "batch": a.batch, "seq": cfg.train.seq_len, "dtype": a.dtype, "remat": a.remat,
-              "attention": plan.attention,
-              "analytic_bytes": dict(plan.rows()), "device_gb": capacity, "warnings": warnings}
-    if not a.no_compile:
-        aot = run_aot(a)
-        depths = sorted(aot)
-        rows = []
-        for d in depths:
-            ana = analytic_plan(build_config(a, d), mesh_sizes(a)).total
-            rows.append({"layers": d, "analytic": ana, **aot[d]})
-        if len(depths) >= 2:
-            d1, d2 = depths[0], depths[-1]
-            slope = (aot[d2]["peak"] - aot[d1]["peak"]) / (d2 - d1)
-            full = aot[d1]["peak"] + slope * (cfg.model.n_layers - d1)
-        else:
-            full = aot[depths[0]]["peak"] * cfg.model.n_layers / depths[0]
-        result["aot"] = rows
-        result["compiled_full_depth_peak"] = int(full)
-    result["fits_analytic"] = plan.total <= capacity * GB
-    if "compiled_full_depth_peak" in result:
-        result["fits_compiled"] = result["compiled_full_depth_peak"] <= capacity * GB
-    result["fits"] = result["fits_analytic"]  # the one verdict (module docstring says why)
-    result["verdict_from"] = "analytic"
+    try:
+        report = memory_report(cfg, mesh_sizes(a), capacity, None if a.no_compile else a.compile_layers)
+    except RuntimeError as e:  # the compiled check's child failed
+        raise SystemExit(str(e)) from None
+    result = {"preset": a.model_preset or a.config or a.preset, "devices": n_dev, "batch": a.batch,
+              "dtype": a.dtype, "remat": a.remat, **report}
     exit_code = 0 if result["fits"] else 1
-    for w in warnings:
+    for w in result["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     if a.json:
         print(json.dumps(result, indent=2))
@@ -244,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{m.n_heads} heads / {m.kv_heads} kv heads, vocab {m.vocab_size}")
     print(f"mesh data={a.mesh[0]} x fsdp={a.mesh[1]} x context={a.context} x tensor={a.mesh[2]} = {n_dev} devices "
           f"| global batch {a.batch} x {cfg.train.seq_len} tokens | compute {a.dtype}, params {a.param_dtype}, "
-          f"remat {a.remat}, attention {plan.attention}\n")
+          f"remat {a.remat}, attention {result['attention']}\n")
     print(f"{'per device (analytic, full depth)':38s} {'GB':>10s}")
     print("-" * 50)
-    for name, b in plan.rows():
+    for name, b in result["analytic_bytes"].items():
         print(f"{name:38s} {b / GB:10.2f}")
     if "aot" in result:
         print("\nAOT check: XLA memory_analysis of the compiled train step, per device, reduced depth")
@@ -257,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['layers']:6d} {r['analytic'] / GB:12.3f} {r['peak'] / GB:12.3f} {r['arguments'] / GB:8.3f} "
                   f"{r['temp'] / GB:8.3f} {(r['outputs'] - r['aliased']) / GB:10.3f}")
         print(f"compiled, extrapolated to {m.n_layers} layers: {result['compiled_full_depth_peak'] / GB:.2f} GB")
-    nbytes = plan.total
+    nbytes = result["analytic_bytes"]["total"]
     print(f"\n{a.device}: {'fits' if result['fits'] else 'DOES NOT FIT'} ({nbytes / GB:.2f} GB, "
           f"{100 * nbytes / (capacity * GB):.0f}% of {capacity:g} GB) — from the analytic figure")
     compiled = result.get("compiled_full_depth_peak")
@@ -342,22 +288,16 @@ def describe_plan(plan, check: dict | None, out: Path) -> str:
 
 
 def compiled_check(cfg, plan) -> dict:
-    """The memory planner on the planned config: XLA's compiled per-device peak on simulated devices."""
-    import tempfile
+    """The memory report of the planned config (scan-stacked, as the planner counts it): XLA's compiled per-device
+    peak on simulated devices."""
+    from gptjax.planning.report import memory_report
 
     m = cfg.model
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "plan.json"
-        path.write_text(cfg.to_json())
-        depths = str(m.n_layers) if m.n_layers <= 4 else "2,4"
-        argv = [sys.executable, "-m", "gptjax.cli.plan", "--config", str(path), "--mesh",
-                f"{plan.mesh['data']},{plan.mesh['fsdp']},{plan.mesh['tensor']}", "--batch", str(cfg.train.batch_size),
-                "--seq", str(cfg.train.seq_len), "--dtype", m.dtype, "--param-dtype", m.param_dtype,
-                "--remat", m.remat, "--device", f"{plan.device_bytes / GB:g}", "--compile-layers", depths, "--json"]
-        r = subprocess.run(argv, capture_output=True, text=True)
-    if r.returncode not in (0, 1):
-        raise SystemExit(f"the compiled memory check failed:\n{r.stderr[-3000:]}")
-    got = json.loads(r.stdout)
+    checked = replace(cfg, model=replace(m, scan_layers=True), mesh=replace(cfg.mesh, sharding_factor=None))
+    try:
+        got = memory_report(checked, plan.mesh, plan.device_bytes / GB, [m.n_layers] if m.n_layers <= 4 else [2, 4])
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
     return {"compiled_peak": got["compiled_full_depth_peak"], "fits": got["fits_compiled"],
             "analytic": got["analytic_bytes"]["total"]}
 
