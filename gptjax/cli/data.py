@@ -24,6 +24,7 @@ import sys
 
 from gptjax.cli.common import console_script, user_errors
 from gptjax.data.builtin import BUILTIN, write_builtin
+from gptjax.data.sources import BAD_ROWS
 
 
 def _source_options(p: argparse.ArgumentParser) -> None:
@@ -31,7 +32,7 @@ def _source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column of the text (default text)")
     p.add_argument("--doc-pattern", help="plain text: a regex matching the line that starts each document "
                    "(default: documents are separated by blank lines)")
-    p.add_argument("--bad-rows", choices=["refuse", "skip"], default="refuse",
+    p.add_argument("--bad-rows", choices=BAD_ROWS, default=BAD_ROWS[0],
                    help="a JSONL line that is not JSON or lacks the field: stop with its line (default) or skip "
                    "and count it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from gptjax.cli.common import UserError, console_script, user_errors
+from gptjax.launch import PER
 from gptjax.runs import check_overwrite
 
 
@@ -44,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--name", default="gptjax", help="job name (lower-case letters, digits, '-')")
         s.add_argument("--nodes", type=int, default=1, help="hosts")
         s.add_argument("--gpus-per-node", type=int, default=0)
-        s.add_argument("--per", choices=["gpu", "host"], default="gpu" if target == "slurm" else "host",
+        s.add_argument("--per", choices=PER, default="gpu" if target == "slurm" else "host",
                        help="one process per GPU (JAX's SLURM default) or one per host driving all its GPUs")
         s.add_argument("--processes-per-node", type=int, help="explicit process count per host (CPU clusters)")
         s.add_argument("--grace", type=int, default=120, metavar="S",

@@ -96,6 +96,7 @@ def _positive(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     from gptjax.config import MODEL_PRESETS
     from gptjax.planning.memory import DEVICE_MEMORY_GB
+    from gptjax.scaling.fit import PARAMETRIC_APPROACHES
 
     p = argparse.ArgumentParser(prog="gptjax-plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,7 +120,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--flops", type=float, help="compute budget C = 6 N D in FLOPs")
     g.add_argument("--hours", type=float, help="instead of --flops: the budget these chips spend in this time")
     g.add_argument("--fit", help="fit.json of gptjax-scaling fit or a sweep (approach 3 with bootstrap refits)")
-    g.add_argument("--approach", default="3", choices=("3", "vpnls"), help="parametric fit to plan from")
+    g.add_argument("--approach", default="3", choices=PARAMETRIC_APPROACHES, help="parametric fit to plan from")
     g.add_argument("--chips", type=_positive, default=1, help="devices the run gets (default 1)")
     g.add_argument("--mfu", type=float, help="model FLOPs utilisation to time the run with (default: measured)")
     g.add_argument("--peak-flops", type=float, help="FLOP/s per device, with --mfu on a cpu")
