@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -78,7 +77,8 @@ def parser() -> argparse.ArgumentParser:
 @console_script("gptjax-launch")
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    from gptjax.launch import SLURM_LOGS, Job, LaunchError, k8s_manifest, slurm_script, tpu_vm_script, with_env
+    from gptjax.launch import (SLURM_LOGS, Job, LaunchError, SubmitError, k8s_manifest, slurm_script, submit,
+                               tpu_vm_script, with_env)
 
     command = a.command[1:] if a.command[:1] == ["--"] else a.command
     suffix = {"slurm": ".sbatch", "k8s": ".yaml", "tpu-vm": ".sh"}[a.target]
@@ -109,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
           f"host{'s' * (job.nodes > 1)})", file=sys.stderr)
     if a.target == "slurm" and a.submit:
         Path(job.workdir or ".", SLURM_LOGS).mkdir(parents=True, exist_ok=True)  # sbatch does not create it
-        r = subprocess.run(["sbatch", "--parsable", str(out)], capture_output=True, text=True)
-        if r.returncode:
-            print(f"error: sbatch refused {out}: {r.stderr.strip()}", file=sys.stderr)
+        try:
+            print(submit(out))
+        except SubmitError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 1
-        print(r.stdout.strip().split(";")[0])
     return 0
 
 

@@ -26,7 +26,6 @@ sweep the fit came from: its vocabulary, sequence length, data, optimizer) with:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import statistics

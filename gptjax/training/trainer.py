@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gptjax.config import ConfigError, RunConfig
+from gptjax.config import RunConfig
 from gptjax.data.pipeline import (MixtureCorpus, PreparedCorpus, ShardReadError, data_position, eval_batches,
                                    prepare_corpus, train_dataset)
 from gptjax.evals.loss import target_bytes, unigram_cross_entropy
