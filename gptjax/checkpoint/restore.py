@@ -23,9 +23,10 @@ from gptjax.sharding.mesh import single_device_mesh
 
 @dataclass
 class LoadedRun:
-    """A run's checkpoint ready for use: its config, the model on the mesh it was loaded onto, the parameters placed
-    by the run's sharding rules, its tokenizer (None when not asked for), and the step read."""
+    """A run's checkpoint ready for use: where the run is, its config, the model on the mesh it was loaded onto, the
+    parameters placed by the run's sharding rules, its tokenizer (None when not asked for), and the step read."""
 
+    run_dir: RunDir
     config: RunConfig
     model: ShardedModel
     params: Any
@@ -54,7 +55,7 @@ def load_run(run_dir: str | Path, step: int | None = None, mesh: Mesh | None = N
                                      "read an earlier one with --step") from None
         finally:
             checkpointer.close()
-    return LoadedRun(cfg, model, params, tok, found)
+    return LoadedRun(run, cfg, model, params, tok, found)
 
 
 @contextlib.contextmanager

@@ -139,29 +139,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def quality_train(a: argparse.Namespace) -> int:
     """Fit on all but a held-out share of each side, print the held-out accuracy, write the classifier."""
-    import itertools
-    import random
+    from gptjax.data.quality import train_quality_classifier
 
-    import numpy as np
-
-    from gptjax.data.quality import QualityClassifier
-    from gptjax.data.sources import read_documents
-
-    def docs(paths):
-        texts = [d.text for p in paths for d in itertools.islice(read_documents(p, text_field=a.text_field),
-                                                                 a.max_docs)][:a.max_docs]
-        random.Random(a.seed).shuffle(texts)
-        cut = int(len(texts) * (1 - a.held_out))
-        return texts[:cut], texts[cut:]
-
-    (good, good_test), (raw, raw_test) = docs(a.good), docs(a.raw)
-    clf = QualityClassifier.fit(good, raw)
-    if good_test and raw_test:
-        sg, sr = clf.score(good_test), clf.score(raw_test)
-        clf.meta["held_out_accuracy"] = float((np.sum(sg > 0.5) + np.sum(sr <= 0.5)) / (len(sg) + len(sr)))
-        clf.meta["kept_by_pareto"] = {"good": float(np.mean([clf.keep(t, s) for t, s in zip(good_test, sg)])),
-                                      "raw": float(np.mean([clf.keep(t, s) for t, s in zip(raw_test, sr)]))}
-        print(f"held-out accuracy {clf.meta['held_out_accuracy']:.3f} ({len(good_test)} good, {len(raw_test)} raw); "
+    clf = train_quality_classifier(a.good, a.raw, text_field=a.text_field, held_out=a.held_out,
+                                   max_docs=a.max_docs, seed=a.seed)
+    if "held_out_accuracy" in clf.meta:
+        held = clf.meta["held_out"]
+        print(f"held-out accuracy {clf.meta['held_out_accuracy']:.3f} ({held['good']} good, {held['raw']} raw); "
               f"the Pareto rule keeps {clf.meta['kept_by_pareto']['good']:.1%} of good and "
               f"{clf.meta['kept_by_pareto']['raw']:.1%} of raw")
     clf.save(a.out)

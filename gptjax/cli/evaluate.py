@@ -88,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "build-tasks":
         return build_tasks(a)
     from gptjax.checkpoint import CheckpointNotFound, load_run
-    from gptjax.data import CorpusError, TokenizerError, run_corpus
-    from gptjax.evals.loss import target_bytes
-    from gptjax.evals.perplexity import score_ids, score_text
+    from gptjax.data import CorpusError, TokenizerError
+    from gptjax.evals.perplexity import score_split, score_text
 
     with user_errors(CheckpointNotFound, TokenizerError, CorpusError, ValueError):
         text = None
@@ -99,18 +98,12 @@ def main(argv: list[str] | None = None) -> int:
                 text = Path(a.file).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise UserError(f"cannot read {a.file} as UTF-8 text: {e}") from None
-        loaded = load_run(a.run_dir, a.step)
-        cfg, model, params, tokenizer = loaded.config, loaded.model, loaded.params, loaded.tokenizer
+        run = load_run(a.run_dir, a.step)
         if text is not None:
-            score = score_text(model, params, tokenizer, text, a.context, a.stride, a.batch_size)
+            score = score_text(run.model, run.params, run.tokenizer, text, a.context, a.stride, a.batch_size)
             what = a.file
         else:
-            import numpy as np
-
-            stream = run_corpus(cfg.data, cfg.model.vocab_size, a.run_dir).stream(a.split)
-            ids = np.concatenate([[tokenizer.eos_id], stream])
-            whole = {"inputs": ids[None, :-1], "targets": ids[None, 1:], "loss_mask": np.ones((1, len(ids) - 1))}
-            score = score_ids(model, params, ids, a.context, a.stride, a.batch_size, target_bytes([whole], tokenizer))
+            score = score_split(run, a.split, a.context, a.stride, a.batch_size)
             what = "the validation split"
     print(f"{what}: {score.tokens} tokens, {score.bytes} bytes, {score.windows} windows of {score.context} "
           f"(stride {score.stride}): loss {score.loss:.4f} nats/token, perplexity {score.perplexity:.2f}, "

@@ -98,3 +98,32 @@ class QualityClassifier:
         except (OSError, KeyError, ValueError) as e:
             raise SourceError(f"{path} is not a quality classifier (gptjax-data quality-train writes one): {e}") \
                 from None
+
+
+def train_quality_classifier(good_paths: Sequence[str | Path], raw_paths: Sequence[str | Path], *,
+                             text_field: str = "text", held_out: float = 0.2, max_docs: int = 50_000,
+                             seed: int = 0) -> QualityClassifier:
+    """GPT-3's classifier fitted on all but a ``held_out`` share of each side (at most ``max_docs`` documents of
+    each, shuffled with ``seed``), with its held-out accuracy and the share of each side the Pareto rule keeps in
+    ``meta`` (``held_out_accuracy``, ``kept_by_pareto``) when both held-out shares are non-empty."""
+    import itertools
+    import random
+
+    from gptjax.data.sources import read_documents
+
+    def docs(paths):
+        texts = [d.text for p in paths for d in itertools.islice(read_documents(p, text_field=text_field),
+                                                                 max_docs)][:max_docs]
+        random.Random(seed).shuffle(texts)
+        cut = int(len(texts) * (1 - held_out))
+        return texts[:cut], texts[cut:]
+
+    (good, good_test), (raw, raw_test) = docs(good_paths), docs(raw_paths)
+    clf = QualityClassifier.fit(good, raw)
+    if good_test and raw_test:
+        sg, sr = clf.score(good_test), clf.score(raw_test)
+        clf.meta["held_out_accuracy"] = float((np.sum(sg > 0.5) + np.sum(sr <= 0.5)) / (len(sg) + len(sr)))
+        clf.meta["held_out"] = {"good": len(good_test), "raw": len(raw_test)}
+        clf.meta["kept_by_pareto"] = {"good": float(np.mean([clf.keep(t, s) for t, s in zip(good_test, sg)])),
+                                      "raw": float(np.mean([clf.keep(t, s) for t, s in zip(raw_test, sr)]))}
+    return clf

@@ -106,3 +106,17 @@ def score_text(model: ShardedModel, params: Any, tokenizer: Any, text: str, cont
         raise ValueError("the text is empty")
     ids = [tokenizer.eos_id] + list(tokenizer.encode(text))
     return score_ids(model, params, ids, context, stride, batch_size, n_bytes=len(text.encode("utf-8")))
+
+
+def score_split(run: Any, split: str = "val", context: int | None = None, stride: int | None = None,
+                batch_size: int = 8) -> TextScore:
+    """Perplexity and bits-per-byte of a loaded run's (``checkpoint.load_run``) prepared ``split``: its token
+    stream after an end-of-sequence token, the bytes counted as the tokens' text (``target_bytes``)."""
+    from gptjax.data import run_corpus
+    from gptjax.evals.loss import target_bytes
+
+    cfg, tokenizer = run.config, run.tokenizer
+    stream = run_corpus(cfg.data, cfg.model.vocab_size, run.run_dir).stream(split)
+    ids = np.concatenate([[tokenizer.eos_id], stream])
+    whole = {"inputs": ids[None, :-1], "targets": ids[None, 1:], "loss_mask": np.ones((1, len(ids) - 1))}
+    return score_ids(run.model, run.params, ids, context, stride, batch_size, target_bytes([whole], tokenizer))
