@@ -73,6 +73,39 @@ class DamagedFile(ValueError):
     """A file of a run directory does not read; the message names it and what to do."""
 
 
+FAULTS = logging.getLogger("gptjax.faults")  # tracebacks of faults: into a run's errors.log (route_faults)
+
+
+def route_faults(path: str | Path | None) -> Callable[[], None]:
+    """From now on, what background threads report (orbax and grain log through absl: a full disk is dozens of
+    tracebacks; asyncio and orbax's threads report the writes abandoned after a fault), uncaught exceptions of any
+    thread and ``gptjax.faults``' records go to ``path`` (a run's ``errors.log``, created only when something comes;
+    nowhere when None), not over the console's one error line. Returns the function that undoes it: training routes
+    them for its run while it runs; a console script that fails keeps them routed while the process exits."""
+    handler = FaultLogHandler(path if path is not None and Path(path).parent.is_dir() else os.devnull)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("absl", FAULTS.name, "asyncio")]
+    before = [(lg.handlers[:], lg.propagate) for lg in loggers]
+    hooks = sys.excepthook, threading.excepthook, sys.unraisablehook
+    for lg in loggers:
+        lg.handlers[:] = [handler]
+        lg.propagate = False
+    sys.excepthook = lambda *info: FAULTS.error("uncaught", exc_info=info)
+    threading.excepthook = lambda a: FAULTS.error("in thread %s", a.thread, exc_info=(a.exc_type, a.exc_value,
+                                                                                    a.exc_traceback))
+    sys.unraisablehook = lambda u: FAULTS.error("unraisable in %r", u.object, exc_info=(u.exc_type, u.exc_value,
+                                                                                        u.exc_traceback))
+
+    def undo() -> None:
+        sys.excepthook, threading.excepthook, sys.unraisablehook = hooks
+        for lg, (handlers, propagate) in zip(loggers, before):
+            lg.handlers[:] = handlers
+            lg.propagate = propagate
+        handler.close()
+
+    return undo
+
+
 class CheckpointNotFound(FileNotFoundError):
     """A run directory, or the checkpoint asked for in it, is not there; the message names what is missing."""
 

@@ -219,3 +219,11 @@ def test_the_cli_runs_no_console_script_of_its_own_for_a_result():
     for the compiled check: the report is ``planning.memory_report``; no module starts a console script."""
     starts = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if '"gptjax.cli.' in p.read_text()]
     assert not starts, starts
+
+
+def test_background_faults_are_routed_in_one_place():
+    """The routing of background threads' reports into a run's errors.log was written twice (the trainer and the
+    CLI's exit); ``runs.route_faults`` is the one place that replaces the exception hooks."""
+    hooks = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+             if "threading.excepthook =" in p.read_text() or "sys.unraisablehook = lambda" in p.read_text()]
+    assert hooks == ["runs.py"], hooks

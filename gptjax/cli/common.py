@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from gptjax.config import MODEL_PRESETS, RUN_PRESETS, ConfigError, RunConfig, build_run_config
-from gptjax.runs import DamagedFile, FaultLogHandler, NotOurs
+from gptjax.runs import DamagedFile, NotOurs, route_faults
 
 
 def add_config_args(p: argparse.ArgumentParser, default_preset: str | None = "austen") -> None:
@@ -166,20 +166,5 @@ def _forward_interrupts(hook):
 def quiet_exit(log: Path | None) -> None:
     """From now on (the process is about to exit), reports of background threads that lost their event loop or
     were abandoned mid-write go to ``log`` (created only if one comes), or nowhere, not over the one line already
-    printed."""
-    target = log if log is not None and Path(log).parent.is_dir() else os.devnull
-    handler = FaultLogHandler(target)
-    for name in ("asyncio", "absl"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.propagate = False
-
-    def to_log(*info) -> None:
-        import traceback
-
-        with open(target, "a") as f:
-            f.write("".join(traceback.format_exception(*info)))
-
-    sys.excepthook = to_log
-    threading.excepthook = lambda a: to_log(a.exc_type, a.exc_value, a.exc_traceback)
-    sys.unraisablehook = lambda u: to_log(u.exc_type, u.exc_value, u.exc_traceback)
+    printed (``runs.route_faults``, never undone)."""
+    route_faults(log)

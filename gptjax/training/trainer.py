@@ -7,8 +7,6 @@ import contextlib
 import errno
 import json
 import logging
-import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,7 +25,7 @@ from gptjax.model.accounting import count_params, flops_per_token
 from gptjax.reporting.plots import plot_runs
 from gptjax.reporting.reporter import Reporter
 from gptjax.checkpoint.manager import CheckpointWriteError
-from gptjax.runs import FaultLogHandler, RunDir, RunLocked, WriterLock, deferred_interrupt, fault_reason
+from gptjax.runs import FAULTS, RunDir, RunLocked, WriterLock, deferred_interrupt, fault_reason, route_faults
 from gptjax.sharding.mesh import describe, make_mesh
 from gptjax.training.checkpointing import CheckpointPolicy, RunComplete
 from gptjax.training.hooks import (CheckpointHook, Clock, EvalHook, LastGoodStep, LogHook, NonFiniteHook,
@@ -37,7 +35,7 @@ from gptjax.training.perf import measure_peak_flops
 from gptjax.training.program import Program
 
 log = logging.getLogger("gptjax")
-faults = logging.getLogger("gptjax.faults")  # tracebacks of faults: into the run's errors.log (fault_log)
+faults = FAULTS  # tracebacks of faults: into the run's errors.log (fault_log)
 
 
 @dataclass
@@ -187,28 +185,11 @@ def fault_log(run: RunDir) -> Iterator[None]:
     of tracebacks), asyncio's and background threads' reports of the writes orbax abandons after a fault, and the
     tracebacks of faults go to the run's ``errors.log``, not the console; the error line names the file (the CLI
     keeps routing them there while the process exits)."""
-    handler = FaultLogHandler(run.log)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger(name) for name in ("absl", "gptjax.faults", "asyncio")]
-    before = [lg.propagate for lg in loggers]
-    hooks = sys.excepthook, threading.excepthook, sys.unraisablehook
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.propagate = False
-    # orbax's background threads report through these when its event loop is gone (a fault, an interrupt)
-    sys.excepthook = lambda *info: faults.error("uncaught", exc_info=info)
-    threading.excepthook = lambda a: faults.error("in thread %s", a.thread, exc_info=(a.exc_type, a.exc_value,
-                                                                                    a.exc_traceback))
-    sys.unraisablehook = lambda u: faults.error("unraisable in %r", u.object, exc_info=(u.exc_type, u.exc_value,
-                                                                                        u.exc_traceback))
+    undo = route_faults(run.log)
     try:
         yield
     finally:
-        sys.excepthook, threading.excepthook, sys.unraisablehook = hooks
-        for lg, propagate in zip(loggers, before):
-            lg.removeHandler(handler)
-            lg.propagate = propagate
-        handler.close()
+        undo()
 
 
 def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | None) -> TrainResult:
