@@ -227,3 +227,15 @@ def test_background_faults_are_routed_in_one_place():
     hooks = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
              if "threading.excepthook =" in p.read_text() or "sys.unraisablehook = lambda" in p.read_text()]
     assert hooks == ["runs.py"], hooks
+
+
+def test_no_private_attribute_is_reached_from_another_object():
+    """``model._init_params`` (training) and ``checkpointer._existing_step`` (checkpoint/restore.py) were private
+    calls across packages; now ``fresh_params`` and ``existing_step``. Only ``self`` / ``cls`` reach a private
+    name (JAX's own private modules aside, named where they are imported)."""
+    import re
+
+    reach = re.compile(r"\b(?!self\b|cls\b|jax\b|os\b|sys\b)[a-z][a-z0-9_]*\._[a-z][a-z0-9_]*")  # os._exit, sys._getframe
+    found = [f"{p.relative_to(PACKAGE)}:{n}: {line.strip()}" for p in PACKAGE.rglob("*.py")
+             for n, line in enumerate(p.read_text().splitlines(), 1) if reach.search(line.split("#")[0])]
+    assert not found, found

@@ -211,7 +211,9 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def _existing_step(self, step: int | None) -> int:
+    def existing_step(self, step: int | None) -> int:
+        """``step`` (default: the latest) when it is one of the checkpoints here, else ``CheckpointNotFound`` naming
+        the ones there are."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointNotFound(f"no checkpoint in {self.directory}")
@@ -274,7 +276,7 @@ class Checkpointer:
         """Restore the train state onto ``abstract_state``'s shardings (and the iterator in place).
         Returns the state. A checkpoint written by another number of processes restores too: the state is
         resharded by orbax, and the iterator takes the position all the writing processes shared."""
-        step = self._existing_step(step)
+        step = self.existing_step(step)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         other_count = None
         if data_iterator is not None:
@@ -296,7 +298,7 @@ class Checkpointer:
     def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
         """Only the parameters of a saved train state (orbax partial restore: optimizer moments are never read),
         placed by ``abstract_params``' shardings."""
-        step = self._existing_step(step)
+        step = self.existing_step(step)
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
         item = ocp.args.PyTreeRestore(item={"params": abstract_params}, restore_args={"params": restore_args},
                                       partial_restore=True)

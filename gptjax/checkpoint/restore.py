@@ -62,7 +62,7 @@ def load_run(run_dir: str | Path, step: int | None = None, mesh: Mesh | None = N
 def _in_place(run: RunDir, step: int | None) -> Iterator[tuple[int, Path]]:
     checkpointer = Checkpointer(run.checkpoints, create=False)
     try:
-        found = checkpointer._existing_step(step)
+        found = checkpointer.existing_step(step)
     finally:
         checkpointer.close()
     why = step_problem(run.checkpoints / str(found), ("state",))

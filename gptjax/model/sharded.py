@@ -48,13 +48,15 @@ class ShardedModel:
                                             shapes, self.param_shardings)
         self.replicated = NamedSharding(mesh, P())
         self.batch_sharding = logical_sharding(ax.TOKENS_BxL, mesh, self.rules)
-        self.init_params = jax.jit(self._init_params, out_shardings=self.param_shardings)
+        self.init_params = jax.jit(self.fresh_params, out_shardings=self.param_shardings)
         self.forward = jax.jit(self.apply, in_shardings=(self.param_shardings, None))
         self.eval_step = jax.jit(self._eval_step, in_shardings=(self.param_shardings, self.batch_sharding),
                                  out_shardings=self.replicated)
 
     # ---- pure functions (trace them inside jit) -------------------------------------------------------------
-    def _init_params(self, key: jax.Array) -> dict:
+    def fresh_params(self, key: jax.Array) -> dict:
+        """The initial parameters, pure (trace it inside jit: the train state is built from it); ``init_params`` is
+        its jitted form, placed on the shardings."""
         return nnx.split(Decoder(self.cfg, nnx.Rngs(params=key)))[1].to_pure_dict()
 
     def apply(self, params: Any, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,

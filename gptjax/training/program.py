@@ -58,7 +58,7 @@ class Program:
                 "nonfinite": {"streak": zero, "since": zero}}
 
     def _init(self, key: jax.Array) -> dict:
-        return self._state_from_params(self.model._init_params(key))
+        return self._state_from_params(self.model.fresh_params(key))
 
     def _train_step(self, state: dict, batch: Batch) -> tuple[dict, dict]:
         (_, aux), grads = jax.value_and_grad(self.model.loss, has_aux=True)(state["params"], batch)
