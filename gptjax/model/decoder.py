@@ -90,7 +90,7 @@ class Decoder(nnx.Module):
     def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                  segment_ids_BxL: jax.Array | None = None) -> jax.Array:
         """Next-token logits ``[B, L, vocab]`` in float32."""
-        return self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, None)[0]
+        return self.unembed(self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, None)[0])
 
     def decode(self, tokens_BxL: jax.Array, cache: KVCache, positions_BxL: jax.Array | None = None,
                segment_ids_BxL: jax.Array | None = None, logits_at_B: jax.Array | None = None
@@ -98,20 +98,20 @@ class Decoder(nnx.Module):
         """Logits of ``tokens_BxL`` fed after what ``cache`` holds, and the extended cache. ``logits_at_B``: only
         each row's logits at that index (``[B, 1, vocab]``), as a prefill needs: all of them were most of the
         time of a 16 x 512 prefill on CPU (a 134 MB float32 array for the tiny model's 4096-token vocabulary)."""
-        return self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, cache, logits_at_B)
+        hidden_BxLxD, cache = self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, cache, logits_at_B)
+        return self.unembed(hidden_BxLxD), cache
 
     def features(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                  segment_ids_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """``(hidden_BxLxD, logits_BxLxV)``: the final-normed hidden states, which a task head reads (GPT-1 §3.2),
         and the next-token logits."""
-        logits_BxLxV, _, hidden_BxLxD = self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, None,
-                                                      with_hidden=True)
-        return hidden_BxLxD, logits_BxLxV
+        hidden_BxLxD = self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, None)[0]
+        return hidden_BxLxD, self.unembed(hidden_BxLxD)
 
     def hidden(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                segment_ids_BxL: jax.Array | None = None) -> jax.Array:
         """The final-normed hidden states ``[B, L, D]``, without the logits (the fused loss unembeds them)."""
-        return self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, None, head=False)
+        return self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, None)[0]
 
     def head(self) -> tuple[jax.Array, bool]:
         """The unembedding matrix and whether it is ``[V, D]`` (tied to the embedding) rather than ``[D, V]``."""
@@ -128,11 +128,25 @@ class Decoder(nnx.Module):
         """The residual stream after the embedding and after each block, and the logits: what μP's coordinate
         check measures across widths (``gptjax.experiments.mup``)."""
         trace: dict[str, jax.Array] = {}
-        trace["logits"] = self._forward(tokens_BxL, None, None, None, trace=trace)[0]
+        trace["logits"] = self.unembed(self._forward(tokens_BxL, None, None, None, trace=trace)[0])
         return trace
 
-    def _forward(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache, logits_at_B=None, with_hidden=False,
-                 head=True, trace: dict | None = None):
+    def unembed(self, hidden_BxLxD: jax.Array) -> jax.Array:
+        """The next-token logits ``[B, L, vocab]`` (float32) of final-normed hidden states: every entry point is
+        :meth:`_forward`'s hidden states, with this head applied or not."""
+        cfg = self.cfg
+        if cfg.tie_embeddings:
+            logits_BxLxV = einsum("bld,vd->blv", hidden_BxLxD, self.embedding[...], self.dtype, jnp.float32)
+        else:
+            logits_BxLxV = einsum("bld,dv->blv", hidden_BxLxD, self.unembedding[...], self.dtype, jnp.float32)
+        if cfg.width_mult != 1.0:  # μP: the output multiplier 1/m
+            logits_BxLxV = logits_BxLxV * (1.0 / cfg.width_mult)
+        return constrain(logits_BxLxV, (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
+
+    def _forward(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache, logits_at_B=None,
+                 trace: dict | None = None) -> tuple[jax.Array, KVCache | None]:
+        """``(hidden_BxLxD, cache)``: the final-normed hidden states (only at ``logits_at_B`` where given) and the
+        extended cache (None without one)."""
         cfg = self.cfg
         B, L = tokens_BxL.shape
         if positions_BxL is None and cache is not None:
@@ -167,20 +181,9 @@ class Decoder(nnx.Module):
         if logits_at_B is not None:
             x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at_B[:, None, None], axis=1)
         x_BxLxD = self.final_norm(x_BxLxD)
-        if not head:
-            return x_BxLxD
-        if cfg.tie_embeddings:
-            logits_BxLxV = einsum("bld,vd->blv", x_BxLxD, self.embedding[...], self.dtype, jnp.float32)
-        else:
-            logits_BxLxV = einsum("bld,dv->blv", x_BxLxD, self.unembedding[...], self.dtype, jnp.float32)
-        if cfg.width_mult != 1.0:  # μP: the output multiplier 1/m
-            logits_BxLxV = logits_BxLxV * (1.0 / cfg.width_mult)
-        logits_BxLxV = constrain(logits_BxLxV, (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
         if cache is not None:
             cache = KVCache(kv[0], kv[1], mask.k_segment_ids_BxS, cache.index + L)
-        if with_hidden:
-            return logits_BxLxV, cache, x_BxLxD
-        return logits_BxLxV, cache
+        return x_BxLxD, cache
 
     def _run_blocks(self, x_BxLxD: jax.Array, rope: tuple | None, mask: MaskSpec, cache: KVCache | None,
                     trace: dict | None = None):
