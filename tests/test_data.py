@@ -3,7 +3,8 @@ import pytest
 
 from gptjax.config import DataConfig
 from gptjax.data.corpus import CorpusError, read_corpus, split_documents
-from gptjax.data.pipeline import PackedWindows, eval_batches, prepare_corpus, train_dataset
+from gptjax.data.batches import PackedWindows, eval_batches, train_dataset
+from gptjax.data.run_data import prepare_corpus
 from gptjax.data.tokenizer import Tokenizer, TokenizerError
 from gptjax.evals import unigram_cross_entropy
 

@@ -11,7 +11,7 @@ import pytest
 
 from helpers import small_run
 from gptjax.data import Tokenizer, default_corpus_path, read_corpus, split_documents
-from gptjax.data.pipeline import Mixture, mixture_counts, mixture_proportions, train_dataset
+from gptjax.data.batches import Mixture, mixture_counts, mixture_proportions, train_dataset
 from gptjax.data.shards import PrepareSettings, prepare
 
 PARAS = [p for p in split_documents(read_corpus(default_corpus_path()), None) if len(p) > 40]

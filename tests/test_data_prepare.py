@@ -170,7 +170,7 @@ def test_killed_at_random_moments_then_rerun_ends_with_the_same_bytes(tmp_path, 
 
 # ---- training on prepared shards ------------------------------------------------------------------------------
 def test_document_segments_restart_after_each_end_of_document():
-    from gptjax.data.pipeline import document_segments
+    from gptjax.data.batches import document_segments
 
     seg, pos = document_segments(np.array([5, 6, 2, 7, 2, 2, 8, 9]), eos_id=2)
     assert seg.tolist() == [0, 0, 0, 1, 1, 2, 3, 3]
@@ -178,7 +178,7 @@ def test_document_segments_restart_after_each_end_of_document():
 
 
 def test_prepared_windows_read_the_split_stream_across_shards(tmp_path, tok):
-    from gptjax.data.pipeline import PreparedWindows
+    from gptjax.data.batches import PreparedWindows
 
     sources, _ = write_sources(tmp_path)
     prepare(sources, tok, tmp_path / "out", settings=PrepareSettings(docs_per_shard=16, val_fraction=0.1),
@@ -198,7 +198,7 @@ def test_a_packed_document_gets_the_logits_it_gets_alone(tmp_path, tok):
     """Document masking: inside a packed window a document attends only to itself, with positions from 0."""
     import jax
 
-    from gptjax.data.pipeline import PreparedWindows, _split, _stack
+    from gptjax.data.batches import PreparedWindows, _split, _stack
     from gptjax.model import ShardedModel
     from gptjax.sharding import single_device_mesh
 
@@ -301,7 +301,8 @@ def test_contamination_counts_and_drops_documents_sharing_a_13_gram_with_the_tas
 def test_global_batches_do_not_depend_on_the_process_count(tmp_path, tok):
     """Process p of P reads the p-th contiguous slice of each global batch, and every process's iterator state is
     the global batch index: the token stream (with its segments) is the same on 1, 2 or 4 processes."""
-    from gptjax.data.pipeline import PreparedCorpus, train_dataset
+    from gptjax.data.batches import train_dataset
+    from gptjax.data.run_data import PreparedCorpus
 
     sources, _ = write_sources(tmp_path)
     prepare(sources, tok, tmp_path / "out", settings=PrepareSettings(docs_per_shard=16), progress=False)

@@ -75,7 +75,7 @@ def data_files(data_dir: Path) -> dict[int, dict[int, Path]]:
 
 def shared_iterator_state(data_dir: Path) -> tuple[int, dict]:
     """The process count that wrote ``data_dir`` and the iterator state every one of its processes saved: the
-    pipeline's position is a global batch index (``gptjax.data.pipeline.train_dataset``), the same on every
+    pipeline's position is a global batch index (``gptjax.data.batches.train_dataset``), the same on every
     process, so it restores on any process count. Differing states are a :class:`CheckpointMismatch`."""
     by_count = data_files(data_dir)
     if len(by_count) != 1:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import re
 from importlib import resources
 from pathlib import Path
+
+from gptjax.config import DataConfig
 
 DEFAULT_CORPUS = "default"
 # Chapter headings start documents in the embedded Austen corpus.
@@ -64,3 +67,20 @@ def fingerprint(text: str, *parts: object) -> str:
     for p in parts:
         h.update(repr(p).encode())
     return h.hexdigest()[:16]
+
+
+def corpus_documents(cfg: DataConfig) -> tuple[Path, str, str | None, list[str]]:
+    """``(path, text, document pattern, documents)`` of the corpus ``cfg`` names, read and split."""
+    path, default_pattern = resolve_corpus(cfg.corpus)
+    text = read_corpus(path)
+    pattern = cfg.doc_pattern if cfg.doc_pattern is not None else default_pattern
+    return path, text, pattern, split_documents(text, pattern)
+
+
+def train_val_documents(docs: list[str], cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """The train/validation split by document: a seeded ``val_fraction`` of the documents (at least one) are
+    held out, both splits in corpus order. The evaluation tasks are built from the same split."""
+    order = list(range(len(docs)))
+    random.Random(cfg.seed).shuffle(order)
+    n_val = max(1, round(cfg.val_fraction * len(docs)))
+    return [docs[i] for i in sorted(order[n_val:])], [docs[i] for i in sorted(order[:n_val])]

@@ -20,6 +20,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -29,9 +30,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from gptjax.config import DataConfig
+from gptjax.data.corpus import CorpusError, corpus_documents, fingerprint, train_val_documents
 from gptjax.data.sources import SourceError, check_source, file_sha256, read_documents
-from gptjax.data.tokenizer import Tokenizer
-from gptjax.runs import fault_reason, write_atomic
+from gptjax.data.tokenizer import Tokenizer, TokenizerError
+from gptjax.runs import RunDir, fault_reason, write_atomic
+
+log = logging.getLogger(__name__)
 
 FORMAT = "gptjax-tokens/1"
 MANIFEST = "manifest.json"
@@ -473,3 +478,62 @@ def train_tokenizer(sources: Sequence[str | Path], vocab_size: int, *, sample_do
                         reservoir[j] = doc.text
                 bar.update()
     return Tokenizer.train(reservoir, vocab_size, seed=seed, sample_chars=sample_chars)
+
+
+# ---- a run's text corpus, prepared on the fly ------------------------------------------------------------------
+def write_whole(path: Path, content: str | bytes) -> None:
+    """A file of a run's data, whole or not at all; a failed write (a full disk) is one clear error."""
+    try:
+        write_atomic(path, content)
+    except OSError as e:
+        raise CorpusError(f"could not write {path}: {fault_reason(e)}; nothing partial was left, free space and "
+                          "run again") from None
+
+
+def prepared_key(directory: Path) -> str | None:
+    """What a run directory's own preparation was made from, or None (none there yet, or cut short)."""
+    try:
+        return PreparedData(directory).key()
+    except (SourceError, OSError, ValueError):
+        return None
+
+
+def prepare_text(cfg: DataConfig, vocab_size: int, run: RunDir) -> Tokenizer:
+    """A text corpus (``data.corpus=file.txt``, the embedded default) prepared into the run's ``data/``: read,
+    split into documents and train / validation (seeded), tokenized (training the tokenizer if needed) and
+    written as shards (:func:`prepare_splits`; kept, and found again by content hash; checked against its manifest
+    and prepared again when damaged), so that every corpus is read one way. Returns the tokenizer."""
+    path, text, pattern, docs = corpus_documents(cfg)
+    if len(docs) < 2:
+        raise CorpusError(f"corpus {path} splits into {len(docs)} document(s); the train/validation split needs "
+                          "at least 2 (set data.doc_pattern, or separate documents with blank lines)")
+    tok_path = run.tokenizer
+    if cfg.tokenizer is not None:
+        tok = Tokenizer.load(cfg.tokenizer)
+    elif tok_path.exists():
+        tok = Tokenizer.load(tok_path)
+    else:
+        log.info("training a %d-piece BPE tokenizer on %s", vocab_size, path)
+        tok = Tokenizer.train(docs, vocab_size, seed=cfg.seed, sample_chars=cfg.tokenizer_sample_chars)
+    if tok.vocab_size != vocab_size:
+        raise TokenizerError(f"tokenizer has {tok.vocab_size} pieces but model.vocab_size={vocab_size}; "
+                         "make them equal (or remove the run's tokenizer.model to train a new one)")
+    run.path.mkdir(parents=True, exist_ok=True)
+    if not tok_path.exists():
+        write_whole(tok_path, tok.proto)
+
+    key = fingerprint(text, pattern, cfg.val_fraction, cfg.seed, tok.proto)
+    damaged = PreparedData(run.data).verify() if prepared_key(run.data) == key else None
+    if damaged:  # the run's own cache, made from the text (cheaper to hash than the text was to read)
+        log.warning("%s: %s; preparing the run's data again (the same bytes)", run.data,
+                    "; ".join(f"{p.name}: {why}" for p, why in damaged.items()))
+    if damaged is None or damaged:
+        train_docs, val_docs = train_val_documents(docs, cfg)
+        source = {"path": str(path), "bytes": len(text.encode("utf-8")), "documents": len(docs),
+                  "doc_pattern": pattern, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+        try:
+            prepare_splits(run.data, tok, {"train": train_docs, "val": val_docs}, key=key, source=source)
+        except OSError as e:
+            raise CorpusError(f"could not write {run.data}: {fault_reason(e)}; free space and run again (a "
+                              "preparation cut short is made again)") from None
+    return tok

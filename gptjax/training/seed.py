@@ -20,7 +20,7 @@ import numpy as np
 from gptjax.checkpoint.manager import Checkpointer
 from gptjax.checkpoint.restore import params_for
 from gptjax.config import RunConfig
-from gptjax.data.pipeline import train_dataset
+from gptjax.data.batches import train_dataset
 from gptjax.runs import RunDir, WriterLock, atomic_directory, deferred_interrupt
 from gptjax.sharding.mesh import single_device_mesh
 from gptjax.training.program import Program

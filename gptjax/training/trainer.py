@@ -16,8 +16,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from gptjax.config import RunConfig
-from gptjax.data.pipeline import (MixtureCorpus, PreparedCorpus, ShardReadError, data_position, eval_batches,
-                                   prepare_corpus, train_dataset)
+from gptjax.data.batches import ShardReadError, data_position, eval_batches, train_dataset
+from gptjax.data.run_data import MixtureCorpus, PreparedCorpus, prepare_corpus
 from gptjax.evals.loss import target_bytes, unigram_cross_entropy
 from gptjax.evals.tasks import load_task
 from gptjax.inference import Engine, GenerationConfig

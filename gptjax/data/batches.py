@@ -14,70 +14,15 @@ in checkpoints.
 from __future__ import annotations
 
 import collections
-import logging
-import random
-from pathlib import Path
 from typing import Sequence
 
 import grain
 import numpy as np
 
-from gptjax.config import DataConfig
-from gptjax.data.corpus import CorpusError, fingerprint, read_corpus, resolve_corpus, split_documents
-from gptjax.data.shards import SPLITS, PreparedData, lengths_file, prepare_splits
+from gptjax.data.corpus import CorpusError
+from gptjax.data.shards import PreparedData, lengths_file
 from gptjax.data.sources import SourceError
-from gptjax.data.tokenizer import Tokenizer, TokenizerError
-from gptjax.runs import RunDir, fault_reason, write_atomic
-
-log = logging.getLogger(__name__)
-
-
-class PreparedCorpus:
-    """A directory made by ``gptjax-data prepare``: the splits are read from its shards a window at a time, never
-    whole, so memory does not grow with the corpus."""
-
-    def __init__(self, data: PreparedData, tokenizer: Tokenizer, document_masking: bool = True):
-        self.data, self.tokenizer, self.document_masking = data, tokenizer, document_masking
-        totals = data.manifest["totals"]
-        self.tokens = (totals["train"]["tokens"], totals["val"]["tokens"])
-        self.n_docs = (totals["train"]["documents"], totals["val"]["documents"])
-
-    def windows(self, seq_len: int) -> "PreparedWindows":
-        return PreparedWindows(self.data, "train", seq_len, self._eos())
-
-    def eval_windows(self, seq_len: int) -> "PreparedWindows":
-        return PreparedWindows(self.data, "val", seq_len, self._eos())
-
-    def stream(self, split: str, limit: int | None = None) -> np.ndarray:
-        """The token stream of ``split`` ("train" or "val"), whole or its first ``limit`` tokens, in memory."""
-        n = self.tokens[SPLITS.index(split)]
-        return PreparedWindows(self.data, split, 1, None).tokens(0, n if limit is None else min(limit, n))
-
-    def _eos(self) -> int | None:
-        return self.tokenizer.eos_id if self.document_masking else None
-
-
-class MixtureCorpus:
-    """Several prepared directories (``data.mixture``) drawn by weight: one tokenizer (each directory's must be the
-    same), the training windows mixed by grain (:class:`Mixture`), validation kept per source."""
-
-    def __init__(self, names: Sequence[str], parts: Sequence[PreparedCorpus], weights: Sequence[float]):
-        self.names, self.parts, self.weights = tuple(names), list(parts), tuple(float(w) for w in weights)
-        self.tokenizer = parts[0].tokenizer
-        self.tokens = tuple(sum(p.tokens[i] for p in parts) for i in (0, 1))
-        self.n_docs = tuple(sum(p.n_docs[i] for p in parts) for i in (0, 1))
-
-    def windows(self, seq_len: int) -> "Mixture":
-        return Mixture(self.names, [p.windows(seq_len) for p in self.parts], self.weights)
-
-    def eval_windows(self, seq_len: int) -> dict[str, "PreparedWindows"]:
-        """Each source's validation windows, by name."""
-        return {n: p.eval_windows(seq_len) for n, p in zip(self.names, self.parts)}
-
-    def stream(self, split: str, limit: int | None = None) -> np.ndarray:
-        """The sources' streams of ``split`` one after another (each cut to an equal share of ``limit``)."""
-        share = None if limit is None else limit // len(self.parts)
-        return np.concatenate([p.stream(split, share) for p in self.parts])
+from gptjax.runs import fault_reason
 
 
 def mixture_proportions(weights: Sequence[float]) -> tuple[int, ...]:
@@ -145,132 +90,6 @@ def _window(tokens: np.ndarray, eos_id: int | None) -> np.ndarray | dict[str, np
         return tokens
     segment, positions = document_segments(tokens, eos_id)
     return {"tokens": tokens, "segment_ids": segment, "positions": positions}
-
-
-def corpus_documents(cfg: DataConfig) -> tuple[Path, str, str | None, list[str]]:
-    """``(path, text, document pattern, documents)`` of the corpus ``cfg`` names, read and split."""
-    path, default_pattern = resolve_corpus(cfg.corpus)
-    text = read_corpus(path)
-    pattern = cfg.doc_pattern if cfg.doc_pattern is not None else default_pattern
-    return path, text, pattern, split_documents(text, pattern)
-
-
-def train_val_documents(docs: list[str], cfg: DataConfig) -> tuple[list[str], list[str]]:
-    """The train/validation split by document: a seeded ``val_fraction`` of the documents (at least one) are
-    held out, both splits in corpus order. The evaluation tasks are built from the same split."""
-    order = list(range(len(docs)))
-    random.Random(cfg.seed).shuffle(order)
-    n_val = max(1, round(cfg.val_fraction * len(docs)))
-    return [docs[i] for i in sorted(order[n_val:])], [docs[i] for i in sorted(order[:n_val])]
-
-
-def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Path
-                   ) -> PreparedCorpus | MixtureCorpus:
-    """The run's data. A text corpus (``data.corpus=file.txt``, the embedded default) is read, split into documents
-    and train / validation (seeded), tokenized (training the tokenizer if needed) and prepared on the fly into the
-    run's ``data/`` (:func:`gptjax.data.shards.prepare_splits`; kept, and found again by content hash), so that
-    every corpus is read one way; a directory prepared by ``gptjax-data prepare`` is opened instead, and the
-    directories of ``data.mixture`` together (:class:`MixtureCorpus`)."""
-    run = RunDir(run_dir)
-    if names_prepared_data(cfg):
-        return open_prepared(cfg, vocab_size, run)
-    path, text, pattern, docs = corpus_documents(cfg)
-    if len(docs) < 2:
-        raise CorpusError(f"corpus {path} splits into {len(docs)} document(s); the train/validation split needs "
-                          "at least 2 (set data.doc_pattern, or separate documents with blank lines)")
-    tok_path = run.tokenizer
-    if cfg.tokenizer is not None:
-        tok = Tokenizer.load(cfg.tokenizer)
-    elif tok_path.exists():
-        tok = Tokenizer.load(tok_path)
-    else:
-        log.info("training a %d-piece BPE tokenizer on %s", vocab_size, path)
-        tok = Tokenizer.train(docs, vocab_size, seed=cfg.seed, sample_chars=cfg.tokenizer_sample_chars)
-    if tok.vocab_size != vocab_size:
-        raise TokenizerError(f"tokenizer has {tok.vocab_size} pieces but model.vocab_size={vocab_size}; "
-                         "make them equal (or remove the run's tokenizer.model to train a new one)")
-    run.path.mkdir(parents=True, exist_ok=True)
-    if not tok_path.exists():
-        _write(tok_path, tok.proto)
-
-    key = fingerprint(text, pattern, cfg.val_fraction, cfg.seed, tok.proto)
-    damaged = PreparedData(run.data).verify() if _prepared_key(run.data) == key else None
-    if damaged:  # the run's own cache, made from the text (cheaper to hash than the text was to read)
-        log.warning("%s: %s; preparing the run's data again (the same bytes)", run.data,
-                    "; ".join(f"{p.name}: {why}" for p, why in damaged.items()))
-    if damaged is None or damaged:
-        train_docs, val_docs = train_val_documents(docs, cfg)
-        source = {"path": str(path), "bytes": len(text.encode("utf-8")), "documents": len(docs),
-                  "doc_pattern": pattern, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
-        try:
-            prepare_splits(run.data, tok, {"train": train_docs, "val": val_docs}, key=key, source=source)
-        except OSError as e:
-            raise CorpusError(f"could not write {run.data}: {fault_reason(e)}; free space and run again (a "
-                              "preparation cut short is made again)") from None
-    return PreparedCorpus(PreparedData(run.data), tok, bool(cfg.document_masking))
-
-
-def names_prepared_data(cfg: DataConfig) -> bool:
-    """The corpus is prepared already (a directory, or a mixture of them), not a text file prepared on the fly."""
-    return bool(cfg.mixture) or Path(cfg.corpus).expanduser().is_dir()
-
-
-def _prepared_key(directory: Path) -> str | None:
-    try:
-        return PreparedData(directory).key()
-    except (SourceError, OSError, ValueError):  # none there yet, or cut short
-        return None
-
-
-def run_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Path) -> PreparedCorpus | MixtureCorpus:
-    """The data a run trained on, opened to read (nothing is prepared or written): its own ``data/``, or the
-    prepared directories its config names."""
-    run = RunDir(run_dir)
-    if names_prepared_data(cfg):
-        return open_prepared(cfg, vocab_size, run)
-    try:
-        data = PreparedData(run.data)
-        return PreparedCorpus(data, data.tokenizer(), bool(cfg.document_masking))
-    except SourceError:
-        raise CorpusError(f"{run.data} holds no prepared data: the run has not started training") from None
-
-
-def open_prepared(cfg: DataConfig, vocab_size: int, run: RunDir) -> PreparedCorpus | MixtureCorpus:
-    """``data.corpus`` (a prepared directory) or the directories of ``data.mixture`` as the run's data: their
-    tokenizer (or ``data.tokenizer``, which must be the same one; every directory of a mixture must share it) is
-    copied into the run directory."""
-    paths = list(cfg.mixture) or [cfg.corpus]
-    names = [Path(p).expanduser().resolve().name for p in paths]
-    if len(set(names)) < len(names):
-        raise CorpusError(f"data.mixture: the directories {paths} do not have distinct names, which name them in "
-                          "the metrics; rename (or link) one")
-    tok, parts = None, []
-    for path in paths:
-        field = f"data.mixture[{path!r}]" if cfg.mixture else f"data.corpus={path}"
-        try:
-            data = PreparedData(Path(path).expanduser())
-            if tok is None:
-                tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else data.tokenizer()
-            data.check_tokenizer(tok)
-        except SourceError as e:
-            raise CorpusError(f"{field}: {e}") from None
-        parts.append(PreparedCorpus(data, tok, cfg.document_masking is not False))
-    if tok.vocab_size != vocab_size:
-        raise TokenizerError(f"{paths[0]} was prepared with a {tok.vocab_size}-piece tokenizer but "
-                             f"model.vocab_size={vocab_size}; set model.vocab_size={tok.vocab_size}")
-    run.path.mkdir(parents=True, exist_ok=True)
-    if not run.tokenizer.exists():
-        _write(run.tokenizer, tok.proto)
-    return MixtureCorpus(names, parts, list(cfg.mixture.values())) if cfg.mixture else parts[0]
-
-
-def _write(path: Path, content: str | bytes) -> None:
-    """A file of the run's data, whole or not at all; a failed write (a full disk) is one clear error."""
-    try:
-        write_atomic(path, content)
-    except OSError as e:
-        raise CorpusError(f"could not write {path}: {fault_reason(e)}; nothing partial was left, free space and "
-                          "run again") from None
 
 
 class PackedWindows:
