@@ -43,12 +43,10 @@ from gptjax.runs import RunDir, check_overwrite, write_atomic
 GB = 1e9
 
 
-def build_config(a: argparse.Namespace, n_layers: int | None = None) -> RunConfig:
+def build_config(a: argparse.Namespace) -> RunConfig:
     """The shared config arguments, with the planner's flags (mesh, batch, sequence, precision, remat) applied;
     the sequence length defaults to the model's context."""
     model_fields = dict(dtype=a.dtype, param_dtype=a.param_dtype, remat=a.remat, scan_layers=True)
-    if n_layers is not None:
-        model_fields["n_layers"] = n_layers
     if a.attention:
         model_fields["attention_impl"] = a.attention
     data, fsdp, tensor = a.mesh
