@@ -37,6 +37,18 @@ def pytest_sessionfinish(session):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _sigint_handler_as_it_was():
+    """A console script's entry called in-process (``gptjax.cli.data.main([...])``) leaves SIGINT ignored, as a
+    real command does while it exits; the next test in that worker then saw no KeyboardInterrupt from a Ctrl-C it
+    raised on purpose (CI, tests/test_faults.py, depending on how xdist shared out the tests)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """The first ~300 KB of the embedded Austen corpus (real text, whole chapters)."""
