@@ -44,8 +44,9 @@ from typing import Callable, Iterator
 
 from gptjax.config import ConfigError, RunConfig
 
-__all__ = ["CheckpointNotFound", "DamagedFile", "FaultLogHandler", "NotOurs", "RunDir", "RunLocked", "WriterLock", "atomic_directory",
-           "check_overwrite", "deferred_interrupt", "fault_reason", "process_alive", "read_metrics", "write_atomic"]
+__all__ = ["CheckpointNotFound", "DamagedFile", "FaultLogHandler", "NotOurs", "RunDir", "RunLocked", "WriterLock",
+           "atomic_directory", "check_overwrite", "deferred_interrupt", "fault_reason", "process_alive", "read_metrics",
+           "route_faults", "write_atomic"]
 
 log = logging.getLogger("gptjax")
 HOST = socket.gethostname()

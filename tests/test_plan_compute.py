@@ -164,8 +164,8 @@ def test_budgets_out_of_reach_are_refused_and_a_runs_config_finds_its_metrics_fr
     stored = json.loads((run / "config.json").read_text())
     stored["train"]["run_dir"] = "runs/base"  # as trained with --run-dir runs/base from tmp_path/elsewhere
     (run / "config.json").write_text(json.dumps(stored))
-    plan = [sys.executable, "-m", "gptjax.cli.plan", "--fit", str(fit_path), "--config", "elsewhere/runs/base/config.json",
-            "--no-compile", "--out", str(tmp_path / "p.py")]
+    plan = [sys.executable, "-m", "gptjax.cli.plan", "--fit", str(fit_path), "--config",
+            "elsewhere/runs/base/config.json", "--no-compile", "--out", str(tmp_path / "p.py")]
     for budget, words in ((["--flops", "1e60"], "past the 1e+13 this planner shapes"),
                           (["--hours", "1e30"], "past the 1e+13 this planner shapes"),
                           (["--flops", "1"], "less than one step of the smallest model")):

@@ -51,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
     tasks.add_argument("--step", type=int, help="checkpoint step (default: the latest intact one)")
     tasks.add_argument("--task", action="append", help="a built-in task name or a task directory (repeat; default: "
                        "the built-in tasks)")
-    tasks.add_argument("--shots", type=at_least(0), nargs="+", default=[0], help="demonstrations per prompt (default 0)")
+    tasks.add_argument("--shots", type=at_least(0), nargs="+", default=[0],
+                       help="demonstrations per prompt (default 0)")
     tasks.add_argument("--limit", type=at_least(1), help="score the first N test examples of each task")
     tasks.add_argument("--seed", type=int, default=1234, help="seed of the demonstrations' draw (default 1234)")
     tasks.add_argument("--devices", type=at_least(1), default=1, help="local devices the batch is split over (default 1)")

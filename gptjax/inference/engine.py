@@ -209,8 +209,8 @@ class Engine:
         if len(ids) + config.max_new_tokens + self.spare > self.max_len:
             room = self.max_len - self.spare - len(ids)
             raise ContextOverflow(
-                room, f"the prompt has {len(ids)} tokens and {config.max_new_tokens} new ones were asked for: more than "
-                f"the model's context of {self.max_len} tokens"
+                room, f"the prompt has {len(ids)} tokens and {config.max_new_tokens} new ones were asked for: "
+                f"more than the model's context of {self.max_len} tokens"
                 + (f" less the {self.spare} a speculative round drafts past the end" if self.spare else "") + "; "
                 + (f"ask for at most {room} new tokens" if room > 0 else "shorten the prompt"))
         if self.draft is not None and config.repetition_penalty != 1:
