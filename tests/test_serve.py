@@ -236,6 +236,13 @@ def test_clients_that_give_up_on_a_non_streaming_request_free_its_slots(server, 
     waited for all of them. Now each request sees its client go and is cancelled."""
     engine, submitted = server.loop.engine, []
     monkeypatch.setattr(server.loop, "submit", lambda r: submitted.append(r) or EngineLoop.submit(server.loop, r))
+    step = engine.step
+
+    def slow_step():  # 20 ms a token: no choice can finish before the clients leave (an idle CI machine decoded
+        time.sleep(0.02)  # the first request's 76 tokens before all three requests were in, and it ended 'length')
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
     body = json.dumps({"prompt": PROMPTS[1], "max_tokens": CONTEXT - 20, "n": 4, "temperature": 1.0}).encode()
     socks = [socket.create_connection((server.host, server.port), timeout=60) for _ in range(3)]
     for sock in socks:
