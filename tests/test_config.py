@@ -119,6 +119,11 @@ def test_every_config_field_declares_its_role():
         for f in dataclasses.fields(section):
             assert isinstance(role_of(instance, f.name), Role), f"{section.__name__}.{f.name} declares no role"
     assert set(RunConfig().roles()) == {f"{k}.{n}" for k, v in RunConfig().to_dict().items() for n in v}
+    from gptjax.finetune import FinetuneConfig  # a fine-tune's settings too: its resume reads the same roles
+
+    finetune = FinetuneConfig("pre", "classification", "train.jsonl", "test.jsonl", "run")
+    assert set(finetune.roles()) == set(finetune.to_dict()) and all(isinstance(r, Role)
+                                                                     for r in finetune.roles().values())
 
 
 def test_a_field_without_a_role_is_refused():

@@ -354,8 +354,7 @@ def test_a_changed_mesh_context_may_resume():
     from gptjax.training.checkpointing import check_resume_config
 
     stored = RunConfig.from_dict({"model": {"max_seq_len": 64}, "train": {"seq_len": 64}})
-    check_resume_config(stored, stored.replace(mesh={"context": 2, "context_strategy": "ring", "fsdp": 2}),
-                        RunDir("r"))
+    check_resume_config(stored, stored.replace(mesh={"context": 2, "context_strategy": "ring", "fsdp": 2}))
 
 
 def test_a_too_small_vocabulary_names_the_minimum(small_corpus):

@@ -130,7 +130,9 @@ def pretrained(tmp_path_factory, small_corpus):
 
 
 def test_finetuning_learns_a_task_and_resumes_exactly(pretrained, tmp_path):
-    from gptjax.finetune import FinetuneConfig, FinetuneError, Finetuner, finetune
+    from gptjax.config import ConfigError
+    from gptjax.finetune import FinetuneConfig, Finetuner, finetune
+    from gptjax.runs import RunLocked, WriterLock
 
     run, train_f, test_f = pretrained
     cfg = FinetuneConfig(str(run), "classification", str(train_f), str(test_f), str(tmp_path / "a"), lr=3e-3,
@@ -144,14 +146,24 @@ def test_finetuning_learns_a_task_and_resumes_exactly(pretrained, tmp_path):
     # interrupted at step 37 and resumed: the same final parameters as the uninterrupted run
     cut = FinetuneConfig(**{**cfg.to_dict(), "run_dir": str(tmp_path / "b")})
     assert finetune(cut, stop_after=37).step == 37
-    with pytest.raises(FinetuneError, match="already holds a fine-tuning run"):
+    with pytest.raises(FileExistsError, match=r"already holds checkpoints \(latest step 37\); pass --resume"):
         finetune(cut)
-    with pytest.raises(FinetuneError, match="settings that differ"):
+    with pytest.raises(ConfigError, match=r"(?s)differs from .*finetune.json.*lr: 0.003 in finetune.json, 0.001 now "
+                                          r"\(changes the optimizer trajectory\)"):
         finetune(FinetuneConfig(**{**cut.to_dict(), "lr": 1e-3}), resume=True)
-    resumed = Finetuner(cut)
+    with pytest.raises(RunLocked), WriterLock(tmp_path / "b"):  # a second writer is refused, as in pre-training
+        finetune(cut, resume=True)
+    # what only changes the cadence may change on resume (the fields' roles, as in pre-training)
+    resumed = Finetuner(FinetuneConfig(**{**cut.to_dict(), "checkpoint_every": 7, "log_every": 5}))
     assert resumed.run(resume=True).accuracy == result.accuracy
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
                  resumed.state["params"], whole.state["params"])
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [10, 20, 30, 37, 40, 45, 50, 55, 60, 65, 70, 75, 80, 85, 90,
+                                                        95, 100]
+    assert {"task_loss", "lm_loss", "grad_norm", "lr", "epochs", "tokens_per_sec"} <= set(
+        [r for r in rows if "loss" in r][-1])
+    assert sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir()) == [98, 100]
 
 
 def test_gptjax_finetune_sigterm_saves_and_resume_finishes(pretrained, tmp_path):
@@ -197,3 +209,26 @@ def test_a_refused_finetune_leaves_no_directory_and_names_a_pretraining_run(pret
     with pytest.raises(FinetuneError, match=r"holds a pre-training run \(checkpoint step 30, no finetune.json\)"):
         finetune(FinetuneConfig(**{**cfg.to_dict(), "init_from": str(run), "run_dir": str(run)}))
     assert (run / "checkpoints" / "30").is_dir() and not (run / "finetune.json").exists()
+
+
+def test_a_probe_trains_the_head_alone_and_scratch_starts_fresh(pretrained, tmp_path):
+    """The probe's optimizer (a multi-transform: the decoder frozen) and the scratch start, through the training
+    loop: a probe's decoder leaves exactly as the pretrained one came in (its vocabulary extended), its head moves."""
+    from gptjax.finetune import FinetuneConfig, Finetuner
+
+    run, train_f, test_f = pretrained
+    probe = Finetuner(FinetuneConfig(str(run), "classification", str(train_f), str(test_f), str(tmp_path / "p"),
+                                     mode="probe", lr=1e-2, epochs=1, batch_size=32))
+    start = jax.device_get(probe.program.initial_params())
+    result = probe.run()
+    end = jax.device_get(probe.state["params"])
+    jax.tree.map(np.testing.assert_array_equal, end["decoder"], start["decoder"])
+    np.testing.assert_array_equal(end["head"]["mean"], start["head"]["mean"])
+    assert np.abs(end["head"]["w"] - start["head"]["w"]).max() > 1e-3 and result.n_test > 0
+    assert json.loads((tmp_path / "p" / "summary.json").read_text())["lm_coef"] == 0.0
+    scratch = Finetuner(FinetuneConfig(str(run), "classification", str(train_f), str(test_f), str(tmp_path / "s"),
+                                       mode="scratch", epochs=1, batch_size=32))
+    fresh = jax.device_get(scratch.program.initial_params())["decoder"]["embedding"]
+    pretrained_rows = start["decoder"]["embedding"][:fresh.shape[0]]
+    assert fresh.shape == pretrained_rows.shape and not np.allclose(fresh, pretrained_rows)
+    assert scratch.run().step == scratch.steps

@@ -239,3 +239,20 @@ def test_no_private_attribute_is_reached_from_another_object():
     found = [f"{p.relative_to(PACKAGE)}:{n}: {line.strip()}" for p in PACKAGE.rglob("*.py")
              for n, line in enumerate(p.read_text().splitlines(), 1) if reach.search(line.split("#")[0])]
     assert not found, found
+
+
+def test_one_step_loop_one_signal_handler_one_writer_lock():
+    """``finetune/trainer.py`` had its own step loop, SIGTERM flag, writer lock, resume check, tqdm bar and metric
+    cadence; a fine-tune is now a ``TrainProgram`` driven by ``training``'s job frame, loop and hooks. Only those
+    modules loop over steps, install signal handlers, take the writer lock or draw a progress bar."""
+    def where(*needles: str) -> list[str]:
+        return sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                      if any(n in p.read_text() for n in needles))
+
+    assert where("for step in range(") == ["training/loop.py"]
+    assert "training/hooks.py" in where("signal.SIGTERM")
+    assert not [p for p in where("signal.", "WriterLock(", "tqdm", "optax.adamw(", "lr_schedule(")
+                if p.startswith(("finetune/", "training/"))
+                and p not in ("training/hooks.py", "training/job.py", "training/optimizer.py",
+                              "training/seed.py")]  # (seed: gptjax-import's writer, which trains nothing)
+    assert where("WriterLock(run)") == ["training/job.py"]

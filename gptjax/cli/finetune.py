@@ -27,8 +27,9 @@ from gptjax.cli.common import console_script, setup_logging, user_errors
 
 
 def parser() -> argparse.ArgumentParser:
-    from gptjax.finetune.data import TASK_TYPES
-    from gptjax.finetune.trainer import MODES, FinetuneConfig
+    from gptjax.config import choices
+    from gptjax.finetune.data import TaskType
+    from gptjax.finetune.trainer import FinetuneConfig, Mode
 
     d = FinetuneConfig("", "classification", "", "", "")
     p = argparse.ArgumentParser(prog="gptjax-finetune", description=__doc__,
@@ -36,16 +37,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--make-novels-task", metavar="DIR", help="write the built-in novel classification task "
                    "(train.jsonl, test.jsonl) into DIR and exit")
     p.add_argument("--init-from", help="the pretrained run directory (gptjax-train or gptjax-import)")
-    p.add_argument("--task-type", choices=TASK_TYPES)
+    p.add_argument("--task-type", choices=choices(TaskType))
     p.add_argument("--train", help="training rows (JSONL)")
     p.add_argument("--test", help="test rows (JSONL)")
     p.add_argument("--run-dir", help="the fine-tuning run's directory")
-    p.add_argument("--mode", choices=MODES, default=d.mode)
+    p.add_argument("--mode", choices=choices(Mode), default=d.mode)
     p.add_argument("--lm-coef", type=float, default=d.lm_coef, help=f"auxiliary LM loss weight (default {d.lm_coef})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr}, GPT-1's)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--log-every", type=int, default=d.log_every, help=f"training metrics every N steps (default "
+                   f"{d.log_every})")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="test accuracy every N steps (0: at the end)")
     p.add_argument("--devices", type=int, default=1, help="local devices the batch is split over")
@@ -63,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     from gptjax.finetune.data import FinetuneDataError
     from gptjax.finetune.trainer import FinetuneConfig, FinetuneError, finetune
     from gptjax.runs import RunLocked
+    from gptjax.training.job import RunWriteError
     from gptjax.training.hooks import StopTraining
 
     with user_errors(FinetuneError, FinetuneDataError, CheckpointNotFound, CheckpointWriteError, TokenizerError,
-                     RunLocked):
+                     RunLocked, RunWriteError, FileExistsError):
         if a.make_novels_task:
             for split, path in novels.write(a.make_novels_task).items():
                 print(f"{path}: {sum(1 for _ in open(path))} {split} rows")
@@ -77,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             raise FinetuneError(f"missing {', '.join(missing)}")
         cfg = FinetuneConfig(a.init_from, a.task_type, a.train, a.test, a.run_dir, mode=a.mode, lm_coef=a.lm_coef,
                              lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, seed=a.seed,
-                             checkpoint_every=a.checkpoint_every, eval_every=a.eval_every, devices=a.devices)
+                             log_every=a.log_every, checkpoint_every=a.checkpoint_every, eval_every=a.eval_every,
+                             devices=a.devices)
         try:
             r = finetune(cfg, resume=a.resume)
         except StopTraining as stop:

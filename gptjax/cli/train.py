@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     from gptjax.runs import RunDir, RunLocked
     from gptjax.sharding.distributed import PreflightError, check_mesh, check_shared_dir, maybe_initialize
     from gptjax.training.hooks import StopTraining
-    from gptjax.training.trainer import RunWriteError, train
+    from gptjax.training.job import RunWriteError
+    from gptjax.training.trainer import train
 
     with user_errors(PreflightError):
         if maybe_initialize(a.coordinator, a.num_processes, a.process_id):

@@ -81,10 +81,14 @@ class Role(enum.Enum):
 RoleSpec = Role | Callable[[Any], Role]  # a role, or one that depends on the section's other fields
 
 
-def _f(default: Any, role: RoleSpec, *, factory: bool = False) -> Any:
-    """A dataclass field with its role (``factory``: ``default`` is a default factory)."""
+def role_field(default: Any, role: RoleSpec, *, factory: bool = False) -> Any:
+    """A dataclass field with its role (``factory``: ``default`` is a default factory; ``dataclasses.MISSING``: no
+    default). Every config dataclass declares its fields so, the run config's sections and a fine-tune's."""
     kw = {"default_factory": default} if factory else {"default": default}
     return field(metadata={"role": role}, **kw)
+
+
+_f = role_field
 
 
 def role_of(section: Any, name: str) -> Role:
@@ -124,8 +128,8 @@ def _choice_type(hint: Any) -> Any | None:
     return None
 
 
-def _check_choices(obj: Any) -> None:
-    """Every choice field of ``obj`` holds one of its type's values (an ``Enum`` field is coerced to a member)."""
+def check_choices(obj: Any) -> None:
+    """A ``ConfigError`` unless every choice field of ``obj`` holds one of its type's values (an ``Enum`` field is coerced to a member)."""
     for name, hint in _hints(type(obj)).items():
         kind = _choice_type(hint)
         value = getattr(obj, name)
@@ -189,7 +193,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
-        _check_choices(self)
+        check_choices(self)
         kv = self.kv_heads
         _check(isinstance(kv, int) and kv > 0 and self.n_heads % kv == 0,
                f"n_kv_heads={self.n_kv_heads!r} must divide n_heads={self.n_heads} "
@@ -296,7 +300,7 @@ class OptimConfig:
     schedule_steps: int | None = _f(None, Role.TRAJECTORY)
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        check_choices(self)
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -330,7 +334,7 @@ class MeshConfig:
     context_strategy: ContextStrategy = _f(ContextStrategy.GATHER, Role.EXECUTION)
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        check_choices(self)
         sizes = self.sizes()
         for name, v in zip(MESH_AXES, sizes):
             _check(isinstance(v, int) and (v > 0 or v == -1),

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from gptjax.config import choices
 from gptjax.data.jsonl import jsonl_rows
 
-TASK_TYPES = ("classification", "entailment", "similarity", "multiple_choice")
+TaskType = Literal["classification", "entailment", "similarity", "multiple_choice"]
+TASK_TYPES = choices(TaskType)
 FIELDS = {"classification": ("text",), "entailment": ("premise", "hypothesis"), "similarity": ("text_a", "text_b"),
           "multiple_choice": ("context", "choices")}
 N_SPECIAL = 3  # start, delimiter, extract

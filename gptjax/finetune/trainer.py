@@ -12,11 +12,15 @@ trained), ``probe`` (the pretrained decoder frozen, only the head trained, on th
 the text, standardised; no auxiliary loss: a linear probe) and ``scratch`` (the same architecture from random
 initialisation, trained like ``finetune``).
 
-The run directory works as in pretraining (:class:`gptjax.runs.RunDir`): ``finetune.json`` (this config; a
-resumed run must agree with it), ``checkpoints/`` (orbax, params + optimizer state; the batch order is a function of
-the seed and the step, so a resumed run draws the batches an uninterrupted one would), ``metrics.jsonl``,
-``summary.json``, one writer at a time (``writer.lock``), and SIGTERM / SIGINT save a checkpoint and stop with
-``Preempted`` (exit code 75: continue with ``--resume``).
+A fine-tune is a client of ``gptjax/training``, not a second trainer: :class:`FinetuneProgram` is its objective and
+its start (a :class:`~gptjax.training.program.TrainProgram`), and the run is pre-training's job frame, checkpoint
+policy, step loop and hooks (``training/job.py``, ``checkpointing.py``, ``loop.py``, ``hooks.py``). So it survives
+what a pre-training run survives, by construction: one writer at a time (``writer.lock``); SIGTERM / SIGINT save a
+checkpoint and stop with ``Preempted`` (exit code 75; several processes agree on the step); ``--resume`` continues
+exactly (the batch order is a function of the seed and the step, the position saved with each checkpoint) from the
+newest intact checkpoint, and refuses settings that change the model or the trajectory, by each field's role
+(``finetune.json`` holds the run's); a non-finite step applies no update; a failed write is one line naming
+``errors.log``. Metrics go through the same ``Reporter`` (``metrics.jsonl``, TensorBoard, the progress bar).
 """
 
 from __future__ import annotations
@@ -24,62 +28,82 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
-import signal
-import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from gptjax.checkpoint import Checkpointer, load_run
-from gptjax.config import MeshConfig, ModelConfig, RunConfig
+from gptjax.checkpoint import load_run
+from gptjax.config import (ConfigError, MeshConfig, ModelConfig, OptimConfig, Role, RunConfig, check_choices,
+                           role_field, role_of)
+from gptjax.config import axes as ax
 from gptjax.data import Tokenizer
-from gptjax.finetune.data import N_SPECIAL, TASK_TYPES, Encoded, encode, read_rows
+from gptjax.finetune.data import N_SPECIAL, Encoded, TaskType, encode, read_rows
 from gptjax.model import ShardedModel
+from gptjax.model.accounting import flops_per_token
 from gptjax.model.loss import next_token_loss
-from gptjax.reporting.metrics import MetricsLog
-from gptjax.runs import RunDir, WriterLock, write_atomic
+from gptjax.reporting.reporter import Reporter
+from gptjax.runs import RunDir, write_atomic
 from gptjax.sharding import make_mesh
-from gptjax.training.hooks import Preempted
+from gptjax.sharding.rules import logical_sharding
+from gptjax.training.checkpointing import CheckpointPolicy, RunComplete, RunSpec
+from gptjax.training.hooks import CheckpointHook, Clock, Hook, LogHook, NonFiniteHook, PreemptionHook
+from gptjax.training.job import run_job
+from gptjax.training.loop import run_steps
+from gptjax.training.optimizer import make_optimizer
+from gptjax.training.perf import measure_peak_flops
+from gptjax.training.program import TrainProgram
 
-MODES = ("finetune", "probe", "scratch")
+Mode = Literal["finetune", "probe", "scratch"]
+NO_DEFAULT = dataclasses.MISSING
 
 
-class FinetuneError(ValueError):
+class FinetuneError(ConfigError):
     """A fine-tuning run cannot start as asked; the message says why and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    init_from: str  # the pretrained run directory (gptjax-train or gptjax-import): its model and tokenizer
-    task_type: str
-    train_file: str
-    test_file: str
-    run_dir: str
-    mode: str = "finetune"
-    lm_coef: float = 0.5  # GPT-1's lambda
-    lr: float = 6.25e-5  # GPT-1's
-    batch_size: int = 32  # GPT-1's
-    epochs: float = 3.0  # GPT-1's
-    warmup_fraction: float = 0.002  # GPT-1's 0.2% of training, then linear decay to 0
-    weight_decay: float = 0.01
-    seed: int = 0
-    checkpoint_every: int = 100
-    eval_every: int = 0  # steps between test-set evaluations (0: at the end only)
-    devices: int = 1  # local devices the batch is split over
+    """A fine-tune's settings, each with its role (``gptjax/config/schema.py``): a resumed run may change only the
+    cadence and execution ones (``training/checkpointing.py``)."""
+
+    init_from: str = role_field(NO_DEFAULT, Role.TRAJECTORY)  # the pretrained run directory: its model, tokenizer
+    task_type: TaskType = role_field(NO_DEFAULT, Role.PARAMETERS)  # the head's inputs and outputs
+    train_file: str = role_field(NO_DEFAULT, Role.TRAJECTORY)
+    test_file: str = role_field(NO_DEFAULT, Role.TRAJECTORY)  # (its labels count towards the head's outputs too)
+    run_dir: str = role_field(NO_DEFAULT, Role.EXECUTION)
+    mode: Mode = role_field("finetune", Role.PARAMETERS)  # a probe's head holds its feature statistics
+    lm_coef: float = role_field(0.5, Role.TRAJECTORY)  # GPT-1's lambda
+    lr: float = role_field(6.25e-5, Role.TRAJECTORY)  # GPT-1's
+    batch_size: int = role_field(32, Role.TRAJECTORY)  # GPT-1's
+    epochs: float = role_field(3.0, Role.TRAJECTORY)  # GPT-1's
+    warmup_fraction: float = role_field(0.002, Role.TRAJECTORY)  # GPT-1's 0.2% of training, then linear decay to 0
+    weight_decay: float = role_field(0.01, Role.TRAJECTORY)
+    seed: int = role_field(0, Role.TRAJECTORY)
+    log_every: int = role_field(10, Role.CADENCE)
+    checkpoint_every: int = role_field(100, Role.CADENCE)
+    keep_checkpoints: int = role_field(2, Role.CADENCE)
+    eval_every: int = role_field(0, Role.CADENCE)  # steps between test-set evaluations (0: at the end only)
+    progress: bool = role_field(True, Role.CADENCE)
+    devices: int = role_field(1, Role.EXECUTION)  # local devices the batch is split over
+    async_checkpoint: bool = role_field(True, Role.EXECUTION)
+    max_nonfinite_skips: int = role_field(3, Role.EXECUTION)  # as train.max_nonfinite_skips
 
     def __post_init__(self) -> None:
-        problems = [(self.task_type in TASK_TYPES, f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}"),
-                    (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
-                    (self.lm_coef >= 0, f"lm_coef must be >= 0, got {self.lm_coef}"),
+        try:
+            check_choices(self)
+        except ConfigError as e:
+            raise FinetuneError(str(e)) from None
+        problems = [(self.lm_coef >= 0, f"lm_coef must be >= 0, got {self.lm_coef}"),
                     (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-                    (self.batch_size > 0 and self.epochs > 0 and self.checkpoint_every > 0,
-                     "batch_size, epochs and checkpoint_every must be > 0"),
+                    (self.batch_size > 0 and self.epochs > 0 and self.checkpoint_every > 0 and self.log_every > 0
+                     and self.keep_checkpoints > 0 and self.devices > 0,
+                     "batch_size, epochs, checkpoint_every, log_every, keep_checkpoints and devices must be > 0"),
+                    (self.eval_every >= 0 and self.max_nonfinite_skips >= 0,
+                     "eval_every and max_nonfinite_skips must be >= 0"),
                     (0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")]
         for ok, message in problems:
             if not ok:
@@ -91,6 +115,22 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetuneConfig":
+        """The config a run's ``finetune.json`` holds (a field added since takes its default)."""
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise FinetuneError(f"unknown fine-tuning setting(s) {unknown}")
+        return cls(**d)
+
+    def roles(self) -> dict[str, Role]:
+        return {f.name: role_of(self, f.name) for f in dataclasses.fields(self)}
+
+    def differences(self, other: "FinetuneConfig") -> dict[str, tuple[Any, Any]]:
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
 
 
 @dataclasses.dataclass
@@ -166,6 +206,128 @@ class TaskModel:
         return logits_BxC, lm
 
 
+class FinetuneProgram(TrainProgram):
+    """A fine-tune's objective and start, trained by ``gptjax/training``: the task loss plus ``aux_coef`` times the
+    LM loss on the task's text (``metrics``: ``loss``, the total; ``task_loss``; ``lm_loss``), AdamW on GPT-1's
+    schedule (linear warmup, linear decay to 0; a probe trains the head only), from the pretrained decoder with its
+    vocabulary extended and a new head (``scratch``: a fresh decoder). Parameters are ``{"decoder", "head"}``."""
+
+    def __init__(self, cfg: FinetuneConfig, task: TaskModel, steps: int, pretrained_vocab: int, train: Encoded):
+        self.cfg, self.task, self.pretrained_vocab, self.train = cfg, task, pretrained_vocab, train
+        model = task.decoder
+        head_shapes = {"w": (task.cfg.d_model, task.n_out), "b": (task.n_out,)}
+        if cfg.mode == "probe":
+            head_shapes.update(mean=(task.cfg.d_model,), std=(task.cfg.d_model,))
+        head = {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=model.replicated)
+                for k, shape in head_shapes.items()}
+        abstract = {"decoder": model.abstract_params, "head": head}
+        shardings = {"decoder": model.param_shardings, "head": {k: model.replicated for k in head}}
+        tx, schedule = self._optimizer(steps, abstract)
+        # the batch's rows split over the batch axes; its other dimensions (choices, length) stay whole
+        self.rows = logical_sharding((ax.BATCH,), model.mesh, model.rules)
+        super().__init__(model, abstract, shardings, tx, schedule, self.rows)
+
+    def _optimizer(self, steps: int, params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+        """Pre-training's optimizer (``training/optimizer.py``) set to GPT-1's fine-tuning recipe: AdamW (0.9,
+        0.999, 1e-8), weight decay on every parameter, no clipping, a linear warmup over ``warmup_fraction`` of the
+        steps then a linear decay to 0 over the rest (warmup-stable-decay with no stable phase). A probe freezes
+        all but the head's weights."""
+        c = self.cfg
+        warmup = int(c.warmup_fraction * steps)
+        recipe = OptimConfig(lr=c.lr, schedule="wsd", warmup_steps=warmup, decay_fraction=(steps - warmup) / steps,
+                             min_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=c.weight_decay, grad_clip=0.0)
+        adamw, schedule = make_optimizer(recipe, steps, jax.tree.map(lambda _: True, params))
+        if c.mode != "probe":
+            return adamw, schedule
+        labels = {"decoder": jax.tree.map(lambda _: "frozen", params["decoder"]),  # (a tree: optax's sharding
+                  "head": {k: "train" if k in ("w", "b") else "frozen" for k in params["head"]}}  # walk needs one)
+        return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels), schedule
+
+    def loss(self, params: dict, batch: dict) -> tuple[jax.Array, dict]:
+        logits_BxC, lm = self.task.logits_and_lm(params, batch, self.cfg.mode == "probe")
+        task = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"]).mean()
+        total = task + self.cfg.aux_coef * lm
+        return total, {"loss": total, "task_loss": task, "lm_loss": lm}
+
+    def global_batch(self, local: dict[str, Any]) -> dict:
+        return {k: jax.make_array_from_process_local_data(self.rows, v) for k, v in local.items()}
+
+    def initial_state(self) -> dict:
+        return self.init_from_params(self.initial_params())
+
+    def initial_params(self) -> dict:
+        key = jax.random.key(self.cfg.seed)
+        k_vocab, k_head, k_init = jax.random.split(key, 3)
+        if self.cfg.mode == "scratch":
+            decoder = self.model.init_params(k_init)
+        else:
+            pretrained = load_run(self.cfg.init_from, None, self.mesh, tokenizer=False).params
+            pretrained_cfg = dataclasses.replace(self.task.cfg, vocab_size=self.pretrained_vocab)
+            decoder = self.model.put_params(extend_vocabulary(pretrained, pretrained_cfg, k_vocab))
+        head = self.task.init_head(k_head)
+        if self.cfg.mode == "probe":
+            head.update(self._feature_statistics(decoder))
+        return {"decoder": decoder, "head": head}
+
+    def _feature_statistics(self, decoder: dict, examples: int = 512) -> dict:
+        """Mean and standard deviation of the frozen features over (up to) the first ``examples`` training
+        examples: a probe reads them standardised, as a linear probe on features that vary little around a large
+        mean needs (the default model's on the novels task: std 0.23 against |mean| 0.46)."""
+        pooled = jax.jit(lambda p, b: self.task.features(p, b, frozen=True)[0])
+        data, n = self.train, min(examples, len(self.train))
+        feats = [np.asarray(jax.device_get(pooled(decoder, data.take(np.arange(i, min(i + 64, n))))))
+                 .reshape(-1, self.task.cfg.d_model) for i in range(0, n, 64)]
+        feats = np.concatenate(feats)
+        return {"mean": jnp.asarray(feats.mean(0)), "std": jnp.asarray(feats.std(0) + 1e-6)}
+
+
+class TaskBatches:
+    """The training batches in order: step ``s`` draws from epoch ``s // steps_per_epoch`` in that epoch's own
+    seeded order, so the batch is a function of the seed and the step. Its state (the next step) is saved with each
+    checkpoint and restored on resume, as a pre-training run's data position is."""
+
+    def __init__(self, data: Encoded, batch_size: int, seed: int):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.steps_per_epoch = max(1, len(data) // batch_size)
+        self.step = 0
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+        return self.data.take(order[i * self.batch_size:(i + 1) * self.batch_size])
+
+    def __iter__(self) -> "TaskBatches":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self.step += 1
+        return self.batch(self.step - 1)
+
+    def get_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_state(self, state: dict | bytes) -> None:
+        self.step = int((json.loads(state) if isinstance(state, bytes) else state)["step"])
+
+    def start_prefetch(self) -> None:  # (grain's restore calls it)
+        pass
+
+
+class AccuracyHook(Hook):
+    """Every ``every`` steps (not at the end, which the run scores itself): the test accuracy, paused out of the
+    throughput."""
+
+    def __init__(self, every: int, finetuner: "Finetuner", reporter: Reporter, clock: Clock):
+        self.every, self.finetuner, self.reporter, self.clock = every, finetuner, reporter, clock
+
+    def after_step(self, step, end, state, metrics):
+        if not self.every or step % self.every or step == self.finetuner.steps:
+            return
+        with self.clock.paused(state):
+            accuracy = self.finetuner.accuracy(state["params"])[0]
+        self.reporter.eval(step, test_accuracy=accuracy)
+
+
 class Finetuner:
     """Builds the run (or resumes it) and trains; ``run()`` returns the test accuracy."""
 
@@ -189,68 +351,16 @@ class Finetuner:
         n = len(self.data["train"])
         self.steps_per_epoch = max(1, n // cfg.batch_size)
         self.steps = max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
-        self.tx = self._optimizer()
-        self._step = jax.jit(self._train_step, donate_argnums=0)
+        self.program = FinetuneProgram(cfg, self.model, self.steps, self.pretrained_vocab, self.data["train"])
         self._eval = jax.jit(lambda params, batch: self.model.logits_and_lm(params, batch, cfg.mode == "probe")[0])
+        self.state: dict | None = None
 
-    # ---- state ------------------------------------------------------------------------------------------------
-    def _optimizer(self) -> optax.GradientTransformation:
+    def spec(self) -> RunSpec:
+        """What the checkpoint policy knows of this run: ``finetune.json`` holds its settings."""
         c = self.cfg
-        warmup = int(c.warmup_fraction * self.steps)
-        schedule = optax.join_schedules([optax.linear_schedule(0.0, c.lr, max(warmup, 1)),
-                                         optax.linear_schedule(c.lr, 0.0, max(self.steps - warmup, 1))], [warmup])
-        adamw = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=c.weight_decay)
-        if c.mode != "probe":
-            return adamw
-        return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
-                                     lambda p: {"decoder": jax.tree.map(lambda _: "frozen", p["decoder"]),
-                                                "head": {k: "train" if k in ("w", "b") else "frozen"
-                                                         for k in p["head"]}})
-
-    def initial_params(self) -> dict:
-        key = jax.random.key(self.cfg.seed)
-        k_vocab, k_head, k_init = jax.random.split(key, 3)
-        if self.cfg.mode == "scratch":
-            decoder = self.model.decoder.init_params(k_init)
-        else:
-            pretrained = load_run(self.cfg.init_from, None, self.mesh, tokenizer=False).params
-            pretrained_cfg = dataclasses.replace(self.model_cfg, vocab_size=self.pretrained_vocab)
-            decoder = self.model.decoder.put_params(extend_vocabulary(pretrained, pretrained_cfg, k_vocab))
-        head = self.model.init_head(k_head)
-        if self.cfg.mode == "probe":
-            head.update(self._feature_statistics(decoder))
-        return {"decoder": decoder, "head": head}
-
-    def _feature_statistics(self, decoder: dict, examples: int = 512) -> dict:
-        """Mean and standard deviation of the frozen features over (up to) the first ``examples`` training
-        examples: a probe reads them standardised, as a linear probe on features that vary little around a large
-        mean needs (the default model's on the novels task: std 0.23 against |mean| 0.46)."""
-        pooled = jax.jit(lambda p, b: self.model.features(p, b, frozen=True)[0])
-        data, n = self.data["train"], min(examples, len(self.data["train"]))
-        feats = [np.asarray(jax.device_get(pooled(decoder, data.take(np.arange(i, min(i + 64, n))))))
-                 .reshape(-1, self.model_cfg.d_model) for i in range(0, n, 64)]
-        feats = np.concatenate(feats)
-        return {"mean": jnp.asarray(feats.mean(0)), "std": jnp.asarray(feats.std(0) + 1e-6)}
-
-    def _train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
-        frozen = self.cfg.mode == "probe"
-
-        def loss_fn(params):
-            logits_BxC, lm = self.model.logits_and_lm(params, batch, frozen)
-            task = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"]).mean()
-            return task + self.cfg.aux_coef * lm, {"task_loss": task, "lm_loss": lm}
-
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, {"loss": loss, **aux}
-
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """The batch of ``step``: epoch ``step // steps_per_epoch`` in its own seeded order (so a resumed run
-        draws what an uninterrupted one would)."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.data["train"]))
-        return self.data["train"].take(order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size])
+        return RunSpec(c, c.run_dir, self.steps, c.checkpoint_every, c.keep_checkpoints, c.async_checkpoint,
+                       RunDir.FINETUNE, read_finetune_config, hint="Resume with the run's own settings; for others "
+                       "choose another --run-dir (--init-from may name a pre-training run only).")
 
     def accuracy(self, params: dict, split: str = "test") -> tuple[float, int]:
         data: Encoded = self.data[split]
@@ -268,112 +378,78 @@ class Finetuner:
     def run(self, resume: bool = False, stop_after: int | None = None) -> FinetuneResult:
         """Train (or continue with ``resume``) to the end, or checkpoint and stop once step ``stop_after`` is done
         (a job with a time limit: the schedule still spans every step; the result then has no accuracy)."""
-        created = not self.run_dir.path.exists()
-        self.run_dir.path.mkdir(parents=True, exist_ok=True)
-        lock = WriterLock(self.run_dir).acquire()
+        run = self.run_dir
+        if run.has_checkpoint_step() and not run.finetune_record.is_file():
+            raise FinetuneError(f"{run.path} holds a pre-training run (checkpoint step "
+                                f"{max(int(p.name) for p in run.checkpoints.iterdir() if p.name.isdigit())}, no "
+                                f"{run.FINETUNE}): give it as --init-from and choose another --run-dir")
         try:
-            return self._run(resume, stop_after)
-        except BaseException:
-            if created and not self.run_dir.has_checkpoint_step():  # a refusal leaves no directory behind
-                lock.release()
-                shutil.rmtree(self.run_dir.path, ignore_errors=True)
-            raise
-        finally:
-            lock.release()
+            return run_job(self.spec(), resume, None, lambda policy: self._run(policy, stop_after))
+        except RunComplete as done:
+            s, nan = done.summary, float("nan")
+            return FinetuneResult(run.path, done.step, s.get("accuracy", nan), s.get("accuracy_stderr", nan),
+                                  s.get("n_test", 0), s.get("chance", nan), s.get("train_loss"),
+                                  complete_already=True)
 
-    def _run(self, resume: bool, stop_after: int | None) -> FinetuneResult:
-        run, cfg = self.run_dir, self.cfg
-        record = run.finetune_record
-        written = json.loads(record.read_text()) if record.is_file() else None
-        checkpointer = Checkpointer(run.checkpoints, keep=2)
-        have = checkpointer.latest_step()
-        if have is not None and not resume:
-            if written and written.get("config") == cfg.to_dict() and have >= self.steps and run.read_summary():
-                s = run.read_summary()
-                return FinetuneResult(run.path, have, s["accuracy"], s["accuracy_stderr"], s["n_test"], s["chance"],
-                                      s.get("train_loss"), complete_already=True)
-            if written is None:  # (it was called "a fine-tuning run" too)
-                raise FinetuneError(f"{run.path} holds a pre-training run (checkpoint step {have}, no "
-                                    f"{run.FINETUNE}): give it as --init-from and choose another --run-dir")
-            raise FinetuneError(f"{run.path} already holds a fine-tuning run (checkpoint step {have}); continue it "
-                                "with --resume or choose another --run-dir")
-        if resume and written and written.get("config") != cfg.to_dict():
-            diff = {k: (written["config"].get(k), v) for k, v in cfg.to_dict().items()
-                    if written["config"].get(k) != v}
-            raise FinetuneError(f"--resume with settings that differ from {record}: {diff} (was, now)")
-        write_atomic(record, json.dumps({"config": cfg.to_dict(), "model": dataclasses.asdict(self.model_cfg),
-                                         "n_out": self.n_out}, indent=2))
-        params = self.initial_params()
-        state = {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
-        if resume and have is not None:
-            state = checkpointer.restore(jax.tree.map(_abstract, state))
+    def _run(self, policy: CheckpointPolicy, stop_after: int | None) -> FinetuneResult:
+        run, cfg, program = self.run_dir, self.cfg, self.program
+        is_main = jax.process_index() == 0
+        batches = TaskBatches(self.data["train"], cfg.batch_size, cfg.seed)
+        state = policy.initial_state(program, batches)  # (a pretrained run that does not load: nothing written)
         start = int(jax.device_get(state["step"]))
-        metrics = MetricsLog(run.metrics, run.dropped_metrics)
-        metrics.truncate_after(start)
-        stop = _StopFlag()
-        bar = tqdm(total=self.steps, initial=start, desc=f"finetune ({cfg.mode})", disable=None)
-        loss = None
+        if is_main:
+            write_atomic(run.finetune_record, json.dumps({"config": cfg.to_dict(),
+                                                          "model": dataclasses.asdict(self.model_cfg),
+                                                          "n_out": self.n_out}, indent=2))
         end = self.steps if stop_after is None else min(stop_after, self.steps)
+        reporter = Reporter(run, enabled=is_main, progress=cfg.progress, total_steps=self.steps, initial_step=start,
+                            desc=f"finetune ({cfg.mode})")
+        clock = Clock()
+        _, S, L = self.data["train"].tokens.shape
+        log_hook = LogHook(cfg.log_every, reporter, clock, cfg.batch_size * S * L, flops_per_token(self.model_cfg, L),
+                           measure_peak_flops(self.model_cfg.dtype, seconds=0.2), self.mesh.size,
+                           lambda step: {"epochs": step / self.steps_per_epoch})
+        preemption = PreemptionHook(policy, batches, clock)
+        hooks = [log_hook, NonFiniteHook(cfg.max_nonfinite_skips, cfg.log_every, policy, reporter,
+                                         setting="max_nonfinite_skips", advice="Lower --lr, or check the task data."),
+                 AccuracyHook(cfg.eval_every, self, reporter, clock), CheckpointHook(policy, batches, clock, reporter),
+                 preemption]
         try:
-            for step in range(start + 1, end + 1):
-                state, m = self._step(state, self.model.decoder.global_batch(self.batch(step - 1)))
-                bar.update(1)
-                if step % 10 == 0 or step == self.steps:
-                    m = {k: float(v) for k, v in jax.device_get(m).items()}
-                    loss = m["loss"]
-                    metrics.write(step, **m)
-                    bar.set_postfix(loss=f"{loss:.3f}")
-                if cfg.eval_every and step % cfg.eval_every == 0 and step != self.steps:
-                    metrics.write(step, test_accuracy=self.accuracy(state["params"])[0])
-                if step % cfg.checkpoint_every == 0 or step == end or stop.received:
-                    checkpointer.save(step, state)
-                if stop.received and step != self.steps:
-                    checkpointer.wait()
-                    raise Preempted(f"pre-empted ({stop.received}) at step {step}: checkpoint saved in "
-                                    f"{checkpointer.directory}; continue with --resume")
+            state, _ = run_steps(program, batches, state, start, end, hooks, reporter)
+            self.state = state
+            if end < self.steps:
+                return FinetuneResult(run.path, end, float("nan"), float("nan"), 0, float("nan"), log_hook.last_loss)
+            acc, n = self.accuracy(state["params"])
+            reporter.eval(self.steps, test_accuracy=acc)
         finally:
-            bar.close()
-            stop.restore()
-            checkpointer.close()
-        self.state = state
-        if end < self.steps:
-            return FinetuneResult(run.path, end, float("nan"), float("nan"), 0, float("nan"), loss)
-        acc, n = self.accuracy(state["params"])
+            preemption.close()
+            reporter.close()
         se = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
         chance = float(np.bincount(self.data["test"].labels).max() / n) if self.n_out > 1 else 1 / self.n_classes
-        metrics.write(self.steps, test_accuracy=acc)
-        summary = {"mode": cfg.mode, "task_type": cfg.task_type, "lm_coef": cfg.aux_coef, "steps": self.steps,
-                   "accuracy": acc, "accuracy_stderr": se, "n_test": n, "chance": chance, "train_loss": loss,
-                   "truncated": int(self.data["train"].truncated + self.data["test"].truncated)}
-        run.write_summary(summary)
-        return FinetuneResult(run.path, self.steps, acc, se, n, chance, loss)
+        policy.checkpointer.wait()  # the summary describes a run whose final checkpoint is written
+        if is_main:
+            run.write_summary({"mode": cfg.mode, "task_type": cfg.task_type, "lm_coef": cfg.aux_coef,
+                               "steps": self.steps, "accuracy": acc, "accuracy_stderr": se, "n_test": n,
+                               "chance": chance, "train_loss": log_hook.last_loss,
+                               "truncated": int(self.data["train"].truncated + self.data["test"].truncated)})
+        return FinetuneResult(run.path, self.steps, acc, se, n, chance, log_hook.last_loss)
 
 
-def _abstract(x: Any) -> Any:
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-
-
-class _StopFlag:
-    """SIGTERM / SIGINT set ``received``; the loop saves and stops at the next step boundary."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self._on)
-
-    def _on(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+def read_finetune_config(run: RunDir) -> FinetuneConfig | None:
+    """The settings a fine-tuning run directory was started with (``finetune.json``); None where there are none."""
+    record = run.finetune_record
+    if not record.is_file():
+        return None
+    try:
+        return FinetuneConfig.from_dict(json.loads(record.read_text())["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise FinetuneError(f"{record} does not read as a fine-tuning run's settings ({e}); restore it, or choose "
+                            "another --run-dir") from None
 
 
 def finetune(cfg: FinetuneConfig, resume: bool = False, stop_after: int | None = None) -> FinetuneResult:
     return Finetuner(cfg).run(resume, stop_after)
 
 
-__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "Finetuner", "TaskModel", "extend_vocabulary",
-           "finetune"]
+__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneProgram", "FinetuneResult", "Finetuner", "Mode",
+           "TaskBatches", "TaskModel", "extend_vocabulary", "finetune", "read_finetune_config"]

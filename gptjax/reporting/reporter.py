@@ -20,7 +20,7 @@ CONSOLE_TRAIN_KEYS = ("step", "loss", "tokens_per_sec", "mfu", "lr")
 
 class Reporter:
     def __init__(self, run_dir: RunDir | str | Path | None, *, enabled: bool = True, progress: bool = True,
-                 total_steps: int = 0, initial_step: int = 0, tensorboard: bool = True):
+                 total_steps: int = 0, initial_step: int = 0, tensorboard: bool = True, desc: str = "train"):
         """``initial_step``: the step the run starts (or resumes) from; what an earlier attempt recorded after it
         is dropped from metrics.jsonl (kept in metrics.dropped.jsonl) and hidden in TensorBoard, so every step
         appears once."""
@@ -32,7 +32,7 @@ class Reporter:
                    if run and tensorboard else None)
         show_bar = progress and enabled and sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=initial_step, disable=not show_bar, dynamic_ncols=True,
-                        desc="train")
+                        desc=desc)
 
     def message(self, text: str) -> None:
         if not self.enabled:

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 from jax.experimental import multihost_utils
 
 from gptjax.checkpoint.manager import Checkpointer, CheckpointMismatch, CheckpointNotFound
-from gptjax.checkpoint.restore import init_params_from
 from gptjax.config import ConfigError, Role, RunConfig, build_run_config
 from gptjax.runs import RunDir
-from gptjax.training.program import Program
+from gptjax.training.program import TrainProgram
 
 log = logging.getLogger("gptjax")
 
@@ -29,22 +28,60 @@ log = logging.getLogger("gptjax")
 RESUMABLE_ROLES = (Role.CADENCE, Role.EXECUTION)
 
 
-def check_resume_config(stored: RunConfig, new: RunConfig, run: RunDir) -> None:
-    """A ``ConfigError`` listing every difference that would change the model or the optimizer trajectory."""
-    diff = stored.differences(new)
+class RunSpec:
+    """What the checkpoint policy knows of a run, whatever trains it: its config (anything with ``differences(other)``
+    and ``roles()``: a :class:`RunConfig`, a fine-tune's ``FinetuneConfig``), where it lives, its length, when it
+    saves, and the file of the run directory that holds the config it was started with. Pre-training's is
+    ``RunSpec.of(cfg)``; a fine-tune builds its own, so both resume, refuse and save by the one policy below."""
+
+    def __init__(self, config: Any, run_dir: str | Path, steps: int, checkpoint_every: int, keep: int,
+                 async_save: bool, record: str, read_stored: Callable[[RunDir], Any],
+                 hint: str = "", stored_steps: Callable[[Any], int | None] = lambda stored: None,
+                 length_fields: Callable[[Any, Any], tuple[str, ...]] = lambda stored, new: ()):
+        """``read_stored(run)``: the config the run directory holds; ``stored_steps(stored)``: its length, where the
+        config alone tells; ``length_fields(stored, new)``: differences that only change the length (a resumed
+        run may make them); ``hint``: what to do instead of a refused resume."""
+        self.config, self.run = config, RunDir(run_dir)
+        self.steps, self.checkpoint_every, self.keep, self.async_save = steps, checkpoint_every, keep, async_save
+        self.record, self.read_stored, self.hint = record, read_stored, hint
+        self.stored_steps, self.length_fields = stored_steps, length_fields
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "RunSpec":
+        """A pre-training run's: ``train.*``, its ``config.json``; ``--extend-steps`` changes only the length."""
+        t = cfg.train
+        return cls(cfg, t.run_dir, t.steps, t.checkpoint_every, t.keep_checkpoints, t.async_checkpoint,
+                   RunDir.CONFIG, RunDir.read_config, hint=(
+                       "Resume with the run's own config (no --set for these fields); to train longer use "
+                       "--extend-steps N; for a different config choose another run directory "
+                       "(train.init_from=<this run> starts a new run from its parameters)."),
+                   stored_steps=lambda stored: stored.train.steps, length_fields=_schedule_kept)
+
+    def check_resume(self, stored: Any) -> None:
+        """A ``ConfigError`` listing every difference from the ``stored`` config that would change the model or the
+        optimizer trajectory (any role but :data:`RESUMABLE_ROLES`)."""
+        diff = stored.differences(self.config)
+        for name in self.length_fields(stored, self.config):
+            diff.pop(name, None)
+        roles = stored.roles()
+        bad = {k: v for k, v in diff.items() if roles[k] not in RESUMABLE_ROLES}
+        if bad:
+            lines = "\n".join(f"  {k}: {a!r} in {self.record}, {b!r} now ({roles[k].value})"
+                              for k, (a, b) in sorted(bad.items()))
+            raise ConfigError(f"--resume: the config differs from {self.run.path / self.record} (which is "
+                              f"unchanged):\n{lines}\n{self.hint}".rstrip())
+
+
+def _schedule_kept(stored: RunConfig, new: RunConfig) -> tuple[str, ...]:
+    """A longer or shorter run on the same lr schedule is an extension: its steps may differ."""
     schedule = lambda c: c.optim.schedule_steps or c.train.steps  # noqa: E731
-    if schedule(stored) == schedule(new):  # a longer / shorter run on the same schedule is an extension
-        diff.pop("train.steps", None)
-        diff.pop("optim.schedule_steps", None)
-    roles = stored.roles()
-    bad = {k: v for k, v in diff.items() if roles[k] not in RESUMABLE_ROLES}
-    if bad:
-        lines = "\n".join(f"  {k}: {a!r} in {run.CONFIG}, {b!r} now ({roles[k].value})"
-                          for k, (a, b) in sorted(bad.items()))
-        raise ConfigError(f"--resume: the config differs from {run.config} (which is unchanged):\n"
-                          f"{lines}\nResume with the run's own config (no --set for these fields); to train longer "
-                          "use --extend-steps N; for a different config choose another run directory "
-                          "(train.init_from=<this run> starts a new run from its parameters).")
+    return ("train.steps", "optim.schedule_steps") if schedule(stored) == schedule(new) else ()
+
+
+def check_resume_config(stored: RunConfig, new: RunConfig) -> None:
+    """A ``ConfigError`` listing every difference of pre-training config ``new`` from ``stored`` that a resumed
+    run may not make (:meth:`RunSpec.check_resume`)."""
+    RunSpec.of(new).check_resume(stored)
 
 
 def extend_run(stored: RunConfig, steps: int) -> list[str]:
@@ -86,27 +123,27 @@ class RunComplete(Exception):
 
 
 class CheckpointPolicy:
-    def __init__(self, cfg: RunConfig, resume: bool | str, resume_step: int | None = None):
+    def __init__(self, spec: RunSpec | RunConfig, resume: bool | str, resume_step: int | None = None):
         """``resume=True``: continue from the latest intact checkpoint (or ``resume_step``); an error if there is
         none. ``"auto"``: continue if there is one, else start. ``False``: start; a directory that already holds
         checkpoints is refused, unless it holds this very run, finished (then ``RunComplete``)."""
-        self.cfg, t = cfg, cfg.train
-        self.run = RunDir(t.run_dir)
-        self.checkpointer = Checkpointer(self.run.checkpoints, keep=t.keep_checkpoints,
-                                         async_save=t.async_checkpoint)
+        self.spec = spec = spec if isinstance(spec, RunSpec) else RunSpec.of(spec)
+        self.run = spec.run
+        self.checkpointer = Checkpointer(self.run.checkpoints, keep=spec.keep, async_save=spec.async_save)
         latest = self.checkpointer.latest_step()
-        stored = self.run.read_config() if latest is not None else None
-        if latest is not None and latest >= t.steps and stored is not None and resume_step is None and (
-                resume or not stored.differences(cfg)):  # (--resume-step re-branches a finished run from a step)
+        stored = spec.read_stored(self.run) if latest is not None else None
+        if latest is not None and latest >= spec.steps and stored is not None and resume_step is None and (
+                resume or not stored.differences(spec.config)):  # (--resume-step re-branches a finished run)
             if resume:
-                check_resume_config(stored, cfg, self.run)
+                spec.check_resume(stored)
             raise RunComplete(self.run.path, latest, self.run.read_summary() or {"final_step": latest})
         if latest is not None and not resume:
-            same = stored is not None and not stored.differences(cfg)
-            raise FileExistsError(f"{self.run.path} already holds checkpoints (latest step {latest} of "
-                                  f"{stored.train.steps if stored else '?'}); pass --resume to continue that run"
-                                  + ("" if same else " (with its own config.json)") +
-                                  ", or choose another train.run_dir")
+            same = stored is not None and not stored.differences(spec.config)
+            length = spec.stored_steps(stored) if stored is not None else None
+            raise FileExistsError(f"{self.run.path} already holds checkpoints (latest step {latest}"
+                                  + (f" of {length}" if length else "") + "); pass --resume to continue that run"
+                                  + ("" if same else f" (with its own {spec.record})") +
+                                  ", or choose another run directory")
         if resume is True and latest is None:
             raise CheckpointNotFound(f"--resume: no checkpoint in {self.checkpointer.directory}; run without "
                                      "--resume to start this run")
@@ -114,21 +151,20 @@ class CheckpointPolicy:
             raise CheckpointNotFound(f"--resume-step {resume_step}: no such checkpoint in "
                                      f"{self.checkpointer.directory}; available: {self.checkpointer.all_steps()}")
         if latest is not None and resume:
-            check_resume_config(stored, cfg, self.run)
+            spec.check_resume(stored)
         self.resuming = latest is not None and resumes(self.run, resume)
         self.resume_step = resume_step
         self.last_saved: int | None = None
         self.stalls: list[float] = []
 
-    def initial_state(self, program: Program, data_iterator: Any) -> dict:
+    def initial_state(self, program: TrainProgram, data_iterator: Any) -> dict:
+        """The state training starts from: the run's own checkpoint when resuming, else the program's fresh start
+        (pre-training: ``train.seed`` or ``train.init_from``; a fine-tune: the pretrained run and a new head)."""
         if self.resuming:
             return self._restore_intact(program, data_iterator)
-        if self.cfg.train.init_from:
-            log.info("initialising the parameters from %s (fresh optimizer state)", self.cfg.train.init_from)
-            return program.init_from_params(init_params_from(self.cfg.train.init_from, program.model))
-        return program.init(jax.random.key(self.cfg.train.seed))
+        return program.initial_state()
 
-    def _restore_intact(self, program: Program, data_iterator: Any) -> dict:
+    def _restore_intact(self, program: TrainProgram, data_iterator: Any) -> dict:
         """The newest checkpoint that restores (or exactly ``resume_step``); damaged newer ones are reported
         and moved aside (``<step>.damaged-<time>``), so that training can write those steps again."""
         ck = self.checkpointer
@@ -164,7 +200,7 @@ class CheckpointPolicy:
             self.checkpointer.manager.reload()
 
     def due(self, step: int, end: int) -> bool:
-        return step % self.cfg.train.checkpoint_every == 0 or step == end
+        return step % self.spec.checkpoint_every == 0 or step == end
 
     def save(self, step: int, state: dict, data_iterator: Any) -> float:
         if self.last_saved == step:

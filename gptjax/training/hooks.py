@@ -72,8 +72,9 @@ class Hook:
 
 
 class LogHook(Hook):
-    """Every ``every`` steps (and at the end): loss, grad norm, lr, z-loss, tokens/s, step time, MFU, and where the
-    data stands (``data_position(step)``: epochs, and each source's tokens and epochs in a mixture)."""
+    """Every ``every`` steps (and at the end): loss, grad norm, lr, the objective's other terms (z-loss; a
+    fine-tune's task and LM losses), tokens/s, step time, MFU, and where the data stands (``data_position(step)``:
+    epochs, and each source's tokens and epochs in a mixture)."""
 
     def __init__(self, every: int, reporter: Reporter, clock: Clock, tokens_per_step: int, flops_per_token: float,
                  peak_flops: float, n_devices: int, data_position: Callable[[int], dict[str, float]] | None = None):
@@ -90,8 +91,9 @@ class LogHook(Hook):
         m = jax.device_get(metrics)
         dt = self.clock.lap()
         tps = self.window_steps * self.tokens_per_step / dt
-        row = self.reporter.train(step, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), lr=float(m["lr"]),
-                                  z_loss=float(m["z_loss"]), tokens_per_sec=tps, step_time=dt / self.window_steps,
+        first = ("loss", "grad_norm", "lr")  # then the objective's other terms (pre-training: z_loss), by name
+        scalars = {k: float(m[k]) for k in (*first, *sorted(set(m) - {*first, "finite"}))}
+        row = self.reporter.train(step, **scalars, tokens_per_sec=tps, step_time=dt / self.window_steps,
                                   mfu=mfu(tps, self.fpt, self.peak, self.n_devices),
                                   tokens=step * self.tokens_per_step, **self.data_position(step))
         self.last_loss, self.window_steps = row["loss"], 0
@@ -169,8 +171,12 @@ class NonFiniteHook(Hook):
     step already skipped their updates). Checked when metrics are read anyway (log steps), before every
     checkpoint and at the end, so it adds no per-step host sync."""
 
-    def __init__(self, max_skips: int, log_every: int, policy: CheckpointPolicy, reporter: Reporter):
+    def __init__(self, max_skips: int, log_every: int, policy: CheckpointPolicy, reporter: Reporter,
+                 setting: str = "train.max_nonfinite_skips",
+                 advice: str = "Lower optim.lr, raise optim.warmup_steps, or check the data."):
+        """``setting``: the name of ``max_skips`` in the run's config; ``advice``: what to change, in its terms."""
         self.max_skips, self.log_every, self.policy, self.reporter = max_skips, log_every, policy, reporter
+        self.setting, self.advice = setting, advice
 
     def after_step(self, step, end, state, metrics):
         if step % self.log_every and not self.policy.due(step, end):
@@ -181,9 +187,8 @@ class NonFiniteHook(Hook):
             kept = self.policy.checkpointer.all_steps()
             raise NonFiniteStop(
                 f"stopped at step {step}: the loss or gradient norm was not finite at every step from step {since} "
-                f"({streak} in a row, more than train.max_nonfinite_skips={self.max_skips}); those steps applied "
-                f"no update, and no non-finite state was saved (checkpoints: {kept or 'none'}). Lower optim.lr, "
-                "raise optim.warmup_steps, or check the data.")
+                f"({streak} in a row, more than {self.setting}={self.max_skips}); those steps applied "
+                f"no update, and no non-finite state was saved (checkpoints: {kept or 'none'}). {self.advice}")
         if streak:
             self.reporter.message(f"step {step}: skipped {streak} non-finite step(s) in a row since step {since}")
 

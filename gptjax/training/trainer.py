@@ -3,16 +3,13 @@ finishes it (summary, a sample, curves). Each part lives in its own module; this
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
 
 from gptjax.config import RunConfig
@@ -24,18 +21,17 @@ from gptjax.inference import Engine, GenerationConfig
 from gptjax.model.accounting import count_params, flops_per_token
 from gptjax.reporting.plots import plot_runs
 from gptjax.reporting.reporter import Reporter
-from gptjax.checkpoint.manager import CheckpointWriteError
-from gptjax.runs import FAULTS, RunDir, RunLocked, WriterLock, deferred_interrupt, fault_reason, route_faults
+from gptjax.runs import RunDir
 from gptjax.sharding.mesh import describe, make_mesh
-from gptjax.training.checkpointing import CheckpointPolicy, RunComplete
+from gptjax.training.checkpointing import CheckpointPolicy, RunComplete, RunSpec
 from gptjax.training.hooks import (CheckpointHook, Clock, EvalHook, LastGoodStep, LogHook, NonFiniteHook,
                                    PreemptionHook, TaskEvalHook)
+from gptjax.training.job import run_job
 from gptjax.training.loop import run_steps
 from gptjax.training.perf import measure_peak_flops
 from gptjax.training.program import Program
 
 log = logging.getLogger("gptjax")
-faults = FAULTS  # tracebacks of faults: into the run's errors.log (fault_log)
 
 
 @dataclass
@@ -72,56 +68,16 @@ def train(cfg: RunConfig, resume: bool | str = False, devices: list | None = Non
     summary (``complete_already``). ``stop_after=N`` checkpoints and stops once step N is done (a job with a
     time limit; the schedule still spans ``train.steps``). SIGTERM / SIGINT checkpoint and raise ``Preempted``;
     a diverged run raises ``NonFiniteStop``."""
-    t = cfg.train
-    run_dir = Path(t.run_dir)
-    is_main = jax.process_index() == 0
     mesh = make_mesh(cfg.mesh, devices)
     cfg.check_mesh_split(mesh.shape)
-    run = RunDir(run_dir)
-    lock = None
     try:
-        with deferred_interrupt():  # taken whole, so that the cleanup below always knows what it holds
-            lock = lock_for_job(run)  # one writer per run directory: a second one is refused, before any write
-        with fault_log(run):
-            try:
-                policy = CheckpointPolicy(cfg, resume, resume_step)  # refuses a conflicting run dir before writing
-            except RunComplete as done:
-                if is_main:
-                    print(f"{done}\nsummary: {json.dumps(done.summary)}", flush=True)
-                return TrainResult(run_dir=run_dir, final_step=done.step, train_loss=done.summary.get("train_loss"),
-                                   val_loss=done.summary.get("val_loss"),
-                                   unigram_loss=done.summary.get("unigram_loss"), complete_already=True)
-            try:
-                result = _train(cfg, policy, mesh, stop_after)
-                policy.close()  # completes a background save
-            except CheckpointWriteError as e:
-                faults.error("checkpoint write failed", exc_info=True)
-                _close_after_fault(policy)
-                raise CheckpointWriteError(f"{e} (details in {run.log})") from None
-            except OSError as e:
-                if e.errno not in STORAGE_FAULTS:  # a missing file the user named, an existing run: as they are
-                    _close_after_fault(policy)
-                    raise
-                faults.error("writing the run failed", exc_info=True)
-                _close_after_fault(policy)
-                raise RunWriteError(f"could not write {e.filename or run}: {fault_reason(e)}; the checkpoints "
-                                    f"{policy.checkpointer.all_steps()} are intact (details in {run.log})") from None
-            except BaseException:
-                _close_after_fault(policy)  # the error on its way out is the one to report
-                raise
-            return result
-    finally:
-        if lock is not None:
-            with deferred_interrupt():
-                lock.release()
-                run.remove_if_empty(directory=lock.created_dir)  # a start that failed before writing leaves nothing
-
-
-STORAGE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)  # the disk, not the request
-
-
-class RunWriteError(OSError):
-    """A file of the run (metrics, TensorBoard events, the summary, the curves) could not be written."""
+        return run_job(RunSpec.of(cfg), resume, resume_step, lambda policy: _train(cfg, policy, mesh, stop_after))
+    except RunComplete as done:
+        if jax.process_index() == 0:
+            print(f"{done}\nsummary: {json.dumps(done.summary)}", flush=True)
+        return TrainResult(run_dir=Path(cfg.train.run_dir), final_step=done.step,
+                           train_loss=done.summary.get("train_loss"), val_loss=done.summary.get("val_loss"),
+                           unigram_loss=done.summary.get("unigram_loss"), complete_already=True)
 
 
 def prediction_report(prediction: dict, val_loss: float) -> dict:
@@ -153,43 +109,6 @@ def end_of_training_sample(model, params, tokenizer, t) -> str:
                               stop_at_eos=False)
     completion = engine.generate([prompt], config)[0]
     return tokenizer.decode(prompt + completion.token_ids)  # decoded together so the joining space survives
-
-
-def _close_after_fault(policy: CheckpointPolicy) -> None:
-    try:
-        policy.close()
-    except Exception:  # noqa: BLE001 - the first fault is the one reported; this one goes to errors.log
-        faults.error("closing the checkpointer after a fault failed too", exc_info=True)
-
-
-def lock_for_job(run: RunDir) -> WriterLock | None:
-    """The run directory's writer lock, taken once for the job by process 0 (the others learn whether it got it):
-    a second writer is refused with one line naming the holder (``RunLocked``)."""
-    lock, refusal = None, None
-    if jax.process_index() == 0:
-        try:
-            lock = WriterLock(run).acquire()
-        except RunLocked as e:
-            refusal = str(e)
-    if jax.process_count() > 1:
-        if not int(multihost_utils.broadcast_one_to_all(np.int32(refusal is None))):
-            raise RunLocked(refusal or f"{run} is being written by another job (see {run.lock})")
-    elif refusal:
-        raise RunLocked(refusal)
-    return lock
-
-
-@contextlib.contextmanager
-def fault_log(run: RunDir) -> Iterator[None]:
-    """While a run trains, the storage layer's messages (orbax and grain log through absl: a full disk is dozens
-    of tracebacks), asyncio's and background threads' reports of the writes orbax abandons after a fault, and the
-    tracebacks of faults go to the run's ``errors.log``, not the console; the error line names the file (the CLI
-    keeps routing them there while the process exits)."""
-    undo = route_faults(run.log)
-    try:
-        yield
-    finally:
-        undo()
 
 
 def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | None) -> TrainResult:
