@@ -72,6 +72,12 @@ def test_two_process_training_checkpoint_and_resume(tmp_path, small_corpus):
     run_processes(write_config(tmp_path, small_corpus, full_dir), 2, 2)
     full = summary(full_dir)
     assert full["final_step"] == 8
+    # the two processes as two slices (one per process: data parallelism over "DCN", the processes' link): the
+    # same device layout as the flat mesh here, so the same losses, bit for bit
+    slices_dir = tmp_path / "slices"
+    outs = run_processes(write_config(tmp_path, small_corpus, slices_dir), 2, 2, "--set", "mesh.slices=2")
+    assert "(4 devices, 2 slices: data 2-way over DCN)" in outs[0]
+    assert losses(slices_dir) == losses(full_dir)
 
     part_cfg = write_config(tmp_path, small_corpus, part_dir)
     run_processes(part_cfg, 2, 2, "--stop-after", "4")

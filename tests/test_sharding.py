@@ -14,7 +14,10 @@ from gptjax.sharding import logical_to_pspec, make_mesh, make_rules
 from gptjax.training.program import Program
 
 MESHES = {"ddp 8x1x1": dict(data=8, fsdp=1, tensor=1), "fsdp 1x8x1": dict(data=1, fsdp=8, tensor=1),
-          "hybrid 2x2x2": dict(data=2, fsdp=2, tensor=2), "fsdp+tp 1x4x2": dict(data=1, fsdp=4, tensor=2)}
+          "hybrid 2x2x2": dict(data=2, fsdp=2, tensor=2), "fsdp+tp 1x4x2": dict(data=1, fsdp=4, tensor=2),
+          # two slices of 4 (DCN between them): data over DCN (the default), and fsdp over DCN
+          "2 slices, data over dcn 2x4x1": dict(data=2, fsdp=4, tensor=1, slices=2),
+          "2 slices, fsdp over dcn 2x4x1": dict(data=2, fsdp=4, tensor=1, slices=2, dcn={"fsdp": 2})}
 # Equivalence tolerance: sharded reductions sum in a different order; Adam normalises the update, so a
 # parameter whose gradient is tiny can move by a few 1e-6 differently. Loss: 1e-6 relative; params: 2e-5 abs.
 PARAM_ATOL = 2e-5
@@ -121,7 +124,8 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path, batch):
     Checkpointer(tmp_path).save(1, state)
     host = jax.device_get(state)
     _, m0 = src.train_step(state, src.global_batch(batch))
-    for target in (program(MESHES["hybrid 2x2x2"]), program(dict(data=1), jax.devices()[:1])):
+    for target in (program(MESHES["hybrid 2x2x2"]), program(dict(data=1), jax.devices()[:1]),
+                   program(MESHES["2 slices, fsdp over dcn 2x4x1"])):  # a checkpoint moves onto two slices
         restored = Checkpointer(tmp_path).restore(target.abstract_state)
         w = restored["params"]["blocks"]["mlp"]["w_up"]
         assert w.sharding == target.model.param_shardings["blocks"]["mlp"]["w_up"]
@@ -151,6 +155,27 @@ def test_unrolled_layout_is_sharded_and_equivalent(batch, reference):
     assert float(metrics["loss"]) == pytest.approx(loss_ref, rel=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=PARAM_ATOL, rtol=0),
                  new_state["params"], unstack_layers(after_ref["params"], 2))
+
+
+def test_slices_are_placed_along_the_axes_that_span_them():
+    """Over 2 simulated slices of 4 devices (0-3, 4-7), fsdp over DCN: each slice fills one half of the fsdp axis
+    for every data index, so only fsdp's collectives cross slices; data over DCN: one slice per data index."""
+    from gptjax.sharding.mesh import describe
+
+    cfg = MeshConfig(data=2, fsdp=4, slices=2, dcn={"fsdp": 2})
+    mesh = make_mesh(cfg)
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)[:, :, 0, 0]
+    assert ids.tolist() == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert describe(mesh, cfg) == ("data=2 x fsdp=4 x context=1 x tensor=1 (8 devices, 2 slices: fsdp 2-way over "
+                                   "DCN)")
+    by_data = np.vectorize(lambda d: d.id)(make_mesh(MeshConfig(data=2, fsdp=4, slices=2)).devices)[:, :, 0, 0]
+    assert [{i // 4 for i in row} for row in by_data.tolist()] == [{0}, {1}]
+    with pytest.raises(ConfigError, match=r"mesh.dcn\['tensor'\]: only data and fsdp may span slices"):
+        MeshConfig(tensor=2, slices=2, dcn={"tensor": 2})
+    with pytest.raises(ConfigError, match="splits the axes 2 ways across slices, but mesh.slices=4"):
+        MeshConfig(slices=4, dcn={"data": 2})
+    with pytest.raises(ConfigError, match="mesh.data=1 does not split over the 2 slices"):
+        make_mesh(MeshConfig(data=1, fsdp=8, slices=2))
 
 
 def test_bad_mesh_and_rules_are_clear_errors():

@@ -12,6 +12,10 @@ FSDP = "fsdp"  # fully sharded data parallelism: the batch and the parameters' e
 CONTEXT = "context"  # context (sequence) parallelism: activations split along the sequence, K/V gathered or ringed
 TENSOR = "tensor"  # Megatron tensor parallelism: heads, MLP and vocabulary are split
 MESH_AXES = (DATA, FSDP, CONTEXT, TENSOR)
+# The axes that may span slices (DCN between TPU slices, InfiniBand between GPU nodes): their collectives are one
+# gradient reduction (data) or a per-layer gather overlapped with compute (fsdp); context and tensor communicate
+# inside every layer, on the critical path, and stay inside a slice.
+DCN_AXES = (DATA, FSDP)
 
 # ---- logical axes of activations ---------------------------------------------------------------------------
 BATCH = "batch"

@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping
 
-from gptjax.config.axes import MESH_AXES
+from gptjax.config.axes import DCN_AXES, MESH_AXES
 from gptjax.config.dtypes import DType
 
 # ---- choice sets ----------------------------------------------------------------------------------------------
@@ -129,7 +129,8 @@ def _choice_type(hint: Any) -> Any | None:
 
 
 def check_choices(obj: Any) -> None:
-    """A ``ConfigError`` unless every choice field of ``obj`` holds one of its type's values (an ``Enum`` field is coerced to a member)."""
+    """A ``ConfigError`` unless every choice field of ``obj`` holds one of its type's values (an ``Enum`` field is
+    coerced to a member)."""
     for name, hint in _hints(type(obj)).items():
         kind = _choice_type(hint)
         value = getattr(obj, name)
@@ -332,6 +333,12 @@ class MeshConfig:
     sharding_factor: int | None = _f(None, Role.EXECUTION)
     rules: dict = _f(dict, Role.EXECUTION, factory=True)  # overrides of the logical-axis rules, e.g. {"embed": None}
     context_strategy: ContextStrategy = _f(ContextStrategy.GATHER, Role.EXECUTION)
+    # Multi-slice meshes: the devices form this many slices (TPU slices joined over DCN; GPU nodes over InfiniBand;
+    # simulated: equal groups in device order), and ``dcn`` says how many ways each axis is split across them
+    # (MaxText's dcn_*_parallelism): {} means {"data": slices}, data parallelism over the slow links. Inside a
+    # slice an axis has size / dcn[axis] devices. Only data and fsdp may span slices (config/axes.py, DCN_AXES).
+    slices: int = _f(1, Role.EXECUTION)
+    dcn: dict = _f(dict, Role.EXECUTION, factory=True)
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -345,14 +352,31 @@ class MeshConfig:
                    f"mesh.sharding_factor must be a positive integer, got {self.sharding_factor!r}")
             _check(self.fsdp in (1, self.sharding_factor),
                    f"give either mesh.fsdp={self.fsdp} or mesh.sharding_factor={self.sharding_factor}, not both")
+        _check(isinstance(self.slices, int) and not isinstance(self.slices, bool) and self.slices > 0,
+               f"mesh.slices must be a positive integer, got {self.slices!r}")
+        for axis, ways in self.dcn.items():
+            _check(axis in DCN_AXES, f"mesh.dcn[{axis!r}]: only {' and '.join(DCN_AXES)} may span slices (context "
+                   "and tensor communicate inside every layer; keep them within a slice)"
+                   if axis in MESH_AXES else f"mesh.dcn[{axis!r}]: not a mesh axis; axes: {', '.join(MESH_AXES)}")
+            _check(isinstance(ways, int) and not isinstance(ways, bool) and ways > 0,
+                   f"mesh.dcn[{axis!r}] must be a positive integer, got {ways!r}")
+        across = math.prod(self.dcn_sizes().values())
+        _check(across == self.slices, f"mesh.dcn={self.dcn} splits the axes {across} ways across slices, but "
+               f"mesh.slices={self.slices}; the product of the dcn sizes must equal the slice count")
 
     def sizes(self) -> tuple[int, int, int, int]:
         """Axis sizes in ``MESH_AXES`` order (data, fsdp, context, tensor)."""
         fsdp = self.fsdp if self.sharding_factor is None else self.sharding_factor
         return (self.data, fsdp, self.context, self.tensor)
 
+    def dcn_sizes(self) -> dict[str, int]:
+        """How many ways each mesh axis is split across slices (every axis 1 on one slice)."""
+        dcn = self.dcn or ({"data": self.slices} if self.slices > 1 else {})
+        return {a: dcn.get(a, 1) for a in MESH_AXES}
+
     def resolve(self, n_devices: int) -> dict[str, int]:
-        """Concrete axis sizes for ``n_devices``; a clear error when they cannot multiply to it."""
+        """Concrete axis sizes for ``n_devices``; a clear error when they cannot multiply to it or do not split
+        over the slices."""
         sizes = dict(zip(MESH_AXES, self.sizes()))
         fixed = math.prod(v for v in sizes.values() if v != -1)
         free = [k for k, v in sizes.items() if v == -1]
@@ -364,6 +388,9 @@ class MeshConfig:
         _check(math.prod(sizes.values()) == n_devices,
                f"mesh {sizes} has {math.prod(sizes.values())} devices but {n_devices} are available; "
                "make the product equal the device count or set one axis to -1")
+        for axis, ways in self.dcn_sizes().items():
+            _check(sizes[axis] % ways == 0, f"mesh.{axis}={sizes[axis]} does not split over the {ways} slices "
+                   f"mesh.dcn gives it; make mesh.{axis} a multiple of {ways}")
         return sizes
 
 

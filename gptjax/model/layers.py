@@ -15,7 +15,7 @@ from gptjax.config import ModelConfig
 from gptjax.config import axes as ax
 from gptjax.config.dtypes import DTYPES
 from gptjax.model.ops import einsum
-from gptjax.sharding.rules import constrain
+from gptjax.sharding.rules import constrain, placement_key
 
 
 MUP_ROLES = ("embedding", "hidden", "output", "vector")
@@ -111,18 +111,19 @@ class MLP(nnx.Module):
             up_BxLxF = up_BxLxF + self.b_up[...].astype(self.dtype)
         gate_BxLxF = (einsum("bld,df->blf", x_BxLxD, self.w_gate[...], self.dtype) if self.kind == "swiglu"
                       else None)
-        out_BxLxD = _mlp_out(up_BxLxF, gate_BxLxF, self.w_down[...], self.dtype)
+        out_BxLxD = _mlp_out(up_BxLxF, gate_BxLxF, self.w_down[...], self.dtype, placement_key())
         if self.b_down is not None:
             out_BxLxD = out_BxLxD + self.b_down[...].astype(self.dtype)
         return out_BxLxD
 
 
-@functools.partial(jax.checkpoint, static_argnums=(3,))
-def _mlp_out(up_BxLxF, gate_BxLxF, w_down_FxD, dtype):
+@functools.partial(jax.checkpoint, static_argnums=(3, 4))
+def _mlp_out(up_BxLxF, gate_BxLxF, w_down_FxD, dtype, placement: tuple | None):
     """Activation and down projection, rematerialised: the backward pass keeps only the two (one for GELU)
     up-projection outputs and recomputes the activation from them (the down projection's forward matmul is
     dead there and dropped). Kept, the activation's float32 intermediates and the hidden ``h`` cost six
-    ``[B, L, d_ff]`` arrays a layer instead of two (measured at gpt2ish, 8k tokens: 4.7 GB of 10 GB)."""
+    ``[B, L, d_ff]`` arrays a layer instead of two (measured at gpt2ish, 8k tokens: 4.7 GB of 10 GB).
+    ``placement`` (``placement_key()``) only keys JAX's cache of this trace by the mesh it constrains to."""
     if gate_BxLxF is not None:  # SwiGLU
         h_BxLxF = jax.nn.silu(gate_BxLxF.astype(jnp.float32)).astype(dtype) * up_BxLxF
     else:

@@ -155,6 +155,18 @@ def current() -> Placement | None:
     return None if value is None or value.mesh.size == 1 else value
 
 
+def placement_key() -> tuple | None:
+    """The enclosing :class:`Placement` as a hashable value (None off a mesh). A function whose traced form JAX
+    caches (a module-level ``jax.checkpoint`` or ``custom_vjp`` function) and that calls :func:`constrain` takes it
+    as a static argument: JAX's cache keys on the function and its arguments, not on this context, and handed a
+    second mesh of the same shape (another device order: a multi-slice layout) the cached trace pinned the
+    activations to the first one's devices ("incompatible devices for jitted computation")."""
+    value = current()
+    if value is None:
+        return None
+    return value.mesh, tuple(sorted(value.rules.items(), key=lambda kv: kv[0])), value.context_strategy
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """``with_sharding_constraint`` by logical names; identity outside ``activation_sharding`` or on 1 device."""
     value = current()

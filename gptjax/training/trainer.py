@@ -135,7 +135,7 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
                                     cfg.model.vocab_size)
     reporter = Reporter(run, enabled=is_main, progress=t.progress, total_steps=t.steps, initial_step=start)
     reporter.message(f"gptjax: {n_params / 1e6:.2f}M params ({cfg.model.attention_kind}, {cfg.model.positions}, "
-                     f"{cfg.model.norm}, {cfg.model.mlp}, {cfg.model.dtype}) | mesh {describe(mesh)} | "
+                     f"{cfg.model.norm}, {cfg.model.mlp}, {cfg.model.dtype}) | mesh {describe(mesh, cfg.mesh)} | "
                      f"train {corpus.tokens[0]:,} / val {corpus.tokens[1]:,} tokens | unigram baseline "
                      f"{unigram:.3f} nats | peak {peak / 1e9:.0f} GFLOP/s/device | steps {start}->{t.steps}")
 
