@@ -343,3 +343,44 @@ def test_bringing_the_cluster_up_again_is_a_no_op():
     assert r.returncode == 0 and re.search(r"debug\*\s+up\s+infinite\s+1\s+(idle|mixed|allocated)", r.stdout), r
     assert subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, text=True).stdout == pids  # not restarted
     assert subprocess.run([tool, "status"], capture_output=True).returncode == 0
+
+
+def test_tpu_jobset_manifest_joins_the_slices_as_jax_detection_reads_them(monkeypatch):
+    """Two TPU slices of two hosts on GKE: one indexed Job per slice, each alone on a node pool, and the MEGASCALE
+    variables. With what GKE's webhook adds inside a slice (TPU_WORKER_ID, TPU_WORKER_HOSTNAMES), JAX's own TPU
+    detection numbers the four processes 0-3 slice by slice and finds the coordinator on slice 0's first host."""
+    from jax._src.clusters.cloud_tpu_cluster import GkeTpuCluster
+
+    from gptjax.launch import tpu_jobset_manifest
+
+    (doc,) = yaml.safe_load_all(yaml.safe_dump_all(tpu_jobset_manifest(
+        Job(("gptjax-train", "--run-dir", "gs://b/runs/x"), name="big", nodes=2, per="host", grace_s=60,
+            workdir=None), "reg/gptjax:1", 2, "tpu-v5p-slice", "2x2x2", 4, "ml")))
+    assert doc["kind"] == "JobSet" and doc["metadata"]["namespace"] == "ml"
+    assert doc["metadata"]["annotations"]["alpha.jobset.sigs.k8s.io/exclusive-topology"] == \
+        "cloud.google.com/gke-nodepool"
+    (rjob,) = doc["spec"]["replicatedJobs"]
+    spec = rjob["template"]["spec"]
+    pod = spec["template"]["spec"]
+    assert rjob["name"] == "slice" and rjob["replicas"] == 2 and spec["completions"] == spec["parallelism"] == 2
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
+                                   "cloud.google.com/gke-tpu-topology": "2x2x2"}
+    assert pod["terminationGracePeriodSeconds"] == 60 and pod["restartPolicy"] == "Never"
+    (c,) = pod["containers"]
+    assert c["resources"]["limits"]["google.com/tpu"] == 4
+    assert c["command"][-4:] == ["--coordinator", "auto", "--resume", "auto"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
+    assert env["MEGASCALE_NUM_SLICES"] == "2" and env["MEGASCALE_COORDINATOR_ADDRESS"] == "big-slice-0-0.big"
+    assert env["MEGASCALE_SLICE_ID"] == {"fieldRef": {"fieldPath": "metadata.labels['jobset.sigs.k8s.io/job-index']"}}
+    ids = []
+    for slice_id in range(2):
+        for worker in range(2):
+            monkeypatch.setenv("MEGASCALE_SLICE_ID", str(slice_id))  # the label the fieldRef resolves to
+            for name in ("MEGASCALE_NUM_SLICES", "MEGASCALE_COORDINATOR_ADDRESS"):
+                monkeypatch.setenv(name, env[name])
+            monkeypatch.setenv("TPU_WORKER_ID", str(worker))
+            monkeypatch.setenv("TPU_WORKER_HOSTNAMES", f"big-slice-{slice_id}-0.big,big-slice-{slice_id}-1.big")
+            ids.append((GkeTpuCluster.get_process_id(), GkeTpuCluster.get_process_count()))
+    assert ids == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    with pytest.raises(LaunchError, match="runs as one process"):
+        tpu_jobset_manifest(Job(("gptjax-data", "prepare"), per="host"), "img", 2, "tpu-v5p-slice", "2x2x2", 4)

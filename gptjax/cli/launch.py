@@ -15,6 +15,10 @@ Examples::
     # Cloud TPU VM slice: every worker at once through gcloud
     gptjax-launch tpu-vm --tpu my-v5p-64 --zone us-east5-a --per host --nodes 8 --out launch.sh -- \\
         gptjax-train --run-dir /shared/runs/x
+    # two TPU v5p slices of 4 hosts on GKE, joined over DCN (a JobSet; the run's mesh.slices=2)
+    gptjax-launch tpu-gke --slices 2 --nodes 4 --accelerator tpu-v5p-slice --topology 2x4x4 \
+        --image REGISTRY/gptjax:latest --out slices.yaml -- gptjax-train --run-dir gs://bucket/runs/x \
+        --set mesh.slices=2
 
 Exit codes: 0 written (and submitted), 2 a job that cannot work as asked (one line on stderr, nothing written),
 1 sbatch refused it (its message).
@@ -39,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="target", required=True)
     for target, help_ in (("slurm", "an sbatch script; --submit submits it"),
                           ("k8s", "an indexed Job manifest (YAML) for Kubernetes / GKE"),
-                          ("tpu-vm", "a gcloud tpu-vm ssh --worker=all script for a Cloud TPU VM slice")):
+                          ("tpu-vm", "a gcloud tpu-vm ssh --worker=all script for a Cloud TPU VM slice"),
+                          ("tpu-gke", "a JobSet manifest (YAML) for one or several TPU slices on GKE (DCN)")):
         s = sub.add_parser(target, help=help_)
         s.add_argument("--name", default="gptjax", help="job name (lower-case letters, digits, '-')")
         s.add_argument("--nodes", type=int, default=1, help="hosts")
@@ -61,12 +66,19 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                            help="another #SBATCH line, e.g. --sbatch=--exclusive")
             s.add_argument("--submit", action="store_true", help="submit with sbatch and print the job id")
-        elif target == "k8s":
+        elif target in ("k8s", "tpu-gke"):
             s.add_argument("--image", required=True, help="a container image with gptjax installed")
             s.add_argument("--namespace", default="default")
+        if target == "tpu-gke":
+            s.add_argument("--slices", type=int, default=1, help="TPU slices, joined over DCN (the run's "
+                           "mesh.slices); --nodes is the hosts of one slice")
+            s.add_argument("--accelerator", required=True, help="GKE's TPU accelerator, e.g. tpu-v5p-slice")
+            s.add_argument("--topology", required=True, help="one slice's TPU topology, e.g. 4x4x4")
+            s.add_argument("--chips-per-host", type=int, default=4)
+        elif target == "k8s":
             s.add_argument("--volume-claim", help="a ReadWriteMany PersistentVolumeClaim for runs and data")
             s.add_argument("--mount", default="/shared", help="where the claim is mounted in every pod")
-        else:
+        elif target == "tpu-vm":
             s.add_argument("--tpu", required=True, help="the TPU VM's name")
             s.add_argument("--zone", required=True)
             s.add_argument("--project")
@@ -78,10 +90,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     from gptjax.launch import (SLURM_LOGS, Job, LaunchError, SubmitError, k8s_manifest, slurm_script, submit,
-                               tpu_vm_script, with_env)
+                               tpu_jobset_manifest, tpu_vm_script, with_env)
 
     command = a.command[1:] if a.command[:1] == ["--"] else a.command
-    suffix = {"slurm": ".sbatch", "k8s": ".yaml", "tpu-vm": ".sh"}[a.target]
+    suffix = {"slurm": ".sbatch", "k8s": ".yaml", "tpu-gke": ".yaml", "tpu-vm": ".sh"}[a.target]
     with user_errors(LaunchError):
         job = with_env(Job(tuple(command), name=a.name, nodes=a.nodes, gpus_per_node=a.gpus_per_node, per=a.per,
                            processes_per_node=a.processes_per_node, grace_s=a.grace,
@@ -94,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
 
             text = f"# written by gptjax-launch k8s: {shlex.join(job.command)}\n" + yaml.safe_dump_all(
                 k8s_manifest(job, a.image, a.namespace, a.volume_claim, a.mount), sort_keys=False)
+        elif a.target == "tpu-gke":
+            import yaml
+
+            text = f"# written by gptjax-launch tpu-gke: {shlex.join(job.command)}\n" + yaml.safe_dump_all(
+                tpu_jobset_manifest(job, a.image, a.slices, a.accelerator, a.topology, a.chips_per_host,
+                                    a.namespace), sort_keys=False)
         else:
             text = tpu_vm_script(job, a.tpu, a.zone, a.project)
         out = Path(a.out or f"{job.name}{suffix}")
@@ -105,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                             f"login node (or tools/slurm_cluster up), or leave out --submit to write {out} only")
     out.write_text(text)
     out.chmod(0o755 if suffix != ".yaml" else 0o644)
-    print(f"wrote {out} ({job.processes} process{'es' * (job.processes > 1)} on {job.nodes} "
-          f"host{'s' * (job.nodes > 1)})", file=sys.stderr)
+    slices = getattr(a, "slices", 1)
+    processes, hosts = job.processes * slices, job.nodes * slices
+    print(f"wrote {out} ({processes} process{'es' * (processes > 1)} on {hosts} host{'s' * (hosts > 1)}"
+          + (f" in {slices} slices" if slices > 1 else "") + ")", file=sys.stderr)
     if a.target == "slurm" and a.submit:
         Path(job.workdir or ".", SLURM_LOGS).mkdir(parents=True, exist_ok=True)  # sbatch does not create it
         try:

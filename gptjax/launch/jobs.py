@@ -3,7 +3,8 @@
 ``Job`` says what runs (any gptjax command: training, data preparation, evaluation) and how many processes on how
 many hosts; ``slurm_script``, ``k8s_manifest`` and ``tpu_vm_script`` write it for SLURM (an ``sbatch`` script),
 Kubernetes (an indexed Job, its headless Service and the pod-reading role JAX's detection needs) and Cloud TPU VMs
-(``gcloud ... tpu-vm ssh --worker=all``). No process manager of our own: the scheduler starts the processes,
+(``gcloud ... tpu-vm ssh --worker=all``); ``tpu_jobset_manifest`` writes a JobSet of several TPU slices on GKE
+(one Job per slice, joined over DCN). No process manager of our own: the scheduler starts the processes,
 ``gptjax-train --coordinator auto`` finds its peers through ``jax.distributed``'s detection, and pre-emption is the
 scheduler's SIGTERM, on which the trainer checkpoints and exits 75; the job then runs again with ``--resume auto``.
 
@@ -204,6 +205,56 @@ def k8s_manifest(job: Job, image: str, namespace: str = "default", volume_claim:
                   "backoffLimit": 4 * job.nodes,
                   "template": {"metadata": {"labels": labels()}, "spec": pod}}},
     ]
+
+
+MEGASCALE_PORT = 8080  # libtpu's port for the slices' DCN rendezvous (the MEGASCALE_* variables)
+TPU_PORTS = (8471, MEGASCALE_PORT, 8476)  # the TPU runtime, megascale, JAX's coordinator (jax.distributed default)
+
+
+def tpu_jobset_manifest(job: Job, image: str, slices: int, accelerator: str, topology: str, chips_per_host: int,
+                        namespace: str = "default") -> list[dict]:
+    """A JobSet for ``slices`` TPU slices on GKE (the xpk form): one indexed Job per slice (``job.nodes`` hosts
+    each, one process per host), each slice alone on its node pool (``exclusive-topology``), and the variables that
+    join the slices over DCN: ``MEGASCALE_NUM_SLICES``, ``MEGASCALE_SLICE_ID`` (the Job's index in the set) and
+    ``MEGASCALE_COORDINATOR_ADDRESS`` (the first host of slice 0, through the JobSet's headless service). GKE's TPU
+    webhook adds ``TPU_WORKER_ID`` / ``TPU_WORKER_HOSTNAMES`` inside each slice; JAX's TPU detection numbers the
+    processes slice by slice from these (``--coordinator auto``), and the devices' ``slice_index`` tells
+    ``mesh.slices`` where the slices meet. A pre-empted host fails its slice's Job; the JobSet restarts all of them
+    (``failurePolicy``) and the command runs with ``--resume auto``."""
+    if job.per_node != 1:
+        raise LaunchError("on a TPU host one process drives all its chips: use --per host")
+    if slices < 1 or chips_per_host < 1:
+        raise LaunchError(f"--slices {slices} and --chips-per-host {chips_per_host} must be positive")
+    if slices > 1 and job.program not in DISTRIBUTED:
+        raise LaunchError(f"{job.program} runs as one process; launch it on one slice (--slices 1 --nodes 1)")
+    env = [{"name": k, "value": v} for k, v in job.environment().items()]
+    if slices > 1:
+        env += [{"name": "MEGASCALE_NUM_SLICES", "value": str(slices)},
+                {"name": "MEGASCALE_SLICE_ID",
+                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['jobset.sigs.k8s.io/job-index']"}}},
+                {"name": "MEGASCALE_COORDINATOR_ADDRESS", "value": f"{job.name}-slice-0-0.{job.name}"},
+                {"name": "MEGASCALE_PORT", "value": str(MEGASCALE_PORT)}]
+    every_host = dataclasses.replace(job, nodes=job.nodes * slices)  # (its processes find each other: JAX's detection)
+    container = {"name": "gptjax", "image": image, "command": every_host.argv(resume_auto=True), "env": env,
+                 "ports": [{"containerPort": p} for p in TPU_PORTS],
+                 "resources": {"limits": {"google.com/tpu": chips_per_host}}}
+    if job.workdir:
+        container["workingDir"] = job.workdir
+    pod = {"hostNetwork": True, "dnsPolicy": "ClusterFirstWithHostNet", "restartPolicy": "Never",
+           "terminationGracePeriodSeconds": job.grace_s,
+           "nodeSelector": {"cloud.google.com/gke-tpu-accelerator": accelerator,
+                            "cloud.google.com/gke-tpu-topology": topology},
+           "containers": [container]}
+    slice_job = {"parallelism": job.nodes, "completions": job.nodes, "backoffLimit": 0,
+                 "template": {"metadata": {"labels": {"app.kubernetes.io/name": "gptjax", "gptjax/job": job.name}},
+                              "spec": pod}}
+    return [{"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+             "metadata": {"name": job.name, "namespace": namespace,
+                          "labels": {"app.kubernetes.io/name": "gptjax", "gptjax/job": job.name},
+                          "annotations": {"alpha.jobset.sigs.k8s.io/exclusive-topology":
+                                          "cloud.google.com/gke-nodepool"}},
+             "spec": {"failurePolicy": {"maxRestarts": 4},
+                      "replicatedJobs": [{"name": "slice", "replicas": slices, "template": {"spec": slice_job}}]}}]
 
 
 def tpu_vm_script(job: Job, tpu: str, zone: str, project: str | None = None) -> str:
