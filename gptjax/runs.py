@@ -126,6 +126,7 @@ class RunDir:
     METRICS = "metrics.jsonl"
     DROPPED_METRICS = "metrics.dropped.jsonl"
     TENSORBOARD = "tensorboard"
+    PROFILE = "profile"
     SUMMARY = "summary.json"
     CURVES = "curves.png"
     IMPORT_RECORD = "import.json"
@@ -157,6 +158,7 @@ class RunDir:
     metrics = _entry(METRICS)
     dropped_metrics = _entry(DROPPED_METRICS)
     tensorboard = _entry(TENSORBOARD)
+    profile = _entry(PROFILE)
     summary = _entry(SUMMARY)
     curves = _entry(CURVES)
     import_record = _entry(IMPORT_RECORD)

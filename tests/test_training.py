@@ -71,3 +71,18 @@ def test_train_step_never_copies_the_donated_state():
     hlo = prog.train_step.lower(prog.abstract_state, batch).compile().as_text()
     copies = re.findall(r"= f32\[[\d,]+\]\{[\d,]*\} copy\(%state", hlo)
     assert copies == [], copies[:5]
+
+
+def test_profile_writes_a_trace_of_the_steps_asked(tmp_path, small_corpus, capsys):
+    """train.profile=2:3 (gptjax-train --profile 2:3): a JAX profiler trace of steps 2-3 in <run>/profile, the
+    format TensorBoard's profile plugin and XProf read (an .xplane.pb per host); a bad range is refused."""
+    from gptjax.config import ConfigError
+
+    run = tmp_path / "run"
+    train(small_run(run, small_corpus, steps=4, eval_every=4, checkpoint_every=4, profile="2:3"))
+    traces = list((run / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000
+    assert "profile of steps 2-3" in capsys.readouterr().out
+    for bad in ("3", "0:2", "5:4", "a:b"):
+        with pytest.raises(ConfigError, match="train.profile=.*START:END"):
+            small_run(run, small_corpus, profile=bad)

@@ -39,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
                    help="with --resume: train to N steps in all; the lr schedule is not re-stretched (past its end "
                         "the lr stays at its final value)")
     p.add_argument("--stop-after", type=int, help="checkpoint and stop after this step (schedule unchanged)")
+    p.add_argument("--profile", metavar="START:END", help="a JAX profiler trace of these steps into <run>/profile "
+                   "(train.profile)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--coordinator", help="multi-host: coordinator host:port (or 'auto'); env GPTJAX_COORDINATOR")
     p.add_argument("--num-processes", type=int, help="multi-host: process count; env GPTJAX_NUM_PROCESSES")
@@ -50,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     setup_logging()
-    flags = [f"train.run_dir={a.run_dir}"] * bool(a.run_dir) + [f"train.steps={a.steps}"] * bool(a.steps)
+    flags = ([f"train.run_dir={a.run_dir}"] * bool(a.run_dir) + [f"train.steps={a.steps}"] * bool(a.steps)
+             + [f"train.profile={a.profile}"] * bool(a.profile))
     from gptjax.checkpoint.manager import CheckpointNotFound, CheckpointWriteError
 
     with user_errors(CheckpointNotFound):

@@ -430,10 +430,15 @@ class TrainConfig:
     # What a scaling-law plan predicts for this run (gptjax-plan --flops writes it: "loss", "interval", "fit",
     # "flops"); the run's summary reports it against the measured final validation loss.
     prediction: dict | None = _f(None, Role.CADENCE)
+    # "START:END": a JAX profiler trace of steps START to END (inclusive) into <run>/profile, for TensorBoard's
+    # profile plugin or XProf ("" for none; gptjax-train --profile START:END)
+    profile: str = _f("", Role.CADENCE)
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
                   "checkpoint_every", "keep_checkpoints")
+        if self.profile:
+            self.profile_steps  # noqa: B018 - parses it: a bad range is refused with the config
         _check(self.sample_tokens >= 0, f"sample_tokens must be >= 0, got {self.sample_tokens}")
         _check(self.max_nonfinite_skips >= 0, f"max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
         for name in ("task_eval_every", "task_examples", "final_task_examples", "task_shots"):
@@ -443,6 +448,16 @@ class TrainConfig:
             _check(isinstance(loss, (int, float)) and not isinstance(loss, bool) and loss > 0,
                    f"train.prediction needs a positive number 'loss' (the predicted final validation loss), got "
                    f"{self.prediction!r}")
+
+    @property
+    def profile_steps(self) -> tuple[int, int] | None:
+        """``train.profile`` as ``(first, last)`` step, or None."""
+        if not self.profile:
+            return None
+        first, sep, last = self.profile.partition(":")
+        _check(bool(sep) and first.strip().isdigit() and last.strip().isdigit() and 0 < int(first) <= int(last),
+               f"train.profile={self.profile!r}: give START:END, two step numbers with 0 < START <= END (e.g. 20:25)")
+        return int(first), int(last)
 
     @property
     def task_names(self) -> list[str]:

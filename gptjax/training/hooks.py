@@ -237,6 +237,39 @@ class LastGoodStep(Hook):
                         f"{self.policy.checkpointer.directory}: continue with --resume once the data is whole")
 
 
+class ProfileHook(Hook):
+    """A JAX profiler trace of steps ``first`` to ``last`` (``train.profile``) into ``directory`` (TensorBoard's
+    profile plugin or XProf read it): tracing starts once step ``first - 1`` is done (before the loop when the run
+    starts at it) and stops once step ``last`` is, its work finished. Paused out of the throughput."""
+
+    def __init__(self, steps: tuple[int, int] | None, start: int, directory: Any, reporter: Reporter, clock: Clock):
+        self.first, self.last = steps or (0, -1)
+        self.directory, self.reporter, self.clock = directory, reporter, clock
+        self.active = False
+        if steps and self.first <= start + 1 <= self.last:
+            self._start()
+
+    def _start(self) -> None:
+        jax.profiler.start_trace(str(self.directory))
+        self.active = True
+
+    def after_step(self, step, end, state, metrics):
+        if step == self.first - 1 and not self.active:
+            with self.clock.paused(state):
+                self._start()
+        elif self.active and (step == self.last or step == end):
+            with self.clock.paused(state):
+                jax.block_until_ready(state)
+                self.close()
+            self.reporter.message(f"profile of steps {max(self.first, 1)}-{step}: {self.directory} (tensorboard "
+                                  f"--logdir {self.directory}, the Profile tab)")
+
+    def close(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
+
+
 class PreemptionHook(Hook):
     """SIGTERM (what schedulers and TPU pre-emption send) and SIGINT (Ctrl-C) set a flag; at the next step
     boundary the run saves a checkpoint and stops with ``Preempted`` (exit code 75). With several processes they

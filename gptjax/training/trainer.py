@@ -25,7 +25,7 @@ from gptjax.runs import RunDir
 from gptjax.sharding.mesh import describe, make_mesh
 from gptjax.training.checkpointing import CheckpointPolicy, RunComplete, RunSpec
 from gptjax.training.hooks import (CheckpointHook, Clock, EvalHook, LastGoodStep, LogHook, NonFiniteHook,
-                                   PreemptionHook, TaskEvalHook)
+                                   PreemptionHook, ProfileHook, TaskEvalHook)
 from gptjax.training.job import run_job
 from gptjax.training.loop import run_steps
 from gptjax.training.perf import measure_peak_flops
@@ -161,13 +161,15 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
                              [load_task(name) for name in t.task_names], t.task_examples, reporter, clock)
     preemption = PreemptionHook(policy, data_iter, clock)
     last_good = LastGoodStep(policy, data_iter)
-    hooks = [log_hook, NonFiniteHook(t.max_nonfinite_skips, t.log_every, policy, reporter), eval_hook, task_hook,
-             CheckpointHook(policy, data_iter, clock, reporter), preemption, last_good]
+    profile = ProfileHook(t.profile_steps, start, run.profile, reporter, clock)
+    hooks = [profile, log_hook, NonFiniteHook(t.max_nonfinite_skips, t.log_every, policy, reporter), eval_hook,
+             task_hook, CheckpointHook(policy, data_iter, clock, reporter), preemption, last_good]
     try:
         state, final_step = run_steps(program, data_iter, state, start, end, hooks, reporter)
     except ShardReadError as e:
         raise last_good.stop(e) from None
     finally:
+        profile.close()
         preemption.close()
         reporter.close()
 
