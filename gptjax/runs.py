@@ -127,6 +127,7 @@ class RunDir:
     DROPPED_METRICS = "metrics.dropped.jsonl"
     TENSORBOARD = "tensorboard"
     PROFILE = "profile"
+    WANDB_ID = "wandb-id"
     SUMMARY = "summary.json"
     CURVES = "curves.png"
     IMPORT_RECORD = "import.json"
@@ -159,6 +160,7 @@ class RunDir:
     dropped_metrics = _entry(DROPPED_METRICS)
     tensorboard = _entry(TENSORBOARD)
     profile = _entry(PROFILE)
+    wandb_id = _entry(WANDB_ID)
     summary = _entry(SUMMARY)
     curves = _entry(CURVES)
     import_record = _entry(IMPORT_RECORD)

@@ -86,3 +86,57 @@ def test_profile_writes_a_trace_of_the_steps_asked(tmp_path, small_corpus, capsy
     for bad in ("3", "0:2", "5:4", "a:b"):
         with pytest.raises(ConfigError, match="train.profile=.*START:END"):
             small_run(run, small_corpus, profile=bad)
+
+
+def wandb_records(path) -> list:
+    """The records of an offline W&B run file (``run-<id>.wandb``): a ``:W&B`` header, then LevelDB's log format
+    (32 KiB blocks of records framed by crc32c, length, type; long records in pieces) holding W&B's protobuf
+    ``Record`` messages (wandb 0.31 no longer ships a Python reader)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, block, out, pieces = path.read_bytes(), 7, 32768, [], b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        pieces, pos = pieces + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(pieces)
+            out.append(record)
+            pieces = b""
+    return out
+
+
+def test_wandb_offline_logs_the_run_and_a_resume_continues_the_same_wandb_run(tmp_path, small_corpus, monkeypatch):
+    """train.wandb_project with WANDB_MODE=offline (nothing reaches a server): the W&B run lives under
+    <run>/wandb, its id in <run>/wandb-id; a run stopped at step 4 and resumed logs to the same id: the first
+    attempt's history holds steps 4, the second's 8, and the summary the run's final numbers."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    cfg = small_run(run, small_corpus, steps=8, eval_every=4, checkpoint_every=4, wandb_project="gptjax-tests")
+    train(cfg, stop_after=4)
+    run_id = (run / "wandb-id").read_text().strip()
+    result = train(cfg, resume=True)
+    attempts = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(p.name.endswith(f"-{run_id}") for p in attempts)
+    logged = []
+    for attempt in attempts:
+        records = wandb_records(attempt / f"run-{run_id}.wandb")
+        (header,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        assert header.run_id == run_id and header.project == "gptjax-tests"
+        config = {c.key: json.loads(c.value_json) for c in header.config.update}
+        assert config["train"]["wandb_project"] == "gptjax-tests"
+        history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                   for r in records if r.WhichOneof("record_type") == "history"]
+        logged.append(sorted({h["_step"] for h in history if "train/loss" in h}))
+        summary = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for r in records
+                   if r.WhichOneof("record_type") == "summary" for i in r.summary.update}
+    assert logged == [[4], [8]]  # log_every 4: each attempt its own steps, under one W&B run
+    assert summary["final_step"] == 8 and summary["val_loss"] == pytest.approx(result.val_loss)
+    assert summary["train_loss"] == pytest.approx(result.train_loss)

@@ -433,6 +433,8 @@ class TrainConfig:
     # "START:END": a JAX profiler trace of steps START to END (inclusive) into <run>/profile, for TensorBoard's
     # profile plugin or XProf ("" for none; gptjax-train --profile START:END)
     profile: str = _f("", Role.CADENCE)
+    # a Weights & Biases project to log the run to ("" for none; the wandb extra; WANDB_MODE=offline works)
+    wandb_project: str = _f("", Role.CADENCE)
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -20,11 +21,12 @@ CONSOLE_TRAIN_KEYS = ("step", "loss", "tokens_per_sec", "mfu", "lr")
 
 class Reporter:
     def __init__(self, run_dir: RunDir | str | Path | None, *, enabled: bool = True, progress: bool = True,
-                 total_steps: int = 0, initial_step: int = 0, tensorboard: bool = True, desc: str = "train"):
+                 total_steps: int = 0, initial_step: int = 0, tensorboard: bool = True, desc: str = "train",
+                 wandb: Any = None):
         """``initial_step``: the step the run starts (or resumes) from; what an earlier attempt recorded after it
         is dropped from metrics.jsonl (kept in metrics.dropped.jsonl) and hidden in TensorBoard, so every step
-        appears once."""
-        self.enabled = enabled
+        appears once. ``wandb``: a ``WandbRun`` the rows also go to (the trainer finishes it after the summary)."""
+        self.enabled, self.wandb = enabled, wandb
         run = RunDir(run_dir) if run_dir is not None and enabled else None
         self.metrics = MetricsLog(run.metrics, run.dropped_metrics) if run else MetricsLog(None)
         self.metrics.truncate_after(initial_step)
@@ -45,8 +47,9 @@ class Reporter:
     def train(self, step: int, **values: float) -> dict:
         """Training metrics of ``step``: recorded, shown on the bar (or as a line when there is none)."""
         row = self.metrics.write(step, **values)
-        if self.tb:
-            self.tb.scalars(step, "train", values)
+        for sink in (self.tb, self.wandb):
+            if sink:
+                sink.scalars(step, "train", values)
         if self.enabled:
             if self.bar.disable:
                 self.message(format_row({k: row[k] for k in CONSOLE_TRAIN_KEYS if k in row}))
@@ -58,8 +61,9 @@ class Reporter:
     def eval(self, step: int, **values: float) -> dict:
         """Evaluation metrics of ``step``: recorded and printed."""
         row = self.metrics.write(step, **values)
-        if self.tb:
-            self.tb.scalars(step, "eval", values)
+        for sink in (self.tb, self.wandb):
+            if sink:
+                sink.scalars(step, "eval", values)
         self.message(format_row(row))
         return row
 

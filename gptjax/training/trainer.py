@@ -21,6 +21,7 @@ from gptjax.inference import Engine, GenerationConfig
 from gptjax.model.accounting import count_params, flops_per_token
 from gptjax.reporting.plots import plot_runs
 from gptjax.reporting.reporter import Reporter
+from gptjax.reporting.wandb_run import WandbRun
 from gptjax.runs import RunDir
 from gptjax.sharding.mesh import describe, make_mesh
 from gptjax.training.checkpointing import CheckpointPolicy, RunComplete, RunSpec
@@ -112,6 +113,24 @@ def end_of_training_sample(model, params, tokenizer, t) -> str:
 
 
 def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | None) -> TrainResult:
+    """The run, logged to W&B too when ``train.wandb_project`` names a project (process 0); a run that stops
+    early closes its W&B run with the stop's exit code."""
+    wandb_run = None
+    if cfg.train.wandb_project and jax.process_index() == 0:
+        wandb_run = WandbRun(RunDir(cfg.train.run_dir), cfg.train.wandb_project, cfg.to_dict())
+    try:
+        result = _train_steps(cfg, policy, mesh, stop_after, wandb_run)
+    except BaseException as e:
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=getattr(e, "exit_code", 1))
+        raise
+    if wandb_run is not None:  # (a run that trained: finish() has recorded its summary already)
+        wandb_run.finish()
+    return result
+
+
+def _train_steps(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | None,
+                 wandb_run: WandbRun | None) -> TrainResult:
     t = cfg.train
     run = RunDir(t.run_dir)
     is_main = jax.process_index() == 0
@@ -133,7 +152,8 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
     # the baseline's counts from the first 10M tokens of each split (a mixture: an equal share of each source's)
     unigram = unigram_cross_entropy(corpus.stream("train", 10_000_000), corpus.stream("val", 10_000_000),
                                     cfg.model.vocab_size)
-    reporter = Reporter(run, enabled=is_main, progress=t.progress, total_steps=t.steps, initial_step=start)
+    reporter = Reporter(run, enabled=is_main, progress=t.progress, total_steps=t.steps, initial_step=start,
+                        wandb=wandb_run)
     reporter.message(f"gptjax: {n_params / 1e6:.2f}M params ({cfg.model.attention_kind}, {cfg.model.positions}, "
                      f"{cfg.model.norm}, {cfg.model.mlp}, {cfg.model.dtype}) | mesh {describe(mesh, cfg.mesh)} | "
                      f"train {corpus.tokens[0]:,} / val {corpus.tokens[1]:,} tokens | unigram baseline "
@@ -203,4 +223,6 @@ def _train(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int | Non
         if result.history:
             summary["curves"] = str(plot_runs([run], run.curves))
         print("summary: " + json.dumps(summary), flush=True)
+        if wandb_run is not None:
+            wandb_run.finish(summary, run.curves if result.history else None)
     return result
