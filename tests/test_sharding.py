@@ -23,9 +23,9 @@ MESHES = {"ddp 8x1x1": dict(data=8, fsdp=1, tensor=1), "fsdp 1x8x1": dict(data=1
 PARAM_ATOL = 2e-5
 
 
-def program(mesh_kw, devices=None, context_strategy="gather", **model_kw):
+def program(mesh_kw, devices=None, context_strategy="gather", optimizer="adamw", **model_kw):
     model_kw.setdefault("scan_layers", True)  # the stacked layout of large runs; unrolled is tested below
-    cfg = RunConfig(model=nano_model(**model_kw), optim=OptimConfig(lr=3e-3, warmup_steps=0),
+    cfg = RunConfig(model=nano_model(**model_kw), optim=OptimConfig(name=optimizer, lr=3e-3, warmup_steps=0),
                     mesh=MeshConfig(**mesh_kw, context_strategy=context_strategy),
                     train=TrainConfig(batch_size=8, seq_len=32, steps=10))
     return Program(cfg, make_mesh(cfg.mesh, devices))
@@ -256,3 +256,29 @@ def test_fused_loss_step_equals_the_plain_step_on_a_mesh(name, batch, reference)
     assert float(metrics["loss"]) == pytest.approx(loss_ref, rel=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=PARAM_ATOL, rtol=0),
                  new_state["params"], after_ref["params"])
+
+
+@pytest.mark.parametrize("name", ["hybrid 2x2x2", "fsdp+tp 1x4x2"])
+def test_muon_sharded_steps_equal_one_device_steps(name, batch):
+    """optim.name=muon: Newton-Schulz on each hidden matrix's momentum (FSDP- and tensor-sharded here) gives the
+    one-device update; two steps, so the momentum and the orthogonalised update both count. Its momentum is sharded
+    like its matrix."""
+    def two_steps(prog):
+        state = prog.init(jax.random.key(0))
+        losses = []
+        for _ in range(2):
+            state, metrics = prog.train_step(state, prog.global_batch(batch))
+            losses.append(float(metrics["loss"]))
+        return state, losses
+
+    ref, ref_losses = two_steps(program(dict(data=1), jax.devices()[:1], optimizer="muon"))
+    prog = program(MESHES[name], optimizer="muon")
+    state, losses = two_steps(prog)
+    assert losses == pytest.approx(ref_losses, rel=1e-6) and losses[1] < losses[0]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=PARAM_ATOL, rtol=0),
+                 state["params"], jax.device_get(ref["params"]))
+    w_up = prog.model.param_shardings["blocks"]["mlp"]["w_up"]
+    mus = [x for x in jax.tree.leaves(state["opt_state"]) if getattr(x, "shape", None) == w_up.shard_shape(
+        state["params"]["blocks"]["mlp"]["w_up"].shape) or (hasattr(x, "sharding") and x.shape ==
+        state["params"]["blocks"]["mlp"]["w_up"].shape)]
+    assert any(m.sharding.is_equivalent_to(w_up, m.ndim) for m in mus)

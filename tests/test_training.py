@@ -140,3 +140,24 @@ def test_wandb_offline_logs_the_run_and_a_resume_continues_the_same_wandb_run(tm
     assert logged == [[4], [8]]  # log_every 4: each attempt its own steps, under one W&B run
     assert summary["final_step"] == 8 and summary["val_loss"] == pytest.approx(result.val_loss)
     assert summary["train_loss"] == pytest.approx(result.train_loss)
+
+
+def test_muon_trains_checkpoints_and_resumes_exactly(tmp_path, small_corpus):
+    """optim.name=muon: a run stopped at step 4 and resumed logs the losses of the uninterrupted run, float for
+    float (Muon's momentum and AdamW's moments of the other parameters are in the checkpoint); μP with Muon is
+    refused, saying why."""
+    from gptjax.config import ConfigError
+
+    def cfg(name):
+        return small_run(tmp_path / name, small_corpus, steps=8, eval_every=4, checkpoint_every=4, log_every=1) \
+            .replace(optim={"name": "muon"})
+
+    whole = train(cfg("whole"))
+    train(cfg("cut"), stop_after=4)
+    resumed = train(cfg("cut"), resume=True)
+    rows = lambda name: [(r["step"], r.get("loss"), r.get("val_loss"))  # noqa: E731
+                         for r in RunDir(tmp_path / name).read_metrics() if "loss" in r or "val_loss" in r]
+    assert rows("cut") == rows("whole") and resumed.val_loss == whole.val_loss
+    assert whole.history[0]["loss"] > whole.train_loss
+    with pytest.raises(ConfigError, match="optim.name=muon with model.parametrization=mup"):
+        cfg("x").replace(model={"parametrization": "mup"})

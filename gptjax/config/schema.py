@@ -38,6 +38,7 @@ AttentionImpl = Literal["auto", "dense", "blockwise", "cudnn", "splash"]
 Remat = Literal["none", "full", "save_dots"]
 Parametrization = Literal["standard", "mup"]  # μP: Yang et al. 2022 (Tensor Programs V), Adam
 Schedule = Literal["cosine", "wsd"]  # warmup + cosine decay | warmup, constant, then linear decay
+Optimizer = Literal["adamw", "muon"]  # muon: Muon for hidden matrices, AdamW for the rest (training/optimizer.py)
 
 
 class ContextStrategy(enum.StrEnum):
@@ -286,6 +287,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    name: Optimizer = _f("adamw", Role.TRAJECTORY)
     lr: float = _f(3e-3, Role.TRAJECTORY)
     min_lr_ratio: float = _f(0.1, Role.TRAJECTORY)
     schedule: Schedule = _f("cosine", Role.TRAJECTORY)
@@ -299,6 +301,7 @@ class OptimConfig:
     # Steps the lr schedule spans; None: train.steps. Extending a finished run pins it to the original length, so
     # the schedule is not re-stretched: past its end the lr stays at its final value (lr * min_lr_ratio).
     schedule_steps: int | None = _f(None, Role.TRAJECTORY)
+    muon_momentum: float = _f(0.95, Role.TRAJECTORY)  # Muon's momentum (its Nesterov beta)
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -310,6 +313,7 @@ class OptimConfig:
         _check(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
         _check(self.schedule_steps is None or self.schedule_steps > 0,
                f"schedule_steps must be a positive integer or null, got {self.schedule_steps}")
+        _check(0 <= self.muon_momentum < 1, f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
 
 
 @dataclass(frozen=True)
@@ -485,6 +489,10 @@ class RunConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
 
     def __post_init__(self) -> None:
+        _check(not (self.optim.name == "muon" and self.model.parametrization == "mup"),
+               "optim.name=muon with model.parametrization=mup: μP's per-parameter learning rates are derived for "
+               "Adam, and Muon's orthogonalised updates (scaled to AdamW's RMS by their shape) already keep their "
+               "spectral size across widths; use model.parametrization=standard with Muon")
         _check(self.train.seq_len <= self.model.max_seq_len,
                f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         strategy, context = self.mesh.context_strategy, self.mesh.context

@@ -42,6 +42,11 @@ class ShardedModel:
         self.lr_multipliers = (jax.tree.map(lambda role: lr_multiplier(role, cfg), param_metadata(abstract_vars,
                                                                                                 "mup_role"))
                                if cfg.parametrization == "mup" else None)
+        # Muon's view of each hidden matrix (None: the parameter is AdamW's): the embed axis is the input of a
+        # projection into the residual stream's heads / MLP and the output of one back into it; a scan-stacked
+        # layers axis is a batch axis (each layer's matrix orthogonalised on its own)
+        self.muon_dims = jax.tree.map(_muon_dims, self.logical_axes, param_metadata(abstract_vars, "mup_role"),
+                                      is_leaf=lambda x: isinstance(x, tuple))
         shapes = abstract_vars.to_pure_dict()
         self.param_shardings = tree_shardings(self.logical_axes, shapes, mesh, self.rules)
         self.abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -131,3 +136,13 @@ class ShardedModel:
     def put_params(self, params: Any) -> Any:
         """Host (or differently placed) params onto this mesh's shardings."""
         return jax.device_put(jax.tree.map(jnp.asarray, params), self.param_shardings)
+
+
+def _muon_dims(axes: tuple, role: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """``(reduction axes, output axes)`` of a hidden matrix named by logical ``axes``; None for the rest."""
+    if role != "hidden":
+        return None
+    dims = [i for i, name in enumerate(axes) if name != ax.LAYERS]
+    embed = [i for i in dims if axes[i] == ax.EMBED]
+    rest = tuple(i for i in dims if i not in embed)
+    return (tuple(embed), rest) if dims[0] in embed else (rest, tuple(embed))

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from gptjax.checkpoint.restore import init_params_from
 from gptjax.config import RunConfig
@@ -27,6 +27,27 @@ from gptjax.model.sharded import Batch, ShardedModel
 from gptjax.training.optimizer import make_optimizer
 
 log = logging.getLogger("gptjax")
+
+
+def state_shardings_like_params(opt_shapes: Any, abstract_params: Any, param_shardings: Any, replicated: Any) -> Any:
+    """Optimizer-state shardings: a leaf whose path ends with a parameter's path (its dict keys) and has that
+    parameter's shape is sharded like it (Adam's moments, Muon's momentum); counters and the rest are replicated.
+    (``optax.tree_map_params`` asks the optimizer to ``init`` a placeholder, which Muon's and a partition's label
+    functions cannot take.)"""
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    by_path = {tuple(k.key for k in path): (leaf.shape, sh)
+               for (path, leaf), sh in zip(flat, jax.tree.leaves(param_shardings))}
+
+    def pick(path, leaf):
+        keys = []
+        for k in reversed(path):  # the trailing run of dict keys: the parameter's path inside the state
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            keys.insert(0, k.key)
+        hit = by_path.get(tuple(keys))
+        return hit[1] if hit is not None and hit[0] == leaf.shape else replicated
+
+    return jax.tree_util.tree_map_with_path(pick, opt_shapes)
 
 
 class TrainProgram:
@@ -40,10 +61,7 @@ class TrainProgram:
                  tx: optax.GradientTransformation, schedule: optax.Schedule, batch_sharding: Any):
         self.model, self.mesh, self.tx, self.schedule = model, model.mesh, tx, schedule
         opt_shapes = jax.eval_shape(tx.init, abstract_params)
-        opt_shardings = optax.tree_map_params(  # each copy of the params in the state sharded like them
-            tx, lambda state, sh: state if isinstance(state, optax.MaskedNode) else sh, opt_shapes, param_shardings,
-            transform_non_params=lambda _: model.replicated,
-            is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)))  # (masked: a frozen part's none)
+        opt_shardings = state_shardings_like_params(opt_shapes, abstract_params, param_shardings, model.replicated)
         self.state_shardings = {"step": model.replicated, "params": param_shardings, "opt_state": opt_shardings,
                                 "nonfinite": {"streak": model.replicated, "since": model.replicated}}
         counter = jax.ShapeDtypeStruct((), jnp.int32)
@@ -104,7 +122,7 @@ class Program(TrainProgram):
         self.cfg = cfg
         model = ShardedModel(cfg.model, mesh, cfg.mesh.rules, context_strategy=cfg.mesh.context_strategy)
         tx, schedule = make_optimizer(cfg.optim, total_steps or cfg.optim.schedule_steps or cfg.train.steps,
-                                      model.weight_decay, model.lr_multipliers)
+                                      model.weight_decay, model.lr_multipliers, model.muon_dims)
         super().__init__(model, model.abstract_params, model.param_shardings, tx, schedule, model.batch_sharding)
         self.init = jax.jit(self._init, out_shardings=self.state_shardings)
 
