@@ -159,5 +159,7 @@ def test_muon_trains_checkpoints_and_resumes_exactly(tmp_path, small_corpus):
                          for r in RunDir(tmp_path / name).read_metrics() if "loss" in r or "val_loss" in r]
     assert rows("cut") == rows("whole") and resumed.val_loss == whole.val_loss
     assert whole.history[0]["loss"] > whole.train_loss
+    timed = [r for r in whole.history if "data_time" in r]  # the step-time breakdown: the host's wait for data
+    assert len(timed) == 8 and all(0 <= r["data_time"] <= r["step_time"] for r in timed)
     with pytest.raises(ConfigError, match="optim.name=muon with model.parametrization=mup"):
         cfg("x").replace(model={"parametrization": "mup"})

@@ -415,7 +415,7 @@ class Finetuner:
                  AccuracyHook(cfg.eval_every, self, reporter, clock), CheckpointHook(policy, batches, clock, reporter),
                  preemption]
         try:
-            state, _ = run_steps(program, batches, state, start, end, hooks, reporter)
+            state, _ = run_steps(program, batches, state, start, end, hooks, reporter, clock)
             self.state = state
             if end < self.steps:
                 return FinetuneResult(run.path, end, float("nan"), float("nan"), 0, float("nan"), log_hook.last_loss)

@@ -32,6 +32,7 @@ class Clock:
 
     def __init__(self):
         self.start = time.perf_counter()
+        self.data_s = 0.0  # the host's time waiting for batches since the last throughput window (training/loop.py)
 
     @contextlib.contextmanager
     def paused(self, state: dict) -> Iterator[None]:
@@ -42,10 +43,11 @@ class Clock:
         finally:
             self.start += time.perf_counter() - t
 
-    def lap(self) -> float:
+    def lap(self) -> tuple[float, float]:
+        """Seconds since the last lap (less the pauses), and of them the seconds spent waiting for data."""
         now = time.perf_counter()
-        dt, self.start = now - self.start, now
-        return dt
+        dt, data, self.start, self.data_s = now - self.start, self.data_s, now, 0.0
+        return dt, data
 
 
 class StopTraining(Exception):
@@ -73,7 +75,9 @@ class Hook:
 
 class LogHook(Hook):
     """Every ``every`` steps (and at the end): loss, grad norm, lr, the objective's other terms (z-loss; a
-    fine-tune's task and LM losses), tokens/s, step time, MFU, and where the data stands (``data_position(step)``:
+    fine-tune's task and LM losses), tokens/s, step time (``data_time`` of it: the host waiting for the batch;
+    evaluation and checkpoint saves are paused out, a save's pause logged as ``checkpoint_stall_s``), MFU, and
+    where the data stands (``data_position(step)``:
     epochs, and each source's tokens and epochs in a mixture)."""
 
     def __init__(self, every: int, reporter: Reporter, clock: Clock, tokens_per_step: int, flops_per_token: float,
@@ -89,11 +93,12 @@ class LogHook(Hook):
         if step % self.every and step != end:
             return
         m = jax.device_get(metrics)
-        dt = self.clock.lap()
+        dt, data_s = self.clock.lap()
         tps = self.window_steps * self.tokens_per_step / dt
         first = ("loss", "grad_norm", "lr")  # then the objective's other terms (pre-training: z_loss), by name
         scalars = {k: float(m[k]) for k in (*first, *sorted(set(m) - {*first, "finite"}))}
         row = self.reporter.train(step, **scalars, tokens_per_sec=tps, step_time=dt / self.window_steps,
+                                  data_time=data_s / self.window_steps,
                                   mfu=mfu(tps, self.fpt, self.peak, self.n_devices),
                                   tokens=step * self.tokens_per_step, **self.data_position(step))
         self.last_loss, self.window_steps = row["loss"], 0

@@ -185,7 +185,7 @@ def _train_steps(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int
     hooks = [profile, log_hook, NonFiniteHook(t.max_nonfinite_skips, t.log_every, policy, reporter), eval_hook,
              task_hook, CheckpointHook(policy, data_iter, clock, reporter), preemption, last_good]
     try:
-        state, final_step = run_steps(program, data_iter, state, start, end, hooks, reporter)
+        state, final_step = run_steps(program, data_iter, state, start, end, hooks, reporter, clock)
     except ShardReadError as e:
         raise last_good.stop(e) from None
     finally:
