@@ -281,6 +281,11 @@ class FinetuneProgram(TrainProgram):
         return {"mean": jnp.asarray(feats.mean(0)), "std": jnp.asarray(feats.std(0) + 1e-6)}
 
 
+def epoch_steps(examples: int, batch_size: int) -> int:
+    """Steps in one epoch of ``examples`` (the last partial batch is dropped; at least one)."""
+    return max(1, examples // batch_size)
+
+
 class TaskBatches:
     """The training batches in order: step ``s`` draws from epoch ``s // steps_per_epoch`` in that epoch's own
     seeded order, so the batch is a function of the seed and the step. Its state (the next step) is saved with each
@@ -288,7 +293,7 @@ class TaskBatches:
 
     def __init__(self, data: Encoded, batch_size: int, seed: int):
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.steps_per_epoch = max(1, len(data) // batch_size)
+        self.steps_per_epoch = epoch_steps(len(data), batch_size)
         self.step = 0
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
@@ -348,8 +353,7 @@ class Finetuner:
         self.n_classes = self.data["train"].tokens.shape[1] if cfg.task_type == "multiple_choice" else self.n_out
         self.mesh = make_mesh(MeshConfig(data=cfg.devices), jax.local_devices()[:cfg.devices])
         self.model = TaskModel(self.model_cfg, cfg.task_type, self.n_out, self.mesh)
-        n = len(self.data["train"])
-        self.steps_per_epoch = max(1, n // cfg.batch_size)
+        self.steps_per_epoch = epoch_steps(len(self.data["train"]), cfg.batch_size)
         self.steps = max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.program = FinetuneProgram(cfg, self.model, self.steps, self.pretrained_vocab, self.data["train"])
         self._eval = jax.jit(lambda params, batch: self.model.logits_and_lm(params, batch, cfg.mode == "probe")[0])

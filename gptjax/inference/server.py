@@ -183,8 +183,8 @@ class CompletionServer:
         total = len(prompts) * n * config.max_new_tokens
         if total > MAX_REQUEST_TOKENS:
             raise BadRequest(f"{len(prompts)} prompt(s) x n={n} x max_tokens={config.max_new_tokens} = {total:,} "
-                             f"tokens, more than the {MAX_REQUEST_TOKENS:,} one request may ask for: lower max_tokens or n, "
-                             "or send several requests", "max_tokens")
+                             f"tokens, more than the {MAX_REQUEST_TOKENS:,} one request may ask for: lower max_tokens "
+                             "or n, or send several requests", "max_tokens")
         if any(_not_unicode(t) for t in [*prompts, *stop] if isinstance(t, str)):
             raise BadRequest("the prompt or stop holds a lone surrogate (e.g. \\ud800): not valid Unicode text; "
                              "send UTF-8 text or token ids", "prompt")

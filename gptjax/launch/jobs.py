@@ -162,6 +162,11 @@ def slurm_script(job: Job, partition: str | None = None, account: str | None = N
     return "\n".join(lines)
 
 
+def _labels(job: Job) -> dict:
+    """The labels of a job's Kubernetes objects; a fresh dict each call (YAML would otherwise write anchors)."""
+    return {"app.kubernetes.io/name": "gptjax", "gptjax/job": job.name}
+
+
 def k8s_manifest(job: Job, image: str, namespace: str = "default", volume_claim: str | None = None,
                  mount: str = "/shared") -> list[dict]:
     """An indexed Job (one pod per host, ``completionMode: Indexed`` gives ``JOB_COMPLETION_INDEX``), the headless
@@ -171,9 +176,6 @@ def k8s_manifest(job: Job, image: str, namespace: str = "default", volume_claim:
     and the command runs with ``--resume auto`` every time."""
     if job.per_node != 1:
         raise LaunchError("on Kubernetes a pod is one process: use --per host (each pod drives its node's GPUs)")
-    def labels() -> dict:  # a fresh dict each time: YAML would otherwise write anchors
-        return {"app.kubernetes.io/name": "gptjax", "gptjax/job": job.name}
-
     env = [{"name": k, "value": v} for k, v in job.environment().items()]
     container = {"name": "gptjax", "image": image, "command": job.argv(resume_auto=True), "env": env,
                  "ports": [{"containerPort": K8S_COORDINATOR_PORT, "name": "coordinator"}]}
@@ -187,7 +189,7 @@ def k8s_manifest(job: Job, image: str, namespace: str = "default", volume_claim:
         container["volumeMounts"] = [{"name": "shared", "mountPath": mount}]
         pod["volumes"] = [{"name": "shared", "persistentVolumeClaim": {"claimName": volume_claim}}]
     def meta() -> dict:
-        return {"name": job.name, "namespace": namespace, "labels": labels()}
+        return {"name": job.name, "namespace": namespace, "labels": _labels(job)}
 
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta()},
@@ -203,7 +205,7 @@ def k8s_manifest(job: Job, image: str, namespace: str = "default", volume_claim:
         {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta(),
          "spec": {"completionMode": "Indexed", "completions": job.nodes, "parallelism": job.nodes,
                   "backoffLimit": 4 * job.nodes,
-                  "template": {"metadata": {"labels": labels()}, "spec": pod}}},
+                  "template": {"metadata": {"labels": _labels(job)}, "spec": pod}}},
     ]
 
 
@@ -246,11 +248,9 @@ def tpu_jobset_manifest(job: Job, image: str, slices: int, accelerator: str, top
                             "cloud.google.com/gke-tpu-topology": topology},
            "containers": [container]}
     slice_job = {"parallelism": job.nodes, "completions": job.nodes, "backoffLimit": 0,
-                 "template": {"metadata": {"labels": {"app.kubernetes.io/name": "gptjax", "gptjax/job": job.name}},
-                              "spec": pod}}
+                 "template": {"metadata": {"labels": _labels(job)}, "spec": pod}}
     return [{"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
-             "metadata": {"name": job.name, "namespace": namespace,
-                          "labels": {"app.kubernetes.io/name": "gptjax", "gptjax/job": job.name},
+             "metadata": {"name": job.name, "namespace": namespace, "labels": _labels(job),
                           "annotations": {"alpha.jobset.sigs.k8s.io/exclusive-topology":
                                           "cloud.google.com/gke-nodepool"}},
              "spec": {"failurePolicy": {"maxRestarts": 4},

@@ -19,6 +19,12 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def finite_scalars(values: dict) -> dict:
+    """The entries of ``values`` that a chart can plot: finite numbers (not bools). TensorBoard and W&B take these."""
+    return {k: v for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 class MetricsLog:
     """Appends ``{"step": ..., "time": ..., **metrics}`` lines to ``path`` (append mode, so resumed runs continue);
     rows a resumed run replaces go to ``dropped``."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
+
+from gptjax.reporting.metrics import finite_scalars
 
 
 def _summary_writer_class():
@@ -29,9 +30,8 @@ class TensorBoardWriter:
         self.writer = _summary_writer_class()(logdir=str(logdir), flush_secs=30, purge_step=purge_step)
 
     def scalars(self, step: int, prefix: str, values: dict) -> None:
-        for name, v in values.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                self.writer.add_scalar(f"{prefix}/{name}", v, step)
+        for name, v in finite_scalars(values).items():
+            self.writer.add_scalar(f"{prefix}/{name}", v, step)
 
     def close(self) -> None:
         self.writer.close()

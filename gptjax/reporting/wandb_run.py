@@ -12,12 +12,12 @@ to ``metrics.dropped.jsonl``), so in W&B those steps may appear twice.
 
 from __future__ import annotations
 
-import math
 import uuid
 from pathlib import Path
 from typing import Any
 
 from gptjax.config import ConfigError
+from gptjax.reporting.metrics import finite_scalars
 from gptjax.runs import RunDir, write_atomic
 
 
@@ -37,8 +37,7 @@ class WandbRun:
         self.finished = False
 
     def scalars(self, step: int, prefix: str, values: dict) -> None:
-        row = {f"{prefix}/{k}": v for k, v in values.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        row = {f"{prefix}/{k}": v for k, v in finite_scalars(values).items()}
         if row:
             self.run.log(row, step=step)
 

@@ -123,11 +123,11 @@ class RunComplete(Exception):
 
 
 class CheckpointPolicy:
-    def __init__(self, spec: RunSpec | RunConfig, resume: bool | str, resume_step: int | None = None):
+    def __init__(self, spec: RunSpec, resume: bool | str, resume_step: int | None = None):
         """``resume=True``: continue from the latest intact checkpoint (or ``resume_step``); an error if there is
         none. ``"auto"``: continue if there is one, else start. ``False``: start; a directory that already holds
         checkpoints is refused, unless it holds this very run, finished (then ``RunComplete``)."""
-        self.spec = spec = spec if isinstance(spec, RunSpec) else RunSpec.of(spec)
+        self.spec = spec
         self.run = spec.run
         self.checkpointer = Checkpointer(self.run.checkpoints, keep=spec.keep, async_save=spec.async_save)
         latest = self.checkpointer.latest_step()

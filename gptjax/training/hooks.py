@@ -77,8 +77,7 @@ class LogHook(Hook):
     """Every ``every`` steps (and at the end): loss, grad norm, lr, the objective's other terms (z-loss; a
     fine-tune's task and LM losses), tokens/s, step time (``data_time`` of it: the host waiting for the batch;
     evaluation and checkpoint saves are paused out, a save's pause logged as ``checkpoint_stall_s``), MFU, and
-    where the data stands (``data_position(step)``:
-    epochs, and each source's tokens and epochs in a mixture)."""
+    where the data stands (``data_position(step)``: epochs, and each source's tokens and epochs in a mixture)."""
 
     def __init__(self, every: int, reporter: Reporter, clock: Clock, tokens_per_step: int, flops_per_token: float,
                  peak_flops: float, n_devices: int, data_position: Callable[[int], dict[str, float]] | None = None):
