@@ -282,6 +282,28 @@ def test_ctrl_c_at_random_moments_is_one_line_and_the_next_run_leaves_nothing(hf
     assert not stale.exists() and not leftovers(tmp_path)
 
 
+@pytest.mark.parametrize("how", ["python -m", "installed script"])
+def test_a_ctrl_c_during_the_start_up_imports_is_the_one_line_too(tmp_path, how):
+    """CI once sent the random Ctrl-C above inside the second of imports before the entry point's handler was
+    installed (NumPy, ml_dtypes): Python's KeyboardInterrupt traceback and exit -2. The package now holds an
+    interrupt that lands in those imports and the entry point answers it."""
+    command = ([*PY, "gptjax.cli.import_hf"] if how == "python -m" else
+               [str(Path(sys.executable).with_name("gptjax-import"))])
+    answered = 0
+    for delay in (0.05, 0.2, 0.4):  # inside the imports (about a second) on any machine the suite runs on
+        proc = subprocess.Popen([*command, str(tmp_path / "absent"), "--run-dir", str(tmp_path / "r")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_DEVICE_ENV)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode in (2, 130) and "Traceback" not in err, (delay, proc.returncode, err[-2000:])
+        if proc.returncode == 130:
+            answered += 1
+            assert err.splitlines() == ["gptjax-import: interrupted; nothing half-written was left"], err
+    assert answered >= 2
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("where", ["opening the stores", "releasing the pin"])
 def test_a_ctrl_c_while_a_reader_opens_or_releases_its_pin_leaves_no_snapshot(hf_source, monkeypatch, where):
     """The random Ctrl-C test above once left <run>/.readers/ behind in CI: an interrupt while the checkpoint's

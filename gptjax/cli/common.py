@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
+from gptjax.cli import startup_interrupted
 from gptjax.config import MODEL_PRESETS, RUN_PRESETS, ConfigError, RunConfig, build_run_config
 from gptjax.runs import DamagedFile, NotOurs, route_faults
 
@@ -94,6 +95,9 @@ def console_script(prog: str) -> Callable[[Callable[..., int]], Callable[..., in
             sys.unraisablehook = _forward_interrupts(sys.unraisablehook)
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, _on_interrupt)
+            if startup_interrupted[0]:  # held by gptjax.cli while the script's modules were imported
+                startup_interrupted[0] = False
+                return _interrupted(prog)
             try:
                 code = main(argv)
                 if threading.current_thread() is threading.main_thread():
