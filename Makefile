@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine (Python 3.11+):
 #   make train   install into .venv and train the default model on the embedded corpus
-#   make test    install into .venv (with the interop, eval, data and wandb extras: transformers + torch,
-#                lm-evaluation-harness, zstandard + pyarrow, wandb)
+#   make test    install into .venv (with the interop, eval, data, wandb and storage extras: transformers + torch,
+#                lm-evaluation-harness, zstandard + pyarrow, wandb, s3fs + gcsfs + boto3)
 #                and run the whole test suite
 #                (what CI runs)
 PY ?= python3
@@ -21,7 +21,7 @@ train: install
 	$(BIN)/python -m gptjax.cli.train $(ARGS)
 
 test: install
-	$(BIN)/python -m pip install -q -e '.[dev,interop,eval,data,wandb]'
+	$(BIN)/python -m pip install -q -e '.[dev,interop,eval,data,wandb,storage]'
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: install

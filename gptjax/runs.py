@@ -42,6 +42,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
+from gptjax import storage
 from gptjax.config import ConfigError, RunConfig
 
 __all__ = ["CheckpointNotFound", "DamagedFile", "FaultLogHandler", "NotOurs", "RunDir", "RunLocked", "WriterLock",
@@ -136,26 +137,48 @@ class RunDir:
     LOCK = "writer.lock"
     READERS = ".readers"
 
+    # On a bucket, what stays there only (never copied to the working copy) and what is never copied up
+    REMOTE_ONLY = (CHECKPOINTS, LOCK, READERS)
+
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        """``path``: a local directory, or ``s3://bucket/key`` / ``gs://bucket/key``. On a bucket the run's
+        checkpoints and lock are objects there and its other files live in a local working copy
+        (``storage.working_copy``: filled from the bucket when a process first names the run), copied up by
+        :meth:`push`."""
+        self.url = str(path).rstrip("/") if storage.is_remote(path) else None
+        self.path = storage.working_copy(self.url, skip=self.REMOTE_ONLY) if self.url else Path(path)
 
     def __repr__(self) -> str:
-        return f"RunDir({str(self.path)!r})"
+        return f"RunDir({str(self)!r})"
 
     def __str__(self) -> str:
-        return str(self.path)
+        return self.url or str(self.path)
 
     def __fspath__(self) -> str:
         return str(self.path)
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return storage.split(self.url)[2].rsplit("/", 1)[-1] if self.url else self.path.name
+
+    @property
+    def checkpoints(self):
+        """``<run>/checkpoints``: on a bucket, there (orbax writes it natively)."""
+        return storage.as_path(f"{self.url}/{self.CHECKPOINTS}") if self.url else self.path / self.CHECKPOINTS
+
+    @property
+    def lock(self):
+        """``<run>/writer.lock``: on a bucket, an object there (a conditional create takes it)."""
+        return storage.as_path(f"{self.url}/{self.LOCK}") if self.url else self.path / self.LOCK
+
+    def push(self) -> int:
+        """Copy what changed in the working copy to the bucket (nothing to do for a local run): at every checkpoint
+        and when the job ends."""
+        return storage.push(self.path, self.url, skip=self.REMOTE_ONLY) if self.url else 0
 
     config = _entry(CONFIG)
     tokenizer = _entry(TOKENIZER)
     data = _entry(DATA)
-    checkpoints = _entry(CHECKPOINTS)
     metrics = _entry(METRICS)
     dropped_metrics = _entry(DROPPED_METRICS)
     tensorboard = _entry(TENSORBOARD)
@@ -166,7 +189,6 @@ class RunDir:
     import_record = _entry(IMPORT_RECORD)
     finetune_record = _entry(FINETUNE)
     log = _entry(LOG)
-    lock = _entry(LOCK)
     readers = _entry(READERS)
 
     def read_config(self) -> RunConfig:
@@ -175,12 +197,12 @@ class RunDir:
         the run (before, resume and ``gptjax-serve`` died with a ``JSONDecodeError`` traceback, and ``gptjax-eval``
         printed "Expecting value", naming no file)."""
         if not self.config.is_file():
-            raise CheckpointNotFound(f"{self.config} not found: is {self.path} a gptjax run directory?")
+            raise CheckpointNotFound(f"{self}/{self.CONFIG} not found: is {self} a gptjax run directory?")
         try:
             return RunConfig.from_dict(json.loads(self.config.read_text()))
         except (OSError, ValueError, TypeError, AttributeError) as e:
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
-            raise ConfigError(f"{self.config} is not a readable run config ({reason}); it is written by gptjax-train "
+            raise ConfigError(f"{self}/{self.CONFIG} is not a readable run config ({reason}); it is written by gptjax-train "
                               "and must not be edited or overwritten: restore it from a copy (the run's "
                               "checkpoints are untouched)") from None
 
@@ -221,6 +243,10 @@ class RunDir:
     def remove_if_empty(self, directory: bool = True) -> None:
         """Remove what a start that failed before writing anything left: an empty ``checkpoints/``, and (with
         ``directory``) the run directory itself if nothing else is in it."""
+        if self.url:  # a bucket has no empty directories; the working copy goes if nothing is in it
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+            return
         for path in (self.checkpoints, self.path) if directory else (self.checkpoints,):
             with contextlib.suppress(OSError):
                 path.rmdir()  # only succeeds on an empty directory
@@ -342,7 +368,12 @@ def check_overwrite(path: str | Path, ours: Callable[[bytes], bool], command: st
 
 
 def write_atomic(path: str | Path, content: str | bytes) -> Path:
-    """Write a file whole or not at all: a temporary sibling, then a rename over ``path``."""
+    """Write a file whole or not at all: a temporary sibling, then a rename over ``path`` (on an object store, the
+    object: each is written whole)."""
+    if storage.is_remote(path):
+        target = storage.as_path(path)
+        target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
+        return target
     path = Path(path)
     tmp = _sibling(path, "tmp")
     try:
@@ -394,7 +425,7 @@ class WriterLock:
     hosts sharing a filesystem.
 
     Mechanism: ``<run>/writer.lock`` is created with ``O_CREAT | O_EXCL`` (atomic on local filesystems and on NFS
-    v3 and later) and holds the writer's host, pid, start time and command; while it is held a daemon thread
+    v3 and later; on a bucket a conditional create, ``storage.create_exclusive``) and holds the writer's host, pid, start time and command; while it is held a daemon thread
     touches it every ``HEARTBEAT_S`` seconds. A lock whose holder is gone is stale: on the same host when its pid
     no longer runs (taken over at once), from another host (or a pid reused since) when it has not been touched for
     ``STALE_S`` seconds. A stale lock is taken over with a warning naming the old holder (takeovers are serialised
@@ -423,19 +454,13 @@ class WriterLock:
         self.created_dir = not self.run.path.exists()
         self.run.path.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            if not storage.create_exclusive(self.path, json.dumps(self.info).encode()):
                 holder = self._read(self.path)
                 why = self._stale(holder, self.path)
                 if why is None:
                     raise RunLocked(self.refusal(holder)) from None
                 self._take_over(holder, why)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self.info))
-                f.flush()
-                os.fsync(f.fileno())
             self._stop = threading.Event()
             threading.Thread(target=self._beat, args=(self._stop,), daemon=True, name="gptjax-lock").start()
             return self
@@ -447,7 +472,7 @@ class WriterLock:
         self._stop.set()
         self._stop = None
         if (self._read(self.path) or {}).get("token") == self.info["token"]:
-            self.path.unlink(missing_ok=True)
+            storage.delete(self.path)
 
     def refusal(self, holder: dict | None) -> str:
         who = (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')} "
@@ -457,22 +482,22 @@ class WriterLock:
                 f"{self.STALE_S:.0f} s without a heartbeat in {self.path})")
 
     def _beat(self, stop: threading.Event) -> None:
+        data = json.dumps(self.info).encode()
         while not stop.wait(self.HEARTBEAT_S):
-            with contextlib.suppress(OSError):
-                os.utime(self.path)
+            with contextlib.suppress(Exception):  # a missed beat is no fault; STALE_S allows for many
+                storage.rewrite(self.path, data)
 
     @staticmethod
-    def _read(path: Path) -> dict | None:
+    def _read(path) -> dict | None:
         try:
-            return json.loads(path.read_text())
+            return json.loads(storage.read_bytes(path) or b"")
         except (OSError, ValueError):
             return None
 
-    def _stale(self, holder: dict | None, path: Path) -> str | None:
+    def _stale(self, holder: dict | None, path) -> str | None:
         """Why the lock at ``path`` is stale (None: it is held)."""
-        try:
-            age = time.time() - path.stat().st_mtime
-        except FileNotFoundError:
+        age = storage.age_s(path)
+        if age is None:
             return "it was just released"
         if holder and process_alive(holder.get("host"), int(holder.get("pid", -1))) is False:
             return f"process {holder['pid']} on {holder['host']} no longer runs"
@@ -481,24 +506,21 @@ class WriterLock:
         return None
 
     def _take_over(self, holder: dict | None, why: str) -> None:
-        guard = self.path.with_name(self.path.name + ".takeover")
-        try:
-            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if time.time() - guard.stat().st_mtime > self.STALE_S:
-                guard.unlink(missing_ok=True)  # a takeover that died half-way
+        guard = storage.as_path(f"{self.path}.takeover")
+        if not storage.create_exclusive(guard, b""):
+            if (storage.age_s(guard) or 0.0) > self.STALE_S:
+                storage.delete(guard)  # a takeover that died half-way
             return
-        os.close(fd)
         try:
             current = self._read(self.path)
             if current == holder and self._stale(current, self.path) is not None:  # not re-taken meanwhile
-                self.path.unlink(missing_ok=True)
+                storage.delete(self.path)
                 if holder:
                     log.warning("took over the lock of %s: %s held it since %s (%s), and %s", self.run,
                                 f"pid {holder.get('pid')} on {holder.get('host')}", holder.get("since"),
                                 holder.get("command"), why)
         finally:
-            guard.unlink(missing_ok=True)
+            storage.delete(guard)
 
 
 def _command() -> str:

@@ -13,23 +13,24 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gptjax"
 # layer -> the layers it may import (besides itself)
 ALLOWED = {
     "config": set(),
-    "runs": {"config"},  # the run directory: its file names, reading and writing them
-    "data": {"config", "runs"},
+    "storage": set(),  # where a path lives (local or an object store): one module every caller goes through
+    "runs": {"config", "storage"},  # the run directory: its file names, reading and writing them
+    "data": {"config", "storage", "runs"},
     "reporting": {"config", "runs"},
     "sharding": {"config"},
     "model": {"config", "sharding"},
-    "checkpoint": {"config", "runs", "sharding", "model", "data"},  # data: a loaded run's tokenizer
+    "checkpoint": {"config", "storage", "runs", "sharding", "model", "data"},  # data: a loaded run's tokenizer
     "inference": {"config", "sharding", "model", "checkpoint"},
     "evals": {"config", "runs", "sharding", "model", "checkpoint", "inference", "data"},
     "interop": {"config", "runs", "sharding", "model", "checkpoint", "data"},
-    "training": {"config", "runs", "sharding", "model", "checkpoint", "inference", "evals", "data", "reporting"},
+    "training": {"config", "storage", "runs", "sharding", "model", "checkpoint", "inference", "evals", "data", "reporting"},
     "finetune": {"config", "runs", "sharding", "model", "checkpoint", "data", "evals", "reporting", "training"},
     # consumers: nothing but the CLI imports them
     "planning": {"config", "runs", "sharding", "model", "training", "scaling"},  # scaling: plans from a fit
     "scaling": {"config", "runs", "model", "reporting"},
     "launch": set(),  # job files for schedulers: it runs commands, it imports none of the library
     "experiments": {"config", "runs", "sharding", "training", "scaling", "launch"},  # sweeps, μP checks
-    "cli": {"config", "runs", "sharding", "model", "checkpoint", "inference", "evals", "interop", "data",
+    "cli": {"config", "storage", "runs", "sharding", "model", "checkpoint", "inference", "evals", "interop", "data",
             "reporting", "training", "finetune", "planning", "scaling", "launch", "experiments"},
     "__init__": {"config"},  # the package root re-exports the config API only
 }
@@ -238,6 +239,10 @@ def test_no_private_attribute_is_reached_from_another_object():
     reach = re.compile(r"\b(?!self\b|cls\b|jax\b|os\b|sys\b)[a-z][a-z0-9_]*\._[a-z][a-z0-9_]*")  # os._exit, sys._getframe
     found = [f"{p.relative_to(PACKAGE)}:{n}: {line.strip()}" for p in PACKAGE.rglob("*.py")
              for n, line in enumerate(p.read_text().splitlines(), 1) if reach.search(line.split("#")[0])]
+    # the one allowed: orbax 0.12 has no S3 branch, and storage.use_orbax sends s3:// down its GCS branch (three
+    # private names of orbax, in that function only)
+    patch = (PACKAGE / "storage.py").read_text().split("def use_orbax", 1)[1].split("\ndef ", 1)[0]
+    found = [f for f in found if not (f.startswith("storage.py:") and f.split(": ", 1)[1] in patch)]
     assert not found, found
 
 

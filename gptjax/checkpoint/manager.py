@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import time
 import zlib
 from pathlib import Path
@@ -35,6 +34,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from gptjax import storage
 from gptjax.runs import CheckpointNotFound, deferred_interrupt, fault_reason, write_atomic
 
 log = logging.getLogger(__name__)
@@ -93,19 +93,19 @@ def shared_iterator_state(data_dir: Path) -> tuple[int, dict]:
 
 def _crc32(path: Path, chunk: int = 16 << 20) -> str:
     crc = 0
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         while block := f.read(chunk):
             crc = zlib.crc32(block, crc)
     return f"{crc:08x}"
 
 
 def _step_files(step_dir: Path) -> list[Path]:
-    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name not in (CHECKSUMS, DAMAGED))
+    return [p for p in storage.files_under(step_dir) if p.name not in (CHECKSUMS, DAMAGED)]
 
 
 def write_checksums(step_dir: Path) -> Path:
     """Record the CRC-32 and size of every file of the complete step ``step_dir``."""
-    files = {p.relative_to(step_dir).as_posix(): {"crc32": _crc32(p), "bytes": p.stat().st_size}
+    files = {p.relative_to(step_dir).as_posix(): {"crc32": _crc32(p), "bytes": storage.size(p)}
              for p in _step_files(step_dir)}
     return write_atomic(step_dir / CHECKSUMS, json.dumps({"algorithm": "crc32", "files": files}, indent=1))
 
@@ -125,8 +125,8 @@ def checksum_problem(step_dir: Path) -> str | None:
     for name, want in recorded.items():
         path = step_dir / name
         try:
-            if path.stat().st_size != want["bytes"]:
-                return f"{name} holds {path.stat().st_size} bytes, {want['bytes']} were written"
+            if (held := storage.size(path)) != want["bytes"]:
+                return f"{name} holds {held} bytes, {want['bytes']} were written"
             if _crc32(path) != want["crc32"]:
                 return f"{name} does not match its checksum (its bytes changed after the save)"
         except FileNotFoundError:
@@ -190,7 +190,9 @@ class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 3, create: bool = True, async_save: bool = False):
         """``create=False``: a reader, which needs the directory to exist and never writes or deletes in it; a
         writer (``create=True``) removes what interrupted saves left (``<step>.orbax-checkpoint-tmp``)."""
-        self.directory = Path(directory).absolute()
+        self.directory = storage.as_path(directory)
+        if not storage.is_remote(directory):
+            self.directory = self.directory.absolute()
         if not create and not self.directory.is_dir():
             raise CheckpointNotFound(f"no checkpoint in {self.directory}")
         if not create and _not_a_read_only_notice not in logging.getLogger("absl").filters:
@@ -199,7 +201,8 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                  enable_async_checkpointing=async_save,
-                                                 cleanup_tmp_directories=create, read_only=not create),
+                                                 cleanup_tmp_directories=create, read_only=not create,
+                                                 **storage.orbax_options(self.directory)),
             item_names=ITEMS,
         )
         self.async_save = async_save
@@ -255,7 +258,7 @@ class Checkpointer:
     def _write_error(self, step: int | None, e: Exception) -> CheckpointWriteError:
         """The failed save's error, after removing what it left half-written (``<step>.orbax-checkpoint-tmp``)."""
         for leftover in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+            storage.remove_tree(leftover)
         self.manager.reload()
         return CheckpointWriteError(f"could not write checkpoint step {step} in {self.directory}: "
                                     f"{fault_reason(e)}; the earlier checkpoints {self.all_steps()} are untouched")
@@ -267,7 +270,7 @@ class Checkpointer:
     def move_aside(self, step: int, why: str) -> Path:
         """Rename a damaged step out of orbax's sight (kept for inspection), so the step can be written again."""
         dest = self.directory / f"{step}.damaged-{int(time.time())}"
-        (self.directory / str(step)).rename(dest)
+        storage.move(self.directory / str(step), dest)
         (dest / DAMAGED).write_text(why + "\n")
         self.manager.reload()
         return dest

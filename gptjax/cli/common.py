@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 from gptjax.cli import startup_interrupted
 from gptjax.config import MODEL_PRESETS, RUN_PRESETS, ConfigError, RunConfig, build_run_config
 from gptjax.runs import DamagedFile, NotOurs, route_faults
+from gptjax.storage import StorageError
 
 
 def add_config_args(p: argparse.ArgumentParser, default_preset: str | None = "austen") -> None:
@@ -58,7 +59,7 @@ def at_least(low: int) -> Callable[[str], int]:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "orbax", "jax._src", "grain"):
+    for noisy in ("absl", "orbax", "jax._src", "grain", "botocore", "aiobotocore", "s3fs", "gcsfs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -68,12 +69,13 @@ class UserError(Exception):
 
 @contextlib.contextmanager
 def user_errors(*kinds: type[BaseException], log: Path | None = None) -> Iterator[None]:
-    """Turn ``ConfigError``, ``NotOurs`` (an output path holding someone else's file), ``DamagedFile`` and ``kinds``
+    """Turn ``ConfigError``, ``NotOurs`` (an output path holding someone else's file), ``DamagedFile``,
+    ``StorageError`` (a bucket that does not exist or refuses writes) and ``kinds``
     into ``error: <message>`` on stderr and ``SystemExit(2)``. ``log``: where
     what background threads still report while the process exits goes (a fault leaves orbax's writes abandoned)."""
     try:
         yield
-    except (ConfigError, UserError, NotOurs, DamagedFile, *kinds) as e:
+    except (ConfigError, UserError, NotOurs, DamagedFile, StorageError, *kinds) as e:
         print(f"error: {e}", file=sys.stderr)
         _exit_log[0] = log
         raise SystemExit(2) from None

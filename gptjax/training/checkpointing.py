@@ -68,7 +68,7 @@ class RunSpec:
         if bad:
             lines = "\n".join(f"  {k}: {a!r} in {self.record}, {b!r} now ({roles[k].value})"
                               for k, (a, b) in sorted(bad.items()))
-            raise ConfigError(f"--resume: the config differs from {self.run.path / self.record} (which is "
+            raise ConfigError(f"--resume: the config differs from {self.run}/{self.record} (which is "
                               f"unchanged):\n{lines}\n{self.hint}".rstrip())
 
 
@@ -117,7 +117,7 @@ def resolve_resume(run_dir: str | Path, resume: bool | str | None, base: RunConf
 class RunComplete(Exception):
     """The run directory already holds the finished run; ``summary`` is what it reported."""
 
-    def __init__(self, run_dir: Path, step: int, summary: dict):
+    def __init__(self, run_dir: RunDir, step: int, summary: dict):
         self.run_dir, self.step, self.summary = run_dir, step, summary
         super().__init__(f"{run_dir} is complete (step {step}); nothing to do")
 
@@ -136,11 +136,11 @@ class CheckpointPolicy:
                 resume or not stored.differences(spec.config)):  # (--resume-step re-branches a finished run)
             if resume:
                 spec.check_resume(stored)
-            raise RunComplete(self.run.path, latest, self.run.read_summary() or {"final_step": latest})
+            raise RunComplete(self.run, latest, self.run.read_summary() or {"final_step": latest})
         if latest is not None and not resume:
             same = stored is not None and not stored.differences(spec.config)
             length = spec.stored_steps(stored) if stored is not None else None
-            raise FileExistsError(f"{self.run.path} already holds checkpoints (latest step {latest}"
+            raise FileExistsError(f"{self.run} already holds checkpoints (latest step {latest}"
                                   + (f" of {length}" if length else "") + "); pass --resume to continue that run"
                                   + ("" if same else f" (with its own {spec.record})") +
                                   ", or choose another run directory")
@@ -206,6 +206,8 @@ class CheckpointPolicy:
         if self.last_saved == step:
             return 0.0
         stall = self.checkpointer.save(step, state, data_iterator)
+        if jax.process_index() == 0:
+            self.run.push()  # a run on a bucket: its metrics and events reach it at every checkpoint
         self.last_saved = step
         self.stalls.append(stall)
         return stall

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from gptjax import storage
 from gptjax.checkpoint.manager import CheckpointWriteError
 from gptjax.runs import FAULTS, RunDir, RunLocked, WriterLock, deferred_interrupt, fault_reason, route_faults
 from gptjax.training.checkpointing import CheckpointPolicy, RunSpec
@@ -67,8 +68,19 @@ def run_job(spec: RunSpec, resume: bool | str, resume_step: int | None,
     finally:
         if lock is not None:
             with deferred_interrupt():
+                _push_last(run)
                 lock.release()
                 run.remove_if_empty(directory=lock.created_dir)  # a start that failed before writing leaves nothing
+
+
+def _push_last(run: RunDir) -> None:
+    """A run on a bucket: what the job wrote since its last checkpoint (the summary, the curves, the last metrics,
+    errors.log) goes up as it ends, on every way out; a bucket that cannot take it is logged, the error already on
+    its way out is the one reported."""
+    try:
+        run.push()
+    except Exception:  # noqa: BLE001
+        faults.error("copying the run's files to %s failed", run, exc_info=True)
 
 
 def _close_after_fault(policy: CheckpointPolicy) -> None:
@@ -83,6 +95,8 @@ def lock_for_job(run: RunDir) -> WriterLock | None:
     a second writer is refused with one line naming the holder (``RunLocked``)."""
     lock, refusal = None, None
     if jax.process_index() == 0:
+        if run.url:  # a missing bucket, denied writes: one line before anything else (storage.StorageError)
+            storage.check_writable(run.url)
         try:
             lock = WriterLock(run).acquire()
         except RunLocked as e:

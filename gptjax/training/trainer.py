@@ -221,7 +221,8 @@ def _train_steps(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int
             print("plan: " + summary["prediction"]["line"], flush=True)
         run.write_summary(summary)
         if result.history:
-            summary["curves"] = str(plot_runs([run], run.curves))
+            plot_runs([run], run.curves)
+            summary["curves"] = f"{run}/{run.CURVES}"
         print("summary: " + json.dumps(summary), flush=True)
         if wandb_run is not None:
             wandb_run.finish(summary, run.curves if result.history else None)
