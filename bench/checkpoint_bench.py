@@ -4,6 +4,11 @@
     python bench/checkpoint_bench.py                    # ~90M params (~1.1 GB of params + Adam state)
     python bench/checkpoint_bench.py --d-model 512 --layers 8 --saves 3
     python bench/checkpoint_bench.py --verify --layers 14   # 105M params: restore with and without verification
+    python bench/checkpoint_bench.py --bucket s3://gptjax/bench --layers 14   # save / restore: local disk vs bucket
+
+``--bucket URL``: one synchronous save (orbax's write and the CRC-32 record, read back) and one restore of the
+whole train state, to a local temporary directory and to ``URL`` (``tools/storage_servers up`` gives an S3 server
+on loopback; AWS_* variables point at it), in the same run: seconds, MB/s and bucket-over-local ratios.
 
 Trains a model on random tokens and saves the full train state (params, Adam moments, step, data iterator
 state) every few steps, once with ``async_save=False`` and once with ``True``. Prints per-save stalls (the
@@ -100,6 +105,35 @@ def verify_cost(args) -> dict:
             "verified_over_plain_restore": round(med["verify_and_restore_s"] / med["restore_s"], 3)}
 
 
+def throughput(args, where: str) -> dict:
+    """One synchronous save (with its checksums) and one restore of the train state to ``where``."""
+    from gptjax import storage
+    from gptjax.checkpoint import Checkpointer
+
+    prog = program(args)
+    state = prog.init(jax.random.key(0))
+    jax.block_until_ready(state)
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    with tempfile.TemporaryDirectory() as d:
+        directory = f"{where.rstrip('/')}/{time.time_ns()}" if storage.is_remote(where) else str(Path(d) / "ckpt")
+        ck = Checkpointer(directory, keep=1, async_save=False)
+        t = time.perf_counter()
+        ck.save(1, state, _Iterator())
+        save_s = time.perf_counter() - t
+        t = time.perf_counter()
+        restored = ck.restore(prog.abstract_state, step=1)
+        jax.block_until_ready(restored)
+        restore_s = time.perf_counter() - t
+        ck.close()
+        if storage.is_remote(directory):
+            storage.remove_tree(directory)
+    mb = nbytes / 1e6
+    return {"where": "bucket" if storage.is_remote(where) else "local disk", "params_M": round(params / 1e6, 1),
+            "state_mb": round(mb, 1), "save_s": round(save_s, 2), "restore_s": round(restore_s, 2),
+            "save_mb_s": round(mb / save_s, 1), "restore_mb_s": round(mb / restore_s, 1)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d-model", type=int, default=768)
@@ -107,7 +141,17 @@ def main() -> None:
     p.add_argument("--saves", type=int, default=4)
     p.add_argument("--steps-between", type=int, default=5)
     p.add_argument("--verify", action="store_true", help="measure the cost of checksum verification on restore")
+    p.add_argument("--bucket", metavar="URL", help="also save and restore to this s3:// or gs:// URL; compare")
     args = p.parse_args()
+    if args.bucket:
+        from machine import cpu
+
+        local, bucket = throughput(args, "local"), throughput(args, args.bucket)
+        for r in (local, bucket):
+            print(json.dumps({**r, **cpu()}), flush=True)
+        print(json.dumps({"bucket_over_local_save_s": round(bucket["save_s"] / local["save_s"], 2),
+                          "bucket_over_local_restore_s": round(bucket["restore_s"] / local["restore_s"], 2)}))
+        return
     if args.verify:
         from machine import cpu  # a sibling: bench/ is the script's directory
 

@@ -298,6 +298,16 @@ def s3_kvstore(url: str) -> dict:
     return spec
 
 
+def kvstore(directory: Any) -> str | dict:
+    """TensorStore's kvstore for the directory ``directory`` (a reader opening a checkpoint's stores itself)."""
+    if not is_remote(directory):
+        return f"file://{Path(directory).absolute()}/"
+    scheme, bucket, key = split(directory)
+    if scheme == "s3":
+        return {**s3_kvstore(str(directory)), "path": f"{key}/"}
+    return {"driver": "gcs", "bucket": bucket, "path": f"{key}/"}
+
+
 @functools.lru_cache(maxsize=None)
 def use_orbax() -> None:
     """Let orbax write ``s3://`` checkpoints with TensorStore's S3 driver. orbax 0.12 has a native branch for

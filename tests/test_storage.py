@@ -89,6 +89,17 @@ def test_a_run_on_a_bucket_is_the_local_run_and_resumes_on_another_machine_then_
     assert set(got) - set(reference) == {(6, "loss")}  # (the stop at step 6 logged its step)
     assert run["val_loss"] == local.val_loss
 
+    # read from the bucket (in place, one tensor at a time): the export is the local run's, byte for byte
+    from gptjax.interop.export import export_run
+
+    export_run(tmp_path / "local", tmp_path / "hf-local", progress=False)
+    exported = cli("gptjax.cli.export", "--run-dir", url, "--out", str(tmp_path / "hf-bucket"), "--no-progress",
+                   work=tmp_path / "reader", s3_env=s3_env)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert f"exported step 12 of {url}" in exported.stdout
+    assert (tmp_path / "hf-bucket" / "model.safetensors").read_bytes() == \
+        (tmp_path / "hf-local" / "model.safetensors").read_bytes()
+
     # the newest checkpoint damaged in the bucket: the resume falls back to step 6, moves 12 aside, and retrains
     # steps 7-12 exactly (the extension keeps the schedule)
     storage.delete(f"{url}/checkpoints/12/state/manifest.ocdbt")

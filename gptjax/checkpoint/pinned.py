@@ -7,6 +7,9 @@ reader first hard-links the step's files into a private directory, ``<run>/.read
 copy-free (the data stays on disk until the last link goes), reads from there, and removes it when done. A step
 deleted while it is being linked is noticed and the newest step is pinned instead; a newest step that is damaged
 (checked on the pinned copy, its files against their checksums included) is skipped with a warning, as resume does.
+
+A run on a bucket is read in place: objects have no hard links to pin with, so a step that the writer's retention
+deletes mid-read fails that read (with the step named; read a step retention keeps, or a finished run).
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ def pinned(run_dir: RunDir | str | Path, step: int | None = None,
     run = RunDir(run_dir)
     if not run.checkpoints.is_dir():
         raise CheckpointNotFound(f"no checkpoint in {run.checkpoints} (is {run} a gptjax run directory?)")
+    if run.url:
+        yield _newest_intact(run, step, items), run.checkpoints
+        return
     _remove_leftovers(run)
     root = run.readers / f"{HOST}-{os.getpid()}-{time.time_ns()}"
     try:
@@ -53,6 +59,25 @@ def pinned(run_dir: RunDir | str | Path, step: int | None = None,
             shutil.rmtree(root, ignore_errors=True)
             with contextlib.suppress(OSError):
                 run.readers.rmdir()
+
+
+def _newest_intact(run: RunDir, step: int | None, items: tuple[str, ...]) -> int:
+    """A run on a bucket: ``step``, or the newest step that is intact (checksums included), read in place."""
+    steps = steps_in(run.checkpoints)
+    if step is not None and step not in steps:
+        raise CheckpointNotFound(f"no checkpoint for step {step} in {run.checkpoints}; available: {steps}")
+    skipped = []
+    for s in [step] if step is not None else sorted(steps, reverse=True):
+        why = step_problem(run.checkpoints / str(s), items)
+        if why is None:
+            if skipped:
+                log.warning("reading checkpoint step %d: %s (choose another with --step)", s, "; ".join(skipped))
+            return s
+        if step is not None:
+            raise CheckpointNotFound(f"checkpoint step {s} in {run.checkpoints} cannot be read: {why}; "
+                                     f"available: {steps}")
+        skipped.append(f"step {s} is damaged ({why})")
+    raise CheckpointNotFound(f"no intact checkpoint in {run.checkpoints}: " + ("; ".join(skipped) or "there is none"))
 
 
 def _pin(run: RunDir, step: int | None, items: tuple[str, ...], root: Path) -> int:

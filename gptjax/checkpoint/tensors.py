@@ -16,6 +16,7 @@ import numpy as np
 import tensorstore as ts
 
 from gptjax.checkpoint.manager import CheckpointNotFound
+from gptjax import storage
 from gptjax.checkpoint.pinned import pinned
 from gptjax.runs import RunDir, fault_reason
 
@@ -33,7 +34,7 @@ class CheckpointTensors:
         self._pin = pinned(run_dir, step)
         self.step, root = self._pin.__enter__()
         try:
-            self.directory = root.absolute() / str(self.step) / "state"
+            self.directory = (root if storage.is_remote(root) else root.absolute()) / str(self.step) / "state"
             meta = json.loads((self.directory / "_METADATA").read_text())
             if not meta.get("use_ocdbt", False):
                 raise CheckpointNotFound(f"{self.directory}: not an OCDBT checkpoint (gptjax writes OCDBT)")
@@ -65,7 +66,7 @@ class CheckpointTensors:
         self._pin.__exit__(None, None, None)
 
     def _open(self, name: str) -> ts.TensorStore:
-        spec = {"driver": self._driver, "kvstore": {"driver": "ocdbt", "base": f"file://{self.directory}/",
+        spec = {"driver": self._driver, "kvstore": {"driver": "ocdbt", "base": storage.kvstore(self.directory),
                                                     "path": f"params.{name}"}}
         return ts.open(spec, open=True, read=True, context=_CONTEXT).result()
 

@@ -97,7 +97,7 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
     _check_target(out)
     cfg = run.read_config()
     family = family_for(cfg.model)
-    with CheckpointTensors(run.path, step) as reader:  # the step is pinned: retention cannot delete it meanwhile
+    with CheckpointTensors(run, step) as reader:  # the step is pinned: retention cannot delete it meanwhile
         if not run.tokenizer.is_file():
             raise ExportError(f"{run.tokenizer} not found: the run's tokenizer is exported with its weights")
         tokenizer = Tokenizer.load(run.tokenizer)
@@ -142,7 +142,7 @@ def _write(run: RunDir, cfg, family, reader: CheckpointTensors, tokenizer: Token
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2))
         hf_cfg = family.hf_config(cfg.model, tokenizer.eos_id, dtype)
-        hf_cfg[MARKER] = {"run_dir": str(run.path.absolute()), "step": reader.step, "model": cfg.to_dict()["model"]}
+        hf_cfg[MARKER] = {"run_dir": run.url or str(run.path.absolute()), "step": reader.step, "model": cfg.to_dict()["model"]}
         if cfg.model.width_mult != 1.0:
             hf_cfg["tie_word_embeddings"] = False  # the output multiplier makes lm_head its own tensor
             hf_cfg[MARKER]["folded"] = (f"μP at width multiplier {cfg.model.width_mult:g}: logits x 1/m in lm_head, "

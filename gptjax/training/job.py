@@ -92,20 +92,21 @@ def _close_after_fault(policy: CheckpointPolicy) -> None:
 
 def lock_for_job(run: RunDir) -> WriterLock | None:
     """The run directory's writer lock, taken once for the job by process 0 (the others learn whether it got it):
-    a second writer is refused with one line naming the holder (``RunLocked``)."""
+    a second writer is refused with one line naming the holder (``RunLocked``); on a bucket, one that does not
+    exist or refuses writes is found first (``storage.StorageError``), before anything else is done."""
     lock, refusal = None, None
     if jax.process_index() == 0:
-        if run.url:  # a missing bucket, denied writes: one line before anything else (storage.StorageError)
-            storage.check_writable(run.url)
         try:
+            if run.url:
+                storage.check_writable(run.url)
             lock = WriterLock(run).acquire()
-        except RunLocked as e:
-            refusal = str(e)
+        except (RunLocked, storage.StorageError) as e:
+            refusal = e
     if jax.process_count() > 1:
         if not int(multihost_utils.broadcast_one_to_all(np.int32(refusal is None))):
-            raise RunLocked(refusal or f"{run} is being written by another job (see {run.lock})")
+            raise refusal or RunLocked(f"{run} could not be taken by this job (process 0 says why; see {run.lock})")
     elif refusal:
-        raise RunLocked(refusal)
+        raise refusal
     return lock
 
 
