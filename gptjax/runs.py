@@ -176,6 +176,11 @@ class RunDir:
         and when the job ends."""
         return storage.push(self.path, self.url, skip=self.REMOTE_ONLY) if self.url else 0
 
+    def pull(self) -> int:
+        """Copy the bucket's files over the working copy (nothing to do for a local run): a process that writes
+        nothing reads what process 0 pushed (the prepared data of a multi-host run)."""
+        return storage.pull(self.url, self.path, skip=self.REMOTE_ONLY) if self.url else 0
+
     config = _entry(CONFIG)
     tokenizer = _entry(TOKENIZER)
     data = _entry(DATA)

@@ -191,7 +191,7 @@ def working_copy(url: Any, skip: tuple[str, ...] = ()) -> Path:
             Path(root).mkdir(parents=True, exist_ok=True)
         local = Path(tempfile.mkdtemp(prefix=f"gptjax-{split(key)[1]}-", dir=root))
         atexit.register(shutil.rmtree, local, True)
-        _pull(key, local, skip)
+        pull(key, local, skip)
         _copies[key] = local
     return _copies[key]
 
@@ -222,8 +222,8 @@ def push(local: Path, url: Any, skip: tuple[str, ...] = ()) -> int:
     return copied
 
 
-def _pull(url: str, local: Path, skip: tuple[str, ...]) -> int:
-    """Copy the files under ``url`` (top-level names in ``skip`` left out) into the empty directory ``local``."""
+def pull(url: str, local: Path, skip: tuple[str, ...] = ()) -> int:
+    """Copy the files under ``url`` (top-level names in ``skip`` left out) into ``local``, over what is there."""
     copied = 0
     try:
         remote = files_under(url)
@@ -232,7 +232,7 @@ def _pull(url: str, local: Path, skip: tuple[str, ...]) -> int:
     except Exception as e:  # noqa: BLE001
         raise _storage_error(url, e, "read") from None
     for f in remote:
-        rel = str(f)[len(url) + 1:]
+        rel = str(f)[len(url.rstrip("/")) + 1:]
         if rel.split("/")[0] in skip or ".gptjax-probe-" in rel:
             continue
         dest = local / rel

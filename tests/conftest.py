@@ -1,6 +1,9 @@
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import uuid
 
 # The test session runs on the CPU with 8 simulated devices (set before JAX starts). Single-device tests pass
 # jax.devices()[:1] (or single_device_mesh()) explicitly; sharding tests build meshes over all 8. Multi-process
@@ -57,3 +60,25 @@ def small_corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "austen_small.txt"
     path.write_text(text[:cut], encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_env() -> dict:
+    """The environment that points the clients at the S3 server on loopback (``tools/storage_servers``, which
+    ``.ci/run`` starts; started here if it is not up)."""
+    r = subprocess.run([Path(__file__).resolve().parents[1] / "tools" / "storage_servers", "up"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "GPTJAX_PYTHON": sys.executable})
+    assert r.returncode == 0, r.stderr
+    env = dict(line.removeprefix("export ").split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+    os.environ.update(env)  # the in-process clients (boto3, s3fs, TensorStore through gptjax.storage)
+    return env
+
+
+@pytest.fixture
+def bucket(s3_env) -> str:
+    import boto3
+
+    name = f"gptjax-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -69,3 +71,34 @@ def run_cli(module: str, *args: str, timeout: int = 600, env: dict | None = None
     """``python -m gptjax.cli.<module> args...`` in a subprocess (one CPU device)."""
     return subprocess.run([sys.executable, "-m", f"gptjax.cli.{module}", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(config: str, n_processes: int, devices_per_process: int, *extra: str,
+                  env: Callable[[int], dict] = lambda i: {}) -> list[str]:
+    """``gptjax-train --config config`` on ``n_processes`` processes of ``devices_per_process`` CPU devices each,
+    joined on loopback; ``env(i)``: process i's own variables. Their outputs, each must exit 0."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "gptjax.cli.train", "--config", config, *extra]
+    if n_processes > 1:
+        cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n_processes)]
+    procs = [subprocess.Popen(cmd + (["--process-id", str(i)] if n_processes > 1 else []),
+                              env={**cpu_env(devices_per_process), **env(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(n_processes)]
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outs.append(out)
+        assert p.returncode == 0, out[-3000:]
+    return outs

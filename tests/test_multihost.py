@@ -2,22 +2,16 @@
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from gptjax import storage
 from gptjax.config import RunConfig
-from helpers import cpu_env
+from helpers import cpu_env, free_port, run_processes
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(tmp_path, corpus, run_dir) -> str:
@@ -33,28 +27,6 @@ def write_config(tmp_path, corpus, run_dir) -> str:
     path = tmp_path / f"{run_dir.name}.json"
     path.write_text(json.dumps(cfg))
     return str(path)
-
-
-def run_processes(config: str, n_processes: int, devices_per_process: int, *extra: str) -> list[str]:
-    env = cpu_env(devices_per_process)
-    port = free_port()
-    cmd = [sys.executable, "-m", "gptjax.cli.train", "--config", config, *extra]
-    if n_processes > 1:
-        cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n_processes)]
-    procs = [subprocess.Popen(cmd + (["--process-id", str(i)] if n_processes > 1 else []), env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(n_processes)]
-    outs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        outs.append(out)
-        assert p.returncode == 0, out[-3000:]
-    return outs
 
 
 def summary(run_dir) -> dict:
@@ -148,7 +120,7 @@ def test_two_process_sigterm_agrees_on_a_step_saves_and_resumes(tmp_path, small_
     assert summary(run)["final_step"] == step + 4
 
 
-def test_a_checkpoint_resumes_on_another_process_count(tmp_path, small_corpus):
+def test_a_checkpoint_resumes_on_another_process_count(tmp_path, small_corpus, request):
     """Saved by 2 processes, resumed by 1 (and the other way): the global batches do not depend on the process
     count, so the run continues with the losses of an uninterrupted one; the checkpoint is never taken for
     damaged (it used to be moved aside: "process_0-of-1.json does not exist")."""
@@ -167,3 +139,24 @@ def test_a_checkpoint_resumes_on_another_process_count(tmp_path, small_corpus):
         assert resumed["final_step"] == 8
         assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-4)
         assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-4)
+
+    # the same on a bucket, with no directory the two processes share: each has its own working directory, the
+    # checkpoints go only to the bucket, process 1 reads the data process 0 prepared from there; then one process
+    # on a third "machine" resumes it
+    url = f"{request.getfixturevalue('bucket')}/runs/two"
+    cfg = write_config(tmp_path, small_corpus, tmp_path / "on-a-bucket")
+    spec = json.loads(open(cfg).read())
+    spec["train"]["run_dir"] = url
+    open(cfg, "w").write(json.dumps(spec))
+    s3_env = request.getfixturevalue("s3_env")
+    hosts = [tmp_path / f"host{i}" for i in range(3)]
+    run_processes(cfg, 2, 2, "--stop-after", "4", env=lambda i: {**s3_env, "GPTJAX_WORK_DIR": str(hosts[i])})
+    held = [str(p) for p in storage.files_under(f"{url}/checkpoints/4")]
+    assert {f"{url}/checkpoints/4/data/process_{i}-of-2.json" for i in range(2)} <= set(held), held
+    assert not storage.read_bytes(f"{url}/writer.lock") and not any(any(h.iterdir()) for h in hosts[:2])
+    outs = run_processes(cfg, 1, 4, "--resume", env=lambda i: {**s3_env, "GPTJAX_WORK_DIR": str(hosts[2])})
+    assert "steps 4->8" in outs[0]
+    resumed = json.loads(storage.read_bytes(f"{url}/summary.json"))
+    assert resumed["final_step"] == 8 and not any(".damaged-" in str(p) for p in storage.files_under(url))
+    assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-4)
+    assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-4)

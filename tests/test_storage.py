@@ -15,32 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, cpu_env, small_run
+from helpers import cpu_env, small_run
 from gptjax import storage
 from gptjax.runs import HOST, RunDir, RunLocked, WriterLock
 
 PY = [sys.executable, "-m"]
-
-
-@pytest.fixture(scope="session")
-def s3_env() -> dict:
-    """The environment that points the clients at the loopback S3 server (started if it is not up)."""
-    r = subprocess.run([ROOT / "tools" / "storage_servers", "up"], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "GPTJAX_PYTHON": sys.executable})
-    assert r.returncode == 0, r.stderr
-    env = dict(line.removeprefix("export ").split("=", 1) for line in r.stdout.splitlines() if "=" in line)
-    assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
-    os.environ.update(env)  # the in-process clients (boto3, s3fs, TensorStore through gptjax.storage)
-    return env
-
-
-@pytest.fixture
-def bucket(s3_env) -> str:
-    import boto3
-
-    name = f"gptjax-test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=name)
-    return f"s3://{name}"
 
 
 def objects(url: str) -> list[str]:

@@ -51,10 +51,15 @@ class TrainResult:
 
 
 def prepare_data(cfg: RunConfig, run: RunDir) -> PreparedCorpus | MixtureCorpus:
-    """Process 0 tokenizes (training the tokenizer if needed); the others then load its cache."""
+    """Process 0 tokenizes (training the tokenizer if needed); the others then load its cache (a run on a bucket:
+    from there, as no directory is shared)."""
     is_main = jax.process_index() == 0
     corpus = prepare_corpus(cfg.data, cfg.model.vocab_size, run) if is_main else None
+    if is_main and jax.process_count() > 1:
+        run.push()
     multihost_utils.sync_global_devices("gptjax:data")
+    if not is_main:
+        run.pull()
     return corpus if is_main else prepare_corpus(cfg.data, cfg.model.vocab_size, run)
 
 
