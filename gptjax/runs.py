@@ -286,6 +286,8 @@ def fault_reason(e: BaseException) -> str:
     text = str(e)
     if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text or "os_error_code='28'" in text:
         return "the disk is full (No space left on device)"
+    if "Could not connect to the endpoint" in text or "EndpointConnectionError" in type(e).__name__:
+        return storage.unreachable()
     first = text.splitlines()[0] if text else ""
     return f"{type(e).__name__}: {first[:300]}{'...' if len(first) > 300 else ''}"
 
@@ -476,8 +478,12 @@ class WriterLock:
             return
         self._stop.set()
         self._stop = None
-        if (self._read(self.path) or {}).get("token") == self.info["token"]:
-            storage.delete(self.path)
+        try:
+            if (self._read(self.path) or {}).get("token") == self.info["token"]:
+                storage.delete(self.path)
+        except Exception as e:  # noqa: BLE001 - a bucket that stopped answering: the lock goes stale, is taken over
+            log.warning("could not remove %s (%s): the next writer takes it over once it is stale", self.path,
+                        fault_reason(e))
 
     def refusal(self, holder: dict | None) -> str:
         who = (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')} "

@@ -44,12 +44,30 @@ def is_remote(path: Any) -> bool:
     return str(path).startswith(SCHEMES)
 
 
+# Requests to a bucket are retried with backoff (botocore's "standard" mode: up to 20 s between attempts) before
+# an error is raised: a server gone for 10-30 s (restarted, failed over) is ridden through, measured against the
+# S3 server on loopback (tests/test_storage.py); with botocore's default of 5 quick attempts, a 30 s outage stopped
+# the run. A user's own AWS_MAX_ATTEMPTS / AWS_RETRY_MODE win.
+MAX_ATTEMPTS = 20
+
+
+@functools.lru_cache(maxsize=None)
+def _retry_with_backoff() -> None:
+    import fsspec.config
+
+    retries = {"max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", MAX_ATTEMPTS)),
+               "mode": os.environ.get("AWS_RETRY_MODE", "standard")}
+    conf = fsspec.config.conf.setdefault("s3", {})  # every S3 filesystem fsspec makes: epath's, orbax's, ours
+    conf.setdefault("config_kwargs", {}).setdefault("retries", retries)
+
+
 def as_path(path: Any):
     """``path`` as the object to read and write it through: ``pathlib.Path`` for a local path, ``epath.Path`` for an
     object-store URL."""
     if is_remote(path):
         from etils import epath
 
+        _retry_with_backoff()
         return epath.Path(str(path).rstrip("/"))
     return Path(path)
 
@@ -65,6 +83,7 @@ def split(url: Any) -> tuple[str, str, str]:
 def _filesystem(scheme: str):
     import fsspec
 
+    _retry_with_backoff()
     # no listings cache: a run's objects are rewritten by other processes (a resume elsewhere, the next push), and
     # a cached listing then read a replaced object as FileExpired
     return fsspec.filesystem(scheme, use_listings_cache=False)
@@ -267,15 +286,26 @@ def _storage_error(url: Any, e: BaseException, verb: str = "write to") -> Storag
                "403": "access denied (check the credentials in the environment)"}
     why = reasons.get(code) or ("the bucket does not exist" if "NoSuchBucket" in text or "does not exist" in text
                                 else "access denied" if "AccessDenied" in text or "Forbidden" in text
+                                else unreachable() if "EndpointConnectionError" in text or "connect" in text.lower()
                                 else text)
     return StorageError(f"cannot {verb} {url}: {why}")
+
+
+def unreachable() -> str:
+    """Why a request failed when the server did not answer: after the retries."""
+    attempts = os.environ.get("AWS_MAX_ATTEMPTS", MAX_ATTEMPTS)
+    where = os.environ.get("AWS_ENDPOINT_URL") or "the storage service"
+    return f"{where} did not answer ({attempts} attempts with backoff)"
 
 
 @functools.lru_cache(maxsize=None)
 def _s3():
     import boto3
+    import fsspec.config
+    from botocore.config import Config
 
-    return boto3.client("s3")  # AWS_ENDPOINT_URL and the credentials come from the environment
+    _retry_with_backoff()  # the same retries as the filesystems'; endpoint and credentials: from the environment
+    return boto3.client("s3", config=Config(retries=dict(fsspec.config.conf["s3"]["config_kwargs"]["retries"])))
 
 
 @functools.lru_cache(maxsize=None)

@@ -257,11 +257,18 @@ class Checkpointer:
 
     def _write_error(self, step: int | None, e: Exception) -> CheckpointWriteError:
         """The failed save's error, after removing what it left half-written (``<step>.orbax-checkpoint-tmp``)."""
-        for leftover in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-            storage.remove_tree(leftover)
-        self.manager.reload()
+        try:
+            for leftover in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                storage.remove_tree(leftover)
+            self.manager.reload()
+        except Exception:  # noqa: BLE001 - a bucket that stopped answering: the next writer cleans up (orbax does)
+            log.info("could not clean up after the failed save of step %s in %s", step, self.directory)
+        try:
+            kept = f"the earlier checkpoints {self.all_steps()} are untouched"
+        except Exception:  # noqa: BLE001 - (the storage is what failed)
+            kept = "the earlier committed checkpoints are untouched"
         return CheckpointWriteError(f"could not write checkpoint step {step} in {self.directory}: "
-                                    f"{fault_reason(e)}; the earlier checkpoints {self.all_steps()} are untouched")
+                                    f"{fault_reason(e)}; {kept}")
 
     def problem(self, step: int, items: tuple[str, ...] = ITEMS, verify: bool = True) -> str | None:
         """Why step ``step`` cannot be restored, as far as its files tell (None: it looks intact)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 from typing import Callable, Iterator, TypeVar
 
 import jax
@@ -21,6 +22,7 @@ from gptjax.checkpoint.manager import CheckpointWriteError
 from gptjax.runs import FAULTS, RunDir, RunLocked, WriterLock, deferred_interrupt, fault_reason, route_faults
 from gptjax.training.checkpointing import CheckpointPolicy, RunSpec
 
+log = logging.getLogger(__name__)
 faults = FAULTS  # tracebacks of faults: into the run's errors.log (fault_log)
 
 STORAGE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)  # the disk, not the request
@@ -53,6 +55,11 @@ def run_job(spec: RunSpec, resume: bool | str, resume_step: int | None,
                 faults.error("checkpoint write failed", exc_info=True)
                 _close_after_fault(policy)
                 raise CheckpointWriteError(f"{e} (details in {run.log})") from None
+            except storage.StorageError as e:  # a bucket that stopped answering (after the retries)
+                faults.error("the bucket failed", exc_info=True)
+                _close_after_fault(policy)
+                raise storage.StorageError(f"{e}; resume with --resume once it answers (from the last checkpoint "
+                                           f"that was committed)") from None
             except OSError as e:
                 if e.errno not in STORAGE_FAULTS:  # a missing file the user named, an existing run: as they are
                     _close_after_fault(policy)
@@ -79,8 +86,8 @@ def _push_last(run: RunDir) -> None:
     its way out is the one reported."""
     try:
         run.push()
-    except Exception:  # noqa: BLE001
-        faults.error("copying the run's files to %s failed", run, exc_info=True)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not copy the run's last files to %s (%s)", run, fault_reason(e))
 
 
 def _close_after_fault(policy: CheckpointPolicy) -> None:
