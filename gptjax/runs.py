@@ -171,6 +171,10 @@ class RunDir:
         """``<run>/writer.lock``: on a bucket, an object there (a conditional create takes it)."""
         return storage.as_path(f"{self.url}/{self.LOCK}") if self.url else self.path / self.LOCK
 
+    def where(self, name: str) -> str:
+        """Where a user finds file ``name`` of the run: on a bucket, there (copied up when the job ends)."""
+        return f"{self.url}/{name}" if self.url else str(self.path / name)
+
     def push(self) -> int:
         """Copy what changed in the working copy to the bucket (nothing to do for a local run): at every checkpoint
         and when the job ends."""
@@ -207,8 +211,8 @@ class RunDir:
             return RunConfig.from_dict(json.loads(self.config.read_text()))
         except (OSError, ValueError, TypeError, AttributeError) as e:
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
-            raise ConfigError(f"{self}/{self.CONFIG} is not a readable run config ({reason}); it is written by gptjax-train "
-                              "and must not be edited or overwritten: restore it from a copy (the run's "
+            raise ConfigError(f"{self}/{self.CONFIG} is not a readable run config ({reason}); it is written by "
+                              "gptjax-train and must not be edited or overwritten: restore it from a copy (the run's "
                               "checkpoints are untouched)") from None
 
     def write_config(self, cfg: RunConfig) -> Path:
@@ -286,7 +290,8 @@ def fault_reason(e: BaseException) -> str:
     text = str(e)
     if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text or "os_error_code='28'" in text:
         return "the disk is full (No space left on device)"
-    if "Could not connect to the endpoint" in text or "EndpointConnectionError" in type(e).__name__:
+    if "Could not connect to the endpoint" in text or "EndpointConnectionError" in type(e).__name__ or (
+            "retry attempts failed" in text and "Could not connect" in text):  # botocore's, TensorStore's
         return storage.unreachable()
     first = text.splitlines()[0] if text else ""
     return f"{type(e).__name__}: {first[:300]}{'...' if len(first) > 300 else ''}"
@@ -432,8 +437,9 @@ class WriterLock:
     hosts sharing a filesystem.
 
     Mechanism: ``<run>/writer.lock`` is created with ``O_CREAT | O_EXCL`` (atomic on local filesystems and on NFS
-    v3 and later; on a bucket a conditional create, ``storage.create_exclusive``) and holds the writer's host, pid, start time and command; while it is held a daemon thread
-    touches it every ``HEARTBEAT_S`` seconds. A lock whose holder is gone is stale: on the same host when its pid
+    v3 and later; on a bucket a conditional create, ``storage.create_exclusive``) and holds the writer's host, pid,
+    start time and command; while it is held a daemon thread touches it every ``HEARTBEAT_S`` seconds (on a
+    bucket, rewrites it). A lock whose holder is gone is stale: on the same host when its pid
     no longer runs (taken over at once), from another host (or a pid reused since) when it has not been touched for
     ``STALE_S`` seconds. A stale lock is taken over with a warning naming the old holder (takeovers are serialised
     by a second ``O_EXCL`` file, so two newcomers never both win); a live one refuses the newcomer with

@@ -51,12 +51,15 @@ def is_remote(path: Any) -> bool:
 MAX_ATTEMPTS = 20
 
 
+def attempts() -> int:
+    return int(os.environ.get("AWS_MAX_ATTEMPTS") or MAX_ATTEMPTS)
+
+
 @functools.lru_cache(maxsize=None)
 def _retry_with_backoff() -> None:
     import fsspec.config
 
-    retries = {"max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", MAX_ATTEMPTS)),
-               "mode": os.environ.get("AWS_RETRY_MODE", "standard")}
+    retries = {"max_attempts": attempts(), "mode": os.environ.get("AWS_RETRY_MODE", "standard")}
     conf = fsspec.config.conf.setdefault("s3", {})  # every S3 filesystem fsspec makes: epath's, orbax's, ours
     conf.setdefault("config_kwargs", {}).setdefault("retries", retries)
 
@@ -209,13 +212,23 @@ def working_copy(url: Any, skip: tuple[str, ...] = ()) -> Path:
         if root:
             Path(root).mkdir(parents=True, exist_ok=True)
         local = Path(tempfile.mkdtemp(prefix=f"gptjax-{split(key)[1]}-", dir=root))
-        atexit.register(shutil.rmtree, local, True)
+        atexit.register(lambda: key in _copies and local not in _kept and shutil.rmtree(local, True))
         pull(key, local, skip)
         _copies[key] = local
     return _copies[key]
 
 
 _copies: dict[str, Path] = {}  # run URL -> this process's working copy
+_kept: set[Path] = set()  # working copies not removed at exit (their files could not be copied up)
+
+
+def keep(url: Any) -> Path | None:
+    """Leave this process's working copy of ``url`` in place at exit (its newest files could not be copied to the
+    bucket); returns where it is."""
+    local = _copies.get(str(url).rstrip("/"))
+    if local is not None:
+        _kept.add(local)
+    return local
 _pushed: dict[str, tuple[int, int]] = {}  # local file -> (size, mtime_ns) when last copied to its bucket
 
 
@@ -293,9 +306,8 @@ def _storage_error(url: Any, e: BaseException, verb: str = "write to") -> Storag
 
 def unreachable() -> str:
     """Why a request failed when the server did not answer: after the retries."""
-    attempts = os.environ.get("AWS_MAX_ATTEMPTS", MAX_ATTEMPTS)
     where = os.environ.get("AWS_ENDPOINT_URL") or "the storage service"
-    return f"{where} did not answer ({attempts} attempts with backoff)"
+    return f"{where} did not answer ({attempts()} attempts with backoff)"
 
 
 @functools.lru_cache(maxsize=None)
@@ -325,6 +337,9 @@ def s3_kvstore(url: str) -> dict:
         spec["endpoint"] = os.environ["AWS_ENDPOINT_URL"]
     if os.environ.get("AWS_ACCESS_KEY_ID"):  # (its default chain first reads ~/.aws/*, an error line per file)
         spec["aws_credentials"] = {"type": "environment"}
+    # the retries of every other client here (TensorStore's own default, 32 up to 32 s apart, took 15 minutes to
+    # report a server that was gone)
+    spec["context"] = {"s3_request_retries": {"max_retries": attempts(), "initial_delay": "1s", "max_delay": "20s"}}
     return spec
 
 

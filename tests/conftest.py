@@ -66,7 +66,8 @@ def small_corpus(tmp_path_factory) -> Path:
 def s3_env() -> dict:
     """The environment that points the clients at the S3 server on loopback (``tools/storage_servers``, which
     ``.ci/run`` starts; started here if it is not up)."""
-    r = subprocess.run([Path(__file__).resolve().parents[1] / "tools" / "storage_servers", "up"], capture_output=True, text=True, timeout=120,
+    r = subprocess.run([Path(__file__).resolve().parents[1] / "tools" / "storage_servers", "up"],
+                       capture_output=True, text=True, timeout=120,
                        env={**os.environ, "GPTJAX_PYTHON": sys.executable})
     assert r.returncode == 0, r.stderr
     env = dict(line.removeprefix("export ").split("=", 1) for line in r.stdout.splitlines() if "=" in line)

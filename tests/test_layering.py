@@ -23,7 +23,8 @@ ALLOWED = {
     "inference": {"config", "sharding", "model", "checkpoint"},
     "evals": {"config", "runs", "sharding", "model", "checkpoint", "inference", "data"},
     "interop": {"config", "runs", "sharding", "model", "checkpoint", "data"},
-    "training": {"config", "storage", "runs", "sharding", "model", "checkpoint", "inference", "evals", "data", "reporting"},
+    "training": {"config", "storage", "runs", "sharding", "model", "checkpoint", "inference", "evals", "data",
+                 "reporting"},
     "finetune": {"config", "runs", "sharding", "model", "checkpoint", "data", "evals", "reporting", "training"},
     # consumers: nothing but the CLI imports them
     "planning": {"config", "runs", "sharding", "model", "training", "scaling"},  # scaling: plans from a fit

@@ -8,14 +8,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from helpers import cpu_env, small_run
+from helpers import ServerOutage, cpu_env, small_run
 from gptjax import storage
 from gptjax.runs import HOST, RunDir, RunLocked, WriterLock
 
@@ -36,17 +39,38 @@ def losses(rows: list[dict]) -> dict:
     return {(r["step"], k): r[k] for r in rows for k in ("loss", "val_loss") if r.get(k) is not None}
 
 
-@pytest.mark.slow
-def test_a_run_on_a_bucket_is_the_local_run_and_resumes_on_another_machine_then_falls_back_past_damage(
-        tmp_path, small_corpus, bucket, s3_env):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, small_corpus):
+    """The local run every run on a bucket here must equal: 12 steps, its losses and its directory."""
     from gptjax.training import train
 
-    local = train(small_run(tmp_path / "local", small_corpus))  # 12 steps, checkpoints at 6 and 12
-    reference = losses(RunDir(tmp_path / "local").read_metrics())
+    run = tmp_path_factory.mktemp("reference") / "local"
+    result = train(small_run(run, small_corpus))  # 12 steps, checkpoints at 6 and 12
+    return run, losses(RunDir(run).read_metrics()), result.val_loss
+
+
+def bucket_config(tmp_path: Path, corpus: Path, url: str, **train) -> Path:
+    cfg = small_run(tmp_path / "unused", corpus, **train)
+    path = tmp_path / f"{url.rsplit('/', 1)[-1]}.json"
+    path.write_text(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=url)).to_json())
+    return path
+
+
+def start(*args: str, work: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([*PY, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**cpu_env(8), **env, "GPTJAX_WORK_DIR": str(work)})
+
+
+def bucket_losses(url: str) -> dict:
+    return losses([json.loads(line) for line in storage.read_bytes(f"{url}/metrics.jsonl").splitlines()])
+
+
+@pytest.mark.slow
+def test_a_run_on_a_bucket_is_the_local_run_and_resumes_on_another_machine_then_falls_back_past_damage(
+        tmp_path, small_corpus, bucket, s3_env, reference):
+    local_dir, reference, local_val = reference
     url = f"{bucket}/runs/a"
-    cfg_file = tmp_path / "cfg.json"
-    cfg = small_run(tmp_path / "unused", small_corpus)
-    cfg_file.write_text(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=url)).to_json())
+    cfg_file = bucket_config(tmp_path, small_corpus, url)
 
     first = cli("gptjax.cli.train", "--config", str(cfg_file), "--stop-after", "6", work=tmp_path / "machine-a",
                 s3_env=s3_env)
@@ -66,12 +90,12 @@ def test_a_run_on_a_bucket_is_the_local_run_and_resumes_on_another_machine_then_
     got = losses(rows)
     assert {k: got.get(k) for k in reference} == reference  # float for float: the bucket changed nothing
     assert set(got) - set(reference) == {(6, "loss")}  # (the stop at step 6 logged its step)
-    assert run["val_loss"] == local.val_loss
+    assert run["val_loss"] == local_val
 
     # read from the bucket (in place, one tensor at a time): the export is the local run's, byte for byte
     from gptjax.interop.export import export_run
 
-    export_run(tmp_path / "local", tmp_path / "hf-local", progress=False)
+    export_run(local_dir, tmp_path / "hf-local", progress=False)
     exported = cli("gptjax.cli.export", "--run-dir", url, "--out", str(tmp_path / "hf-bucket"), "--no-progress",
                    work=tmp_path / "reader", s3_env=s3_env)
     assert exported.returncode == 0, exported.stderr[-3000:]
@@ -93,6 +117,84 @@ def test_a_run_on_a_bucket_is_the_local_run_and_resumes_on_another_machine_then_
     rows = [json.loads(line) for line in storage.read_bytes(f"{url}/metrics.jsonl").splitlines()]
     redone = {k: v for k, v in losses(rows).items() if 6 < k[0] <= 12 and k in reference}
     assert redone == {k: v for k, v in reference.items() if 6 < k[0] <= 12} and redone
+
+
+@pytest.mark.slow
+def test_a_server_gone_15_s_mid_run_is_ridden_through_and_one_gone_for_good_is_one_line_and_a_resume(
+        tmp_path, small_corpus, bucket, s3_env, reference):
+    """The server restarting (connections refused, then back with what it holds) as the step-6 checkpoint and its
+    copy are written: the run waits it out and ends with the local run's losses. Gone for good (two attempts
+    allowed, to be quick): one line, exit 2; once it is back, --resume finishes the run, exactly."""
+    _, reference, _ = reference
+    outage = ServerOutage(int(s3_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    env = {**s3_env, "AWS_ENDPOINT_URL": outage.endpoint}
+    url = f"{bucket}/runs/outage"
+    proc = start("gptjax.cli.train", "--config", str(bucket_config(tmp_path, small_corpus, url)), work=tmp_path,
+                 env=env)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("step=4 "):
+            outage.down()
+            threading.Timer(15, outage.up).start()
+            down = time.monotonic()
+    assert proc.wait() == 0, "".join(out)[-3000:]
+    assert time.monotonic() - down > 15  # it waited for the server (the checkpoint at step 6 needs it)
+    assert bucket_losses(url) == reference
+
+    url = f"{bucket}/runs/gone"
+    cfg = bucket_config(tmp_path, small_corpus, url, checkpoint_every=2)
+    proc = start("gptjax.cli.train", "--config", str(cfg), work=tmp_path, env={**env, "AWS_MAX_ATTEMPTS": "2"})
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("step=8 "):  # steps 2-6 saved and committed: a save waits for the one before
+            outage.down()
+    assert proc.wait() == 2, "".join(out)[-3000:]
+    last = out[-1].strip()
+    assert last.startswith("error: ") and f"{outage.endpoint} did not answer (2 attempts with backoff)" in last
+    assert "Traceback" not in "".join(out) and s3_env["AWS_SECRET_ACCESS_KEY"] not in "".join(out)
+    outage.up()
+    resumed = cli("gptjax.cli.train", "--run-dir", url, "--resume", work=tmp_path / "after", s3_env=s3_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "took over the lock" in resumed.stderr  # the one the stopped run could not remove
+    got = bucket_losses(url)
+    assert {k: got.get(k) for k in reference} == reference
+
+
+@pytest.mark.slow
+def test_kill_9_while_a_checkpoint_is_uploaded_resumes_from_the_last_committed_step_exactly(
+        tmp_path, small_corpus, bucket, s3_env, reference):
+    """SIGKILL while a step's objects are being written (some there, its commit marker not yet): orbax never
+    lists that step, the next writer removes it, and the run resumed until done has the local run's losses."""
+    _, reference, _ = reference
+    url = f"{bucket}/runs/killed"
+    cfg = bucket_config(tmp_path, small_corpus, url, checkpoint_every=2)
+    in_upload = 0
+    for _ in range(8):
+        proc = start("gptjax.cli.train", "--config", str(cfg), "--resume", "auto", work=tmp_path, env=s3_env)
+        killed = False
+        while proc.poll() is None and not killed:
+            steps = {}
+            for key in objects(f"{url}/checkpoints"):
+                step, _, rest = key.partition("/")
+                steps.setdefault(step, set()).add(rest)
+            if any(name.isdigit() and "commit_success.txt" not in held for name, held in steps.items()):
+                proc.send_signal(signal.SIGKILL)
+                in_upload, killed = in_upload + 1, True
+            time.sleep(0.01)
+        out = proc.communicate()[0]
+        if proc.returncode == 0 or in_upload >= 2:
+            break
+        assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    assert in_upload >= 1
+    done = start("gptjax.cli.train", "--config", str(cfg), "--resume", "auto", work=tmp_path, env=s3_env)
+    out = done.communicate()[0]
+    assert done.returncode == 0, out[-3000:]
+    got = bucket_losses(url)
+    assert {k: got.get(k) for k in reference} == reference
+    steps = {k.split("/")[0] for k in objects(f"{url}/checkpoints")}
+    assert all(f"{s}/commit_success.txt" in objects(f"{url}/checkpoints") for s in steps), steps
 
 
 def test_a_bucket_that_does_not_exist_is_one_line_before_any_compute(tmp_path, s3_env):

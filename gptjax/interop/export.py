@@ -142,7 +142,8 @@ def _write(run: RunDir, cfg, family, reader: CheckpointTensors, tokenizer: Token
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2))
         hf_cfg = family.hf_config(cfg.model, tokenizer.eos_id, dtype)
-        hf_cfg[MARKER] = {"run_dir": run.url or str(run.path.absolute()), "step": reader.step, "model": cfg.to_dict()["model"]}
+        hf_cfg[MARKER] = {"run_dir": run.url or str(run.path.absolute()), "step": reader.step,
+                          "model": cfg.to_dict()["model"]}
         if cfg.model.width_mult != 1.0:
             hf_cfg["tie_word_embeddings"] = False  # the output multiplier makes lm_head its own tensor
             hf_cfg[MARKER]["folded"] = (f"μP at width multiplier {cfg.model.width_mult:g}: logits x 1/m in lm_head, "

@@ -54,7 +54,7 @@ def run_job(spec: RunSpec, resume: bool | str, resume_step: int | None,
             except CheckpointWriteError as e:
                 faults.error("checkpoint write failed", exc_info=True)
                 _close_after_fault(policy)
-                raise CheckpointWriteError(f"{e} (details in {run.log})") from None
+                raise CheckpointWriteError(f"{e} (details in {run.where(run.LOG)})") from None
             except storage.StorageError as e:  # a bucket that stopped answering (after the retries)
                 faults.error("the bucket failed", exc_info=True)
                 _close_after_fault(policy)
@@ -67,7 +67,8 @@ def run_job(spec: RunSpec, resume: bool | str, resume_step: int | None,
                 faults.error("writing the run failed", exc_info=True)
                 _close_after_fault(policy)
                 raise RunWriteError(f"could not write {e.filename or run}: {fault_reason(e)}; the checkpoints "
-                                    f"{policy.checkpointer.all_steps()} are intact (details in {run.log})") from None
+                                    f"{policy.checkpointer.all_steps()} are intact "
+                                    f"(details in {run.where(run.LOG)})") from None
             except BaseException:
                 _close_after_fault(policy)  # the error on its way out is the one to report
                 raise
@@ -87,7 +88,8 @@ def _push_last(run: RunDir) -> None:
     try:
         run.push()
     except Exception as e:  # noqa: BLE001
-        log.warning("could not copy the run's last files to %s (%s)", run, fault_reason(e))
+        log.warning("could not copy the run's last files to %s (%s): they are kept in %s", run, fault_reason(e),
+                    storage.keep(run.url))
 
 
 def _close_after_fault(policy: CheckpointPolicy) -> None:

@@ -227,7 +227,7 @@ def _train_steps(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int
         run.write_summary(summary)
         if result.history:
             plot_runs([run], run.curves)
-            summary["curves"] = f"{run}/{run.CURVES}"
+            summary["curves"] = run.where(run.CURVES)
         print("summary: " + json.dumps(summary), flush=True)
         if wandb_run is not None:
             wandb_run.finish(summary, run.curves if result.history else None)
