@@ -103,6 +103,15 @@ def test_a_run_on_a_bucket_is_the_local_run_and_resumes_on_another_machine_then_
     assert (tmp_path / "hf-bucket" / "model.safetensors").read_bytes() == \
         (tmp_path / "hf-local" / "model.safetensors").read_bytes()
 
+    # and imported into a bucket: a step-0 run there (the checkpoint first, then the files that make it a run)
+    imported = cli("gptjax.cli.import_hf", str(tmp_path / "hf-bucket"), "--run-dir", f"{bucket}/imported",
+                   work=tmp_path / "reader", s3_env=s3_env)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    assert {"config.json", "import.json", "checkpoints/0/commit_success.txt"} <= set(objects(f"{bucket}/imported"))
+    again = cli("gptjax.cli.import_hf", str(tmp_path / "hf-bucket"), "--run-dir", f"{bucket}/imported",
+                work=tmp_path / "reader", s3_env=s3_env)
+    assert again.returncode == 0 and "already holds this import" in again.stdout + again.stderr
+
     # the newest checkpoint damaged in the bucket: the resume falls back to step 6, moves 12 aside, and retrains
     # steps 7-12 exactly (the extension keeps the schedule)
     storage.delete(f"{url}/checkpoints/12/state/manifest.ocdbt")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from gptjax import storage
 from gptjax.checkpoint.manager import Checkpointer
 from gptjax.checkpoint.restore import params_for
 from gptjax.config import RunConfig
@@ -30,9 +30,9 @@ class AlreadySeeded(Exception):
     """The run directory already holds this very import."""
 
 
-def seed_run(cfg: RunConfig, params: Any, tokenizer_proto: bytes | None, source: dict) -> Path:
+def seed_run(cfg: RunConfig, params: Any, tokenizer_proto: bytes | None, source: dict) -> str:
     """Write run directory ``cfg.train.run_dir`` from per-layer ``params`` of ``cfg.model``'s architecture;
-    ``source`` (JSON-able) says where they came from."""
+    ``source`` (JSON-able) says where they came from. Returns where the run is."""
     run = RunDir(cfg.train.run_dir)
     _check_empty(run, source)
     lock = WriterLock(run, command="gptjax-import")  # no training or other import starts meanwhile
@@ -54,7 +54,7 @@ def _check_empty(run: RunDir, source: dict) -> None:
         raise FileExistsError(f"{run} exists and is not empty; choose another --run-dir")
 
 
-def _seed(cfg: RunConfig, params: Any, tokenizer_proto: bytes | None, source: dict, run: RunDir) -> Path:
+def _seed(cfg: RunConfig, params: Any, tokenizer_proto: bytes | None, source: dict, run: RunDir) -> str:
     t = cfg.train
     program = Program(cfg, single_device_mesh())
     model = program.model
@@ -63,15 +63,23 @@ def _seed(cfg: RunConfig, params: Any, tokenizer_proto: bytes | None, source: di
     # a fresh iterator's position: the data item of a step-0 checkpoint (its state does not depend on the tokens)
     data = iter(train_dataset(np.zeros(t.batch_size * (t.seq_len + 1) + 1, np.int32), t.seq_len, t.batch_size,
                               t.seed))
+    if run.url:  # a bucket has no directory to rename: the checkpoint first (committed by its marker), then the
+        storage.remove_tree(run.checkpoints)  # files that make it a run (a killed import left only a checkpoint)
+        _write(run, cfg, state, data, tokenizer_proto, source)
+        run.push()
+        return str(run)
     with atomic_directory(run.path) as tmp:  # an existing empty directory is replaced
-        new = RunDir(tmp)
-        checkpointer = Checkpointer(new.checkpoints, keep=t.keep_checkpoints)
-        try:
-            checkpointer.save(0, state, data)
-        finally:
-            checkpointer.close()
-        new.write_config(cfg)
-        if tokenizer_proto is not None:
-            new.tokenizer.write_bytes(tokenizer_proto)
-        new.import_record.write_text(json.dumps(source, indent=2))
-    return run.path
+        _write(RunDir(tmp), cfg, state, data, tokenizer_proto, source)
+    return str(run)
+
+
+def _write(run: RunDir, cfg: RunConfig, state: Any, data: Any, tokenizer_proto: bytes | None, source: dict) -> None:
+    checkpointer = Checkpointer(run.checkpoints, keep=cfg.train.keep_checkpoints)
+    try:
+        checkpointer.save(0, state, data)
+    finally:
+        checkpointer.close()
+    run.write_config(cfg)
+    if tokenizer_proto is not None:
+        run.tokenizer.write_bytes(tokenizer_proto)
+    run.import_record.write_text(json.dumps(source, indent=2))
