@@ -46,8 +46,9 @@ def program(args):
     return Program(cfg, single_device_mesh())
 
 
-def run(args, async_save: bool) -> dict:
+def run(args, async_save: bool, where: str = "local") -> dict:
     from gptjax.checkpoint import Checkpointer
+    from gptjax.storage import is_remote, remove_tree
 
     prog = program(args)
     state = prog.init(jax.random.key(0))
@@ -58,7 +59,8 @@ def run(args, async_save: bool) -> dict:
     jax.block_until_ready(m)
     nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
     with tempfile.TemporaryDirectory() as d:
-        ck = Checkpointer(Path(d) / "ckpt", keep=2, async_save=async_save)
+        directory = f"{where.rstrip('/')}/{time.time_ns()}" if is_remote(where) else str(Path(d) / "ckpt")
+        ck = Checkpointer(directory, keep=2, async_save=async_save)
         stalls, t0 = [], time.perf_counter()
         for i in range(args.saves):
             for _ in range(args.steps_between):
@@ -67,7 +69,9 @@ def run(args, async_save: bool) -> dict:
             stalls.append(ck.save(i + 1, state, _Iterator()))
         ck.close()  # waits for the last background write
         wall = time.perf_counter() - t0
-    return {"async": async_save, "state_mb": round(nbytes / 1e6, 1), "stalls_s": [round(s, 3) for s in stalls],
+        if is_remote(directory):
+            remove_tree(directory)
+    return {"where": "bucket" if is_remote(where) else "local disk", "async": async_save, "state_mb": round(nbytes / 1e6, 1), "stalls_s": [round(s, 3) for s in stalls],
             "median_stall_s": round(statistics.median(stalls), 3), "wall_s": round(wall, 2)}
 
 
@@ -107,8 +111,8 @@ def verify_cost(args) -> dict:
 
 def throughput(args, where: str) -> dict:
     """One synchronous save (with its checksums) and one restore of the train state to ``where``."""
-    from gptjax import storage
     from gptjax.checkpoint import Checkpointer
+    from gptjax.storage import is_remote, remove_tree
 
     prog = program(args)
     state = prog.init(jax.random.key(0))
@@ -116,7 +120,7 @@ def throughput(args, where: str) -> dict:
     nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
     params = sum(x.size for x in jax.tree.leaves(state["params"]))
     with tempfile.TemporaryDirectory() as d:
-        directory = f"{where.rstrip('/')}/{time.time_ns()}" if storage.is_remote(where) else str(Path(d) / "ckpt")
+        directory = f"{where.rstrip('/')}/{time.time_ns()}" if is_remote(where) else str(Path(d) / "ckpt")
         ck = Checkpointer(directory, keep=1, async_save=False)
         t = time.perf_counter()
         ck.save(1, state, _Iterator())
@@ -126,10 +130,10 @@ def throughput(args, where: str) -> dict:
         jax.block_until_ready(restored)
         restore_s = time.perf_counter() - t
         ck.close()
-        if storage.is_remote(directory):
-            storage.remove_tree(directory)
+        if is_remote(directory):
+            remove_tree(directory)
     mb = nbytes / 1e6
-    return {"where": "bucket" if storage.is_remote(where) else "local disk", "params_M": round(params / 1e6, 1),
+    return {"where": "bucket" if is_remote(where) else "local disk", "params_M": round(params / 1e6, 1),
             "state_mb": round(mb, 1), "save_s": round(save_s, 2), "restore_s": round(restore_s, 2),
             "save_mb_s": round(mb / save_s, 1), "restore_mb_s": round(mb / restore_s, 1)}
 
@@ -149,8 +153,12 @@ def main() -> None:
         local, bucket = throughput(args, "local"), throughput(args, args.bucket)
         for r in (local, bucket):
             print(json.dumps({**r, **cpu()}), flush=True)
+        local_async, bucket_async = run(args, True), run(args, True, args.bucket)  # what training is paused for
+        for r in (local_async, bucket_async):
+            print(json.dumps(r), flush=True)
         print(json.dumps({"bucket_over_local_save_s": round(bucket["save_s"] / local["save_s"], 2),
-                          "bucket_over_local_restore_s": round(bucket["restore_s"] / local["restore_s"], 2)}))
+                          "bucket_over_local_restore_s": round(bucket["restore_s"] / local["restore_s"], 2),
+                          "bucket_over_local_async_wall": round(bucket_async["wall_s"] / local_async["wall_s"], 2)}))
         return
     if args.verify:
         from machine import cpu  # a sibling: bench/ is the script's directory

@@ -479,6 +479,13 @@ class WriterLock:
             return self
         raise RunLocked(f"{self.run}: could not take {self.path.name} (other processes keep taking it over)")
 
+    def abandon(self) -> None:
+        """Stop holding the lock without removing it (the storage holding it does not answer): it goes stale and
+        the next writer takes it over."""
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
+
     def release(self) -> None:
         if self._stop is None:
             return

@@ -34,6 +34,9 @@ from typing import Any
 
 SCHEMES = ("s3://", "gs://")
 
+__all__ = ["SCHEMES", "StorageError", "as_path", "check_writable", "create_exclusive", "files_under", "is_remote",
+           "read_bytes", "remove_tree", "working_copy"]
+
 
 class StorageError(OSError):
     """An object store cannot be used as asked (no such bucket, access denied, the server unreachable); the message
@@ -305,9 +308,19 @@ def _storage_error(url: Any, e: BaseException, verb: str = "write to") -> Storag
 
 
 def unreachable() -> str:
-    """Why a request failed when the server did not answer: after the retries."""
+    """Why a request failed when the server did not answer: after the retries (noted: :func:`gave_up_since`)."""
+    _gave_up.append(time.monotonic())
     where = os.environ.get("AWS_ENDPOINT_URL") or "the storage service"
     return f"{where} did not answer ({attempts()} attempts with backoff)"
+
+
+_gave_up: list[float] = []  # when requests gave up on a server that did not answer
+
+
+def gave_up_since(t: float) -> bool:
+    """Requests gave up on an unanswering server since ``time.monotonic()`` was ``t``: what is left to do on the
+    way out is not retried for minutes again."""
+    return any(when >= t for when in _gave_up)
 
 
 @functools.lru_cache(maxsize=None)

@@ -240,3 +240,16 @@ def test_the_lock_is_a_conditional_create_and_a_second_writer_is_refused(tmp_pat
     storage.create_exclusive(run.lock, json.dumps({"host": HOST, "pid": dead.pid, "since": "then"}).encode())
     with WriterLock(run):
         assert json.loads(storage.read_bytes(run.lock))["pid"] == os.getpid()
+
+
+@pytest.mark.slow
+def test_the_checkpoint_benchmark_runs_against_a_bucket(tmp_path, bucket, s3_env):
+    """bench/checkpoint_bench.py --bucket (the local-disk-against-bucket figures in docs/storage.md), tiny."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "checkpoint_bench.py"
+    r = subprocess.run([sys.executable, str(bench), "--d-model", "64", "--layers", "1", "--saves", "1",
+                        "--steps-between", "1", "--bucket", f"{bucket}/bench"], capture_output=True, text=True,
+                       env={**cpu_env(1), **s3_env}, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [row.get("where") for row in rows[:4]] == ["local disk", "bucket", "local disk", "bucket"]
+    assert rows[-1]["bucket_over_local_save_s"] > 0 and not objects(f"{bucket}/bench")  # cleaned up

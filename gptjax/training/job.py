@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import time
 from typing import Callable, Iterator, TypeVar
 
 import jax
@@ -43,6 +44,7 @@ def run_job(spec: RunSpec, resume: bool | str, resume_step: int | None,
     checkpointer is closed."""
     run = spec.run
     lock = None
+    started = time.monotonic()
     try:
         with deferred_interrupt():  # taken whole, so that the cleanup below always knows what it holds
             lock = lock_for_job(run)
@@ -75,9 +77,15 @@ def run_job(spec: RunSpec, resume: bool | str, resume_step: int | None,
             return result
     finally:
         if lock is not None:
-            with deferred_interrupt():
-                _push_last(run)
-                lock.release()
+            # (a run on a bucket: what background writes still report while these take seconds goes to errors.log)
+            with deferred_interrupt(), fault_log(run) if run.url else contextlib.nullcontext():
+                if run.url and storage.gave_up_since(started):  # the bucket stopped answering: not minutes more
+                    lock.abandon()
+                    log.warning("the lock %s is left (the next writer takes it over) and the run's last files are "
+                                "kept in %s", run.lock, storage.keep(run.url))
+                else:
+                    _push_last(run)
+                    lock.release()
                 run.remove_if_empty(directory=lock.created_dir)  # a start that failed before writing leaves nothing
 
 
