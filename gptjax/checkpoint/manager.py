@@ -262,7 +262,7 @@ class Checkpointer:
                 storage.remove_tree(leftover)
             self.manager.reload()
         except Exception:  # noqa: BLE001 - a bucket that stopped answering: the next writer cleans up (orbax does)
-            log.info("could not clean up after the failed save of step %s in %s", step, self.directory)
+            log.debug("could not clean up after the failed save of step %s in %s", step, self.directory)
         try:
             kept = f"the earlier checkpoints {self.all_steps()} are untouched"
         except Exception:  # noqa: BLE001 - (the storage is what failed)
