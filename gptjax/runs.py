@@ -164,12 +164,12 @@ class RunDir:
     @property
     def checkpoints(self):
         """``<run>/checkpoints``: on a bucket, there (orbax writes it natively)."""
-        return storage.as_path(f"{self.url}/{self.CHECKPOINTS}") if self.url else self.path / self.CHECKPOINTS
+        return storage.as_path(self.where(self.CHECKPOINTS))
 
     @property
     def lock(self):
         """``<run>/writer.lock``: on a bucket, an object there (a conditional create takes it)."""
-        return storage.as_path(f"{self.url}/{self.LOCK}") if self.url else self.path / self.LOCK
+        return storage.as_path(self.where(self.LOCK))
 
     def where(self, name: str) -> str:
         """Where a user finds file ``name`` of the run: on a bucket, there (copied up when the job ends)."""
@@ -206,12 +206,12 @@ class RunDir:
         the run (before, resume and ``gptjax-serve`` died with a ``JSONDecodeError`` traceback, and ``gptjax-eval``
         printed "Expecting value", naming no file)."""
         if not self.config.is_file():
-            raise CheckpointNotFound(f"{self}/{self.CONFIG} not found: is {self} a gptjax run directory?")
+            raise CheckpointNotFound(f"{self.where(self.CONFIG)} not found: is {self} a gptjax run directory?")
         try:
             return RunConfig.from_dict(json.loads(self.config.read_text()))
         except (OSError, ValueError, TypeError, AttributeError) as e:
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
-            raise ConfigError(f"{self}/{self.CONFIG} is not a readable run config ({reason}); it is written by "
+            raise ConfigError(f"{self.where(self.CONFIG)} is not a readable run config ({reason}); it is written by "
                               "gptjax-train and must not be edited or overwritten: restore it from a copy (the run's "
                               "checkpoints are untouched)") from None
 
