@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -154,6 +155,7 @@ def test_a_checkpoint_resumes_on_another_process_count(tmp_path, small_corpus, r
     held = [str(p) for p in storage.files_under(f"{url}/checkpoints/4")]
     assert {f"{url}/checkpoints/4/data/process_{i}-of-2.json" for i in range(2)} <= set(held), held
     assert not storage.read_bytes(f"{url}/writer.lock") and not any(any(h.iterdir()) for h in hosts[:2])
+    assert not Path("s3:").exists(), "the bucket's URL was taken for a local path (in the processes' directory)"
     outs = run_processes(cfg, 1, 4, "--resume", env=lambda i: {**s3_env, "GPTJAX_WORK_DIR": str(hosts[2])})
     assert "steps 4->8" in outs[0]
     resumed = json.loads(storage.read_bytes(f"{url}/summary.json"))

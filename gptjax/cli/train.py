@@ -22,6 +22,7 @@ import sys
 
 from gptjax.cli.common import (UserError, add_config_args, config_from_args, console_script, setup_logging,
                                user_errors)
+from gptjax import storage
 from gptjax.config import build_run_config
 
 
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     with user_errors(PreflightError):
         if maybe_initialize(a.coordinator, a.num_processes, a.process_id):
             check_mesh(cfg)
-            check_shared_dir(cfg.train.run_dir)
+            if not storage.is_remote(cfg.train.run_dir):  # a bucket is one place for every process
+                check_shared_dir(cfg.train.run_dir)
     try:
         with user_errors(CorpusError, SourceError, TokenizerError, CheckpointNotFound, CheckpointWriteError,
                          FileExistsError, RunLocked, RunWriteError, log=RunDir(cfg.train.run_dir).log):

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
+from gptjax import storage
 from gptjax.config import RunConfig
 from gptjax.data.batches import ShardReadError, data_position, eval_batches, train_dataset
 from gptjax.data.run_data import MixtureCorpus, PreparedCorpus, prepare_corpus
@@ -81,7 +82,7 @@ def train(cfg: RunConfig, resume: bool | str = False, devices: list | None = Non
     except RunComplete as done:
         if jax.process_index() == 0:
             print(f"{done}\nsummary: {json.dumps(done.summary)}", flush=True)
-        return TrainResult(run_dir=Path(cfg.train.run_dir), final_step=done.step,
+        return TrainResult(run_dir=storage.as_path(cfg.train.run_dir), final_step=done.step,
                            train_loss=done.summary.get("train_loss"), val_loss=done.summary.get("val_loss"),
                            unigram_loss=done.summary.get("unigram_loss"), complete_already=True)
 
@@ -198,7 +199,7 @@ def _train_steps(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int
         preemption.close()
         reporter.close()
 
-    result = TrainResult(run_dir=run.path, final_step=final_step, train_loss=log_hook.last_loss,
+    result = TrainResult(run_dir=storage.as_path(str(run)), final_step=final_step, train_loss=log_hook.last_loss,
                          val_loss=eval_hook.last if eval_hook.last is not None else eval_hook(state["params"]),
                          unigram_loss=unigram, history=reporter.metrics.rows, state=state,
                          checkpoint_stalls=policy.stalls)
