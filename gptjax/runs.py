@@ -159,7 +159,7 @@ class RunDir:
 
     @property
     def name(self) -> str:
-        return storage.split(self.url)[2].rsplit("/", 1)[-1] if self.url else self.path.name
+        return storage.name(self.url) if self.url else self.path.name
 
     @property
     def checkpoints(self):

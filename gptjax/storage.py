@@ -34,8 +34,8 @@ from typing import Any
 
 SCHEMES = ("s3://", "gs://")
 
-__all__ = ["SCHEMES", "StorageError", "as_path", "check_writable", "create_exclusive", "files_under", "is_remote",
-           "read_bytes", "remove_tree", "working_copy"]
+__all__ = ["SCHEMES", "StorageError", "as_path", "cache_root", "cached", "check_writable", "create_exclusive",
+           "files_under", "is_remote", "read_bytes", "remove_tree", "total_size", "working_copy"]
 
 
 class StorageError(OSError):
@@ -86,6 +86,11 @@ def split(url: Any) -> tuple[str, str, str]:
 
 
 @functools.lru_cache(maxsize=None)
+def name(url: Any) -> str:
+    """The last part of ``url``'s key (a directory's name)."""
+    return split(str(url).rstrip("/"))[2].rsplit("/", 1)[-1]
+
+
 def _filesystem(scheme: str):
     import fsspec
 
@@ -200,6 +205,56 @@ def rewrite(path: Any, data: bytes) -> None:
 def delete(path: Any) -> None:
     with contextlib.suppress(FileNotFoundError):
         _fs(path).rm_file(_key(path)) if is_remote(path) else Path(path).unlink()
+
+
+# ---- objects that never change (prepared shards): a host's cache ----------------------------------------------
+def cache_root() -> Path:
+    """Where a host keeps its copies of a bucket's immutable objects: ``$GPTJAX_CACHE_DIR``, else ``gptjax-cache``
+    under ``$GPTJAX_WORK_DIR`` (default: the system's temporary directory). Shared by the host's processes and
+    runs, kept between them."""
+    explicit = os.environ.get("GPTJAX_CACHE_DIR")
+    return Path(explicit) if explicit else Path(os.environ.get("GPTJAX_WORK_DIR") or tempfile.gettempdir()) / \
+        "gptjax-cache"
+
+
+def cached(url: Any, name: str, sha256: str | None = None) -> Path:
+    """A local copy of the object at ``url`` in the host's cache under ``name``, which the caller makes name the
+    content (a prepared shard's SHA-256): downloaded the first time (checked against ``sha256`` when given: a
+    damaged download is a :class:`StorageError`, nothing is kept), under a temporary name renamed whole (a reader
+    never sees part of one; two processes fetching it at once both end with the whole file)."""
+    local = cache_root() / name
+    if local.is_file():
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        _fs(url).get_file(_key(url), str(tmp))
+        if sha256 is not None and _sha256(tmp) != sha256:
+            raise StorageError(f"{url} arrived with another SHA-256 than its manifest's: the object was changed "
+                               "after it was written (prepare the directory again)")
+        os.replace(tmp, local)
+    except (FileNotFoundError, StorageError):
+        raise
+    except Exception as e:  # noqa: BLE001 - client errors are many types; the message is what matters
+        raise _storage_error(url, e, "read") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return local
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def total_size(url: Any) -> int:
+    """Bytes of every object under ``url``."""
+    return int(_fs(url).du(_key(url))) if is_remote(url) else sum(f.stat().st_size for f in files_under(url))
 
 
 # ---- a run directory on a bucket: its working copy -------------------------------------------------------------

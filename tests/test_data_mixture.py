@@ -26,7 +26,12 @@ class Tagged:
     def __len__(self):
         return self.n
 
+    eos_id = None  # a windows source: bare windows (no document masking)
+
     def __getitem__(self, i):
+        return self.raw(i)
+
+    def raw(self, i):
         return np.array([self.tag, i])
 
 

@@ -298,6 +298,38 @@ def test_contamination_counts_and_drops_documents_sharing_a_13_gram_with_the_tas
     assert ngram_hashes("one two three four five six seven eight nine ten eleven twelve") == set()  # < 13 words
 
 
+def test_the_batch_pipeline_is_the_shuffled_stream_of_windows(tmp_path, tok):
+    """The loader reads whole batches (one grain element a batch, segments computed for all rows at once, a shard's
+    documents in one read call): its batches are, row for row, grain's shuffle of the windows source read one window
+    at a time (``PreparedWindows[i]``, ``document_segments`` per window) and ``_split``; for a mixture, grain's mix
+    of each source shuffled."""
+    import grain
+
+    from gptjax.data.batches import Mixture, _split, _stack, train_dataset
+    from gptjax.data.run_data import PreparedCorpus
+
+    sources, _ = write_sources(tmp_path)
+    prepare(sources, tok, tmp_path / "out", settings=PrepareSettings(docs_per_shard=16), progress=False)
+    corpus = PreparedCorpus(PreparedData(tmp_path / "out"), Tokenizer.load(tok))
+    plain = PreparedCorpus(corpus.data, corpus.tokenizer, document_masking=False)
+    mixture = Mixture(["a", "b"], [corpus.windows(64), corpus.windows(64)], [0.25, 0.75])  # each its own order
+    for name, windows in [("masked", corpus.windows(64)), ("unmasked", plain.windows(64)), ("mixture", mixture)]:
+        if name == "mixture":
+            stream = grain.MapDataset.mix([grain.MapDataset.source(s).shuffle(seed=7 + k).repeat(None)
+                                           for k, s in enumerate(windows.sources)], list(windows.proportions))
+        else:
+            stream = grain.MapDataset.source(windows).shuffle(seed=7).repeat(None)
+        for p in (0, 1):
+            it = iter(train_dataset(windows, 64, 8, 7, p, 2))
+            for b in range(6):
+                want = _split(_stack([stream[b * 8 + p * 4 + r] for r in range(4)]))
+                got = next(it)
+                assert list(got) == list(want), name
+                for key in want:
+                    np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name} {key}")
+                    assert got[key].dtype == want[key].dtype
+
+
 def test_global_batches_do_not_depend_on_the_process_count(tmp_path, tok):
     """Process p of P reads the p-th contiguous slice of each global batch, and every process's iterator state is
     the global batch index: the token stream (with its segments) is the same on 1, 2 or 4 processes."""

@@ -5,6 +5,7 @@ machine (another working copy) exact."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -126,6 +127,43 @@ def test_a_run_on_a_bucket_is_the_local_run_and_resumes_on_another_machine_then_
     rows = [json.loads(line) for line in storage.read_bytes(f"{url}/metrics.jsonl").splitlines()]
     redone = {k: v for k, v in losses(rows).items() if 6 < k[0] <= 12 and k in reference}
     assert redone == {k: v for k, v in reference.items() if 6 < k[0] <= 12} and redone
+
+
+@pytest.mark.slow
+def test_training_data_read_from_a_bucket_by_two_loader_processes_is_the_local_run(
+        tmp_path, bucket, s3_env, reference):
+    """The reference run's own prepared data, copied to the bucket and named as ``data.corpus``: its shards are
+    fetched into the host's cache (named by their SHA-256) and read there by two loader processes, and the losses
+    are the reference's, float for float."""
+    local_dir, reference, local_val = reference
+    url = f"{bucket}/data/small"
+    storage.push(local_dir / "data", url)
+    cfg = small_run(tmp_path / "run", "unused")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus=url, document_masking=False,
+                                                              loader_workers=2))
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    ran = cli("gptjax.cli.train", "--config", str(tmp_path / "cfg.json"), "--stop-after", "6", work=tmp_path / "host",
+              s3_env=s3_env)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    got = losses(RunDir(tmp_path / "run").read_metrics())
+    want = {k: v for k, v in reference.items() if k[0] <= 6}
+    assert want and {k: got.get(k) for k in want} == want
+    manifest = json.loads(storage.read_bytes(f"{url}/manifest.json"))
+    cached = {f.name for f in (tmp_path / "host" / "gptjax-cache" / "shards").iterdir()}
+    assert {f"{s['sha256']}.arecord" for s in manifest["shards"]["train"]} <= cached, cached
+
+
+    # a host whose disk cannot hold the directory is told so before any compute, with both sizes and the fix
+    from gptjax.data import PreparedData
+    from gptjax.data.sources import SourceError
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {**s3_env, "GPTJAX_CACHE_DIR": str(tmp_path / "small-disk")}.items():
+            mp.setenv(k, v)
+        mp.setattr("shutil.disk_usage", lambda path: collections.namedtuple("Usage", "total used free")(1, 1, 1000))
+        with pytest.raises(SourceError, match=r"holds 0\.\d GB; the cache for its shards at .*small-disk has 0\.0 GB "
+                                              r"free: point GPTJAX_CACHE_DIR to a larger disk"):
+            PreparedData(url).warm("train")
 
 
 @pytest.mark.slow

@@ -274,8 +274,14 @@ class DataConfig:
     # several prepared directories drawn by weight, {directory: weight} (GPT-3 Table 2.2); each is named by its
     # directory's name in the metrics (tokens/<name>, epochs/<name>, val_loss/<name>). Replaces data.corpus.
     mixture: dict = _f(dict, Role.TRAJECTORY, factory=True)
+    # processes that read and assemble training batches beside the trainer (0: its own thread). The batches and the
+    # saved data position are the same for any count; one process delivered 2.1M tokens/s of prepared data here
+    # (bench/loader_bench.py), so feeding 3.7M tokens/s (8 H100s on GPT-2 small) takes two or more
+    loader_workers: int = _f(0, Role.EXECUTION)
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.loader_workers, int) and self.loader_workers >= 0,
+               f"data.loader_workers={self.loader_workers!r}: a count of processes, 0 or more")
         _check(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         for path, weight in self.mixture.items():
             _check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,

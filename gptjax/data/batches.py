@@ -14,13 +14,15 @@ in checkpoints.
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Sequence
 
 import grain
 import numpy as np
 
+from gptjax import storage
 from gptjax.data.corpus import CorpusError
-from gptjax.data.shards import PreparedData, lengths_file
+from gptjax.data.shards import PreparedData
 from gptjax.data.sources import SourceError
 from gptjax.runs import fault_reason
 
@@ -55,8 +57,14 @@ class Mixture:
     def __len__(self) -> int:
         return min(len(s) for s in self.sources)
 
-    def stream(self, seed: int) -> grain.MapDataset:
-        return grain.MapDataset.mix([grain.MapDataset.source(s).shuffle(seed=seed + k).repeat(None)
+    @property
+    def eos_id(self) -> int | None:
+        return self.sources[0].eos_id  # one tokenizer for all (run_data.prepare_corpus checks)
+
+    def order(self, seed: int) -> grain.MapDataset:
+        """Element ``i`` of the mixed stream as ``(source, window)``: each source's windows shuffled and repeated,
+        mixed by weight."""
+        return grain.MapDataset.mix([shuffled(len(s), seed + k).map(functools.partial(_tagged, k))
                                      for k, s in enumerate(self.sources)], list(self.proportions))
 
     def drawn(self, n: int) -> dict[str, int]:
@@ -77,12 +85,15 @@ def data_position(source: PackedWindows | PreparedWindows | Mixture, samples: in
 
 
 def document_segments(window: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Segment ids and positions of a window of the token stream, where every document ends with ``</s>``: a
-    segment starts after each ``</s>`` (and at the window's start), and positions count from 0 in each."""
-    ends = window[:-1] == eos_id
-    segment = np.concatenate([[0], np.cumsum(ends)]).astype(np.int32)
-    starts = np.concatenate([[0], np.flatnonzero(ends) + 1])
-    return segment, (np.arange(len(window)) - starts[segment]).astype(np.int32)
+    """Segment ids and positions of a window of the token stream (or of each row of a batch of windows), where
+    every document ends with ``</s>``: a segment starts after each ``</s>`` (and at the window's start), and
+    positions count from 0 in each."""
+    ends = window[..., :-1] == eos_id
+    first = np.ones(window.shape[:-1] + (1,), bool)
+    segment = np.concatenate([~first, ends], axis=-1).cumsum(axis=-1, dtype=np.int32)
+    index = np.broadcast_to(np.arange(window.shape[-1], dtype=np.int32), window.shape)
+    starts = np.maximum.accumulate(np.where(np.concatenate([first, ends], axis=-1), index, 0), axis=-1)
+    return segment, index - starts
 
 
 def _window(tokens: np.ndarray, eos_id: int | None) -> np.ndarray | dict[str, np.ndarray]:
@@ -90,6 +101,16 @@ def _window(tokens: np.ndarray, eos_id: int | None) -> np.ndarray | dict[str, np
         return tokens
     segment, positions = document_segments(tokens, eos_id)
     return {"tokens": tokens, "segment_ids": segment, "positions": positions}
+
+
+def shuffled(n: int, seed: int) -> grain.MapDataset:
+    """Window indices ``0..n-1`` shuffled with ``seed``, reshuffled every epoch, repeated: grain's shuffle over an
+    index range (13 us an element here, 32 us over a data source, whose every read grain also instruments)."""
+    return grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
+
+
+def _tagged(k: int, j: int) -> tuple[int, int]:
+    return k, j
 
 
 class PackedWindows:
@@ -104,8 +125,11 @@ class PackedWindows:
         return self.n
 
     def __getitem__(self, i: int) -> np.ndarray | dict[str, np.ndarray]:
+        return _window(self.raw(i), self.eos_id)
+
+    def raw(self, i: int) -> np.ndarray:
         start = int(i) * self.seq_len
-        return _window(np.asarray(self.tokens[start: start + self.seq_len + 1], dtype=np.int32), self.eos_id)
+        return np.asarray(self.tokens[start: start + self.seq_len + 1], dtype=np.int32)
 
 
 class ShardReadError(SourceError):
@@ -120,7 +144,7 @@ class PreparedWindows:
 
     def __init__(self, data: PreparedData, split: str, seq_len: int, eos_id: int | None = None,
                  open_shards: int = 64):
-        self.data, self.seq_len, self.eos_id, self.open_shards = data, seq_len, eos_id, open_shards
+        self.data, self.split, self.seq_len, self.eos_id, self.open_shards = data, split, seq_len, eos_id, open_shards
         self.files = data.files(split)
         self.shard_start = np.concatenate([[0], np.cumsum([s["tokens"] for s in data.manifest["shards"][split]])])
         self.n = max(0, (int(self.shard_start[-1]) - 1) // seq_len)
@@ -130,8 +154,14 @@ class PreparedWindows:
     def __len__(self) -> int:
         return self.n
 
+    def __getstate__(self) -> dict:  # to a loader worker: without this process's open readers
+        return {**self.__dict__, "_open": collections.OrderedDict()}
+
     def __getitem__(self, i: int) -> np.ndarray | dict[str, np.ndarray]:
-        return _window(self.tokens(int(i) * self.seq_len, self.seq_len + 1), self.eos_id)
+        return _window(self.raw(i), self.eos_id)
+
+    def raw(self, i: int) -> np.ndarray:
+        return self.tokens(int(i) * self.seq_len, self.seq_len + 1)
 
     def _shard(self, k: int):
         if k in self._open:
@@ -140,10 +170,12 @@ class PreparedWindows:
         from array_record.python.array_record_module import ArrayRecordReader
 
         try:  # random access: no read-ahead (its buffers were most of the loader's memory, and wasted on a window)
-            reader = ArrayRecordReader(str(self.files[k]), "readahead_buffer_size:0")
+            shard, lengths = self.data.local_files(self.split, k)  # a bucket's: from the host's cache
+            reader = ArrayRecordReader(str(shard), "readahead_buffer_size:0")
             if k not in self._starts:
-                self._starts[k] = np.concatenate([[0], np.cumsum(np.load(lengths_file(self.files[k]))
-                                                                 .astype(np.int64))])
+                self._starts[k] = np.concatenate([[0], np.cumsum(np.load(lengths).astype(np.int64))])
+        except storage.StorageError:
+            raise
         except (OSError, ValueError, RuntimeError) as e:  # array_record raises these for a damaged file
             raise ShardReadError(self._damaged(k, None, e)) from None
         self._open[k] = (reader, self._starts[k])
@@ -158,7 +190,9 @@ class PreparedWindows:
                 "inputs prepares the damaged ones again, to the same bytes")
 
     def tokens(self, start: int, count: int) -> np.ndarray:
-        """``count`` tokens of the stream from position ``start``."""
+        """``count`` tokens of the stream from position ``start``: the documents they lie in are read with one call
+        per shard (a record read decompresses its 64-record chunk: 64 us for one record, 62 us for three together;
+        a 257-token window of the loader benchmark's corpus spans about three documents)."""
         out = np.empty(count, np.int32)
         filled = 0
         while filled < count:
@@ -166,15 +200,18 @@ class PreparedWindows:
             k = int(np.searchsorted(self.shard_start, g, side="right")) - 1
             reader, doc_start = self._shard(k)
             local = g - int(self.shard_start[k])
-            j = int(np.searchsorted(doc_start, local, side="right")) - 1
+            end = min(local + count - filled, int(doc_start[-1]))
+            first = int(np.searchsorted(doc_start, local, side="right")) - 1
+            last = int(np.searchsorted(doc_start, end, side="left"))  # documents [first, last) hold [local, end)
             try:
-                doc = np.frombuffer(reader.read([j])[0], self.data.dtype)
+                docs = np.frombuffer(b"".join(reader.read(list(range(first, last)))), self.data.dtype)
             except (OSError, ValueError, RuntimeError, IndexError) as e:
-                raise ShardReadError(self._damaged(k, j, e)) from None
-            off = local - int(doc_start[j])
-            take = min(len(doc) - off, count - filled)
-            out[filled: filled + take] = doc[off: off + take]
-            filled += take
+                raise ShardReadError(self._damaged(k, first, e)) from None
+            off = local - int(doc_start[first])
+            if len(docs) < off + end - local:  # records shorter than the lengths file says
+                raise ShardReadError(self._damaged(k, first, ValueError("a record is shorter than its length")))
+            out[filled: filled + end - local] = docs[off: off + end - local]
+            filled += end - local
         return out
 
 
@@ -188,28 +225,96 @@ def _split(batch: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"inputs": batch[:, :-1], "targets": batch[:, 1:], "loss_mask": np.ones(batch[:, 1:].shape, np.float32)}
 
 
+def _split_windows(windows: np.ndarray, eos_id: int | None) -> dict[str, np.ndarray]:
+    """A batch of bare windows (``[rows, seq_len + 1]``) split as :func:`_split` splits them, the segments of all
+    rows computed at once."""
+    if eos_id is None:
+        return _split(windows)
+    segment, positions = document_segments(windows, eos_id)
+    return _split({"tokens": windows, "segment_ids": segment, "positions": positions})
+
+
 def train_dataset(tokens: np.ndarray | PackedWindows | PreparedWindows | Mixture, seq_len: int, global_batch: int,
-                  seed: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                  seed: int, process_index: int = 0, process_count: int = 1, workers: int = 0) -> "Batches":
     """Infinite iterator dataset of this process's share (``global_batch / process_count`` rows) of each batch,
-    over a token array or a windows source (``corpus.windows(seq_len)``)."""
+    over a token array or a windows source (``corpus.windows(seq_len)``: ``len``, ``raw(i)`` the i-th window's
+    ``seq_len + 1`` tokens, ``eos_id`` None or the end-of-document id that document masking segments by), read by ``workers`` processes
+    (:class:`Batches`)."""
     if global_batch % process_count:
         raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
     source = PackedWindows(tokens, seq_len) if isinstance(tokens, np.ndarray) else tokens
     if len(source) < global_batch:
         raise CorpusError(f"the training split has {len(source)} sequences of {seq_len + 1} tokens, fewer than one "
                           f"batch of {global_batch}; use a larger corpus or smaller batch/seq_len")
-    if isinstance(source, Mixture):
-        stream = source.stream(seed)
-    else:
-        stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    mixture = isinstance(source, Mixture)
+    order = source.order(seed) if mixture else shuffled(len(source), seed)
     per = global_batch // process_count
     # global batch b is elements [b * global_batch, (b + 1) * global_batch) of the shuffled stream, whatever the
     # process count; this process reads its contiguous slice of each. The iterator's state (batches taken) is
-    # then the same number on every process, so a run saved on P processes resumes on any other count.
-    rows = grain.MapDataset.range(len(stream)).map(
-        lambda j: stream[(j // per) * global_batch + process_index * per + j % per])
-    ds = rows.batch(per, drop_remainder=True).map(_split)
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+    # then the same number on every process, so a run saved on P processes resumes on any other count. An element
+    # of the pipeline is a whole batch, read by this function (segments computed for all rows at once): with a
+    # grain element per window, grain's own work per element was most of the loader's time (0.35M tokens/s
+    # delivered, against 1.2M now; bench/loader_bench.py).
+
+    def batch(b: int) -> dict[str, np.ndarray]:
+        first = b * global_batch + process_index * per
+        picks = [order[first + r] for r in range(per)]
+        rows = [source.sources[k].raw(j) for k, j in picks] if mixture else [source.raw(j) for j in picks]
+        return _split_windows(np.stack(rows), source.eos_id)
+
+    return Batches(grain.MapDataset.range(len(order) // global_batch).map(batch), workers)
+
+
+class Batches(grain.IterDataset):
+    """A map dataset of batches iterated in order, read beside the trainer: by ``workers`` processes (grain's
+    ``mp_prefetch``), or with 0 by one thread of the trainer's process."""
+
+    def __init__(self, batches: grain.MapDataset, workers: int = 0):
+        super().__init__()
+        self.batches, self.workers = batches, workers
+
+    def __iter__(self) -> "BatchIterator":
+        return BatchIterator(self.batches, self.workers)
+
+
+class BatchIterator(grain.DatasetIterator):
+    """The batches from ``next_index`` on. Its state is ``{"next_index": batches taken}`` for any worker count
+    (grain's multiprocess iterator saves one state per worker, which another worker count cannot restore): the
+    readers are started from that batch, afresh after ``set_state``."""
+
+    def __init__(self, batches: grain.MapDataset, workers: int):
+        super().__init__()
+        self._batches, self._workers, self._next, self._it = batches, workers, 0, None
+
+    def _start(self):
+        ds = self._batches[self._next:].to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+        if self._workers:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a gptjax script parses none
+                flags.FLAGS.mark_as_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers, per_worker_buffer_size=4))
+        return iter(ds)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            self._it = self._start()
+        batch = next(self._it)
+        self._next += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"next_index": self._next}
+
+    def set_state(self, state: dict) -> None:
+        self.close()
+        self._next = int(state["next_index"])
+
+    def close(self) -> None:
+        """Stop the readers (worker processes end with them)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "close"):
+            it.close()
 
 
 def eval_batches(tokens: np.ndarray | PackedWindows | PreparedWindows, seq_len: int, batch: int,

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
+from gptjax import storage
 from gptjax.config import DataConfig
 from gptjax.data.batches import Mixture, PreparedWindows
 from gptjax.data.corpus import CorpusError
@@ -29,6 +30,7 @@ class PreparedCorpus:
         self.n_docs = (totals["train"]["documents"], totals["val"]["documents"])
 
     def windows(self, seq_len: int) -> "PreparedWindows":
+        self.data.warm("train")  # a bucket's shards: into the host's cache, beside the training
         return PreparedWindows(self.data, "train", seq_len, self._eos())
 
     def eval_windows(self, seq_len: int) -> "PreparedWindows":
@@ -82,7 +84,7 @@ def prepare_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Pat
 
 def names_prepared_data(cfg: DataConfig) -> bool:
     """The corpus is prepared already (a directory, or a mixture of them), not a text file prepared on the fly."""
-    return bool(cfg.mixture) or Path(cfg.corpus).expanduser().is_dir()
+    return bool(cfg.mixture) or storage.is_remote(cfg.corpus) or Path(cfg.corpus).expanduser().is_dir()
 
 
 def run_corpus(cfg: DataConfig, vocab_size: int, run_dir: RunDir | str | Path) -> PreparedCorpus | MixtureCorpus:
@@ -103,7 +105,7 @@ def open_prepared(cfg: DataConfig, vocab_size: int, run: RunDir) -> PreparedCorp
     tokenizer (or ``data.tokenizer``, which must be the same one; every directory of a mixture must share it) is
     copied into the run directory."""
     paths = list(cfg.mixture) or [cfg.corpus]
-    names = [Path(p).expanduser().resolve().name for p in paths]
+    names = [storage.name(p) if storage.is_remote(p) else Path(p).expanduser().resolve().name for p in paths]
     if len(set(names)) < len(names):
         raise CorpusError(f"data.mixture: the directories {paths} do not have distinct names, which name them in "
                           "the metrics; rename (or link) one")
@@ -111,7 +113,7 @@ def open_prepared(cfg: DataConfig, vocab_size: int, run: RunDir) -> PreparedCorp
     for path in paths:
         field = f"data.mixture[{path!r}]" if cfg.mixture else f"data.corpus={path}"
         try:
-            data = PreparedData(Path(path).expanduser())
+            data = PreparedData(path if storage.is_remote(path) else Path(path).expanduser())
             if tok is None:
                 tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else data.tokenizer()
             data.check_tokenizer(tok)

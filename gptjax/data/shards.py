@@ -24,12 +24,14 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from gptjax import storage
 from gptjax.config import DataConfig
 from gptjax.data.corpus import CorpusError, corpus_documents, fingerprint, train_val_documents
 from gptjax.data.sources import SourceError, check_source, file_sha256, read_documents
@@ -381,15 +383,20 @@ class PreparedData:
     """A prepared directory: its manifest, shard files and documents (token arrays, each ending with ``</s>``)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.url = str(path).rstrip("/") if storage.is_remote(path) else None  # a prepared directory in a bucket
+        self.path = storage.as_path(path)
         manifest = self.path / MANIFEST
-        if not manifest.is_file():
+        try:
+            text = storage.read_bytes(manifest)
+        except (OSError, ValueError) as e:
+            raise SourceError(f"{manifest} does not read ({fault_reason(e)})") from None
+        if text is None:
             why = "it is still being prepared (or was killed: run gptjax-data prepare again to finish it)" \
                 if (self.path / PROGRESS).exists() else "no manifest.json: prepare it with gptjax-data prepare"
             raise SourceError(f"{self.path} is not a prepared data directory: {why}")
         try:
-            self.manifest = json.loads(manifest.read_text())
-        except (OSError, ValueError) as e:
+            self.manifest = json.loads(text)
+        except ValueError as e:
             raise SourceError(f"{manifest} does not read ({type(e).__name__}: {e}): the directory is damaged; "
                               "prepare it again") from None
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
@@ -399,11 +406,45 @@ class PreparedData:
     def files(self, split: str) -> list[Path]:
         return [self.path / s["file"] for s in self.manifest["shards"][split]]
 
+    def local_files(self, split: str, k: int) -> tuple[Path, Path]:
+        """Shard ``k`` of ``split`` and its lengths file as local files to read: a bucket's are fetched into the
+        host's cache the first time (named by the shard's SHA-256, checked on arrival; ``storage.cached``)."""
+        entry = self.manifest["shards"][split][k]
+        shard = self.path / entry["file"]
+        if self.url is None:
+            return shard, lengths_file(shard)
+        return (storage.cached(shard, f"shards/{entry['sha256']}.arecord", entry["sha256"]),
+                storage.cached(lengths_file(shard), f"shards/{entry['sha256']}.lengths.npy"))
+
+    def warm(self, split: str) -> None:
+        """For a directory in a bucket: refuse one the host's cache cannot hold (a :class:`SourceError` naming
+        both sizes), then fetch the shards of ``split`` into it in a background thread, in order, while training
+        starts (a window whose shard has not arrived fetches it itself). A global shuffle reads every shard of the
+        split in every stretch of steps, so the cache holds the whole directory: its disk bound."""
+        if self.url is None:
+            return
+        root = storage.cache_root()
+        root.mkdir(parents=True, exist_ok=True)
+        need, free = storage.total_size(self.url), shutil.disk_usage(root).free
+        have = sum(f.stat().st_size for f in root.glob("shards/*") if f.is_file())
+        if need > free + have:
+            raise SourceError(f"{self.url} holds {need / 1e9:.1f} GB; the cache for its shards at {root} has "
+                              f"{free / 1e9:.1f} GB free: point GPTJAX_CACHE_DIR to a larger disk")
+
+        def fetch() -> None:
+            for k in range(len(self.manifest["shards"][split])):
+                try:
+                    self.local_files(split, k)
+                except Exception:  # noqa: BLE001 - the read that needs the shard reports the problem
+                    return
+
+        threading.Thread(target=fetch, name=f"gptjax-fetch-{split}", daemon=True).start()
+
     def tokenizer(self) -> Tokenizer:
         """The tokenizer the shards were made with: the directory's copy (or, in a directory prepared before
         copies were kept, the file the manifest names)."""
-        own = self.path / TOKENIZER
-        tok = Tokenizer.load(own if own.exists() else self.manifest["tokenizer"]["path"])
+        own = storage.read_bytes(self.path / TOKENIZER)
+        tok = Tokenizer(own) if own is not None else Tokenizer.load(self.manifest["tokenizer"]["path"])
         self.check_tokenizer(tok)
         return tok
 
@@ -432,7 +473,8 @@ class PreparedData:
                 if file_sha256(path) != shard["sha256"]:
                     problems[path] = "its SHA-256 differs from the manifest's (the file changed after it was written)"
                     continue
-                lengths = np.load(lengths_file(path))
+                with lengths_file(path).open("rb") as f:
+                    lengths = np.load(f)
                 if len(lengths) != shard["documents"] or int(lengths.sum()) != shard["tokens"]:
                     problems[path] = (f"its lengths file holds {len(lengths)} documents, {int(lengths.sum())} "
                                       f"tokens; the manifest says {shard['documents']} and {shard['tokens']}")
@@ -443,8 +485,8 @@ class PreparedData:
     def documents(self, split: str) -> Iterator[np.ndarray]:
         from array_record.python.array_record_module import ArrayRecordReader
 
-        for path in self.files(split):
-            reader = ArrayRecordReader(str(path))
+        for k in range(len(self.files(split))):
+            reader = ArrayRecordReader(str(self.local_files(split, k)[0]))
             try:
                 for i in range(0, reader.num_records(), 1024):
                     for rec in reader.read(list(range(i, min(i + 1024, reader.num_records())))):

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
+from gptjax import storage
+
 BAD_ROWS = ("refuse", "skip")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".ndjson")
 
@@ -56,7 +58,7 @@ def source_format(path: Path) -> str:
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.as_path(path).open("rb") as f:  # a local file, or an object in a bucket (read as a stream)
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

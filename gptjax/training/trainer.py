@@ -147,7 +147,7 @@ def _train_steps(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int
     program = Program(cfg, mesh)
     windows = corpus.windows(t.seq_len)
     data_iter = iter(train_dataset(windows, t.seq_len, t.batch_size, t.seed, jax.process_index(),
-                                   jax.process_count()))
+                                   jax.process_count(), cfg.data.loader_workers))
     state = policy.initial_state(program, data_iter)
     start = int(jax.device_get(state["step"]))
     end = t.steps if stop_after is None else min(stop_after, t.steps)
@@ -195,6 +195,7 @@ def _train_steps(cfg: RunConfig, policy: CheckpointPolicy, mesh, stop_after: int
     except ShardReadError as e:
         raise last_good.stop(e) from None
     finally:
+        data_iter.close()  # its reader processes, with data.loader_workers
         profile.close()
         preemption.close()
         reporter.close()
