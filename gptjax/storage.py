@@ -35,7 +35,7 @@ from typing import Any
 SCHEMES = ("s3://", "gs://")
 
 __all__ = ["SCHEMES", "StorageError", "as_path", "cache_root", "cached", "check_writable", "create_exclusive",
-           "files_under", "is_remote", "read_bytes", "remove_tree", "total_size", "working_copy"]
+           "files_under", "is_remote", "name", "push", "read_bytes", "remove_tree", "total_size", "working_copy"]
 
 
 class StorageError(OSError):
@@ -255,6 +255,16 @@ def _sha256(path: Path) -> str:
 def total_size(url: Any) -> int:
     """Bytes of every object under ``url``."""
     return int(_fs(url).du(_key(url))) if is_remote(url) else sum(f.stat().st_size for f in files_under(url))
+
+
+def staging_dir(url: Any) -> Path:
+    """A local directory in which something bound for ``url`` is made before it is copied up: under
+    ``$GPTJAX_WORK_DIR`` (default: the system's temporary directory), named by the URL, so that work cut short is
+    found again by the next attempt on this machine."""
+    import hashlib
+
+    root = Path(os.environ.get("GPTJAX_WORK_DIR") or tempfile.gettempdir())
+    return root / f"gptjax-staging-{name(url)}-{hashlib.sha256(str(url).rstrip('/').encode()).hexdigest()[:12]}"
 
 
 # ---- a run directory on a bucket: its working copy -------------------------------------------------------------

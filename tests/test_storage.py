@@ -166,6 +166,29 @@ def test_training_data_read_from_a_bucket_by_two_loader_processes_is_the_local_r
             PreparedData(url).warm("train")
 
 
+def test_gptjax_data_prepares_from_a_bucket_into_a_bucket_the_bytes_it_prepares_locally(
+        tmp_path, bucket, s3_env, reference, small_corpus):
+    local_dir = reference[0]
+    tok = local_dir / "data" / "tokenizer.model"
+    storage.as_path(f"{bucket}/src/austen.txt").write_bytes(small_corpus.read_bytes())
+    args = ["--tokenizer", str(tok), "--docs-per-shard", "64", "--no-progress"]
+    here = cli("gptjax.cli.data", "prepare", str(small_corpus), *args, "--out", str(tmp_path / "local"),
+               work=tmp_path / "w", s3_env=s3_env)
+    assert here.returncode == 0, here.stderr[-3000:]
+    url = f"{bucket}/prepared/austen"
+    there = cli("gptjax.cli.data", "prepare", f"{bucket}/src/austen.txt", *args, "--out", url, work=tmp_path / "w",
+                s3_env=s3_env)
+    assert there.returncode == 0, there.stderr[-3000:]
+    mine = json.loads((tmp_path / "local" / "manifest.json").read_text())
+    theirs = json.loads(storage.read_bytes(f"{url}/manifest.json"))
+    assert [s["sha256"] for s in theirs["shards"]["train"]] == [s["sha256"] for s in mine["shards"]["train"]]
+    assert len(mine["shards"]["train"]) > 1 and theirs["sources"][0]["path"] == f"{bucket}/src/austen.txt"
+    assert set(objects(url)) == {p.name for p in (tmp_path / "local").iterdir()}
+    assert not list((tmp_path / "w").glob("gptjax-staging-*"))  # the staging directory went once copied up
+    verified = cli("gptjax.cli.data", "verify", url, "--no-progress", work=tmp_path / "w", s3_env=s3_env)
+    assert verified.returncode == 0 and "intact" in verified.stdout, verified.stdout + verified.stderr
+
+
 @pytest.mark.slow
 def test_a_server_gone_15_s_mid_run_is_ridden_through_and_one_gone_for_good_is_one_line_and_a_resume(
         tmp_path, small_corpus, bucket, s3_env, reference):

@@ -238,8 +238,8 @@ def train_dataset(tokens: np.ndarray | PackedWindows | PreparedWindows | Mixture
                   seed: int, process_index: int = 0, process_count: int = 1, workers: int = 0) -> "Batches":
     """Infinite iterator dataset of this process's share (``global_batch / process_count`` rows) of each batch,
     over a token array or a windows source (``corpus.windows(seq_len)``: ``len``, ``raw(i)`` the i-th window's
-    ``seq_len + 1`` tokens, ``eos_id`` None or the end-of-document id that document masking segments by), read by ``workers`` processes
-    (:class:`Batches`)."""
+    ``seq_len + 1`` tokens, ``eos_id`` None or the end-of-document id that document masking segments by), read
+    by ``workers`` processes (:class:`Batches`)."""
     if global_batch % process_count:
         raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
     source = PackedWindows(tokens, seq_len) if isinstance(tokens, np.ndarray) else tokens

@@ -215,6 +215,8 @@ def prepare(sources: Sequence[str | Path], tokenizer_path: str | Path, out: str 
     bytes). A call that fails before it wrote a shard leaves no ``out`` it created (a refused preparation left a
     progress file and a tokenizer there, and the corrected re-run was refused as "a preparation of other
     inputs")."""
+    if storage.is_remote(out):
+        return _prepare_to_bucket(sources, tokenizer_path, str(out).rstrip("/"), workers, settings, progress)
     out = Path(out)
     created = not out.exists()
     try:
@@ -223,6 +225,27 @@ def prepare(sources: Sequence[str | Path], tokenizer_path: str | Path, out: str 
         if created and out.is_dir() and not any(out.glob("*.arecord")):
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def _prepare_to_bucket(sources: Sequence[str | Path], tokenizer_path: str | Path, url: str, workers: int,
+                       settings: PrepareSettings, progress: bool) -> dict:
+    """``prepare`` into a bucket: the directory is prepared in a local staging directory (under
+    ``$GPTJAX_WORK_DIR``, named by the URL, so that a run killed on this machine resumes there), then copied up
+    with ``manifest.json`` last (a directory in the bucket is complete exactly when it has one), then the staging
+    directory is removed. A bucket directory that is complete already is checked and returned."""
+    storage.check_writable(url)
+    if storage.read_bytes(f"{url}/{MANIFEST}") is not None:
+        data = PreparedData(url)
+        problems = data.verify(progress=progress)
+        if not problems:
+            return data.manifest
+        log.warning("%s: %d damaged shards; preparing them again", url, len(problems))
+    staging = storage.staging_dir(url)
+    manifest = prepare(sources, tokenizer_path, staging, workers=workers, settings=settings, progress=progress)
+    storage.push(staging, url, skip=(MANIFEST,))
+    storage.as_path(f"{url}/{MANIFEST}").write_bytes((staging / MANIFEST).read_bytes())
+    shutil.rmtree(staging, ignore_errors=True)
+    return manifest
 
 
 def _prepare(sources: Sequence[str | Path], tokenizer_path: str | Path, out: Path, workers: int,
@@ -234,14 +257,14 @@ def _prepare(sources: Sequence[str | Path], tokenizer_path: str | Path, out: Pat
     if settings.docs_per_shard < 1 or not 0 <= settings.val_fraction < 1:
         raise SourceError(f"docs_per_shard={settings.docs_per_shard} must be >= 1 and val_fraction="
                           f"{settings.val_fraction} in [0, 1)")
-    paths = [Path(s) for s in sources]
+    paths = [storage.as_path(s) for s in sources]  # local files or objects in a bucket
     if not paths:
         raise SourceError("no sources given")
     for p in paths:
         check_source(p)
     tok = Tokenizer.load(tokenizer_path)
     tokenizer = _tokenizer_record(tok, tokenizer_path)
-    src = [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in paths]
+    src = [{"path": str(p), "bytes": storage.size(p), "sha256": file_sha256(p)} for p in paths]
     identity = _identity(src, tokenizer, settings)
 
     out.mkdir(parents=True, exist_ok=True)

@@ -67,15 +67,15 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 def _open_binary(path: Path) -> IO[bytes]:
     name = path.name.lower()
     if name.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.open(path.open("rb"), "rb")
     if name.endswith(".zst"):
         try:
             import zstandard
         except ImportError:
             raise SourceError(f"{path}: reading .zst needs the zstandard package (pip install 'gptjax[data]')") \
                 from None
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True))
+    return path.open("rb")  # a local file, or an object in a bucket (a stream: epath over fsspec)
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -92,8 +92,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
 def read_documents(path: str | Path, *, text_field: str = "text", doc_pattern: str | None = None,
                    bad_rows: str = "refuse", counts: dict | None = None) -> Iterator[Document]:
-    """The documents of one source file, in file order (module docstring)."""
-    path = Path(path)
+    """The documents of one source file (local, or ``s3://`` / ``gs://``), in file order (module docstring)."""
+    path = storage.as_path(path)
     counts = {} if counts is None else counts
     counts.setdefault("documents", 0)
     counts.setdefault("skipped", {})
@@ -165,7 +165,7 @@ def _parquet(path: Path, *, text_field: str, bad_rows: str, counts: dict, **_) -
     except ImportError:
         raise SourceError(f"{path}: reading Parquet needs pyarrow (pip install 'gptjax[data]')") from None
     try:
-        f = pq.ParquetFile(path)
+        f = pq.ParquetFile(path.open("rb"))
     except Exception as e:  # noqa: BLE001 - pyarrow's errors for a file that is not Parquet vary by version
         raise SourceError(f"{path} is not a Parquet file: {e}") from None
     columns = f.schema_arrow.names
