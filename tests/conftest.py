@@ -70,9 +70,9 @@ def small_corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def s3_env() -> dict:
-    """The environment that points the clients at the S3 server on loopback (``tools/storage_servers``, which
-    ``.ci/run`` starts; started here if it is not up)."""
+def storage_env() -> dict:
+    """The environment that points the clients at the S3 server and the GCS emulator on loopback
+    (``tools/storage_servers``, which ``.ci/run`` starts; started here if they are not up)."""
     r = subprocess.run([Path(__file__).resolve().parents[1] / "tools" / "storage_servers", "up"],
                        capture_output=True, text=True, timeout=120,
                        env={**os.environ, "GPTJAX_PYTHON": sys.executable})
@@ -84,9 +84,19 @@ def s3_env() -> dict:
 
 
 @pytest.fixture
-def bucket(s3_env) -> str:
+def bucket(storage_env) -> str:
     import boto3
 
     name = f"gptjax-test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def gs_bucket(storage_env) -> str:
+    """A fresh bucket on the GCS emulator (which serves files, not TensorStore's checkpoints: tools/storage_servers)."""
+    from google.cloud import storage
+
+    name = f"gptjax-test-{uuid.uuid4().hex[:12]}"
+    storage.Client().create_bucket(name)
+    return f"gs://{name}"

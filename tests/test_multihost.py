@@ -149,14 +149,14 @@ def test_a_checkpoint_resumes_on_another_process_count(tmp_path, small_corpus, r
     spec = json.loads(open(cfg).read())
     spec["train"]["run_dir"] = url
     open(cfg, "w").write(json.dumps(spec))
-    s3_env = request.getfixturevalue("s3_env")
+    storage_env = request.getfixturevalue("storage_env")
     hosts = [tmp_path / f"host{i}" for i in range(3)]
-    run_processes(cfg, 2, 2, "--stop-after", "4", env=lambda i: {**s3_env, "GPTJAX_WORK_DIR": str(hosts[i])})
+    run_processes(cfg, 2, 2, "--stop-after", "4", env=lambda i: {**storage_env, "GPTJAX_WORK_DIR": str(hosts[i])})
     held = [str(p) for p in storage.files_under(f"{url}/checkpoints/4")]
     assert {f"{url}/checkpoints/4/data/process_{i}-of-2.json" for i in range(2)} <= set(held), held
     assert not storage.read_bytes(f"{url}/writer.lock") and not any(any(h.iterdir()) for h in hosts[:2])
     assert not Path("s3:").exists(), "the bucket's URL was taken for a local path (in the processes' directory)"
-    outs = run_processes(cfg, 1, 4, "--resume", env=lambda i: {**s3_env, "GPTJAX_WORK_DIR": str(hosts[2])})
+    outs = run_processes(cfg, 1, 4, "--resume", env=lambda i: {**storage_env, "GPTJAX_WORK_DIR": str(hosts[2])})
     assert "steps 4->8" in outs[0]
     resumed = json.loads(storage.read_bytes(f"{url}/summary.json"))
     assert resumed["final_step"] == 8 and not any(".damaged-" in str(p) for p in storage.files_under(url))

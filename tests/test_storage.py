@@ -31,9 +31,9 @@ def objects(url: str) -> list[str]:
     return [str(p)[len(base) + 1:] for p in storage.files_under(url)]
 
 
-def cli(*args: str, work: Path, s3_env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+def cli(*args: str, work: Path, storage_env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([*PY, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**cpu_env(8), **s3_env, "GPTJAX_WORK_DIR": str(work)})  # the suite's 8 devices
+                          env={**cpu_env(8), **storage_env, "GPTJAX_WORK_DIR": str(work)})  # the suite's 8 devices
 
 
 def losses(rows: list[dict]) -> dict:
@@ -68,13 +68,13 @@ def bucket_losses(url: str) -> dict:
 
 @pytest.mark.slow
 def test_a_run_on_a_bucket_is_the_local_run_and_resumes_on_another_machine_then_falls_back_past_damage(
-        tmp_path, small_corpus, bucket, s3_env, reference):
+        tmp_path, small_corpus, bucket, storage_env, reference):
     local_dir, reference, local_val = reference
     url = f"{bucket}/runs/a"
     cfg_file = bucket_config(tmp_path, small_corpus, url)
 
     first = cli("gptjax.cli.train", "--config", str(cfg_file), "--stop-after", "6", work=tmp_path / "machine-a",
-                s3_env=s3_env)
+                storage_env=storage_env)
     assert first.returncode == 0, first.stderr[-3000:]
     held = objects(url)
     assert {"config.json", "metrics.jsonl", "tokenizer.model", "checkpoints/6/commit_success.txt",
@@ -83,7 +83,7 @@ def test_a_run_on_a_bucket_is_the_local_run_and_resumes_on_another_machine_then_
     assert not list((tmp_path / "machine-a").iterdir())  # the working copy went with the process
 
     # another machine: nothing local but the bucket's URL (the corpus file is not needed: the prepared data is there)
-    second = cli("gptjax.cli.train", "--run-dir", url, "--resume", work=tmp_path / "machine-b", s3_env=s3_env)
+    second = cli("gptjax.cli.train", "--run-dir", url, "--resume", work=tmp_path / "machine-b", storage_env=storage_env)
     assert second.returncode == 0, second.stderr[-3000:]
     run = json.loads(storage.read_bytes(f"{url}/summary.json"))
     assert run["final_step"] == 12 and run["checkpoints"] == f"{url}/checkpoints"
@@ -98,7 +98,7 @@ def test_a_run_on_a_bucket_is_the_local_run_and_resumes_on_another_machine_then_
 
     export_run(local_dir, tmp_path / "hf-local", progress=False)
     exported = cli("gptjax.cli.export", "--run-dir", url, "--out", str(tmp_path / "hf-bucket"), "--no-progress",
-                   work=tmp_path / "reader", s3_env=s3_env)
+                   work=tmp_path / "reader", storage_env=storage_env)
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert f"exported step 12 of {url}" in exported.stdout
     assert (tmp_path / "hf-bucket" / "model.safetensors").read_bytes() == \
@@ -106,18 +106,18 @@ def test_a_run_on_a_bucket_is_the_local_run_and_resumes_on_another_machine_then_
 
     # and imported into a bucket: a step-0 run there (the checkpoint first, then the files that make it a run)
     imported = cli("gptjax.cli.import_hf", str(tmp_path / "hf-bucket"), "--run-dir", f"{bucket}/imported",
-                   work=tmp_path / "reader", s3_env=s3_env)
+                   work=tmp_path / "reader", storage_env=storage_env)
     assert imported.returncode == 0, imported.stderr[-3000:]
     assert {"config.json", "import.json", "checkpoints/0/commit_success.txt"} <= set(objects(f"{bucket}/imported"))
     again = cli("gptjax.cli.import_hf", str(tmp_path / "hf-bucket"), "--run-dir", f"{bucket}/imported",
-                work=tmp_path / "reader", s3_env=s3_env)
+                work=tmp_path / "reader", storage_env=storage_env)
     assert again.returncode == 0 and "already holds this import" in again.stdout + again.stderr
 
     # the newest checkpoint damaged in the bucket: the resume falls back to step 6, moves 12 aside, and retrains
     # steps 7-12 exactly (the extension keeps the schedule)
     storage.delete(f"{url}/checkpoints/12/state/manifest.ocdbt")
     third = cli("gptjax.cli.train", "--run-dir", url, "--resume", "--extend-steps", "14", work=tmp_path / "c",
-                s3_env=s3_env)
+                storage_env=storage_env)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "checkpoint step 12 is damaged" in third.stderr
     held = objects(url)
@@ -131,7 +131,7 @@ def test_a_run_on_a_bucket_is_the_local_run_and_resumes_on_another_machine_then_
 
 @pytest.mark.slow
 def test_training_data_read_from_a_bucket_by_two_loader_processes_is_the_local_run(
-        tmp_path, bucket, s3_env, reference):
+        tmp_path, bucket, storage_env, reference):
     """The reference run's own prepared data, copied to the bucket and named as ``data.corpus``: its shards are
     fetched into the host's cache (named by their SHA-256) and read there by two loader processes, and the losses
     are the reference's, float for float."""
@@ -143,7 +143,7 @@ def test_training_data_read_from_a_bucket_by_two_loader_processes_is_the_local_r
                                                               loader_workers=2))
     (tmp_path / "cfg.json").write_text(cfg.to_json())
     ran = cli("gptjax.cli.train", "--config", str(tmp_path / "cfg.json"), "--stop-after", "6", work=tmp_path / "host",
-              s3_env=s3_env)
+              storage_env=storage_env)
     assert ran.returncode == 0, ran.stderr[-3000:]
     got = losses(RunDir(tmp_path / "run").read_metrics())
     want = {k: v for k, v in reference.items() if k[0] <= 6}
@@ -158,7 +158,7 @@ def test_training_data_read_from_a_bucket_by_two_loader_processes_is_the_local_r
     from gptjax.data.sources import SourceError
 
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in {**s3_env, "GPTJAX_CACHE_DIR": str(tmp_path / "small-disk")}.items():
+        for k, v in {**storage_env, "GPTJAX_CACHE_DIR": str(tmp_path / "small-disk")}.items():
             mp.setenv(k, v)
         mp.setattr("shutil.disk_usage", lambda path: collections.namedtuple("Usage", "total used free")(1, 1, 1000))
         with pytest.raises(SourceError, match=r"holds 0\.\d GB; the cache for its shards at .*small-disk has 0\.0 GB "
@@ -166,18 +166,20 @@ def test_training_data_read_from_a_bucket_by_two_loader_processes_is_the_local_r
             PreparedData(url).warm("train")
 
 
-def test_gptjax_data_prepares_from_a_bucket_into_a_bucket_the_bytes_it_prepares_locally(
-        tmp_path, bucket, s3_env, reference, small_corpus):
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_gptjax_data_prepares_from_a_bucket_into_a_bucket_the_bytes_it_prepares_locally_and_training_reads_them(
+        tmp_path, scheme, storage_env, reference, small_corpus, request, monkeypatch):
+    bucket = request.getfixturevalue("bucket" if scheme == "s3" else "gs_bucket")
     local_dir = reference[0]
     tok = local_dir / "data" / "tokenizer.model"
     storage.as_path(f"{bucket}/src/austen.txt").write_bytes(small_corpus.read_bytes())
     args = ["--tokenizer", str(tok), "--docs-per-shard", "64", "--no-progress"]
     here = cli("gptjax.cli.data", "prepare", str(small_corpus), *args, "--out", str(tmp_path / "local"),
-               work=tmp_path / "w", s3_env=s3_env)
+               work=tmp_path / "w", storage_env=storage_env)
     assert here.returncode == 0, here.stderr[-3000:]
     url = f"{bucket}/prepared/austen"
     there = cli("gptjax.cli.data", "prepare", f"{bucket}/src/austen.txt", *args, "--out", url, work=tmp_path / "w",
-                s3_env=s3_env)
+                storage_env=storage_env)
     assert there.returncode == 0, there.stderr[-3000:]
     mine = json.loads((tmp_path / "local" / "manifest.json").read_text())
     theirs = json.loads(storage.read_bytes(f"{url}/manifest.json"))
@@ -185,19 +187,29 @@ def test_gptjax_data_prepares_from_a_bucket_into_a_bucket_the_bytes_it_prepares_
     assert len(mine["shards"]["train"]) > 1 and theirs["sources"][0]["path"] == f"{bucket}/src/austen.txt"
     assert set(objects(url)) == {p.name for p in (tmp_path / "local").iterdir()}
     assert not list((tmp_path / "w").glob("gptjax-staging-*"))  # the staging directory went once copied up
-    verified = cli("gptjax.cli.data", "verify", url, "--no-progress", work=tmp_path / "w", s3_env=s3_env)
+    verified = cli("gptjax.cli.data", "verify", url, "--no-progress", work=tmp_path / "w", storage_env=storage_env)
     assert verified.returncode == 0 and "intact" in verified.stdout, verified.stdout + verified.stderr
+
+    # the training windows read from the bucket (through this host's cache) are the local directory's
+    from gptjax.data import PreparedCorpus, PreparedData
+
+    monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "cache"))
+    here, there = (PreparedCorpus(PreparedData(d), PreparedData(d).tokenizer()).windows(64)
+                   for d in (tmp_path / "local", url))
+    assert len(here) == len(there) > 100
+    for i in (0, 7, len(here) // 2, len(here) - 1):
+        assert (here.raw(i) == there.raw(i)).all()
 
 
 @pytest.mark.slow
 def test_a_server_gone_15_s_mid_run_is_ridden_through_and_one_gone_for_good_is_one_line_and_a_resume(
-        tmp_path, small_corpus, bucket, s3_env, reference):
+        tmp_path, small_corpus, bucket, storage_env, reference):
     """The server restarting (connections refused, then back with what it holds) as the step-6 checkpoint and its
     copy are written: the run waits it out and ends with the local run's losses. Gone for good (two attempts
     allowed, to be quick): one line, exit 2; once it is back, --resume finishes the run, exactly."""
     _, reference, _ = reference
-    outage = ServerOutage(int(s3_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
-    env = {**s3_env, "AWS_ENDPOINT_URL": outage.endpoint}
+    outage = ServerOutage(int(storage_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    env = {**storage_env, "AWS_ENDPOINT_URL": outage.endpoint}
     url = f"{bucket}/runs/outage"
     proc = start("gptjax.cli.train", "--config", str(bucket_config(tmp_path, small_corpus, url)), work=tmp_path,
                  env=env)
@@ -223,9 +235,9 @@ def test_a_server_gone_15_s_mid_run_is_ridden_through_and_one_gone_for_good_is_o
     assert proc.wait() == 2, "".join(out)[-3000:]
     last = out[-1].strip()
     assert last.startswith("error: ") and f"{outage.endpoint} did not answer (2 attempts with backoff)" in last
-    assert "Traceback" not in "".join(out) and s3_env["AWS_SECRET_ACCESS_KEY"] not in "".join(out)
+    assert "Traceback" not in "".join(out) and storage_env["AWS_SECRET_ACCESS_KEY"] not in "".join(out)
     outage.up()
-    resumed = cli("gptjax.cli.train", "--run-dir", url, "--resume", work=tmp_path / "after", s3_env=s3_env)
+    resumed = cli("gptjax.cli.train", "--run-dir", url, "--resume", work=tmp_path / "after", storage_env=storage_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "took over the lock" in resumed.stderr  # the one the stopped run could not remove
     got = bucket_losses(url)
@@ -234,7 +246,7 @@ def test_a_server_gone_15_s_mid_run_is_ridden_through_and_one_gone_for_good_is_o
 
 @pytest.mark.slow
 def test_kill_9_while_a_checkpoint_is_uploaded_resumes_from_the_last_committed_step_exactly(
-        tmp_path, small_corpus, bucket, s3_env, reference):
+        tmp_path, small_corpus, bucket, storage_env, reference):
     """SIGKILL while a step's objects are being written (some there, its commit marker not yet): orbax never
     lists that step, the next writer removes it, and the run resumed until done has the local run's losses."""
     _, reference, _ = reference
@@ -242,7 +254,7 @@ def test_kill_9_while_a_checkpoint_is_uploaded_resumes_from_the_last_committed_s
     cfg = bucket_config(tmp_path, small_corpus, url, checkpoint_every=2)
     in_upload = 0
     for _ in range(8):
-        proc = start("gptjax.cli.train", "--config", str(cfg), "--resume", "auto", work=tmp_path, env=s3_env)
+        proc = start("gptjax.cli.train", "--config", str(cfg), "--resume", "auto", work=tmp_path, env=storage_env)
         killed = False
         while proc.poll() is None and not killed:
             steps = {}
@@ -258,7 +270,7 @@ def test_kill_9_while_a_checkpoint_is_uploaded_resumes_from_the_last_committed_s
             break
         assert proc.returncode == -signal.SIGKILL, out[-3000:]
     assert in_upload >= 1
-    done = start("gptjax.cli.train", "--config", str(cfg), "--resume", "auto", work=tmp_path, env=s3_env)
+    done = start("gptjax.cli.train", "--config", str(cfg), "--resume", "auto", work=tmp_path, env=storage_env)
     out = done.communicate()[0]
     assert done.returncode == 0, out[-3000:]
     got = bucket_losses(url)
@@ -267,13 +279,13 @@ def test_kill_9_while_a_checkpoint_is_uploaded_resumes_from_the_last_committed_s
     assert all(f"{s}/commit_success.txt" in objects(f"{url}/checkpoints") for s in steps), steps
 
 
-def test_a_bucket_that_does_not_exist_is_one_line_before_any_compute(tmp_path, s3_env):
+def test_a_bucket_that_does_not_exist_is_one_line_before_any_compute(tmp_path, storage_env):
     r = cli("gptjax.cli.train", "--model-preset", "nano", "--run-dir", f"s3://no-such-{uuid.uuid4().hex[:8]}/r",
-            work=tmp_path, s3_env=s3_env, timeout=300)
+            work=tmp_path, storage_env=storage_env, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: cannot write to s3://no-such-")
     assert r.stderr.strip().splitlines()[-1].endswith(": the bucket does not exist")
-    assert "params" not in r.stdout and "AWS_SECRET" not in r.stderr and s3_env["AWS_SECRET_ACCESS_KEY"] not in \
+    assert "params" not in r.stdout and "AWS_SECRET" not in r.stderr and storage_env["AWS_SECRET_ACCESS_KEY"] not in \
         r.stderr + r.stdout
     assert not list(tmp_path.iterdir())
 
@@ -304,12 +316,12 @@ def test_the_lock_is_a_conditional_create_and_a_second_writer_is_refused(tmp_pat
 
 
 @pytest.mark.slow
-def test_the_checkpoint_benchmark_runs_against_a_bucket(tmp_path, bucket, s3_env):
+def test_the_checkpoint_benchmark_runs_against_a_bucket(tmp_path, bucket, storage_env):
     """bench/checkpoint_bench.py --bucket (the local-disk-against-bucket figures in docs/storage.md), tiny."""
     bench = Path(__file__).resolve().parents[1] / "bench" / "checkpoint_bench.py"
     r = subprocess.run([sys.executable, str(bench), "--d-model", "64", "--layers", "1", "--saves", "1",
                         "--steps-between", "1", "--bucket", f"{bucket}/bench"], capture_output=True, text=True,
-                       env={**cpu_env(1), **s3_env}, cwd=tmp_path, timeout=600)
+                       env={**cpu_env(1), **storage_env}, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert [row.get("where") for row in rows[:4]] == ["local disk", "bucket", "local disk", "bucket"]
