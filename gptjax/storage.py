@@ -300,19 +300,20 @@ def keep(url: Any) -> Path | None:
 _pushed: dict[str, tuple[int, int]] = {}  # local file -> (size, mtime_ns) when last copied to its bucket
 
 
-def push(local: Path, url: Any, skip: tuple[str, ...] = ()) -> int:
+def push(local: Path, url: Any, skip: tuple[str, ...] = (), last: tuple[str, ...] = ()) -> int:
     """Copy the files of ``local`` that changed since the last push to ``url`` (top-level names in ``skip`` and
-    temporary siblings left out); each object is written whole. Returns the number copied."""
+    temporary siblings left out; those in ``last`` after all others: a marker that says the rest is whole); each
+    object is written whole. Returns the number copied."""
     copied = 0
-    for f in files_under(local):
+    for f in sorted(files_under(local), key=lambda f: f.relative_to(local).parts[0] in last):
         rel = f.relative_to(local)
         if rel.parts[0] in skip or ".tmp-" in f.name:
             continue
         st = f.stat()
         if _pushed.get(str(f)) == (st.st_size, st.st_mtime_ns):
             continue
-        try:
-            as_path(f"{str(url).rstrip('/')}/{rel.as_posix()}").write_bytes(f.read_bytes())
+        try:  # streamed from the file (an export's weights are gigabytes)
+            _fs(url).put_file(str(f), _key(f"{str(url).rstrip('/')}/{rel.as_posix()}"))
         except FileNotFoundError:
             continue  # removed while we copied (a temporary file renamed into place): the next push has it
         except Exception as e:  # noqa: BLE001 - client errors are many types; the message is what matters

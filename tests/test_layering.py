@@ -22,7 +22,7 @@ ALLOWED = {
     "checkpoint": {"config", "storage", "runs", "sharding", "model", "data"},  # data: a loaded run's tokenizer
     "inference": {"config", "sharding", "model", "checkpoint"},
     "evals": {"config", "runs", "sharding", "model", "checkpoint", "inference", "data"},
-    "interop": {"config", "runs", "sharding", "model", "checkpoint", "data"},
+    "interop": {"config", "storage", "runs", "sharding", "model", "checkpoint", "data"},
     "training": {"config", "storage", "runs", "sharding", "model", "checkpoint", "inference", "evals", "data",
                  "reporting"},
     "finetune": {"config", "runs", "sharding", "model", "checkpoint", "data", "evals", "reporting", "training"},

@@ -104,6 +104,19 @@ def test_a_run_on_a_bucket_is_the_local_run_and_resumes_on_another_machine_then_
     assert (tmp_path / "hf-bucket" / "model.safetensors").read_bytes() == \
         (tmp_path / "hf-local" / "model.safetensors").read_bytes()
 
+    # exported into a bucket (staged, config.json copied last): the same bytes; again, replacing it
+    for _ in range(2):
+        up = cli("gptjax.cli.export", "--run-dir", url, "--out", f"{bucket}/hf", "--no-progress", work=tmp_path / "r",
+                 storage_env=storage_env)
+        assert up.returncode == 0, up.stderr[-3000:]
+    assert storage.read_bytes(f"{bucket}/hf/model.safetensors") == \
+        (tmp_path / "hf-local" / "model.safetensors").read_bytes()
+    assert set(objects(f"{bucket}/hf")) == {p.name for p in (tmp_path / "hf-local").iterdir()}
+    storage.as_path(f"{bucket}/hf/notes.txt").write_bytes(b"mine")
+    refused = cli("gptjax.cli.export", "--run-dir", url, "--out", f"{bucket}/hf", "--no-progress",
+                  work=tmp_path / "r", storage_env=storage_env)
+    assert refused.returncode == 2 and "files it did not write (notes.txt)" in refused.stderr, refused.stderr
+
     # and imported into a bucket: a step-0 run there (the checkpoint first, then the files that make it a run)
     imported = cli("gptjax.cli.import_hf", str(tmp_path / "hf-bucket"), "--run-dir", f"{bucket}/imported",
                    work=tmp_path / "reader", storage_env=storage_env)

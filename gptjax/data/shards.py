@@ -242,8 +242,7 @@ def _prepare_to_bucket(sources: Sequence[str | Path], tokenizer_path: str | Path
         log.warning("%s: %d damaged shards; preparing them again", url, len(problems))
     staging = storage.staging_dir(url)
     manifest = prepare(sources, tokenizer_path, staging, workers=workers, settings=settings, progress=progress)
-    storage.push(staging, url, skip=(MANIFEST,))
-    storage.as_path(f"{url}/{MANIFEST}").write_bytes((staging / MANIFEST).read_bytes())
+    storage.push(staging, url, last=(MANIFEST,))
     shutil.rmtree(staging, ignore_errors=True)
     return manifest
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from gptjax import storage
 from gptjax.checkpoint.tensors import CheckpointTensors
 from gptjax.config.dtypes import DTYPES
 from gptjax.data.tokenizer import Tokenizer
@@ -66,27 +67,39 @@ def gptjax_param(reader: CheckpointTensors, src: str, layer: int | None) -> np.n
     return reader.read(*locate(reader, src, layer))
 
 
-def _check_target(out: Path) -> None:
-    """``out`` may be written: absent, empty, or a previous gptjax export holding only the files it wrote (a re-export
-    replaces the directory whole: files a user had added there were deleted without a word)."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        try:
-            previous = json.loads((out / HF_CONFIG).read_text())[MARKER]
-        except (OSError, ValueError, KeyError, TypeError):
+def _check_target(out: Path | str) -> None:
+    """``out`` (a local directory or a bucket's) may be written: absent, empty, or a previous gptjax export holding
+    only the files it wrote (a re-export replaces the directory whole: files a user had added there were deleted
+    without a word)."""
+    if storage.is_remote(out):
+        names = {str(p)[len(str(out)) + 1:] for p in storage.files_under(out)}
+    else:
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"--out {out} exists and is not a directory")
+        names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if not names:
+        return
+    config = storage.read_bytes(f"{out}/{HF_CONFIG}")
+    try:
+        written = set(json.loads(config)[MARKER].get("files") or ())
+    except (TypeError, ValueError, KeyError, AttributeError):
+        cut_short = storage.is_remote(out) and any(n.startswith("model") and n.endswith(".safetensors") for n in names)
+        if config is not None or not cut_short:  # (a local export is renamed into place whole: never cut short)
             raise ExportError(f"--out {out} is a non-empty directory that is not a gptjax export; choose another "
                               "or empty it (a previous gptjax export there would be replaced)") from None
-        written = set(previous.get("files") or ())  # (exports made before the list was kept: the names exports use)
-        added = sorted(p.name for p in out.iterdir() if p.name not in written and not (
-            not written and (p.name in EXPORT_NAMES or p.name.startswith("model") and p.name.endswith(".safetensors"))))
-        if added:
-            raise ExportError(f"--out {out} holds a previous export and files it did not write ({', '.join(added)}), "
-                              "which replacing it would delete: move them, or choose another --out")
+        written = set()  # an export cut short before its config.json (written last), or made before it listed files
+    added = sorted(n for n in names if n not in written and not (
+        not written and (n in EXPORT_NAMES or n.startswith("model") and n.endswith(".safetensors"))))
+    if added:
+        raise ExportError(f"--out {out} holds a previous export and files it did not write ({', '.join(added)}), "
+                          "which replacing it would delete: move them, or choose another --out")
 
 
 def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dtype: str = "float32",
                max_shard_size: str | int = "5GB", progress: bool = True) -> ExportResult:
+    if storage.is_remote(out):
+        return _export_to_bucket(run_dir, str(out).rstrip("/"), step, dtype, max_shard_size, progress)
     run, out = RunDir(run_dir), Path(out)
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -108,6 +121,27 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
                 raise
             raise ExportError(f"reading checkpoint step {reader.step} of {run} failed: {fault_reason(e)}; nothing was "
                               f"written to {out} (an earlier step: --step)") from None
+
+
+def _export_to_bucket(run_dir: str | Path, url: str, step: int | None, dtype: str, max_shard_size: str | int,
+                      progress: bool) -> ExportResult:
+    """An export into a bucket: written to a local staging directory (``storage.staging_dir``), then copied up
+    with ``config.json`` last (the directory is a whole export exactly when it has one; the files of a previous
+    export there are replaced, anything else there refuses it as a local directory would)."""
+    storage.check_writable(url)
+    _check_target(url)
+    held = {str(p)[len(url) + 1:] for p in storage.files_under(url)}
+    staging = storage.staging_dir(url)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        result = export_run(run_dir, staging, step, dtype, max_shard_size, progress)
+        for stale in held - set(json.loads((staging / HF_CONFIG).read_text())[MARKER]["files"]):
+            storage.delete(f"{url}/{stale}")  # a previous export's shards this one does not have
+        storage.delete(f"{url}/{HF_CONFIG}")  # no config.json while the others are replaced
+        storage.push(staging, url, last=(HF_CONFIG,))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dataclasses.replace(result, out=storage.as_path(url))
 
 
 def _write(run: RunDir, cfg, family, reader: CheckpointTensors, tokenizer: Tokenizer, out: Path, dtype: str,
