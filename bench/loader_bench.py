@@ -125,10 +125,10 @@ def main() -> None:
         directory = prepared(scale, ROOT / "smoke" if a.smoke else ROOT, a.smoke)
         places = [("local", str(directory), None)]
         if a.bucket:
-            from gptjax import storage
+            from gptjax.storage import push
 
             url = f"{a.bucket.rstrip('/')}/{directory.name}"
-            storage.push(directory, url)
+            push(directory, url)
             places.append(("bucket", url, directory.parent / "cache"))
         for where, source, cache in places:
             for workers in a.workers:
