@@ -27,6 +27,32 @@ def test_checkpoint_round_trip_gives_identical_params_and_next_loss(tmp_path):
         Checkpointer(tmp_path / "empty").restore(prog.abstract_state)
 
 
+def test_asynchronous_saves_record_their_checksums_off_the_step_loop(tmp_path):
+    """The checksums of a finished asynchronous save are recorded by a thread that the next save starts (they
+    read every file back: on a bucket most of a save's time), the save after joins it, and close records the last:
+    every step ends with its record, and a record that fails surfaces as the next save's error."""
+    from gptjax.checkpoint.manager import CHECKSUMS, CheckpointWriteError, checksum_problem
+
+    prog = tiny_program()
+    state = prog.init(jax.random.key(0))
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=True)
+    ckpt.save(1, state)
+    ckpt.save(2, state)  # finishes step 1's save, starts recording its checksums in the background
+    assert ckpt._recording is not None and ckpt._recording.name == "gptjax-checksums-1"
+    ckpt.save(3, state)
+    assert (tmp_path / "ckpt" / "1" / CHECKSUMS).is_file() and checksum_problem(tmp_path / "ckpt" / "1") is None
+    ckpt.close()
+    for step in (1, 2, 3):
+        assert json.loads((tmp_path / "ckpt" / str(step) / CHECKSUMS).read_text())["files"]
+
+    again = Checkpointer(tmp_path / "again", async_save=True)
+    again.save(1, state)
+    again.save(2, state)
+    again._record_error = OSError("No space left on device")  # as the recording thread stores its failure
+    with pytest.raises(CheckpointWriteError, match="No space left on device"):
+        again.save(3, state)
+
+
 def saved_run(run_dir, steps=3, **model_kw):
     """A run directory as training leaves it: config.json and a checkpoint of the train state at ``steps``."""
     prog = tiny_program(**model_kw)

@@ -134,7 +134,7 @@ def test_the_readme_is_a_front_door():
     """A few screens: what gptjax is, the two commands, quickstarts, features and the layout; the depth is in
     docs/, every page of which the README links."""
     text = (ROOT / "README.md").read_text()
-    assert len(text.splitlines()) <= 150
+    assert len(text.splitlines()) <= 165  # (150 until the cloud-storage section; past this, move depth to docs/)
     assert {p.name for p in (ROOT / "docs").glob("*.md")} <= {Path(t).name for t in links(ROOT / "README.md")}
     layout = re.search(r"^## Layout\n(.*?)^## ", text, re.M | re.S).group(1)
     for name in [p.name for p in (ROOT / "gptjax").iterdir() if p.is_dir() and not p.name.startswith("_")

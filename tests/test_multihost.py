@@ -142,8 +142,11 @@ def test_a_checkpoint_resumes_on_another_process_count(tmp_path, small_corpus, r
         assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-4)
 
     # the same on a bucket, with no directory the two processes share: each has its own working directory, the
-    # checkpoints go only to the bucket, process 1 reads the data process 0 prepared from there; then one process
-    # on a third "machine" resumes it
+    # checkpoints go only to the bucket, process 1 reads the data process 0 prepared from there; a scheduler's
+    # SIGTERM to process 1 pre-empts both at one step, saved to the bucket; then one process on a third "machine"
+    # resumes it
+    import signal
+
     url = f"{request.getfixturevalue('bucket')}/runs/two"
     cfg = write_config(tmp_path, small_corpus, tmp_path / "on-a-bucket")
     spec = json.loads(open(cfg).read())
@@ -151,13 +154,27 @@ def test_a_checkpoint_resumes_on_another_process_count(tmp_path, small_corpus, r
     open(cfg, "w").write(json.dumps(spec))
     storage_env = request.getfixturevalue("storage_env")
     hosts = [tmp_path / f"host{i}" for i in range(3)]
-    run_processes(cfg, 2, 2, "--stop-after", "4", env=lambda i: {**storage_env, "GPTJAX_WORK_DIR": str(hosts[i])})
-    held = [str(p) for p in storage.files_under(f"{url}/checkpoints/4")]
-    assert {f"{url}/checkpoints/4/data/process_{i}-of-2.json" for i in range(2)} <= set(held), held
+    cmd = [sys.executable, "-m", "gptjax.cli.train", "--config", cfg, "--coordinator", f"127.0.0.1:{free_port()}",
+           "--num-processes", "2"]
+    procs = [subprocess.Popen(cmd + ["--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**cpu_env(2), **storage_env, "GPTJAX_WORK_DIR": str(hosts[i]),
+                                              "PYTHONUNBUFFERED": "1"}) for i in range(2)]
+    started = []
+    for line in procs[0].stdout:  # process 0's banner: training has begun (its first step compiling)
+        started.append(line)
+        if line.startswith("gptjax: "):
+            break
+    procs[1].send_signal(signal.SIGTERM)
+    outs = ["".join(started) + procs[0].communicate(timeout=300)[0], procs[1].communicate(timeout=300)[0]]
+    assert [p.returncode for p in procs] == [75, 75], outs[0][-2000:] + outs[1][-2000:]
+    (step,) = {int(o.split("pre-empted (SIGTERM) at step ")[1].split(":")[0]) for o in outs}
+    assert 0 < step < 8
+    held = [str(p) for p in storage.files_under(f"{url}/checkpoints/{step}")]
+    assert {f"{url}/checkpoints/{step}/data/process_{i}-of-2.json" for i in range(2)} <= set(held), held
     assert not storage.read_bytes(f"{url}/writer.lock") and not any(any(h.iterdir()) for h in hosts[:2])
     assert not Path("s3:").exists(), "the bucket's URL was taken for a local path (in the processes' directory)"
     outs = run_processes(cfg, 1, 4, "--resume", env=lambda i: {**storage_env, "GPTJAX_WORK_DIR": str(hosts[2])})
-    assert "steps 4->8" in outs[0]
+    assert f"steps {step}->8" in outs[0]
     resumed = json.loads(storage.read_bytes(f"{url}/summary.json"))
     assert resumed["final_step"] == 8 and not any(".damaged-" in str(p) for p in storage.files_under(url))
     assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-4)
