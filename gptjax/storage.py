@@ -338,7 +338,10 @@ def pull(url: str, local: Path, skip: tuple[str, ...] = ()) -> int:
             continue
         dest = local / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(read_bytes(f))
+        try:
+            dest.write_bytes(read_bytes(f))
+        except OSError as e:  # (a PermissionError from s3fs, the server gone)
+            raise _storage_error(url, e, "read") from None
         st = dest.stat()
         _pushed[str(dest)] = (st.st_size, st.st_mtime_ns)  # already in the bucket
         copied += 1
@@ -366,8 +369,9 @@ def _storage_error(url: Any, e: BaseException, verb: str = "write to") -> Storag
     reasons = {"NoSuchBucket": "the bucket does not exist", "404": "the bucket does not exist",
                "AccessDenied": "access denied (check the credentials in the environment)",
                "403": "access denied (check the credentials in the environment)"}
+    denied = isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text  # (s3fs: PermissionError)
     why = reasons.get(code) or ("the bucket does not exist" if "NoSuchBucket" in text or "does not exist" in text
-                                else "access denied" if "AccessDenied" in text or "Forbidden" in text
+                                else reasons["AccessDenied"] if denied
                                 else unreachable() if "EndpointConnectionError" in text or "connect" in text.lower()
                                 else text)
     return StorageError(f"cannot {verb} {url}: {why}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ServerOutage, cpu_env, small_run
+from helpers import ServerOutage, cpu_env, free_port, small_run
 from gptjax import storage
 from gptjax.runs import HOST, RunDir, RunLocked, WriterLock
 
@@ -300,6 +300,47 @@ def test_a_bucket_that_does_not_exist_is_one_line_before_any_compute(tmp_path, s
     assert r.stderr.strip().splitlines()[-1].endswith(": the bucket does not exist")
     assert "params" not in r.stdout and "AWS_SECRET" not in r.stderr and storage_env["AWS_SECRET_ACCESS_KEY"] not in \
         r.stderr + r.stdout
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_bucket_that_denies_writes_is_one_line_before_any_compute(tmp_path, storage_env):
+    """A second S3 server that checks credentials (moto with IAM enforced once its first 5 requests have set up a
+    bucket, an object in the run directory, and a user whose policy only reads), and the run given that user's
+    keys. (The object: moto answers a HEAD of a missing key with 403 under IAM, where S3 says 404 to a reader
+    allowed to list, and s3fs asks one of an empty prefix; ``s3:Head*``: moto's name for what S3 allows with
+    ``s3:GetObject``.)"""
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "5"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        admin = {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1",
+                 "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+        for _ in range(100):
+            try:
+                boto3.client("s3", **admin).create_bucket(Bucket="locked")
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.2)
+        boto3.client("s3", **admin).put_object(Bucket="locked", Key="r/notes.txt", Body=b"a run's notes")
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="reader")
+        iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": a, "Resource": "*"}
+                                                   for a in ("s3:List*", "s3:Get*", "s3:Head*")]}))
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        env = {**storage_env, "AWS_ENDPOINT_URL": admin["endpoint_url"], "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+               "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+        r = cli("gptjax.cli.train", "--model-preset", "nano", "--run-dir", "s3://locked/r", work=tmp_path,
+                storage_env=env, timeout=300)
+    finally:
+        server.kill()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == \
+        "error: cannot write to s3://locked/r: access denied (check the credentials in the environment)"
+    assert "params" not in r.stdout and key["SecretAccessKey"] not in r.stderr + r.stdout
     assert not list(tmp_path.iterdir())
 
 
