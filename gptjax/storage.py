@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMES = ("s3://", "gs://")
+COMMIT_MARKER = "commit_success.txt"  # orbax's: a checkpoint step (and each of its items) is whole once it exists
 
 __all__ = ["SCHEMES", "StorageError", "as_path", "cache_root", "cached", "check_writable", "create_exclusive",
            "files_under", "is_remote", "name", "push", "read_bytes", "remove_tree", "total_size", "working_copy"]
@@ -139,6 +140,24 @@ def move(src: Any, dest: Any) -> None:
         fs.rm(_key(src), recursive=True)
     else:
         Path(src).rename(dest)
+
+
+def copy_tree(src: Any, dest: Any, last: str | None = None) -> None:
+    """Copy directory ``src`` to ``dest``; on an object store object by object, those named ``last`` (a commit
+    marker) after all others and the one at the top of the tree the very last, so that ``dest`` is whole exactly
+    when its top-level marker exists."""
+    if not is_remote(src):
+        shutil.copytree(src, dest)
+        return
+    base = str(src).rstrip("/")
+    files = [str(f)[len(base) + 1:] for f in files_under(src)]
+    order = sorted(files, key=lambda rel: (rel.rsplit("/", 1)[-1] == last, rel == last))
+    fs = _fs(src)
+    try:
+        for rel in order:
+            fs.copy(_key(f"{base}/{rel}"), _key(f"{str(dest).rstrip('/')}/{rel}"))
+    except Exception as e:  # noqa: BLE001 - client errors are many types; the message is what matters
+        raise _storage_error(dest, e) from None
 
 
 # ---- the primitives of a lock: a conditional create, an age, a removal ------------------------------------------

@@ -101,15 +101,22 @@ def test_a_killed_runner_takes_its_workers_and_a_rerun_finishes_each_run_once(tm
         pass
 
 
-def test_a_branch_starts_from_its_source_checkpoint(tmp_path, small_corpus):
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_a_branch_starts_from_its_source_checkpoint(tmp_path, small_corpus, where, request):
+    """On local disk, and with the sweep's root in a bucket (the branch's checkpoint copied object by object, its
+    commit marker last; the runner's lock an object there)."""
+    from gptjax import storage
+
+    root = tmp_path / "sweep" if where == "local" else f"{request.getfixturevalue('bucket')}/sweep"
     base = runs(small_corpus, tmp_path, steps=(9,))[0]
     branch = Run("r9_from3", dataclasses.replace(base.config, optim=dataclasses.replace(base.config.optim, lr=1e-3)),
                  branch=("r9", 3))
-    sweep = Sweep(tmp_path / "sweep", [branch, base])
+    sweep = Sweep(root, [branch, base])
     assert [[r.name for r in p] for p in sweep.phases()] == [["r9"], ["r9_from3"]]
     sweep.run(workers=1, progress=False)
-    source = [json.loads(ln) for ln in metrics_lines(tmp_path / "sweep" / "r9")]
-    child = [json.loads(ln) for ln in metrics_lines(tmp_path / "sweep" / "r9_from3")]
+    source, child = ([json.loads(ln) for ln in storage.read_bytes(f"{root}/{name}/metrics.jsonl").splitlines()]
+                     for name in ("r9", "r9_from3"))
+    assert sweep.pending() == [] and not storage.read_bytes(f"{root}/.sweep/writer.lock")
     assert [r for r in child if r["step"] <= 3] == [r for r in source if r["step"] <= 3]  # the shared history
     assert [r["loss"] for r in child if r["step"] == 6 and "loss" in r] != [
         r["loss"] for r in source if r["step"] == 6 and "loss" in r]  # then its own lr

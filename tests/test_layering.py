@@ -30,7 +30,7 @@ ALLOWED = {
     "planning": {"config", "runs", "sharding", "model", "training", "scaling"},  # scaling: plans from a fit
     "scaling": {"config", "runs", "model", "reporting"},
     "launch": set(),  # job files for schedulers: it runs commands, it imports none of the library
-    "experiments": {"config", "runs", "sharding", "training", "scaling", "launch"},  # sweeps, μP checks
+    "experiments": {"config", "storage", "runs", "sharding", "training", "scaling", "launch"},  # sweeps, μP checks
     "cli": {"config", "storage", "runs", "sharding", "model", "checkpoint", "inference", "evals", "interop", "data",
             "reporting", "training", "finetune", "planning", "scaling", "launch", "experiments"},
     "__init__": {"config"},  # the package root re-exports the config API only

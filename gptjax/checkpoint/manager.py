@@ -41,7 +41,7 @@ from gptjax.runs import CheckpointNotFound, deferred_interrupt, fault_reason, wr
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data")
-COMMIT_MARKER = "commit_success.txt"
+COMMIT_MARKER = storage.COMMIT_MARKER
 CHECKSUMS = "checksums.json"  # written into each step once its save is complete
 DAMAGED = "DAMAGED.txt"  # why a step moved aside is damaged
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from gptjax import storage
 from gptjax.config import RunConfig
 from gptjax.runs import DamagedFile, RunDir, WriterLock, atomic_directory, write_atomic
 
@@ -31,7 +32,7 @@ class Run:
 
 class Sweep:
     def __init__(self, root: str | Path, runs: Iterable[Run]):
-        self.root = Path(root)
+        self.root = storage.as_path(root)  # a local directory, or a bucket's (s3://..., gs://...)
         self.runs: list[Run] = []
         for r in runs:
             cfg = replace(r.config, train=replace(r.config.train, run_dir=str(self.root / r.name)))
@@ -91,7 +92,8 @@ class Sweep:
     def write_configs(self) -> Path:
         """``<root>/.sweep/<index>.json`` for every run (its config and branch), what an array task reads."""
         d = self.root / SWEEP_DIR
-        d.mkdir(parents=True, exist_ok=True)
+        if not storage.is_remote(d):
+            d.mkdir(parents=True, exist_ok=True)
         for i, r in enumerate(self.runs):
             write_atomic(d / f"{i}.json", json.dumps({"name": r.name, "config": r.config.to_dict(),
                                                       "branch": self._branch_dir(r)}))
@@ -105,17 +107,20 @@ class Sweep:
         from gptjax.launch import Job, slurm_script, submit as sbatch, with_env
 
         self.write_configs()
+        root = str(self.root) if storage.is_remote(self.root) else str(self.root.resolve())
+        # the job scripts and SLURM's logs are files of this machine: beside the sweep, or for a sweep on a bucket
+        # in a local directory named by its URL
+        local = (storage.staging_dir(self.root) if storage.is_remote(self.root) else self.root.resolve()) / SWEEP_DIR
+        (local / "logs").mkdir(parents=True, exist_ok=True)
         out, previous = [], None
         for k, phase in enumerate(self.phases()):
             indices = [self.runs.index(r) for r in phase]
             spec = ",".join(map(str, indices)) + (f"%{parallel}" if parallel else "")
             extra = [f"--array={spec}"] + ([f"--dependency=afterok:{previous}"] if previous and submit else [])
-            job = with_env(Job((sys.executable, "-m", "gptjax.experiments", str(self.root.resolve()),
-                                "{array_index}"), name=f"{name}-{k}", time=time), list(env))
-            path = self.root / SWEEP_DIR / f"{name}-{k}.sbatch"
-            path.write_text(slurm_script(job, partition, extra=tuple(extra), log_dir=str(self.root.resolve() /
-                                                                                         SWEEP_DIR / "logs")))
-            (self.root / SWEEP_DIR / "logs").mkdir(exist_ok=True)
+            job = with_env(Job((sys.executable, "-m", "gptjax.experiments", root, "{array_index}"),
+                               name=f"{name}-{k}", time=time), list(env))
+            path = local / f"{name}-{k}.sbatch"
+            path.write_text(slurm_script(job, partition, extra=tuple(extra), log_dir=str(local / "logs")))
             if submit:
                 previous = sbatch(path)
                 out.append(previous)
@@ -253,23 +258,36 @@ def branch_from(cfg: RunConfig, source_dir: str, step: int) -> None:
     up to that step) with ``cfg`` as its config, so resuming continues the same optimizer state and data order.
     Built whole or not at all; a branch that already holds the step is left as it is."""
     run, source = RunDir(cfg.train.run_dir), RunDir(source_dir)
+    if run.url:  # on a bucket: the checkpoint object by object, its commit marker last, then the run's files
+        if (run.checkpoints / str(step) / storage.COMMIT_MARKER).exists():
+            return
+        storage.copy_tree(source.checkpoints / str(step), run.checkpoints / str(step), last=storage.COMMIT_MARKER)
+        _branch_files(source, run, step, cfg)
+        run.push()
+        return
     if (run.checkpoints / str(step)).is_dir():
         return
     with atomic_directory(run.path) as tmp:
         new = RunDir(tmp)
         shutil.copytree(source.checkpoints / str(step), new.checkpoints / str(step))
-        if source.data.is_dir():
-            shutil.copytree(source.data, new.data)
-        if source.tokenizer.is_file():
-            shutil.copy(source.tokenizer, new.tokenizer)
-        lines = [ln for ln in source.metrics.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
-        new.metrics.write_text("".join(ln + "\n" for ln in lines))
-        new.write_config(cfg)
+        _branch_files(source, new, step, cfg)
+
+
+def _branch_files(source: RunDir, new: RunDir, step: int, cfg: RunConfig) -> None:
+    """A branch's files besides the checkpoint: the source's data and tokenizer, its metrics up to ``step``, and
+    the branch's config."""
+    if source.data.is_dir():
+        shutil.copytree(source.data, new.data, dirs_exist_ok=True)
+    if source.tokenizer.is_file():
+        shutil.copy(source.tokenizer, new.tokenizer)
+    lines = [ln for ln in source.metrics.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
+    new.metrics.write_text("".join(ln + "\n" for ln in lines))
+    new.write_config(cfg)
 
 
 def run_index(root: str | Path, index: int) -> str:
     """Train run ``index`` of the sweep whose configs ``Sweep.write_configs`` wrote under ``root``."""
-    path = Path(root) / SWEEP_DIR / f"{index}.json"
+    path = storage.as_path(root) / SWEEP_DIR / f"{index}.json"
     try:
         spec = json.loads(path.read_text())
         config, branch = spec["config"], tuple(spec["branch"]) if spec["branch"] else None
