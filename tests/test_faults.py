@@ -439,3 +439,28 @@ def test_a_ctrl_c_that_comes_back_wrapped_is_still_one_line_and_130(capsys):
     finally:
         signal.signal(signal.SIGINT, handler)
         sys.unraisablehook = hook
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_a_terminal_reaches_the_loader_processes_too_and_is_still_one_line(tmp_path, small_corpus):
+    """A terminal's Ctrl-C goes to the whole process group, the trainer's loader processes (data.loader_workers)
+    included: they leave it to the trainer, which saves and says so in one line (a worker printed a traceback from
+    its queue, and shared memory leaked)."""
+    import dataclasses
+
+    cfg = small_run(tmp_path / "run", small_corpus, steps=2000, log_every=5, checkpoint_every=1000)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader_workers=2))
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    proc = subprocess.Popen([sys.executable, "-m", "gptjax.cli.train", "--config", str(tmp_path / "cfg.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, **ONE_DEVICE_ENV, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step=10 "):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert "Traceback" not in out and "leaked shared_memory" not in out, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith("gptjax-train: pre-empted (SIGINT) at step "), out[-2000:]
+    assert proc.returncode in (75, 130)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import signal
 from typing import Sequence
 
 import grain
@@ -277,6 +278,14 @@ class Batches(grain.IterDataset):
         return BatchIterator(self.batches, self.workers)
 
 
+def _loader_worker(index: int, count: int) -> None:
+    """In each loader process: a terminal's Ctrl-C and a scheduler's SIGTERM reach the whole process group, and
+    are the trainer's to answer (it saves, then stops its loaders); a worker that took them printed a traceback
+    from its queue while the trainer saved."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class BatchIterator(grain.DatasetIterator):
     """The batches from ``next_index`` on. Its state is ``{"next_index": batches taken}`` for any worker count
     (grain's multiprocess iterator saves one state per worker, which another worker count cannot restore): the
@@ -293,7 +302,8 @@ class BatchIterator(grain.DatasetIterator):
 
             if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a gptjax script parses none
                 flags.FLAGS.mark_as_parsed()
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers, per_worker_buffer_size=4))
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers, per_worker_buffer_size=4),
+                                worker_init_fn=_loader_worker)
         return iter(ds)
 
     def __next__(self) -> dict[str, np.ndarray]:
