@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
+from gptjax import storage
 from gptjax.checkpoint.manager import Checkpointer, CheckpointMismatch, CheckpointNotFound
 from gptjax.config import ConfigError, Role, RunConfig, build_run_config
 from gptjax.runs import RunDir
@@ -206,8 +208,18 @@ class CheckpointPolicy:
         if self.last_saved == step:
             return 0.0
         stall = self.checkpointer.save(step, state, data_iterator)
+        failed = None
         if jax.process_index() == 0:
-            self.run.push()  # a run on a bucket: its metrics and events reach it at every checkpoint
+            try:
+                self.run.push()  # a run on a bucket: its metrics and events reach it at every checkpoint
+            except storage.StorageError as e:
+                failed = e
+        if self.run.url and jax.process_count() > 1:  # the others learn it here, not as a collective that hangs
+            if not int(multihost_utils.broadcast_one_to_all(np.int32(failed is None))) and failed is None:
+                failed = storage.StorageError(f"process 0 could not copy the run's files to {self.run.url} (its "
+                                              "error says why)")
+        if failed is not None:
+            raise failed
         self.last_saved = step
         self.stalls.append(stall)
         return stall
