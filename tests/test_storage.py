@@ -117,12 +117,14 @@ def test_a_run_on_a_bucket_is_the_local_run_and_resumes_on_another_machine_then_
                   work=tmp_path / "r", storage_env=storage_env)
     assert refused.returncode == 2 and "files it did not write (notes.txt)" in refused.stderr, refused.stderr
 
-    # and imported into a bucket: a step-0 run there (the checkpoint first, then the files that make it a run)
-    imported = cli("gptjax.cli.import_hf", str(tmp_path / "hf-bucket"), "--run-dir", f"{bucket}/imported",
+    # and imported from the bucket's export into a bucket: a step-0 run there (the checkpoint first, then the files
+    # that make it a run)
+    imported = cli("gptjax.cli.import_hf", f"{bucket}/hf", "--run-dir", f"{bucket}/imported",
                    work=tmp_path / "reader", storage_env=storage_env)
     assert imported.returncode == 0, imported.stderr[-3000:]
     assert {"config.json", "import.json", "checkpoints/0/commit_success.txt"} <= set(objects(f"{bucket}/imported"))
-    again = cli("gptjax.cli.import_hf", str(tmp_path / "hf-bucket"), "--run-dir", f"{bucket}/imported",
+    assert json.loads(storage.read_bytes(f"{bucket}/imported/import.json"))["hf_dir"] == f"{bucket}/hf"
+    again = cli("gptjax.cli.import_hf", f"{bucket}/hf", "--run-dir", f"{bucket}/imported",
                 work=tmp_path / "reader", storage_env=storage_env)
     assert again.returncode == 0 and "already holds this import" in again.stdout + again.stderr
 
@@ -203,8 +205,18 @@ def test_gptjax_data_prepares_from_a_bucket_into_a_bucket_the_bytes_it_prepares_
     verified = cli("gptjax.cli.data", "verify", url, "--no-progress", work=tmp_path / "w", storage_env=storage_env)
     assert verified.returncode == 0 and "intact" in verified.stdout, verified.stdout + verified.stderr
 
+    # a tokenizer in the bucket; the directory as a mixture entry beside a local one
+    from gptjax.config import DataConfig
+    from gptjax.data import PreparedCorpus, PreparedData, Tokenizer
+    from gptjax.data.run_data import prepare_corpus
+
+    storage.as_path(f"{bucket}/tok.model").write_bytes(tok.read_bytes())
+    assert Tokenizer.load(f"{bucket}/tok.model").proto == tok.read_bytes()
+    mixed = prepare_corpus(DataConfig(mixture={url: 1, str(tmp_path / "local"): 3}, tokenizer=f"{bucket}/tok.model"),
+                           Tokenizer.load(tok).vocab_size, tmp_path / "mixed-run")
+    assert mixed.names == ("austen", "local") and mixed.tokens[0] == 2 * mine["totals"]["train"]["tokens"]
+
     # the training windows read from the bucket (through this host's cache) are the local directory's
-    from gptjax.data import PreparedCorpus, PreparedData
 
     monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "cache"))
     here, there = (PreparedCorpus(PreparedData(d), PreparedData(d).tokenizer()).windows(64)

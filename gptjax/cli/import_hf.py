@@ -21,7 +21,7 @@ from gptjax.cli.common import console_script, setup_logging, user_errors
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptjax-import", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("hf_dir", metavar="HF_DIR", help="a local transformers model directory")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="a transformers model directory (local, s3://... or gs://...)")
     p.add_argument("--run-dir", required=True, help="the run directory to create")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a run setting (repeatable)")
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     from pathlib import Path
 
+    from gptjax import storage
     from gptjax.checkpoint import CheckpointWriteError
     from gptjax.interop.families import UnsupportedArchitecture
     from gptjax.interop.hf_import import HFImportError, read_hf, run_config_for
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         if imported.tokenizer_proto is None:
             print(f"note: {a.hf_dir} has no sentencepiece tokenizer.model; training and sampling need one: "
                   "--set data.tokenizer=PATH.model", file=sys.stderr)
-        source = {"hf_dir": str(Path(a.hf_dir).absolute()), "architecture": imported.family.architecture,
+        where = a.hf_dir if storage.is_remote(a.hf_dir) else str(Path(a.hf_dir).absolute())
+        source = {"hf_dir": where, "architecture": imported.family.architecture,
                   "config": cfg.to_dict()}
         try:
             run_dir = seed_run(cfg, imported.params, imported.tokenizer_proto, source)

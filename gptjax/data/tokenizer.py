@@ -15,6 +15,8 @@ from typing import Sequence
 import numpy as np
 import sentencepiece as spm
 
+from gptjax import storage
+
 EOS_ID = 1
 
 
@@ -66,11 +68,12 @@ class Tokenizer:
         return size, start
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_bytes(self.proto)
+        storage.as_path(path).write_bytes(self.proto)
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        path = Path(path)
+        """A ``.model`` file: local, or an object in a bucket."""
+        path = storage.as_path(path)
         if not path.is_file():
             raise TokenizerError(f"tokenizer model {path} does not exist" + (" (it is a directory)"
                                                                              if path.is_dir() else ""))

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from gptjax import storage
 from gptjax.config import ConfigError, ModelConfig, Role, RunConfig, build_run_config, fields_with_role
 from gptjax.interop.families import HF_CONFIG, HF_TOKENIZER, Family, UnsupportedArchitecture, family_of_hf
 from gptjax.interop.safetensors import Reader, SafetensorsError
@@ -74,6 +75,12 @@ def _set(params: dict, src: str, layer: int | None, value: np.ndarray) -> None:
 
 
 def read_hf(hf_dir: str | Path) -> ImportedModel:
+    """A transformers model directory: local, or a bucket's (copied into this process's working copy, removed at
+    exit: the safetensors are read through memory maps)."""
+    if storage.is_remote(hf_dir):
+        if storage.read_bytes(f"{str(hf_dir).rstrip('/')}/{HF_CONFIG}") is None:
+            raise HFImportError(f"{hf_dir}/{HF_CONFIG} not found: is {hf_dir} a Hugging Face model directory?")
+        return read_hf(storage.working_copy(hf_dir))
     hf_dir = Path(hf_dir)
     hf = read_hf_config(hf_dir)
     family = family_of_hf(hf)
