@@ -81,6 +81,10 @@ def test_sample_restores_params_only(tmp_path):
                 env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("Emma") and len(r.stdout.strip()) > len("Emma")
+    # the engine sized to the work: one prompt, one row (a 16-row engine made it pay a batch-16 step per token)
+    assert "tokens/s, 1 slot, prefill" in r.stderr, r.stderr[-1000:]
+    r = run_cli("sample", "--run-dir", str(run), "--prompt", "Emma", "--num-samples", "3", "--tokens", "4", env=ENV)
+    assert r.returncode == 0 and "tokens/s, 3 slots, prefill" in r.stderr, r.stderr[-1000:]
 
 
 def test_eval_perplexity_of_a_file_and_of_the_validation_split(tmp_path):

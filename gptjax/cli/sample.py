@@ -17,7 +17,8 @@ import sys
 import time
 
 from gptjax.cli.common import UserError, console_script, setup_logging, user_errors
-from gptjax.cli.engine_args import add_engine_args, add_generation_args, generation_config, load_engine
+from gptjax.cli.engine_args import (add_engine_args, add_generation_args, generation_config, load_engine,
+                                    sized_slots)
 
 DEFAULT_PROMPT = "It is a truth universally acknowledged"
 
@@ -25,7 +26,7 @@ DEFAULT_PROMPT = "It is a truth universally acknowledged"
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptjax-sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_engine_args(p, slots=16)
+    add_engine_args(p, slots=None)
     p.add_argument("--prompt", action="append", help=f"a prompt (repeatable; default {DEFAULT_PROMPT!r})")
     p.add_argument("--prompts-file", help="a text file with one prompt per line (empty lines skipped)")
     p.add_argument("--num-samples", type=int, default=1, help="samples of each prompt (default 1)")
@@ -61,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--num-samples must be >= 1, got {a.num_samples}")
         config = generation_config(a)
         prompts = prompts_of(a)
-        engine = load_engine(a)
         jobs = [(k, p, i) for k, p in enumerate(prompts) for i in range(a.num_samples)]
+        a.slots = sized_slots(a.slots, len(jobs))
+        engine = load_engine(a)
         pieces: list[list[str]] = [[] for _ in jobs]
         requests = [engine.request(p, config.replace(seed=a.seed + i), pieces[j].append)
                     for j, (_, p, i) in enumerate(jobs)]
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" if len(jobs) > 1 else "", flush=True)
         shown += len(request.completion.token_ids)
     seconds = time.perf_counter() - start
-    summary = f"{shown} tokens in {seconds:.2f} s ({shown / seconds:.1f} tokens/s, prefill and compilation included)"
+    summary = (f"{shown} tokens in {seconds:.2f} s ({shown / seconds:.1f} tokens/s, {engine.slots} "
+               f"slot{'s' if engine.slots > 1 else ''}, prefill and compilation included)")
     if engine.draft is not None:
         acceptance = ", ".join(f"{x:.2f}" for x in engine.stats.acceptance)
         summary += (f"; speculative: {engine.stats.tokens_per_round:.2f} tokens per target pass, acceptance per "
