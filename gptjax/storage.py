@@ -86,12 +86,12 @@ def split(url: Any) -> tuple[str, str, str]:
     return scheme, bucket, key
 
 
-@functools.lru_cache(maxsize=None)
 def name(url: Any) -> str:
     """The last part of ``url``'s key (a directory's name)."""
     return split(str(url).rstrip("/"))[2].rsplit("/", 1)[-1]
 
 
+@functools.lru_cache(maxsize=None)
 def _filesystem(scheme: str):
     import fsspec
 
