@@ -67,10 +67,10 @@ def gptjax_param(reader: CheckpointTensors, src: str, layer: int | None) -> np.n
     return reader.read(*locate(reader, src, layer))
 
 
-def _check_target(out: Path | str) -> None:
+def _check_target(out: Path | str) -> set[str]:
     """``out`` (a local directory or a bucket's) may be written: absent, empty, or a previous gptjax export holding
     only the files it wrote (a re-export replaces the directory whole: files a user had added there were deleted
-    without a word)."""
+    without a word). Returns the names it holds."""
     if storage.is_remote(out):
         names = {str(p)[len(str(out)) + 1:] for p in storage.files_under(out)}
     else:
@@ -79,7 +79,7 @@ def _check_target(out: Path | str) -> None:
             raise ExportError(f"--out {out} exists and is not a directory")
         names = {p.name for p in out.iterdir()} if out.is_dir() else set()
     if not names:
-        return
+        return names
     config = storage.read_bytes(f"{out}/{HF_CONFIG}")
     try:
         written = set(json.loads(config)[MARKER].get("files") or ())
@@ -94,6 +94,7 @@ def _check_target(out: Path | str) -> None:
     if added:
         raise ExportError(f"--out {out} holds a previous export and files it did not write ({', '.join(added)}), "
                           "which replacing it would delete: move them, or choose another --out")
+    return names
 
 
 def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dtype: str = "float32",
@@ -129,8 +130,7 @@ def _export_to_bucket(run_dir: str | Path, url: str, step: int | None, dtype: st
     with ``config.json`` last (the directory is a whole export exactly when it has one; the files of a previous
     export there are replaced, anything else there refuses it as a local directory would)."""
     storage.check_writable(url)
-    _check_target(url)
-    held = {str(p)[len(url) + 1:] for p in storage.files_under(url)}
+    held = _check_target(url)
     staging = storage.staging_dir(url)
     shutil.rmtree(staging, ignore_errors=True)
     try:
