@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import hashlib
 import os
 import shutil
 import tempfile
@@ -36,7 +37,8 @@ SCHEMES = ("s3://", "gs://")
 COMMIT_MARKER = "commit_success.txt"  # orbax's: a checkpoint step (and each of its items) is whole once it exists
 
 __all__ = ["SCHEMES", "StorageError", "as_path", "cache_root", "cached", "check_writable", "create_exclusive",
-           "files_under", "is_remote", "name", "push", "read_bytes", "remove_tree", "total_size", "working_copy"]
+           "file_sha256", "files_under", "is_remote", "name", "push", "read_bytes", "remove_tree", "total_size",
+           "working_copy"]
 
 
 class StorageError(OSError):
@@ -226,14 +228,19 @@ def delete(path: Any) -> None:
         _fs(path).rm_file(_key(path)) if is_remote(path) else Path(path).unlink()
 
 
-# ---- objects that never change (prepared shards): a host's cache ----------------------------------------------
+# ---- this machine's side: its work directory, its cache of immutable objects -----------------------------------
+def work_root() -> Path:
+    """Where this machine keeps what it makes for or copies from a bucket: ``$GPTJAX_WORK_DIR``, default the
+    system's temporary directory."""
+    return Path(os.environ.get("GPTJAX_WORK_DIR") or tempfile.gettempdir())
+
+
 def cache_root() -> Path:
     """Where a host keeps its copies of a bucket's immutable objects: ``$GPTJAX_CACHE_DIR``, else ``gptjax-cache``
     under ``$GPTJAX_WORK_DIR`` (default: the system's temporary directory). Shared by the host's processes and
     runs, kept between them."""
     explicit = os.environ.get("GPTJAX_CACHE_DIR")
-    return Path(explicit) if explicit else Path(os.environ.get("GPTJAX_WORK_DIR") or tempfile.gettempdir()) / \
-        "gptjax-cache"
+    return Path(explicit) if explicit else work_root() / "gptjax-cache"
 
 
 def cached(url: Any, name: str, sha256: str | None = None) -> Path:
@@ -248,7 +255,7 @@ def cached(url: Any, name: str, sha256: str | None = None) -> Path:
     tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         _fs(url).get_file(_key(url), str(tmp))
-        if sha256 is not None and _sha256(tmp) != sha256:
+        if sha256 is not None and file_sha256(tmp) != sha256:
             raise StorageError(f"{url} arrived with another SHA-256 than its manifest's: the object was changed "
                                "after it was written (prepare the directory again)")
         os.replace(tmp, local)
@@ -261,12 +268,11 @@ def cached(url: Any, name: str, sha256: str | None = None) -> Path:
     return local
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
+def file_sha256(path: Any, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file, local or an object in a bucket (read as a stream)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
+    with as_path(path).open("rb") as f:
+        while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
@@ -280,10 +286,7 @@ def staging_dir(url: Any) -> Path:
     """A local directory in which something bound for ``url`` is made before it is copied up: under
     ``$GPTJAX_WORK_DIR`` (default: the system's temporary directory), named by the URL, so that work cut short is
     found again by the next attempt on this machine."""
-    import hashlib
-
-    root = Path(os.environ.get("GPTJAX_WORK_DIR") or tempfile.gettempdir())
-    return root / f"gptjax-staging-{name(url)}-{hashlib.sha256(str(url).rstrip('/').encode()).hexdigest()[:12]}"
+    return work_root() / f"gptjax-staging-{name(url)}-{hashlib.sha256(str(url).rstrip('/').encode()).hexdigest()[:12]}"
 
 
 # ---- a run directory on a bucket: its working copy -------------------------------------------------------------
@@ -295,9 +298,8 @@ def working_copy(url: Any, skip: tuple[str, ...] = ()) -> Path:
     (a writer being refused, a reader) never touches the first one's files."""
     key = str(url).rstrip("/")
     if key not in _copies:
-        root = os.environ.get("GPTJAX_WORK_DIR") or None
-        if root:
-            Path(root).mkdir(parents=True, exist_ok=True)
+        root = work_root()
+        root.mkdir(parents=True, exist_ok=True)
         local = Path(tempfile.mkdtemp(prefix=f"gptjax-{split(key)[1]}-", dir=root))
         atexit.register(lambda: key in _copies and local not in _kept and shutil.rmtree(local, True))
         pull(key, local, skip)

@@ -34,7 +34,7 @@ import numpy as np
 from gptjax import storage
 from gptjax.config import DataConfig
 from gptjax.data.corpus import CorpusError, corpus_documents, fingerprint, train_val_documents
-from gptjax.data.sources import SourceError, check_source, file_sha256, read_documents
+from gptjax.data.sources import SourceError, check_source, read_documents
 from gptjax.data.tokenizer import Tokenizer, TokenizerError
 from gptjax.runs import RunDir, fault_reason, write_atomic
 
@@ -110,7 +110,7 @@ def _write_shard(path: Path, records: list[bytes], lengths: list[int]) -> dict:
         raise OSError(str(e)) from None
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    digest = file_sha256(tmp)
+    digest = storage.file_sha256(tmp)
     os.replace(ltmp, lengths_file(path))
     os.replace(tmp, path)
     return {"file": path.name, "sha256": digest, "documents": len(records), "tokens": sum(lengths)}
@@ -184,9 +184,10 @@ def prepare_splits(out: str | Path, tok: Tokenizer, splits: dict[str, Sequence[s
 def _settings_fields(settings: PrepareSettings) -> dict:
     """The settings as the manifest records them (evaluation files by content hash)."""
     fields = dataclasses.asdict(settings)
-    fields["contamination"] = [file_sha256(p) if Path(p).is_file() else str(p) for p in settings.contamination]
+    fields["contamination"] = [storage.file_sha256(p) if Path(p).is_file() else str(p) for p in settings.contamination]
     if settings.quality is not None:
-        fields["quality"] = file_sha256(settings.quality) if Path(settings.quality).is_file() else settings.quality
+        quality = settings.quality
+        fields["quality"] = storage.file_sha256(quality) if Path(quality).is_file() else quality
     return fields
 
 
@@ -263,7 +264,7 @@ def _prepare(sources: Sequence[str | Path], tokenizer_path: str | Path, out: Pat
         check_source(p)
     tok = Tokenizer.load(tokenizer_path)
     tokenizer = _tokenizer_record(tok, tokenizer_path)
-    src = [{"path": str(p), "bytes": storage.size(p), "sha256": file_sha256(p)} for p in paths]
+    src = [{"path": str(p), "bytes": storage.size(p), "sha256": storage.file_sha256(p)} for p in paths]
     identity = _identity(src, tokenizer, settings)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -401,6 +402,11 @@ def _prepare(sources: Sequence[str | Path], tokenizer_path: str | Path, out: Pat
 
 
 # ---- reading -------------------------------------------------------------------------------------------------
+def _cache_names(entry: dict) -> tuple[str, str]:
+    """A bucket's shard and its lengths file in the host's cache: named by the shard's SHA-256 (the manifest's)."""
+    return f"shards/{entry['sha256']}.arecord", f"shards/{entry['sha256']}.lengths.npy"
+
+
 class PreparedData:
     """A prepared directory: its manifest, shard files and documents (token arrays, each ending with ``</s>``)."""
 
@@ -435,8 +441,8 @@ class PreparedData:
         shard = self.path / entry["file"]
         if self.url is None:
             return shard, lengths_file(shard)
-        return (storage.cached(shard, f"shards/{entry['sha256']}.arecord", entry["sha256"]),
-                storage.cached(lengths_file(shard), f"shards/{entry['sha256']}.lengths.npy"))
+        shard_name, lengths_name = _cache_names(entry)
+        return (storage.cached(shard, shard_name, entry["sha256"]), storage.cached(lengths_file(shard), lengths_name))
 
     def warm(self, split: str) -> None:
         """For a directory in a bucket: refuse one the host's cache cannot hold (a :class:`SourceError` naming
@@ -448,7 +454,8 @@ class PreparedData:
         root = storage.cache_root()
         root.mkdir(parents=True, exist_ok=True)
         need, free = storage.total_size(self.url), shutil.disk_usage(root).free
-        have = sum(f.stat().st_size for f in root.glob("shards/*") if f.is_file())
+        have = sum(f.stat().st_size for s in SPLITS for entry in self.manifest["shards"][s]  # (this directory's)
+                   for f in (root / n for n in _cache_names(entry)) if f.is_file())
         if need > free + have:
             raise SourceError(f"{self.url} holds {need / 1e9:.1f} GB; the cache for its shards at {root} has "
                               f"{free / 1e9:.1f} GB free: point GPTJAX_CACHE_DIR to a larger disk")
@@ -492,7 +499,7 @@ class PreparedData:
         for shard in tqdm(shards, desc="verify", unit="shard", disable=not progress, file=sys.stderr):
             path = self.path / shard["file"]
             try:
-                if file_sha256(path) != shard["sha256"]:
+                if storage.file_sha256(path) != shard["sha256"]:
                     problems[path] = "its SHA-256 differs from the manifest's (the file changed after it was written)"
                     continue
                 with lengths_file(path).open("rb") as f:

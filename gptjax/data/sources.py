@@ -15,7 +15,6 @@ error either way.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import re
@@ -54,14 +53,6 @@ def source_format(path: Path) -> str:
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
     return "text"
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with storage.as_path(path).open("rb") as f:  # a local file, or an object in a bucket (read as a stream)
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _open_binary(path: Path) -> IO[bytes]:
